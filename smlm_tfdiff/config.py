@@ -1,0 +1,232 @@
+"""Simulation configuration: camera, optics, scene and KDE grid, with named presets.
+
+Units (see DESIGN.md): positions in low-resolution (LR) pixels, PSF width in LR pixels, KDE width in
+high-resolution (HR) pixels, photons per emitter, background in photons per pixel, gain in ADU per
+photon, offset in ADU, readout variance in ADU^2. Gain, offset, readout variance and background may be
+per-pixel [H, W] maps (sCMOS cameras) as well as scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+Scalar = Union[float, int]
+ScalarOrMap = Union[float, int, np.ndarray]
+
+_MAP_FIELDS = ("gain", "offset", "readout_var", "background")
+_COUNT_MODES = ("fixed", "poisson")
+_REGIONS = ("disc", "frame")
+
+
+@dataclasses.dataclass(eq=False)
+class SimulationConfig:
+    """Everything needed to simulate frames and KDE targets.
+
+    Frames are [frame_height, frame_width] in ADU; KDEs are [upsample * H, upsample * W].
+    """
+
+    # Frame geometry.
+    frame_height: int = 20
+    frame_width: int = 20
+    pixel_size_nm: float = 108.3  # LR pixel size in the sample plane.
+    # Optics: isotropic Gaussian PSF, width in LR pixels.
+    psf_sigma: float = 0.92
+    # Emitters.
+    photons: float = 200.0  # N0 per emitter when photons_range is None.
+    photons_range: Optional[Tuple[float, float]] = None  # N0 ~ Uniform(lo, hi) when set.
+    num_emitters: int = 10  # Fixed count, or the Poisson mean when emitter_count == "poisson".
+    emitter_count: str = "fixed"  # "fixed" or "poisson" (truncated at max_emitters).
+    max_emitters: Optional[int] = None  # Padding size K; default num_emitters (fixed) or mean + 6 sd.
+    region: str = "disc"  # "disc": uniform on a disc; "frame": uniform over the frame minus a margin.
+    disc_radius: float = 7.0  # LR pixels.
+    disc_center: Optional[Tuple[float, float]] = None  # (x, y) LR pixels; default frame centre.
+    margin: float = 1.0  # LR pixels kept free at each border when region == "frame".
+    background: ScalarOrMap = 0.0  # Photons per pixel per frame.
+    # Camera: x = gain * Poisson(omega + background) + Normal(offset, readout_var).
+    gain: ScalarOrMap = 1.0  # ADU per photon.
+    offset: ScalarOrMap = 100.0  # ADU.
+    readout_var: ScalarOrMap = 5.0  # ADU^2.
+    # KDE target grid.
+    upsample: int = 4
+    kde_sigma: float = 3.0  # HR pixels.
+
+    def __post_init__(self):
+        for name in _MAP_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, np.ndarray)):
+                setattr(self, name, np.asarray(value, dtype=np.float64))
+        if self.photons_range is not None:
+            self.photons_range = tuple(float(v) for v in self.photons_range)
+        if self.disc_center is not None:
+            self.disc_center = tuple(float(v) for v in self.disc_center)
+        self.validate()
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SimulationConfig":
+        """Named presets: 'paper', 'isolated', 'bright', 'bright500', 'dense'."""
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes) -> "SimulationConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def fail(field, message):
+            raise ValueError(f"SimulationConfig.{field}: {message}")
+
+        for field in ("frame_height", "frame_width", "upsample", "num_emitters"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                fail(field, f"must be an integer (got {value!r})")
+        if self.frame_height < 4 or self.frame_width < 4:
+            fail("frame_height" if self.frame_height < 4 else "frame_width",
+                 f"frames must be at least 4x4 pixels (got {self.frame_height}x{self.frame_width})")
+        if self.upsample < 1:
+            fail("upsample", f"must be >= 1 (got {self.upsample})")
+        for field in ("pixel_size_nm", "psf_sigma", "kde_sigma"):
+            value = getattr(self, field)
+            if not (np.isfinite(value) and value > 0):
+                fail(field, f"must be a finite positive number (got {value!r})")
+        if self.photons_range is None:
+            if not (np.isfinite(self.photons) and self.photons > 0):
+                fail("photons", f"must be > 0 photons per emitter (got {self.photons!r})")
+        else:
+            if len(self.photons_range) != 2:
+                fail("photons_range", f"must be (low, high) (got {self.photons_range!r})")
+            lo, hi = self.photons_range
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+                fail("photons_range", f"needs 0 < low <= high photons (got {self.photons_range!r})")
+        if self.emitter_count not in _COUNT_MODES:
+            fail("emitter_count", f"must be one of {_COUNT_MODES} (got {self.emitter_count!r})")
+        if self.num_emitters < 0 or (self.emitter_count == "fixed" and self.num_emitters < 1):
+            fail("num_emitters", f"must be >= 1 for a fixed count (got {self.num_emitters})")
+        if self.max_emitters is not None:
+            if self.max_emitters < 1:
+                fail("max_emitters", f"must be >= 1 (got {self.max_emitters})")
+            if self.emitter_count == "fixed" and self.max_emitters < self.num_emitters:
+                fail("max_emitters", f"{self.max_emitters} is smaller than num_emitters "
+                     f"{self.num_emitters}; raise it or leave it None")
+        if self.region not in _REGIONS:
+            fail("region", f"must be one of {_REGIONS} (got {self.region!r})")
+        h, w = self.frame_height, self.frame_width
+        if self.region == "disc":
+            cx, cy = self.center
+            if not (np.isfinite(self.disc_radius) and self.disc_radius >= 0):
+                fail("disc_radius", f"must be >= 0 LR pixels (got {self.disc_radius!r})")
+            if (cx - self.disc_radius < 0 or cx + self.disc_radius > w
+                    or cy - self.disc_radius < 0 or cy + self.disc_radius > h):
+                fail("disc_radius", f"a disc of radius {self.disc_radius} about ({cx}, {cy}) "
+                     f"does not fit in the {w}x{h} frame; shrink it or move disc_center")
+        else:
+            if not (np.isfinite(self.margin) and self.margin >= 0):
+                fail("margin", f"must be >= 0 LR pixels (got {self.margin!r})")
+            if 2 * self.margin >= min(h, w):
+                fail("margin", f"{self.margin} px on each side leaves no room in a {w}x{h} frame")
+        for field in _MAP_FIELDS:
+            value = getattr(self, field)
+            arr = np.asarray(value, dtype=np.float64)
+            if arr.ndim not in (0, 2):
+                fail(field, f"must be a scalar or an [H, W] map (got shape {arr.shape})")
+            if arr.ndim == 2 and arr.shape != (h, w):
+                fail(field, f"map shape {arr.shape} does not match the frame ({h}, {w})")
+            if not np.all(np.isfinite(arr)):
+                fail(field, "contains NaN or Inf")
+            if field == "gain" and np.any(arr <= 0):
+                fail(field, "must be > 0 ADU per photon everywhere")
+            if field in ("readout_var", "background") and np.any(arr < 0):
+                fail(field, "must be >= 0 everywhere")
+
+    # ------------------------------------------------------------ derived values
+    @property
+    def lr_shape(self) -> Tuple[int, int]:
+        return (self.frame_height, self.frame_width)
+
+    @property
+    def hr_shape(self) -> Tuple[int, int]:
+        return (self.upsample * self.frame_height, self.upsample * self.frame_width)
+
+    @property
+    def center(self) -> Tuple[float, float]:
+        """Disc centre (x, y) in LR pixels; the frame centre unless disc_center is set."""
+        if self.disc_center is not None:
+            return self.disc_center
+        return (self.frame_width / 2.0, self.frame_height / 2.0)
+
+    @property
+    def padded_emitters(self) -> int:
+        """K, the padded emitter axis of positions [B, K, 2]."""
+        if self.max_emitters is not None:
+            return int(self.max_emitters)
+        if self.emitter_count == "fixed":
+            return int(self.num_emitters)
+        mean = float(self.num_emitters)
+        return max(1, int(math.ceil(mean + 6.0 * math.sqrt(mean) + 1)))
+
+    @property
+    def hr_pixel_size_nm(self) -> float:
+        return self.pixel_size_nm / self.upsample
+
+    @property
+    def kde_norm(self) -> float:
+        """2 pi sigma_y^2: the fixed KDE scale; sum(kde) / kde_norm = emitter count."""
+        return 2.0 * math.pi * self.kde_sigma ** 2
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, (np.floating, np.integer)):
+                value = value.item()
+            out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SimulationConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown SimulationConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SimulationConfig":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, SimulationConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+
+PRESETS = {
+    # The seeds' section 4, camera values from the authors' code.
+    "paper": dict(),
+    # One emitter, same camera and optics: the CRLB / MCMC reference case.
+    "isolated": dict(num_emitters=1),
+    # Brighter emitters.
+    "bright": dict(photons=1000.0),
+    "bright500": dict(photons=500.0),
+    # Poisson-distributed counts over the whole frame with a photon range: a training-style scene.
+    "dense": dict(emitter_count="poisson", num_emitters=10, region="frame", margin=1.0,
+                  photons_range=(100.0, 1000.0)),
+}

@@ -1,0 +1,52 @@
+"""Pixel-integrated isotropic Gaussian PSF (seeds eq. 2 / A.3) and expected photon counts."""
+
+import math
+
+import tensorflow as tf
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def pixel_integrals(coord, num_pixels: int, sigma, dtype=tf.float32):
+    """Fraction of a 1-D Gaussian N(coord, sigma^2) falling in each unit pixel [j, j+1).
+
+    coord: [...] positions in pixel units; returns [..., num_pixels] (dE of seeds eq. 2).
+    """
+    coord = tf.cast(coord, dtype)
+    edges = tf.range(num_pixels + 1, dtype=dtype)
+    # tf.cast of a Python float goes through float32; build the constant in dtype directly.
+    sigma = tf.constant(sigma, dtype) if isinstance(sigma, (int, float)) else tf.cast(sigma, dtype)
+    cdf = 0.5 * tf.math.erf((edges - coord[..., None]) / (_SQRT2 * sigma))
+    return cdf[..., 1:] - cdf[..., :-1]
+
+
+def psf_images(positions, shape, sigma, weights, dtype=tf.float32, fused=False):
+    """sum_k weights_k * dEy(k, i) * dEx(k, j).
+
+    positions: [B, K, 2] (x, y) in pixel units of the grid; weights: [B, K]; shape: (H, W).
+    Returns [B, H, W]. fused=True writes the sum as a broadcast product, which is 2-4x faster
+    than a batched matmul of tiny [H, K] x [K, W] matrices, but only when compiled with XLA.
+    """
+    positions = tf.cast(positions, dtype)
+    dex = pixel_integrals(positions[..., 0], shape[1], sigma, dtype)  # [B, K, W]
+    dey = pixel_integrals(positions[..., 1], shape[0], sigma, dtype)  # [B, K, H]
+    dey = dey * tf.cast(weights, dtype)[..., None]
+    if fused:
+        return tf.reduce_sum(dey[..., :, None] * dex[..., None, :], axis=-3)
+    return tf.einsum("bki,bkj->bij", dey, dex)
+
+
+def expected_counts_batch(positions, photons, config, mask=None, include_background=True,
+                          dtype=tf.float32, fused=False):
+    """Expected photons per pixel, omega (+ background), for a batch of frames.
+
+    positions: [B, K, 2] LR pixels (x, y); photons: [B, K]; mask: [B, K] bool (padding off).
+    Returns [B, H, W] in photons.
+    """
+    weights = tf.cast(photons, dtype)
+    if mask is not None:
+        weights = weights * tf.cast(mask, dtype)
+    omega = psf_images(positions, config.lr_shape, config.psf_sigma, weights, dtype, fused)
+    if include_background:
+        omega = omega + tf.constant(config.background, dtype)
+    return omega

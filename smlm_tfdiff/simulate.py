@@ -1,0 +1,158 @@
+"""The simulator: random scenes -> camera frames and KDE targets, batched and stateless.
+
+Elements: frames [B, H, W, 1] float32 ADU, kde [B, 4H, 4W, 1] float32, positions [B, K, 2]
+float32 LR pixels (x, y) padded with zeros, mask [B, K] bool, photons [B, K] float32 (0 where padded).
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from smlm_tfdiff import seeds as seeds_lib
+from smlm_tfdiff.config import SimulationConfig
+from smlm_tfdiff.physics.camera import sample_frames
+from smlm_tfdiff.physics.kde import render_kde_batch
+from smlm_tfdiff.physics.psf import expected_counts_batch
+
+ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")
+_CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
+
+
+def _check_config(config):
+    if not isinstance(config, SimulationConfig):
+        raise TypeError(f"config must be a SimulationConfig (got {type(config).__name__}); "
+                        "use SimulationConfig.preset('paper') or SimulationConfig(...)")
+
+
+def sample_scene(config, batch_size, seed):
+    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool."""
+    k = config.padded_emitters
+    count_seed, r_seed, a_seed, n_seed = seeds_lib.split(seed, 4)
+    if config.emitter_count == "fixed":
+        counts = tf.fill([batch_size], config.num_emitters)
+    else:
+        counts = tf.random.stateless_poisson([batch_size], count_seed,
+                                             tf.constant(float(config.num_emitters)), tf.int32)
+        counts = tf.minimum(counts, k)  # Truncated at max_emitters.
+    mask = tf.range(k)[None, :] < counts[:, None]
+    u = tf.random.stateless_uniform([batch_size, k], r_seed)
+    v = tf.random.stateless_uniform([batch_size, k], a_seed)
+    if config.region == "disc":
+        cx, cy = config.center
+        radius = config.disc_radius * tf.sqrt(u)  # Uniform density on the disc.
+        angle = 2.0 * math.pi * v
+        xy = tf.stack([cx + radius * tf.cos(angle), cy + radius * tf.sin(angle)], axis=-1)
+    else:
+        m = config.margin
+        xy = tf.stack([m + (config.frame_width - 2 * m) * u,
+                       m + (config.frame_height - 2 * m) * v], axis=-1)
+    if config.photons_range is None:
+        photons = tf.fill([batch_size, k], tf.constant(config.photons, tf.float32))
+    else:
+        lo, hi = config.photons_range
+        photons = tf.random.stateless_uniform([batch_size, k], n_seed, lo, hi)
+    maskf = tf.cast(mask, tf.float32)
+    return xy * maskf[..., None], photons * maskf, mask
+
+
+_RENDERERS = {}
+
+
+def _renderer(config):
+    """The deterministic part (rate, KDE) of one config, fused by XLA. The random draws stay
+    outside: XLA on the CPU has no Poisson sampler."""
+    key = config.to_json()
+    if key not in _RENDERERS:
+        def render(positions, photons, mask):
+            rate = expected_counts_batch(positions, photons, config, mask, fused=True)
+            kde = render_kde_batch(positions, config, mask, fused=True)
+            return rate, kde
+        _RENDERERS[key] = tf.function(render, jit_compile=True, reduce_retracing=True)
+    return _RENDERERS[key]
+
+
+def simulate_scene(positions, photons, mask, config, seed):
+    """Frames and KDE for given emitters: a dict of element tensors ([B, ...])."""
+    rate, kde = _renderer(config)(tf.cast(positions, tf.float32), tf.cast(photons, tf.float32),
+                                  tf.cast(mask, tf.bool))
+    frames = sample_frames(rate, config, seed)
+    return {
+        "frames": frames[..., None],
+        "kde": kde[..., None],
+        "positions": tf.cast(positions, tf.float32),
+        "mask": tf.cast(mask, tf.bool),
+        "photons": tf.cast(photons, tf.float32),
+    }
+
+
+def simulate_batch(config, batch_size, seed):
+    """One vectorised batch of simulated frames and targets (tensors)."""
+    scene_seed, camera_seed = seeds_lib.split(seed)
+    positions, photons, mask = sample_scene(config, batch_size, scene_seed)
+    return simulate_scene(positions, photons, mask, config, camera_seed)
+
+
+def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):
+    """An infinite, seeded tf.data.Dataset of simulated batches.
+
+    Batch i is simulated from fold_in(seed, i): the same seed gives the same stream.
+    """
+    _check_config(config)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    batch_size = int(batch_size)
+    seed = seeds_lib.as_seed(seed)
+
+    def make(i):
+        return simulate_batch(config, batch_size, seeds_lib.fold_in(seed, i))
+
+    ds = tf.data.Dataset.counter().map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
+    return ds.prefetch(prefetch)
+
+
+def simulate(config, num_frames, seed):
+    """A finite simulated dataset as a dict of NumPy arrays with the element keys."""
+    _check_config(config)
+    num_frames = int(num_frames)
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1 (got {num_frames})")
+    seed = seeds_lib.as_seed(seed)
+    step = tf.function(lambda s, n: simulate_batch(config, n, s), reduce_retracing=True)
+    parts = []
+    for chunk, start in enumerate(range(0, num_frames, _CHUNK)):
+        n = min(_CHUNK, num_frames - start)
+        parts.append({k: v.numpy() for k, v in step(seeds_lib.fold_in(seed, chunk), n).items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in ELEMENT_KEYS}
+
+
+# ----------------------------------------------------------------- single-frame helpers
+def _positions_array(positions, name="positions"):
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim == 1 and pos.shape == (2,):
+        pos = pos[None]
+    if pos.ndim != 2 or pos.shape[1] != 2:
+        raise ValueError(f"{name} must be [K, 2] (x, y) in LR pixels (got shape {pos.shape})")
+    if not np.all(np.isfinite(pos)):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return pos
+
+
+def expected_counts(positions, photons, config, include_background=True):
+    """Expected photons per pixel [H, W] for one frame; positions [K, 2] (x, y) LR pixels."""
+    _check_config(config)
+    pos = _positions_array(positions)
+    ph = np.broadcast_to(np.asarray(photons, dtype=np.float64), pos.shape[:1])
+    if not np.all(np.isfinite(ph)) or np.any(ph < 0):
+        raise ValueError("photons must be finite and >= 0 (got negative or non-finite values)")
+    out = expected_counts_batch(pos[None], ph[None], config,
+                                include_background=include_background, dtype=tf.float64)
+    return out[0].numpy()
+
+
+def render_kde(positions, config):
+    """KDE [upsample*H, upsample*W] for emitters at positions [K, 2] (x, y) in LR pixels."""
+    _check_config(config)
+    pos = _positions_array(positions)
+    return render_kde_batch(pos[None], config, dtype=tf.float64)[0].numpy()

@@ -1,0 +1,145 @@
+"""The simulator: shapes, seeds, scene statistics, KDE consistency, files on disk."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+from scipy import stats
+
+import smlm_tfdiff as st
+
+
+def test_dataset_shapes_and_dtypes(paper):
+    ds = st.make_dataset(paper, batch_size=8, seed=0)
+    spec = ds.element_spec
+    assert spec["frames"].shape.as_list() == [8, 20, 20, 1] and spec["frames"].dtype == tf.float32
+    assert spec["kde"].shape.as_list() == [8, 80, 80, 1] and spec["kde"].dtype == tf.float32
+    assert spec["positions"].shape.as_list() == [8, 10, 2]
+    assert spec["mask"].dtype == tf.bool and spec["photons"].shape.as_list() == [8, 10]
+    batch = next(iter(ds))
+    assert np.all(batch["mask"].numpy())
+    assert np.all(np.isfinite(batch["frames"].numpy()))
+
+
+def test_same_seed_same_data_different_seed_independent(paper):
+    a = [b["frames"].numpy() for b in st.make_dataset(paper, 64, seed=7).take(3)]
+    b = [b["frames"].numpy() for b in st.make_dataset(paper, 64, seed=7).take(3)]
+    c = [b["frames"].numpy() for b in st.make_dataset(paper, 64, seed=8).take(3)]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[0], a[1])  # Consecutive batches differ.
+    # Frames of different seeds are uncorrelated beyond the shared per-pixel mean (the disc):
+    # |r| of 76800 pixel pairs < 5 standard errors.
+    x = np.concatenate(a) - np.concatenate(a).mean(axis=0)
+    y = np.concatenate(c) - np.concatenate(c).mean(axis=0)
+    x, y = x.ravel().astype(np.float64), y.ravel().astype(np.float64)
+    r = (x @ y) / np.sqrt((x @ x) * (y @ y))
+    assert abs(r) < 5 / np.sqrt(x.size)
+    np.testing.assert_array_equal(st.simulate(paper, 50, 3)["kde"], st.simulate(paper, 50, 3)["kde"])
+    np.testing.assert_array_equal(st.simulate(paper, 50, np.array([0, 3], np.int32))["frames"],
+                                  st.simulate(paper, 50, 3)["frames"])
+
+
+def test_simulate_returns_numpy_with_element_keys(paper):
+    data = st.simulate(paper, 1500, seed=1)  # Crosses the internal chunk boundary.
+    assert set(data) == {"frames", "kde", "positions", "mask", "photons"}
+    assert all(isinstance(v, np.ndarray) for v in data.values())
+    assert data["frames"].shape == (1500, 20, 20, 1) and data["kde"].shape == (1500, 80, 80, 1)
+    assert not np.array_equal(data["positions"][:1024][:5], data["positions"][1024:][:5])
+
+
+def test_disc_positions_are_uniform(paper):
+    data = st.simulate(paper, 2000, seed=2)
+    xy = data["positions"].reshape(-1, 2) - np.array([10.0, 10.0])
+    r2 = (xy ** 2).sum(1) / 7.0 ** 2
+    assert r2.max() <= 1.0 + 1e-6
+    # Uniform on a disc: r^2 / R^2 ~ U(0, 1) and the angle ~ U(-pi, pi).
+    assert stats.kstest(r2, "uniform").pvalue > 1e-3
+    assert stats.kstest((np.arctan2(xy[:, 1], xy[:, 0]) + np.pi) / (2 * np.pi), "uniform").pvalue > 1e-3
+    np.testing.assert_allclose(data["photons"], 200.0)
+
+
+def test_frame_region_poisson_counts_photon_range():
+    config = st.SimulationConfig.preset("dense", num_emitters=6, margin=2.0,
+                                        photons_range=(300.0, 900.0))
+    data = st.simulate(config, 4000, seed=3)
+    counts = data["mask"].sum(1)
+    k = config.padded_emitters
+    assert data["mask"].shape == (4000, k)
+    # Poisson(6): mean and variance 6; standard errors sqrt(6/n) and ~6*sqrt(2/n)(1+...)
+    assert counts.mean() == pytest.approx(6.0, abs=5 * np.sqrt(6 / 4000))
+    assert counts.var() == pytest.approx(6.0, abs=5 * np.sqrt((6 + 2 * 36) / 4000))
+    on = data["mask"]
+    xy = data["positions"][on]
+    assert xy.min() >= 2.0 and xy.max() <= 18.0
+    assert np.all(data["positions"][~on] == 0) and np.all(data["photons"][~on] == 0)
+    ph = data["photons"][on]
+    assert ph.min() >= 300 and ph.max() <= 900
+    assert ph.mean() == pytest.approx(600.0, abs=5 * 600 / np.sqrt(12 * ph.size))
+    # Masks are contiguous from the start (padding at the end).
+    assert np.all(np.diff(on.astype(int), axis=1) <= 0)
+
+
+def test_kde_targets_match_render_kde_and_count(paper):
+    data = st.simulate(st.SimulationConfig.preset("dense"), 20, seed=4)
+    config = st.SimulationConfig.preset("dense")
+    for i in range(5):
+        pos = data["positions"][i][data["mask"][i]]
+        np.testing.assert_allclose(data["kde"][i, ..., 0], st.render_kde(pos, config), atol=2e-5)
+    d = st.simulate(paper, 200, seed=5)
+    np.testing.assert_allclose(d["kde"].sum(axis=(1, 2, 3)) / paper.kde_norm, 10.0, rtol=1e-4)
+
+
+def test_frames_follow_expected_counts(paper):
+    """Frame mean over many scenes equals the mean of gain * omega + offset scene by scene."""
+    data = st.simulate(paper, 3000, seed=6)
+    photons = data["frames"][..., 0].astype(np.float64).sum(axis=(1, 2)) - 100.0 * 400
+    # Per frame: sum of x - offset ~ Poisson(2000) + Normal(0, 400 * 5).
+    z = (photons.mean() - 2000.0) / np.sqrt((2000.0 + 2000.0) / 3000)
+    assert abs(z) < 4.5
+
+
+def test_save_and_load(tmp_path, paper):
+    data = st.simulate(paper, 32, seed=9)
+    path = str(tmp_path / "eval" / "set.npz")
+    written = st.save_dataset(path, data, paper)
+    assert written == [path, path[:-4] + ".tif"]
+    back, config = st.load_dataset(path)
+    assert config == paper
+    for k in data:
+        np.testing.assert_array_equal(back[k], data[k])
+    stack = tifffile.imread(written[1])
+    assert stack.shape == (32, 20, 20) and stack.dtype == np.float32
+    np.testing.assert_array_equal(stack, data["frames"][..., 0])
+    assert not [f for f in os.listdir(tmp_path / "eval") if f.startswith(".tmp")]
+
+
+def test_failed_write_leaves_no_file(tmp_path, paper):
+    data = st.simulate(paper, 4, seed=9)
+    data["kde"] = data["kde"][:2]  # Inconsistent lengths.
+    with pytest.raises(ValueError, match="kde"):
+        st.save_dataset(str(tmp_path / "x.npz"), data, paper)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="save_dataset"):
+        st.load_dataset(str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match=".npz"):
+        st.save_dataset(str(tmp_path / "x.h5"), st.simulate(paper, 2, 0), paper)
+
+
+def test_bad_arguments(paper):
+    with pytest.raises(ValueError, match="batch_size"):
+        st.make_dataset(paper, 0, 0)
+    with pytest.raises(ValueError, match="num_frames"):
+        st.simulate(paper, 0, 0)
+    with pytest.raises(TypeError, match="SimulationConfig"):
+        st.simulate({"photons": 200}, 4, 0)
+    with pytest.raises(ValueError, match=r"\[K, 2\]"):
+        st.render_kde(np.zeros((3, 3)), paper)
+    with pytest.raises(ValueError, match="NaN"):
+        st.expected_counts([[np.nan, 1.0]], [200.0], paper)
+    with pytest.raises(ValueError, match="photons"):
+        st.expected_counts([[1.0, 1.0]], [-5.0], paper)
+    with pytest.raises(ValueError, match="seed"):
+        st.simulate(paper, 2, -1)
