@@ -1,0 +1,62 @@
+"""Training pieces for phi: data, loss, validation hook. Used by trainers/train_phi.py."""
+
+import numpy as np
+import tensorflow as tf
+
+from smlm_tfdiff import seeds as seeds_lib
+from smlm_tfdiff.simulate import make_dataset, simulate
+
+
+def phi_dataset(sim_config, batch_size, seed, start_step):
+    """Infinite (frames, kde) batches; a run resumed at start_step draws fresh data."""
+    ds = make_dataset(sim_config, batch_size, seeds_lib.fold_in(seed, start_step), prefetch=0)
+    return ds.map(lambda b: {"frames": b["frames"], "kde": b["kde"]}).prefetch(tf.data.AUTOTUNE)
+
+
+def phi_loss(model, batch, training):
+    """Seeds' L_phi: per-example mean squared error against the KDE -> [B]."""
+    pred = model(batch["frames"], training=training)
+    return tf.reduce_mean(tf.square(pred - batch["kde"]), axis=[1, 2, 3])
+
+
+def predict(model, frames, batch_size=256):
+    """phi over a NumPy stack [N, H, W, 1] -> [N, 4H, 4W, 1] NumPy, in batches."""
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    out = [fn(tf.constant(frames[i:i + batch_size])).numpy()
+           for i in range(0, len(frames), batch_size)]
+    return np.concatenate(out)
+
+
+class PhiValidation:
+    """A fixed, seeded validation set and the hook the trainer calls."""
+
+    def __init__(self, sim_config, num_frames, seed, num_images=4):
+        self.config = sim_config
+        self.data = simulate(sim_config, num_frames, seed)
+        self.num_images = num_images
+
+    def __call__(self, trainer, step):
+        pred = predict(trainer.model, self.data["frames"])
+        metrics = {"loss": float(np.mean((pred - self.data["kde"]) ** 2))}
+        metrics.update(self.localization(pred))
+        with trainer.val_writer.as_default(step=step):
+            n = self.num_images
+            frames = self.data["frames"][:n]
+            lo = frames.min(axis=(1, 2, 3), keepdims=True)
+            hi = frames.max(axis=(1, 2, 3), keepdims=True)
+            tf.summary.image("frame", (frames - lo) / np.maximum(hi - lo, 1e-6), step, n)
+            top = max(float(self.data["kde"][:n].max()), 1e-6)
+            tf.summary.image("kde_target", np.clip(self.data["kde"][:n] / top, 0, 1), step, n)
+            tf.summary.image("kde_prediction", np.clip(pred[:n] / top, 0, 1), step, n)
+        return metrics
+
+    def localization(self, pred):
+        try:
+            from smlm_tfdiff.localization import detect, localization_metrics
+        except ImportError:  # Localization is optional for the trainer itself.
+            return {}
+        found = detect(pred, self.config)
+        truth = [p[m] for p, m in zip(self.data["positions"], self.data["mask"])]
+        m = localization_metrics(found, truth, self.config)
+        return {k: float(m[k]) for k in ("precision", "recall", "jaccard",
+                                          "rmse_lateral_nm", "efficiency_lateral") if k in m}

@@ -1,0 +1,52 @@
+"""Bundled trained models: `pretrained("paper")` -> .phi (Keras), .config (SimulationConfig)."""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from smlm_tfdiff.config import SimulationConfig
+from smlm_tfdiff.models.phi import PhiConfig, build_phi
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    phi: Any  # keras.Model: frames [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1].
+    config: SimulationConfig  # What phi was trained for (camera, optics, KDE grid).
+    phi_config: PhiConfig
+    psi: Optional[Any] = None  # The diffusion model, once trained and bundled.
+    source: str = ""
+
+
+def load_phi(run_dir):
+    """phi from a folder holding phi.weights.h5, phi_config.json and sim_config.json."""
+    needed = ["phi.weights.h5", "phi_config.json", "sim_config.json"]
+    missing = [n for n in needed if not os.path.exists(os.path.join(run_dir, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir!r} lacks {missing}; train phi with `python trainers/train_phi.py "
+            f"--out_dir {run_dir}` (it writes these files when it finishes)")
+    with open(os.path.join(run_dir, "sim_config.json")) as f:
+        config = SimulationConfig.from_json(f.read())
+    with open(os.path.join(run_dir, "phi_config.json")) as f:
+        phi_config = PhiConfig.from_json(f.read())
+    phi = build_phi(config, phi_config)
+    phi.load_weights(os.path.join(run_dir, "phi.weights.h5"))
+    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=run_dir)
+
+
+def available():
+    """Names of the bundled models."""
+    if not os.path.isdir(WEIGHTS_DIR):
+        return []
+    return sorted(d for d in os.listdir(WEIGHTS_DIR)
+                  if os.path.exists(os.path.join(WEIGHTS_DIR, d, "phi.weights.h5")))
+
+
+def pretrained(name="paper"):
+    """The bundled model trained for preset `name` (see available())."""
+    if name not in available():
+        raise ValueError(f"no bundled model {name!r}; bundled: {available()}. Load your own "
+                         "training run with smlm_tfdiff.pretrained.load_phi(run_dir)")
+    return load_phi(os.path.join(WEIGHTS_DIR, name))

@@ -1,0 +1,44 @@
+"""absl flags shared by the training scripts, defined in one place (none required here).
+
+Scripts call `define_trainer_flags()` and mark what they require with `flags.mark_flag_as_required`.
+"""
+
+from absl import flags
+
+from smlm_tfdiff.config import PRESETS
+from smlm_tfdiff.training import TrainerConfig
+
+
+def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_decay=None):
+    flags.DEFINE_string("out_dir", None, "Run folder: checkpoints, TensorBoard events, weights.")
+    flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Simulation preset to train on.")
+    flags.DEFINE_integer("steps", steps, "Total training steps (raise it to extend a finished run).")
+    flags.DEFINE_integer("batch_size", batch_size, "Global batch size (split across replicas).")
+    flags.DEFINE_float("learning_rate", learning_rate, "Peak learning rate (AdamW).")
+    flags.DEFINE_enum("schedule", "cosine", ["cosine", "constant"], "Learning-rate schedule.")
+    flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps of the cosine schedule.")
+    flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
+    flags.DEFINE_float("clipnorm", 1.0, "Gradient norm clip (0 disables).")
+    flags.DEFINE_float("ema_decay", ema_decay, "EMA decay of the weights (unset: no EMA).")
+    flags.DEFINE_integer("seed", 0, "Training-data seed.")
+    flags.DEFINE_integer("val_seed", 10_000, "Seed of the fixed validation set.")
+    flags.DEFINE_integer("val_frames", 256, "Frames in the fixed validation set.")
+    flags.DEFINE_integer("num_replicas", 0, "0: all GPUs or the default strategy on a CPU; n: "
+                         "MirroredStrategy over n devices (n logical CPU devices without a GPU).")
+    flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard scalars.")
+    flags.DEFINE_integer("eval_every", 500, "Steps between validation runs.")
+    flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+    flags.DEFINE_bool("resume", True, "Resume from the latest checkpoint in --out_dir. With "
+                      "--noresume an --out_dir that already holds checkpoints is an error.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+
+
+def trainer_config_from_flags() -> TrainerConfig:
+    f = flags.FLAGS
+    return TrainerConfig(
+        out_dir=f.out_dir, steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
+        schedule=f.schedule, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
+        clipnorm=f.clipnorm or None, ema_decay=f.ema_decay, log_every=f.log_every,
+        eval_every=f.eval_every, checkpoint_every=f.checkpoint_every, seed=f.seed,
+        progress=f.progress, jit_compile=f.jit_compile)

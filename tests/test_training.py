@@ -1,0 +1,107 @@
+"""The shared trainer: MirroredStrategy on 2 logical CPUs, checkpoints, resume, TensorBoard, NaN guard."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import smlm_tfdiff as st
+from smlm_tfdiff.models.phi import PhiConfig, build_phi
+from smlm_tfdiff.phi_training import phi_dataset, phi_loss
+from smlm_tfdiff.training import NonFiniteLossError, Trainer, TrainerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--context_filters=8", "--dilations=1,2", "--upsample_filters=8,4",
+         "--prediction_filters=4"]
+
+
+def _scalars(folder, tag):
+    acc = EventAccumulator(folder, size_guidance={"tensors": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["tensors"]:
+        return []
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def _train(out_dir, steps):
+    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_phi.py"), f"--out_dir={out_dir}",
+           f"--steps={steps}", "--batch_size=16", "--num_replicas=2", "--log_every=5",
+           "--eval_every=20", "--checkpoint_every=10", "--val_frames=16", "--learning_rate=3e-3",
+           "--warmup_steps=5", "--noprogress", *SMALL]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_mirrored_training_checkpoints_resume_and_tensorboard(tmp_path):
+    out = str(tmp_path / "run")
+    log = _train(out, 40)
+    assert "MirroredStrategy" in log and "CPU:1" in log
+    losses = _scalars(os.path.join(out, "train"), "loss")
+    assert [s for s, _ in losses] == list(range(5, 45, 5))
+    assert losses[-1][1] < 0.7 * losses[0][1]  # The loss fell.
+    assert os.path.exists(os.path.join(out, "checkpoints", "ckpt-40.index"))
+    for tag in ("learning_rate", "steps_per_second"):
+        assert len(_scalars(os.path.join(out, "train"), tag)) == 8
+    assert [s for s, _ in _scalars(os.path.join(out, "val"), "loss")] == [20, 40]
+    assert os.path.exists(os.path.join(out, "phi.weights.h5"))
+    # Extending the finished run resumes at step 40 and continues the step count.
+    log = _train(out, 60)
+    assert "Resumed from" in log and "at step 40" in log
+    steps = [s for s, _ in _scalars(os.path.join(out, "train"), "loss")]
+    assert steps[-4:] == [45, 50, 55, 60]
+    assert os.path.exists(os.path.join(out, "checkpoints", "ckpt-60.index"))
+    # The weights written at the end load into a fresh phi.
+    from smlm_tfdiff.pretrained import load_phi
+    loaded = load_phi(out)
+    assert loaded.phi_config.context_filters == 8
+    assert loaded.phi(np.full((1, 20, 20, 1), 100.0, np.float32)).shape == (1, 80, 80, 1)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, paper):
+    holder = {}
+
+    def poisoned_loss(model, batch, training):
+        loss = phi_loss(model, batch, training)
+        # The 4th step (step counter 3 before it is incremented) goes NaN.
+        return loss * tf.where(holder["trainer"].step >= 3, np.nan, 1.0)
+
+    small = PhiConfig(context_filters=4, dilations=(1,), upsample_filters=(4, 4),
+                      prediction_filters=4)
+    cfg = TrainerConfig(out_dir=str(tmp_path), steps=10, batch_size=4, checkpoint_every=100,
+                        progress=False)
+    trainer = Trainer(cfg, tf.distribute.get_strategy(), lambda: build_phi(paper, small),
+                      poisoned_loss, lambda start: phi_dataset(paper, 4, 0, start))
+    holder["trainer"] = trainer
+    good = {}
+
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 4.*last good state \\(step 3\\)"):
+        original = trainer._snapshot
+
+        def snapshot():
+            original()
+            good.update({v.path: v.numpy().copy() for v in trainer.model.variables})
+        trainer._snapshot = snapshot
+        trainer.fit()
+    assert os.path.exists(os.path.join(str(tmp_path), "checkpoints", "ckpt-3.index"))
+    assert int(trainer.step.numpy()) == 3
+    for v in trainer.model.variables:
+        np.testing.assert_array_equal(v.numpy(), good[v.path])
+        assert np.all(np.isfinite(v.numpy()))
+    assert glob.glob(os.path.join(str(tmp_path), "train", "events*"))
+
+
+def test_trainer_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        TrainerConfig(out_dir="x", steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainerConfig(out_dir="x", steps=1, schedule="linear")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainerConfig(out_dir="x", steps=1, ema_decay=1.5)
+    assert st.SimulationConfig.preset("paper").padded_emitters == 10
