@@ -6,6 +6,8 @@ Conventions (DESIGN.md): positions (x, y) in LR pixels, frames indexed [row, col
 
 from smlm_tfdiff.config import PRESETS, SimulationConfig
 from smlm_tfdiff.dataset_file import load_dataset, save_dataset
+from smlm_tfdiff.localization import (detect, localization_metrics, match, oracle_metrics,
+                                      true_kde)
 from smlm_tfdiff.physics.fisher import crlb, fisher_information
 from smlm_tfdiff.simulate import expected_counts, make_dataset, render_kde, simulate
 
@@ -13,13 +15,18 @@ __all__ = [
     "PRESETS",
     "SimulationConfig",
     "crlb",
+    "detect",
     "expected_counts",
     "fisher_information",
     "load_dataset",
+    "localization_metrics",
     "make_dataset",
+    "match",
+    "oracle_metrics",
     "render_kde",
     "save_dataset",
     "simulate",
+    "true_kde",
 ]
 
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """Bundled trained models: `pretrained("paper")` -> .phi (Keras), .config (SimulationConfig)."""
 
 import dataclasses
+import json
 import os
 from typing import Any, Optional
 
@@ -20,7 +21,11 @@ class Pretrained:
 
 
 def load_phi(run_dir):
-    """phi from a folder holding phi.weights.h5, phi_config.json and sim_config.json."""
+    """phi from a folder holding phi.weights.h5, phi_config.json and sim_config.json, or from a
+    training run still in progress (run_config.json + checkpoints/: the latest checkpoint)."""
+    if (not os.path.exists(os.path.join(run_dir, "phi.weights.h5"))
+            and os.path.exists(os.path.join(run_dir, "run_config.json"))):
+        return _load_phi_checkpoint(run_dir)
     needed = ["phi.weights.h5", "phi_config.json", "sim_config.json"]
     missing = [n for n in needed if not os.path.exists(os.path.join(run_dir, n))]
     if missing:
@@ -34,6 +39,21 @@ def load_phi(run_dir):
     phi = build_phi(config, phi_config)
     phi.load_weights(os.path.join(run_dir, "phi.weights.h5"))
     return Pretrained(phi=phi, config=config, phi_config=phi_config, source=run_dir)
+
+
+def _load_phi_checkpoint(run_dir):
+    import tensorflow as tf
+    with open(os.path.join(run_dir, "run_config.json")) as f:
+        info = json.load(f)
+    config = SimulationConfig.from_dict(info["sim_config"])
+    phi_config = PhiConfig(**info["phi_config"])
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir!r} has no checkpoint yet; let training run until the "
+                                "first --checkpoint_every steps have passed")
+    phi = build_phi(config, phi_config)
+    tf.train.Checkpoint(model=phi).restore(latest).expect_partial()
+    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=latest)
 
 
 def available():
