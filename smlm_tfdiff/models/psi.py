@@ -1,0 +1,288 @@
+"""psi: the conditional denoiser of the diffusion model, an SR3-style attention U-Net.
+
+eps_pred = psi(y_t, y_hat, sqrt(gamma)): the noise in y_t = sqrt(gamma) z_0 + sqrt(1 - gamma) eps,
+given phi's KDE estimate y_hat (seeds' section 3.2 and appendix A.6; architecture after DDPM / SR3,
+conditioning on the continuous noise level as WaveGrad / SR3 do, so samplers may use any schedule).
+
+Layout (DDPM): conv_in -> per level [num_res_blocks x (res block, attention where configured)],
+stride-2 conv down between levels -> middle (res, attention, res) -> mirrored up path with skip
+concatenations, nearest 2x upsampling + conv -> GroupNorm, swish, zero-initialised conv_out.
+Fully convolutional: any height and width divisible by 2^(levels - 1) works at call time.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Optional, Tuple
+
+import keras
+from keras import layers, ops
+
+
+@dataclasses.dataclass
+class PsiConfig:
+    """Widths and depths of psi.
+
+    attention_resolutions are feature-map side lengths for an `image_size` x `image_size` input
+    (default 80, the KDE size of the paper preset). The seeds' "attention at 16x16" does not exist
+    on the 80/40/20/10/5 pyramid; the default puts it at 20 and 10 (levels 2 and 3). The levels are
+    fixed by the config, so a model built for 80 applied to a 160x160 input attends at 40 and 20.
+    The middle block always has attention, at the lowest resolution (5x5 for 80x80).
+    """
+
+    base_channels: int = 32  # Channels of level 0; level l has base_channels * multipliers[l].
+    channel_multipliers: Tuple[int, ...] = (1, 2, 4, 8, 8)  # One resolution level per entry.
+    num_res_blocks: int = 1  # Res blocks per level on the way down (one more on the way up).
+    attention_resolutions: Tuple[int, ...] = (20, 10)  # Feature-map sizes for image_size input.
+    image_size: int = 80  # Reference input side length for attention_resolutions.
+    dropout: float = 0.1  # Inside every res block.
+    groups: int = 8  # GroupNorm groups; must divide every channel count.
+    num_heads: int = 1  # Self-attention heads; must divide the channels where attention is.
+    embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
+    noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
+
+    def __post_init__(self):
+        self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        for name in ("base_channels", "num_res_blocks", "image_size", "groups", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PsiConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.channel_multipliers or min(self.channel_multipliers) < 1:
+            raise ValueError(f"PsiConfig.channel_multipliers must be non-empty and positive "
+                             f"(got {self.channel_multipliers})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PsiConfig.dropout must lie in [0, 1) (got {self.dropout})")
+        if self.embedding_dim < 2 or self.embedding_dim % 2:
+            raise ValueError(f"PsiConfig.embedding_dim must be even and >= 2 "
+                             f"(got {self.embedding_dim})")
+        if not self.noise_level_scale > 0:
+            raise ValueError(f"PsiConfig.noise_level_scale must be > 0 "
+                             f"(got {self.noise_level_scale})")
+        for c in self.channels:
+            if c % self.groups:
+                raise ValueError(f"PsiConfig.groups = {self.groups} must divide every channel "
+                                 f"count {self.channels} (base_channels * channel_multipliers)")
+        factor = self.downsample_factor
+        if self.image_size % factor:
+            raise ValueError(f"PsiConfig.image_size = {self.image_size} must be divisible by "
+                             f"2^(levels - 1) = {factor}")
+        sizes = self.resolutions
+        for r in self.attention_resolutions:
+            if r not in sizes:
+                raise ValueError(f"PsiConfig.attention_resolutions: {r} is not a feature-map size "
+                                 f"of a {self.image_size}x{self.image_size} input {sizes}")
+        for level in self.attention_levels + (len(sizes) - 1,):
+            if self.channels[level] % self.num_heads:
+                raise ValueError(f"PsiConfig.num_heads = {self.num_heads} must divide the "
+                                 f"{self.channels[level]} channels of attention level {level}")
+
+    @property
+    def channels(self) -> Tuple[int, ...]:
+        return tuple(self.base_channels * m for m in self.channel_multipliers)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def resolutions(self) -> Tuple[int, ...]:
+        """Feature-map side length per level for the reference image_size."""
+        levels = range(len(self.channel_multipliers))
+        return tuple(self.image_size // 2 ** level for level in levels)
+
+    @property
+    def attention_levels(self) -> Tuple[int, ...]:
+        """Level indices (0 = full resolution) with attention after every res block."""
+        return tuple(sorted(self.resolutions.index(r) for r in set(self.attention_resolutions)))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "PsiConfig":
+        return cls(**json.loads(text))
+
+
+def check_input_size(h, w, config: Optional[PsiConfig] = None):
+    """Raise ValueError unless an h x w input passes the U-Net (both divisible by 2^(levels-1)).
+
+    Returns the feature-map sizes [(h, w), (h/2, w/2), ...] per level.
+    """
+    config = config or PsiConfig()
+    factor = config.downsample_factor
+    if int(h) < 1 or int(w) < 1 or h % factor or w % factor:
+        raise ValueError(f"psi with {len(config.channel_multipliers)} levels needs height and "
+                         f"width divisible by {factor} (got {h}x{w}); pad or crop the input")
+    return [(h // 2 ** level, w // 2 ** level) for level in range(len(config.channel_multipliers))]
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class NoiseLevelEmbedding(layers.Layer):
+    """Transformer sinusoidal embedding of the noise level: [B] or [B, 1] sqrt(gamma) -> [B, dim].
+
+    e = [sin(s * nl * f_k), cos(s * nl * f_k)], f_k = 10000^(-k / (dim/2)), k = 0..dim/2 - 1, with
+    s = scale (1000, as WaveGrad / SR3 scale their continuous level to the range of step indices).
+    """
+
+    def __init__(self, dim=128, scale=1000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = int(dim)
+        self.scale = float(scale)
+
+    def call(self, noise_level):
+        nl = ops.reshape(ops.cast(noise_level, self.compute_dtype), (-1, 1)) * self.scale
+        half = self.dim // 2
+        freqs = ops.exp(ops.arange(half, dtype=self.compute_dtype) * (-math.log(10000.0) / half))
+        args = nl * ops.expand_dims(freqs, 0)
+        return ops.concatenate([ops.sin(args), ops.cos(args)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.dim)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class ToDiffusionSpace(layers.Layer):
+    """KDE units -> diffusion space 2*y - 1 (the map `diffusion.to_diffusion_space` applies to the
+    targets), so that the condition y_hat and the noisy target y_t share one range."""
+
+    def call(self, y):
+        return 2.0 * y - 1.0
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class SelfAttention2D(layers.Layer):
+    """x + proj(attention(GroupNorm(x))) over all H*W positions: [B, H, W, C] -> [B, H, W, C].
+
+    Multi-head dot-product attention, queries/keys/values from one 1x1 projection; the output
+    projection is zero-initialised so the block starts as the identity (DDPM).
+    """
+
+    def __init__(self, groups=8, num_heads=1, **kwargs):
+        super().__init__(**kwargs)
+        self.groups = int(groups)
+        self.num_heads = int(num_heads)
+        self.norm = layers.GroupNormalization(self.groups, epsilon=1e-5, name="norm")
+        self.qkv = None
+        self.proj = None
+
+    def build(self, input_shape):
+        channels = int(input_shape[-1])
+        self.qkv = layers.Dense(3 * channels, name="qkv")
+        self.proj = layers.Dense(channels, kernel_initializer="zeros", name="proj")
+        self.norm.build(input_shape)
+        self.qkv.build(input_shape)
+        self.proj.build(input_shape)
+
+    def call(self, x):
+        shape = ops.shape(x)
+        b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
+        d = c // self.num_heads
+        qkv = ops.reshape(self.qkv(self.norm(x)), (b, h * w, 3, self.num_heads, d))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, d]
+        logits = ops.einsum("bnhd,bmhd->bhnm", q, k) * (1.0 / math.sqrt(d))
+        attn = ops.softmax(logits, axis=-1)
+        out = ops.reshape(ops.einsum("bhnm,bmhd->bnhd", attn, v), (b, h, w, c))
+        return x + self.proj(out)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "num_heads": self.num_heads}
+
+
+def _res_block(x, emb, channels, config, name):
+    """GroupNorm, swish, conv3x3, + Dense(emb), GroupNorm, swish, dropout, conv3x3; 1x1 skip when
+    the channel count changes. emb: the swish-activated noise-level embedding [B, E]."""
+    h = layers.GroupNormalization(config.groups, epsilon=1e-5, name=f"{name}_norm1")(x)
+    h = layers.Activation("swish", name=f"{name}_act1")(h)
+    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}_conv1")(h)
+    e = layers.Dense(channels, name=f"{name}_emb")(emb)
+    h = layers.Add(name=f"{name}_add_emb")([h, layers.Reshape((1, 1, channels),
+                                                               name=f"{name}_emb_4d")(e)])
+    h = layers.GroupNormalization(config.groups, epsilon=1e-5, name=f"{name}_norm2")(h)
+    h = layers.Activation("swish", name=f"{name}_act2")(h)
+    h = layers.Dropout(config.dropout, name=f"{name}_dropout")(h)
+    h = layers.Conv2D(channels, 3, padding="same", name=f"{name}_conv2")(h)
+    if x.shape[-1] != channels:
+        x = layers.Conv2D(channels, 1, name=f"{name}_skip")(x)
+    return layers.Add(name=f"{name}_out")([x, h])
+
+
+def _attention(x, config, name):
+    return SelfAttention2D(config.groups, config.num_heads, name=name)(x)
+
+
+def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi"):
+    """The psi model: {"y_t", "y_hat", "noise_level"} -> eps_pred [B, H, W, 1] (float32).
+
+    Inputs:
+      y_t          [B, H, W, 1]: noisy target in diffusion space (2*kde - 1 noised).
+      y_hat        [B, H, W, 1]: phi's KDE estimate in KDE units (phi's output as is); mapped to
+                   2*y_hat - 1 inside the model (layer "y_hat_diffusion_space") and concatenated.
+      noise_level  [B] or [B, 1]: sqrt(gamma), continuous in (0, 1]; not a step index.
+    image_size: None (any H, W divisible by 2^(levels-1), checked by the caller with
+      `check_input_size`), an int or (h, w) for a static input shape (checked here).
+    The output conv is zero-initialised: eps_pred is exactly 0 for any input before training.
+    """
+    config = psi_config or PsiConfig()
+    if image_size is None:
+        h = w = None
+    else:
+        if isinstance(image_size, (tuple, list)):
+            h, w = (int(v) for v in image_size)
+        else:
+            h = w = int(image_size)
+        check_input_size(h, w, config)
+    y_t = keras.Input((h, w, 1), name="y_t")
+    y_hat = keras.Input((h, w, 1), name="y_hat")
+    noise_level = keras.Input((), name="noise_level")
+
+    emb = NoiseLevelEmbedding(config.embedding_dim, config.noise_level_scale,
+                              name="noise_embedding")(noise_level)
+    emb = layers.Dense(config.embedding_dim, name="embedding_dense0")(emb)
+    emb = layers.Activation("swish", name="embedding_act0")(emb)
+    emb = layers.Dense(config.embedding_dim, name="embedding_dense1")(emb)
+    emb = layers.Activation("swish", name="embedding_act1")(emb)  # Shared input of every block.
+
+    cond = ToDiffusionSpace(name="y_hat_diffusion_space")(y_hat)
+    x = layers.Concatenate(name="inputs")([y_t, cond])
+    x = layers.Conv2D(config.channels[0], 3, padding="same", name="conv_in")(x)
+
+    num_levels = len(config.channels)
+    attention = set(config.attention_levels)
+    skips = [x]
+    for level, channels in enumerate(config.channels):
+        for i in range(config.num_res_blocks):
+            x = _res_block(x, emb, channels, config, f"down{level}_res{i}")
+            if level in attention:
+                x = _attention(x, config, f"down{level}_res{i}_attn")
+            skips.append(x)
+        if level != num_levels - 1:
+            x = layers.Conv2D(channels, 3, strides=2, padding="same",
+                              name=f"down{level}_downsample")(x)
+            skips.append(x)
+
+    x = _res_block(x, emb, config.channels[-1], config, "mid_res0")
+    x = _attention(x, config, "mid_attn")
+    x = _res_block(x, emb, config.channels[-1], config, "mid_res1")
+
+    for level in reversed(range(num_levels)):
+        channels = config.channels[level]
+        for i in range(config.num_res_blocks + 1):
+            x = layers.Concatenate(name=f"up{level}_res{i}_concat")([x, skips.pop()])
+            x = _res_block(x, emb, channels, config, f"up{level}_res{i}")
+            if level in attention:
+                x = _attention(x, config, f"up{level}_res{i}_attn")
+        if level != 0:
+            x = layers.UpSampling2D(2, interpolation="nearest", name=f"up{level}_upsample")(x)
+            x = layers.Conv2D(channels, 3, padding="same", name=f"up{level}_upsample_conv")(x)
+
+    x = layers.GroupNormalization(config.groups, epsilon=1e-5, name="out_norm")(x)
+    x = layers.Activation("swish", name="out_act")(x)
+    eps = layers.Conv2D(1, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
+                        name="eps")(x)
+    return keras.Model({"y_t": y_t, "y_hat": y_hat, "noise_level": noise_level}, eps, name=name)

@@ -1,0 +1,145 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from smlm_tfdiff.diffusion import q_sample, to_diffusion_space
+from smlm_tfdiff.models.psi import (NoiseLevelEmbedding, PsiConfig, build_psi,
+                                    check_input_size)
+
+TINY = PsiConfig(base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(10,),
+                 image_size=20, dropout=0.0, groups=4, embedding_dim=16)
+
+
+def _batch(b=4, size=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"y_t": rng.standard_normal((b, size, size, 1)).astype(np.float32),
+            "y_hat": rng.uniform(0, 1, (b, size, size, 1)).astype(np.float32),
+            "noise_level": rng.uniform(0.2, 1.0, (b,)).astype(np.float32)}
+
+
+def test_shapes_and_zero_output_at_init():
+    psi = build_psi(TINY)
+    for size, nl_shape in ((20, (3,)), (40, (3, 1))):
+        batch = _batch(3, size)
+        batch["noise_level"] = batch["noise_level"].reshape(nl_shape)
+        for training in (False, True):
+            out = np.asarray(psi(batch, training=training))
+            assert out.shape == (3, size, size, 1) and out.dtype == np.float32
+            np.testing.assert_array_equal(out, 0.0)  # Zero-initialised output conv.
+    static = build_psi(TINY, image_size=20)
+    assert tuple(static.get_layer("y_t").output.shape) == (None, 20, 20, 1)
+    assert {i.name for i in psi.inputs} == {"y_t", "y_hat", "noise_level"}
+
+
+def test_input_size_checks():
+    assert check_input_size(80, 80)[-1] == (5, 5)
+    assert check_input_size(80, 160, PsiConfig())[2] == (20, 40)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        check_input_size(20, 20)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        build_psi(TINY, image_size=21)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        build_psi(PsiConfig(base_channels=8, groups=4), image_size=(80, 88))
+
+
+def test_config_validation_and_json():
+    with pytest.raises(ValueError, match="groups"):
+        PsiConfig(base_channels=12, groups=8)
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        PsiConfig(attention_resolutions=(16,))  # The seeds' 16x16 is not on 80/40/20/10/5.
+    with pytest.raises(ValueError, match="image_size"):
+        PsiConfig(image_size=72)
+    with pytest.raises(ValueError, match="dropout"):
+        PsiConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="num_heads"):
+        PsiConfig(num_heads=3)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        PsiConfig(embedding_dim=15)
+    for config in (PsiConfig(), TINY):
+        assert PsiConfig.from_json(config.to_json()) == config
+    assert PsiConfig().attention_levels == (2, 3)
+    assert PsiConfig().resolutions == (80, 40, 20, 10, 5)
+
+
+def _attention_levels(model):
+    levels = {"down": set(), "up": set()}
+    for layer in model.layers:
+        if layer.name.endswith("_attn") and layer.name != "mid_attn":
+            path = "down" if layer.name.startswith("down") else "up"
+            levels[path].add((int(layer.name[len(path)]), layer.output.shape[1]))
+    return levels
+
+
+def test_attention_where_configured():
+    narrow = dict(base_channels=8, groups=4)  # The default pyramid, cheap to build.
+    model = build_psi(PsiConfig(**narrow), image_size=80)
+    levels = _attention_levels(model)
+    assert levels["down"] == levels["up"] == {(2, 20), (3, 10)}
+    assert model.get_layer("mid_attn").output.shape[1] == 5
+    # One attention block after each res block of an attention level (1 down + 2 up).
+    names = [layer.name for layer in model.layers if layer.name.endswith("_attn")]
+    assert len(names) == 2 * (1 + 2) + 1
+    model = build_psi(PsiConfig(attention_resolutions=(40,), **narrow), image_size=80)
+    assert _attention_levels(model)["down"] == {(1, 40)}
+    model = build_psi(PsiConfig(attention_resolutions=(), **narrow))
+    assert [layer.name for layer in model.layers if layer.name.endswith("_attn")] == ["mid_attn"]
+
+
+def test_noise_level_embedding():
+    layer = NoiseLevelEmbedding(16, 1000.0)
+    nl = np.array([0.5, 0.6, 0.999, 1.0], np.float32)
+    e = np.asarray(layer(nl))
+    assert e.shape == (4, 16)
+    np.testing.assert_allclose(e, np.asarray(layer(nl[:, None])))
+    for i in range(3):
+        assert np.abs(e[i] - e[i + 1]).max() > 1e-2  # Distinguishes close levels.
+    np.testing.assert_allclose((e ** 2).reshape(4, 2, 8).sum(1), 1.0, rtol=1e-5)  # sin^2 + cos^2
+
+
+def test_training_reduces_loss_and_uses_noise_level():
+    keras.utils.set_random_seed(0)
+    psi = build_psi(TINY, image_size=20)
+    rng = np.random.default_rng(0)
+    kde = np.zeros((4, 20, 20, 1), np.float32)
+    kde[:, 8:12, 8:12] = 1.0
+    gamma = np.array([0.9, 0.7, 0.5, 0.3], np.float32)
+    eps = rng.standard_normal(kde.shape).astype(np.float32)
+    y_t = q_sample(to_diffusion_space(kde), gamma, eps)
+    inputs = {"y_t": y_t, "y_hat": tf.constant(kde), "noise_level": tf.constant(np.sqrt(gamma))}
+    optimizer = keras.optimizers.Adam(2e-3)
+
+    def step():  # Eager: tracing the gradient graph costs more than 8 tiny steps.
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(eps - psi(inputs, training=True)))
+        grads = tape.gradient(loss, psi.trainable_variables)
+        optimizer.apply_gradients(zip(grads, psi.trainable_variables))
+        return loss
+
+    losses = [float(step()) for _ in range(8)]
+    assert losses[-1] < 0.9 * losses[0], losses
+    other = dict(inputs, noise_level=tf.fill([4], 0.2))
+    out_a = np.asarray(psi(inputs, training=False))
+    out_b = np.asarray(psi(other, training=False))
+    assert np.abs(out_a - out_b).max() > 1e-4
+
+
+def test_save_and_load_weights(tmp_path):
+    keras.utils.set_random_seed(1)
+    psi = build_psi(TINY)
+    rng = np.random.default_rng(2)
+    psi.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype)
+                     for w in psi.get_weights()])  # Non-zero output conv.
+    batch = _batch(2, 20)
+    out = np.asarray(psi(batch, training=False))
+    assert np.abs(out).max() > 0
+    path = tmp_path / "psi.weights.h5"
+    psi.save_weights(path)
+    clone = build_psi(PsiConfig.from_json(TINY.to_json()))
+    assert not np.array_equal(np.asarray(clone(batch, training=False)), out)
+    clone.load_weights(path)
+    np.testing.assert_array_equal(np.asarray(clone(batch, training=False)), out)
+    # The whole model (custom layers registered) also round-trips through .keras.
+    psi.save(tmp_path / "psi.keras")
+    loaded = keras.saving.load_model(tmp_path / "psi.keras")
+    np.testing.assert_array_equal(np.asarray(loaded(batch, training=False)), out)
