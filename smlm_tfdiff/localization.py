@@ -52,7 +52,7 @@ REFINE_MODES = ("gaussian", "centroid", "none")
 _SQRT2 = math.sqrt(2.0)
 # Deblending of merged emitters by the "gaussian" refinement (see _deblend): peaks with a fitted
 # amplitude >= trigger (emitters) are tried as two; max_splits bounds the tries per fitted group.
-DEBLEND_DEFAULTS = dict(trigger=1.3, min_amplitude=0.5, rss_ratio=0.5, max_splits=32)
+DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32)
 
 
 # ------------------------------------------------------------------------------------ input
