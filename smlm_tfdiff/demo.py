@@ -56,8 +56,7 @@ def localize(data, preset):
     from smlm_tfdiff.pretrained import pretrained
 
     model = pretrained("paper")
-    config = model.config.replace(**{k: getattr(SimulationConfig.preset(preset), k) for k in (
-        "photons", "num_emitters", "emitter_count", "region", "disc_radius", "background")})
+    config = model.scene_config(preset)
     start = time.perf_counter()
     kde = predict(model.phi, data["frames"])
     phi_seconds = time.perf_counter() - start

@@ -19,6 +19,16 @@ class Pretrained:
     psi: Optional[Any] = None  # The diffusion model, once trained and bundled.
     source: str = ""
 
+    def scene_config(self, preset: str) -> SimulationConfig:
+        """The model's config (camera, optics, KDE grid, detection) with the scene of `preset`
+        (emitter count, region, photons, background): held-out data the model is meant for."""
+        scene = SimulationConfig.preset(preset)
+        return self.config.replace(**{k: getattr(scene, k) for k in SCENE_FIELDS})
+
+
+SCENE_FIELDS = ("photons", "photons_range", "num_emitters", "emitter_count", "max_emitters",
+                "region", "disc_radius", "disc_center", "margin", "background")
+
 
 def load_phi(run_dir):
     """phi from a folder holding phi.weights.h5, phi_config.json and sim_config.json, or from a

@@ -22,7 +22,8 @@ def test_bundled_phi_localizes_paper_frames():
 
 def test_isolated_emitters_near_the_crlb():
     model = st.pretrained("paper")
-    config = model.config.replace(num_emitters=1)
+    config = model.scene_config("isolated")
+    assert config == st.SimulationConfig.preset("isolated")
     data = st.simulate(config, 200, seed=654_321)
     kde = np.asarray(model.phi(data["frames"], training=False))
     m = st.localization_metrics(st.detect(kde, config), data, config)

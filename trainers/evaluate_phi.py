@@ -41,17 +41,13 @@ def load_model(name):
 
 
 def evaluate_preset(model, preset, num_frames, seed, tolerance_hr):
-    from smlm_tfdiff.config import SimulationConfig
     from smlm_tfdiff.localization import detect, localization_metrics, oracle_metrics
     from smlm_tfdiff.phi_training import predict
     from smlm_tfdiff.physics.fisher import crlb
     from smlm_tfdiff.simulate import simulate
 
     # The held-out scene; camera, optics and detection settings are those phi was trained for.
-    config = SimulationConfig.preset(preset)
-    config = model.config.replace(**{k: getattr(config, k) for k in (
-        "photons", "photons_range", "num_emitters", "emitter_count", "max_emitters", "region",
-        "disc_radius", "disc_center", "margin", "background")})
+    config = model.scene_config(preset)
     data = simulate(config, num_frames, seed)
     t0 = time.perf_counter()
     pred = predict(model.phi, data["frames"])
