@@ -45,7 +45,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.special import erf
 from skimage.feature import blob_log
 
-from smlm_tfdiff.config import SimulationConfig
+from smlm_tfdiff.validation import as_numpy, as_positions, check_config
 from smlm_tfdiff.physics.kde import render_kde_batch
 
 REFINE_MODES = ("gaussian", "centroid", "none")
@@ -56,24 +56,9 @@ DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_spli
 
 
 # ------------------------------------------------------------------------------------ input
-def _check_config(config):
-    if not isinstance(config, SimulationConfig):
-        raise TypeError(f"config must be a SimulationConfig (got {type(config).__name__}); "
-                        "use SimulationConfig.preset('paper') or SimulationConfig(...)")
-
-
-def _as_numpy(value, name):
-    if hasattr(value, "numpy"):  # tf.Tensor / Keras tensors.
-        value = value.numpy()
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric array ({err})") from None
-
-
 def _kde_batch(kde) -> Tuple[np.ndarray, bool]:
     """[H, W], [H, W, 1], [B, H, W] or [B, H, W, 1] -> ([B, H, W] float64, batched)."""
-    arr = _as_numpy(kde, "kde")
+    arr = as_numpy(kde, "kde")
     shape = arr.shape
     if arr.ndim == 2:
         arr, batched = arr[None], False
@@ -91,19 +76,6 @@ def _kde_batch(kde) -> Tuple[np.ndarray, bool]:
     if not np.all(np.isfinite(arr)):
         raise ValueError("kde contains NaN or Inf")
     return arr, batched
-
-
-def _positions(value, name) -> np.ndarray:
-    pos = _as_numpy(value, name)
-    if pos.size == 0:
-        return np.zeros((0, 2))
-    if pos.ndim == 1 and pos.shape == (2,):
-        pos = pos[None]
-    if pos.ndim != 2 or pos.shape[1] != 2:
-        raise ValueError(f"{name} must be [M, 2] (x, y) positions (got shape {pos.shape})")
-    if not np.all(np.isfinite(pos)):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return pos
 
 
 # -------------------------------------------------------------------------------- detection
@@ -371,7 +343,7 @@ def detect(kde, config, threshold=None, refine="gaussian", *, min_sigma=None, ma
     for a batch; with return_amplitude=True a (positions, amplitudes [M]) pair (of lists for a
     batch): fitted amplitude in emitters for "gaussian", the KDE value at the LoG pixel otherwise.
     """
-    _check_config(config)
+    check_config(config)
     images, batched = _kde_batch(kde)
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES} (got {refine!r})")
@@ -428,7 +400,7 @@ def match(pred, truth, tolerance) -> Tuple[np.ndarray, np.ndarray]:
 
     Returns (pred_idx, truth_idx): int64 arrays of the matched pairs, sorted by truth index.
     """
-    pred, truth = _positions(pred, "pred"), _positions(truth, "truth")
+    pred, truth = as_positions(pred, "pred", count="M"), as_positions(truth, "truth", count="M")
     tolerance = float(tolerance)
     if not (np.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0 (got {tolerance!r})")
@@ -461,12 +433,12 @@ def _frames(value, name, mask=None) -> List[np.ndarray]:
     if isinstance(value, (list, tuple)):
         if mask is not None:
             raise ValueError(f"{name}: a mask goes with a padded [N, K, 2] array, not a list")
-        return [_positions(v, f"{name}[{i}]") for i, v in enumerate(value)]
-    arr = _as_numpy(value, name)
+        return [as_positions(v, f"{name}[{i}]", count="M") for i, v in enumerate(value)]
+    arr = as_numpy(value, name)
     if arr.ndim == 2:
         if mask is not None:
             arr = arr[np.asarray(mask, dtype=bool).reshape(-1)]
-        return [_positions(arr, name)]
+        return [as_positions(arr, name, count="M")]
     if arr.ndim != 3 or arr.shape[-1] != 2:
         raise ValueError(f"{name} must be a list of [M, 2] arrays or padded [N, K, 2] "
                          f"(got shape {arr.shape})")
@@ -475,7 +447,8 @@ def _frames(value, name, mask=None) -> List[np.ndarray]:
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != arr.shape[:2]:
         raise ValueError(f"{name} mask shape {mask.shape} does not match positions {arr.shape}")
-    return [_positions(p[m], f"{name}[{i}]") for i, (p, m) in enumerate(zip(arr, mask))]
+    return [as_positions(p[m], f"{name}[{i}]", count="M")
+            for i, (p, m) in enumerate(zip(arr, mask))]
 
 
 def _ratio(num, den, empty=1.0):
@@ -500,7 +473,7 @@ def localization_metrics(pred, truth, config, tolerance_hr=5.0, tolerance_nm=Non
     with_errors=True also adds NumPy arrays (drop them before json.dump): "errors" [TP, 2] = pred -
     truth (dx, dy) in LR pixels and "matches" [TP, 3] int = (frame, pred index, truth index).
     """
-    _check_config(config)
+    check_config(config)
     pred_frames = _frames(pred, "pred")
     truth_frames = _frames(truth, "truth", truth_mask)
     if len(pred_frames) != len(truth_frames):
@@ -558,8 +531,8 @@ def efficiency(jaccard, rmse_nm, alpha=1.0) -> float:
 
 def true_kde(positions, mask, config) -> np.ndarray:
     """The exact KDE [N, H_hr, W_hr] (float64) of padded positions [N, K, 2] LR px, mask [N, K]."""
-    _check_config(config)
-    pos = _as_numpy(positions, "positions")
+    check_config(config)
+    pos = as_numpy(positions, "positions")
     if pos.ndim == 2:
         pos = pos[None]
     if pos.ndim != 3 or pos.shape[-1] != 2:
@@ -580,7 +553,7 @@ def oracle_metrics(positions, mask, config, refine="gaussian", tolerance_hr=5.0,
     detect_kwargs go to detect(). Returns localization_metrics()'s dict."""
     kde = true_kde(positions, mask, config)
     pred = detect(kde, config, refine=refine, **detect_kwargs)
-    pos = _as_numpy(positions, "positions").reshape(kde.shape[0], -1, 2)
+    pos = as_numpy(positions, "positions").reshape(kde.shape[0], -1, 2)
     mask = np.ones(pos.shape[:2], bool) if mask is None else np.asarray(mask, bool).reshape(
         pos.shape[:2])
     return localization_metrics(pred, pos, config, tolerance_hr, tolerance_nm, truth_mask=mask,

@@ -10,19 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.config import SimulationConfig
 from smlm_tfdiff.physics.camera import sample_frames
 from smlm_tfdiff.physics.kde import render_kde_batch
 from smlm_tfdiff.physics.psf import expected_counts_batch
+from smlm_tfdiff.validation import as_positions, check_config
 
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
-
-
-def _check_config(config):
-    if not isinstance(config, SimulationConfig):
-        raise TypeError(f"config must be a SimulationConfig (got {type(config).__name__}); "
-                        "use SimulationConfig.preset('paper') or SimulationConfig(...)")
 
 
 def sample_scene(config, batch_size, seed):
@@ -98,7 +92,7 @@ def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):
 
     Batch i is simulated from fold_in(seed, i): the same seed gives the same stream.
     """
-    _check_config(config)
+    check_config(config)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     batch_size = int(batch_size)
@@ -114,7 +108,7 @@ def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):
 
 def simulate(config, num_frames, seed):
     """A finite simulated dataset as a dict of NumPy arrays with the element keys."""
-    _check_config(config)
+    check_config(config)
     num_frames = int(num_frames)
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1 (got {num_frames})")
@@ -128,21 +122,10 @@ def simulate(config, num_frames, seed):
 
 
 # ----------------------------------------------------------------- single-frame helpers
-def _positions_array(positions, name="positions"):
-    pos = np.asarray(positions, dtype=np.float64)
-    if pos.ndim == 1 and pos.shape == (2,):
-        pos = pos[None]
-    if pos.ndim != 2 or pos.shape[1] != 2:
-        raise ValueError(f"{name} must be [K, 2] (x, y) in LR pixels (got shape {pos.shape})")
-    if not np.all(np.isfinite(pos)):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return pos
-
-
 def expected_counts(positions, photons, config, include_background=True):
     """Expected photons per pixel [H, W] for one frame; positions [K, 2] (x, y) LR pixels."""
-    _check_config(config)
-    pos = _positions_array(positions)
+    check_config(config)
+    pos = as_positions(positions)
     ph = np.broadcast_to(np.asarray(photons, dtype=np.float64), pos.shape[:1])
     if not np.all(np.isfinite(ph)) or np.any(ph < 0):
         raise ValueError("photons must be finite and >= 0 (got negative or non-finite values)")
@@ -153,6 +136,6 @@ def expected_counts(positions, photons, config, include_background=True):
 
 def render_kde(positions, config):
     """KDE [upsample*H, upsample*W] for emitters at positions [K, 2] (x, y) in LR pixels."""
-    _check_config(config)
-    pos = _positions_array(positions)
+    check_config(config)
+    pos = as_positions(positions)
     return render_kde_batch(pos[None], config, dtype=tf.float64)[0].numpy()
