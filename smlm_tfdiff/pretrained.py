@@ -1,4 +1,8 @@
-"""Bundled trained models: `pretrained("paper")` -> .phi (Keras), .config (SimulationConfig)."""
+"""Bundled trained models: `pretrained("paper")` -> .phi, .psi (Keras), .config (SimulationConfig).
+
+A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
+also psi.weights.h5, psi_config.json and diffusion.json (noise schedule, loss weighting, default
+guided-start step t_start of the sampler)."""
 
 import dataclasses
 import json
@@ -16,8 +20,12 @@ class Pretrained:
     phi: Any  # keras.Model: frames [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1].
     config: SimulationConfig  # What phi was trained for (camera, optics, KDE grid).
     phi_config: PhiConfig
-    psi: Optional[Any] = None  # The diffusion model, once trained and bundled.
+    psi: Optional[Any] = None  # The diffusion model: {y_t, y_hat, noise_level} -> eps.
     source: str = ""
+    psi_config: Optional[Any] = None  # PsiConfig.
+    schedule: Optional[Any] = None  # diffusion.NoiseSchedule psi was trained with.
+    weighting: str = ""  # Loss weighting psi was trained with ("snr" or "simple").
+    t_start: Optional[int] = None  # Default guided-start step of the sampler.
 
     def scene_config(self, preset: str) -> SimulationConfig:
         """The model's config (camera, optics, KDE grid, detection) with the scene of `preset`
@@ -66,6 +74,62 @@ def _load_phi_checkpoint(run_dir):
     return Pretrained(phi=phi, config=config, phi_config=phi_config, source=latest)
 
 
+def load_models(run_dir):
+    """phi and, when the folder has one, psi (see the module docstring for the files)."""
+    models = load_phi(run_dir)
+    if not os.path.exists(os.path.join(run_dir, "psi.weights.h5")):
+        return models
+    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    missing = [n for n in ("psi_config.json", "diffusion.json")
+               if not os.path.exists(os.path.join(run_dir, n))]
+    if missing:
+        raise FileNotFoundError(f"{run_dir!r} has psi.weights.h5 but lacks {missing}; copy the "
+                                "whole output folder of trainers/train_psi.py")
+    with open(os.path.join(run_dir, "psi_config.json")) as f:
+        models.psi_config = PsiConfig.from_json(f.read())
+    with open(os.path.join(run_dir, "diffusion.json")) as f:
+        diffusion = json.load(f)
+    models.psi = build_psi(models.psi_config)
+    models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
+    models.schedule = NoiseSchedule.from_config(diffusion["schedule"])
+    models.weighting = diffusion.get("weighting", "")
+    models.t_start = diffusion.get("t_start")
+    return models
+
+
+def load_phi_source(source):
+    """A bundled model name ("paper") or a run folder -> Pretrained (phi, and psi if present)."""
+    if os.path.isdir(source):
+        return load_models(source)
+    return pretrained(source)
+
+
+def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None):
+    """Write phi (from `models`) and optionally psi into out_dir so `load_models(out_dir)` reads
+    them back. Each file is written under a temporary name and renamed when complete."""
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write(name, writer):
+        tmp = os.path.join(out_dir, f".{name}.tmp" + (".weights.h5" if name.endswith(".h5") else ""))
+        writer(tmp)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+    def text(content):
+        def writer(path):
+            with open(path, "w") as f:
+                f.write(content)
+        return writer
+
+    write("phi.weights.h5", models.phi.save_weights)
+    write("phi_config.json", text(models.phi_config.to_json()))
+    write("sim_config.json", text(models.config.to_json()))
+    if psi is not None:
+        write("psi.weights.h5", psi.save_weights)
+        write("psi_config.json", text(psi_config.to_json()))
+        write("diffusion.json", text(json.dumps(diffusion, indent=2)))
+
+
 def available():
     """Names of the bundled models."""
     if not os.path.isdir(WEIGHTS_DIR):
@@ -79,4 +143,4 @@ def pretrained(name="paper"):
     if name not in available():
         raise ValueError(f"no bundled model {name!r}; bundled: {available()}. Load your own "
                          "training run with smlm_tfdiff.pretrained.load_phi(run_dir)")
-    return load_phi(os.path.join(WEIGHTS_DIR, name))
+    return load_models(os.path.join(WEIGHTS_DIR, name))

@@ -1,0 +1,177 @@
+"""Posterior sampling of psi: y ~ p(y | x) for camera frames x, in graph, with stateless seeds.
+
+phi runs once per frame; psi then runs num_steps times on frames x num_samples images at once inside
+one compiled loop (tf.while_loop). Samplers step between any decreasing noise levels of the
+schedule (psi is conditioned on the continuous level sqrt(gamma), not on a step index):
+
+  z0_hat  = (z_t - sqrt(1 - g_t) eps_psi) / sqrt(g_t)                     (predict y_0)
+  z_s     = sqrt(g_s) z0_hat + sqrt(1 - g_s - sigma^2) eps_psi + sigma n,  n ~ N(0, I)
+  sigma^2 = eta^2 (1 - g_s)/(1 - g_t) (1 - g_t/g_s)
+
+eta = 1 is the ancestral DDPM step of the seeds' appendix A.1 (z_s drawn from the forward posterior
+q(z_s | z_t, z0_hat), generalised to strided steps); eta = 0 is DDIM (deterministic given the start).
+The last step goes to g = 1 (z_0 = z0_hat). Nothing is clipped: KDE values above 1 are real.
+
+Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
+match the forward process: DESIGN.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
+the seeds' guided start from phi's estimate.
+"""
+
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from smlm_tfdiff import seeds as seeds_lib
+from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space, to_diffusion_space
+
+METHODS = {"ddpm": 1.0, "ddim": 0.0}
+STARTS = ("guided", "noise")
+
+
+def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] = None):
+    """gamma at the visited steps, then 1: float64 [num_steps + 1] (see NoiseSchedule.timesteps_for)."""
+    steps = schedule.timesteps_for(num_steps, start)
+    return np.concatenate([schedule.gamma[steps], [1.0]]), steps
+
+
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed):
+    """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
+
+    z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
+    Returns z_s [N, H, W, 1].
+    """
+    n = tf.shape(z_t)[0]
+    level = tf.fill([n], tf.sqrt(g_t))
+    eps = psi({"y_t": z_t, "y_hat": y_hat, "noise_level": level}, training=False)
+    z0 = (z_t - tf.sqrt(1.0 - g_t) * eps) / tf.sqrt(g_t)
+    var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
+    var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
+    noise = tf.random.stateless_normal(tf.shape(z_t), seed)
+    return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
+
+
+def make_sample_loop(psi, jit_compile=True):
+    """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
+    seed [2] int32) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise."""
+
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    def loop(y_hat, gammas, eta, start_from_noise, seed):
+        start_seed, loop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        g0 = gammas[0]
+        eps = tf.random.stateless_normal(tf.shape(y_hat), start_seed)
+        guided = tf.sqrt(g0) * to_diffusion_space(y_hat) + tf.sqrt(1.0 - g0) * eps
+        z = tf.where(start_from_noise, eps, guided)
+        num = tf.shape(gammas)[0] - 1
+
+        def body(i, z):
+            step_seed = tf.random.experimental.stateless_fold_in(loop_seed, i)
+            return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed)
+
+        _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
+        return z
+
+    return loop
+
+
+class PosteriorSampler:
+    """phi -> psi posterior sampler for one (phi, psi, schedule) triple; compiles once per shape.
+
+    models: an object with .phi, .psi, .schedule (`pretrained()` or `load_models(run_dir)`).
+    """
+
+    def __init__(self, models, jit_compile=True, max_images=512):
+        if getattr(models, "psi", None) is None:
+            raise ValueError("these models have no diffusion model psi: load a trained psi with "
+                             "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
+        self.models = models
+        self.schedule = models.schedule
+        self.max_images = int(max_images)
+        self._loop = make_sample_loop(models.psi, jit_compile)
+        self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
+                                reduce_retracing=True)
+
+    def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
+                 start="guided", t_start=None, return_samples=False, y_hat=None):
+        """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
+        y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
+        return_samples; plus nfe_per_frame, steps (the visited t).
+
+        method: "ddim" (eta 0), "ddpm" (ancestral, eta 1) or a float eta in [0, 1].
+        start: "guided" from q(y_t* | y_hat) at t* = t_start (default: the model's), or "noise"
+          from N(0, I) at t = T. num_steps: reverse steps (default: t_start steps, i.e. every level).
+        seed: int or [2] int32; the same seed gives the same samples.
+        """
+        frames = _check_frames(frames)
+        eta = METHODS.get(method, method) if isinstance(method, str) else method
+        if isinstance(eta, str) or not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"method must be one of {sorted(METHODS)} or an eta in [0, 1] "
+                             f"(got {method!r})")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS} (got {start!r})")
+        num_samples = int(num_samples)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+        if start == "noise":
+            t_start = self.schedule.T
+        elif t_start is None:
+            t_start = getattr(self.models, "t_start", None) or self.schedule.T
+        num_steps = t_start if num_steps is None else int(num_steps)
+        gammas, steps = noise_levels(self.schedule, num_steps, t_start)
+        gammas = tf.constant(gammas, tf.float32)
+        seed = seeds_lib.as_seed(seed)
+
+        if y_hat is None:
+            y_hat = np.concatenate([self._phi(tf.constant(frames[i:i + 256])).numpy()
+                                    for i in range(0, len(frames), 256)])
+        per_call = max(1, self.max_images // num_samples)  # Frames per compiled call.
+        means, stds, samples = [], [], []
+        for lo in range(0, len(frames), per_call):
+            chunk = y_hat[lo:lo + per_call]
+            rep = np.repeat(chunk, num_samples, axis=0)
+            z = self._loop(tf.constant(rep), gammas, tf.constant(float(eta), tf.float32),
+                           tf.constant(start == "noise"), seeds_lib.fold_in(seed, lo))
+            y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
+            means.append(y.mean(axis=1))
+            stds.append(y.std(axis=1))
+            if return_samples:
+                samples.append(y)
+        out = {"y_hat": y_hat, "mean": np.concatenate(means), "std": np.concatenate(stds),
+               "nfe_per_frame": num_steps * num_samples, "steps": steps}
+        if return_samples:
+            out["samples"] = np.concatenate(samples)
+        return out
+
+
+def _check_frames(frames):
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None, :, :, None]
+    elif frames.ndim == 3:
+        frames = frames[..., None]
+    if frames.ndim != 4 or frames.shape[-1] != 1:
+        raise ValueError(f"frames must be [B, H, W, 1], [B, H, W] or [H, W] (got shape "
+                         f"{frames.shape})")
+    if not np.issubdtype(frames.dtype, np.number):
+        raise ValueError(f"frames must be numeric (got dtype {frames.dtype})")
+    frames = frames.astype(np.float32)
+    if not np.all(np.isfinite(frames)):
+        raise ValueError("frames contain NaN or Inf values; drop or repair those frames first")
+    return frames
+
+
+def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
+                     start="guided", t_start=None, return_samples=False):
+    """Posterior samples, mean and per-pixel std of the KDE for camera frames (PosteriorSampler).
+
+    models: `pretrained("paper")` or `load_models(run_dir)`. frames [B, H, W, 1] ADU.
+    Returns a dict of NumPy arrays in KDE units (see PosteriorSampler.__call__).
+    """
+    sampler = getattr(models, "_sampler", None)
+    if sampler is None:
+        sampler = PosteriorSampler(models)
+        try:
+            models._sampler = sampler  # Keep the compiled loop for later calls.
+        except AttributeError:
+            pass
+    return sampler(frames, num_samples, num_steps, seed, method, start, t_start, return_samples)

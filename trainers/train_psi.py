@@ -1,0 +1,96 @@
+"""Train psi (the conditional diffusion model) on (y, phi(x)) pairs from the on-the-fly simulator.
+
+    python trainers/train_psi.py --out_dir runs/psi_paper --phi paper --steps 20000
+
+--phi names a bundled phi ("paper") or a phi run folder; phi is frozen. Restarting the same command
+resumes from the latest checkpoint (also after a kill); a larger --steps extends a finished run.
+TensorBoard (`tensorboard --logdir runs/psi_paper`): loss, learning rate, the validation noise-
+estimation MSE per noise-level bucket, KDE MSE of y_hat and of the posterior mean, and images of
+posterior samples, mean and std for fixed validation frames.
+Writes psi.weights.h5 (EMA weights when --ema_decay is set), psi_config.json, diffusion.json,
+sim_config.json and a copy of phi's files into --out_dir at the end: `st.load_models(out_dir)`.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from smlm_tfdiff.trainer_flags import define_trainer_flags, trainer_config_from_flags  # noqa: E402
+
+define_trainer_flags(steps=20000, batch_size=32, learning_rate=1e-3, ema_decay=0.999)
+flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a phi run folder.")
+flags.DEFINE_integer("base_channels", 8, "psi: channels of the first U-Net level.")
+flags.DEFINE_list("channel_multipliers", ["1", "2", "4", "8"], "psi: channel multiplier per level.")
+flags.DEFINE_integer("num_res_blocks", 1, "psi: res blocks per level (down; one more up).")
+flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with self-attention "
+                  "(of the 80x80 paper KDE; the middle block always attends).")
+flags.DEFINE_float("dropout", 0.0, "psi: dropout in the res blocks.")
+flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
+flags.DEFINE_enum("noise_schedule", "paper", ["paper", "cosine", "linear"], "Noise schedule "
+                  "(NoiseSchedule.named): 'paper' is the seeds' linear 1e-4..1e-2.")
+flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule.")
+flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the seeds' SNR-weighted "
+                  "eq. 8 or the uniform 'simple' loss.")
+flags.DEFINE_integer("sample_t_start", 30, "Guided-start step t* of the validation sampler and "
+                     "the default of the exported model.")
+flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sampler.")
+flags.mark_flag_as_required("out_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    # The strategy first: splitting the CPU into logical devices must precede any TF op.
+    from smlm_tfdiff.training import Trainer, make_strategy
+    strategy = make_strategy(FLAGS.num_replicas)
+    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    from smlm_tfdiff.pretrained import load_phi_source, save_models
+    from smlm_tfdiff.psi_training import PsiLoss, PsiValidation, psi_dataset
+
+    cfg = trainer_config_from_flags()
+    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if not FLAGS.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise app.UsageError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
+                             "choose a new --out_dir or delete it")
+    with strategy.scope():
+        phi_models = load_phi_source(FLAGS.phi)
+    phi = phi_models.phi
+    phi.trainable = False
+    sim_config = phi_models.scene_config(FLAGS.preset)
+    schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
+    psi_config = PsiConfig(
+        base_channels=FLAGS.base_channels,
+        channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
+        num_res_blocks=FLAGS.num_res_blocks,
+        attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
+        image_size=sim_config.hr_shape[0], dropout=FLAGS.dropout,
+        embedding_dim=FLAGS.embedding_dim)
+    diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
+                 "t_start": FLAGS.sample_t_start}
+    logging.info("Training psi on %d replica(s) (%s), %s, weighting %s",
+                 strategy.num_replicas_in_sync, type(strategy).__name__, schedule, FLAGS.weighting)
+    trainer = Trainer(
+        cfg, strategy,
+        build_model=lambda: build_psi(psi_config),
+        loss_fn=PsiLoss(phi, schedule, FLAGS.weighting),
+        dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
+                                             cfg.batch_size, cfg.seed, start),
+        eval_fn=PsiValidation(sim_config, phi, schedule, FLAGS.val_frames, FLAGS.val_seed,
+                              t_start=FLAGS.sample_t_start, num_steps=FLAGS.sample_steps),
+        run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "sim_config": sim_config.to_dict(),
+                  "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
+                  "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
+    trainer.fit()
+    trainer.swap_ema()  # Export the EMA weights when there are any.
+    save_models(cfg.out_dir, phi_models, psi=trainer.model, psi_config=psi_config,
+                diffusion=diffusion)
+    logging.info("Wrote %s", os.path.join(cfg.out_dir, "psi.weights.h5"))
+
+
+if __name__ == "__main__":
+    app.run(main)
