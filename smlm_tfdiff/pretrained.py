@@ -75,26 +75,64 @@ def _load_phi_checkpoint(run_dir):
 
 
 def load_models(run_dir):
-    """phi and, when the folder has one, psi (see the module docstring for the files)."""
+    """phi and, when the folder has one, psi (see the module docstring for the files). A psi
+    training run still in progress loads its phi and the EMA weights of its latest checkpoint."""
+    info = _run_info(run_dir)
+    if "psi_config" in info and not os.path.exists(os.path.join(run_dir, "psi.weights.h5")):
+        return _load_psi_checkpoint(run_dir, info)
     models = load_phi(run_dir)
     if not os.path.exists(os.path.join(run_dir, "psi.weights.h5")):
         return models
-    from smlm_tfdiff.diffusion import NoiseSchedule
-    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    from smlm_tfdiff.models.psi import PsiConfig
     missing = [n for n in ("psi_config.json", "diffusion.json")
                if not os.path.exists(os.path.join(run_dir, n))]
     if missing:
         raise FileNotFoundError(f"{run_dir!r} has psi.weights.h5 but lacks {missing}; copy the "
                                 "whole output folder of trainers/train_psi.py")
     with open(os.path.join(run_dir, "psi_config.json")) as f:
-        models.psi_config = PsiConfig.from_json(f.read())
+        psi_config = PsiConfig.from_json(f.read())
     with open(os.path.join(run_dir, "diffusion.json")) as f:
-        diffusion = json.load(f)
-    models.psi = build_psi(models.psi_config)
+        _attach_psi(models, psi_config, json.load(f))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
+    return models
+
+
+def _attach_psi(models, psi_config, diffusion):
+    """Build an untrained psi on `models` with its schedule, weighting and t_start."""
+    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.models.psi import build_psi
+    models.psi_config = psi_config
+    models.psi = build_psi(psi_config)
     models.schedule = NoiseSchedule.from_config(diffusion["schedule"])
     models.weighting = diffusion.get("weighting", "")
     models.t_start = diffusion.get("t_start")
+
+
+def _run_info(run_dir):
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_psi_checkpoint(run_dir, info):
+    import tensorflow as tf
+    from smlm_tfdiff.models.psi import PsiConfig
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir!r} has no psi checkpoint yet; let training run until "
+                                "the first --checkpoint_every steps have passed")
+    models = load_phi_source(info["phi"])
+    _attach_psi(models, PsiConfig(**info["psi_config"]), info["diffusion"])
+    weights = models.psi.trainable_variables
+    ckpt = {"model": models.psi}
+    if info.get("trainer", {}).get("ema_decay") is not None:
+        ckpt["ema"] = [tf.Variable(v, trainable=False) for v in weights]
+    tf.train.Checkpoint(**ckpt).restore(latest).expect_partial()
+    for v, e in zip(weights, ckpt.get("ema", [])):
+        v.assign(e)
+    models.source = latest
     return models
 
 

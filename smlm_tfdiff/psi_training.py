@@ -66,7 +66,7 @@ class PsiValidation:
         self.y_hat = np.concatenate([phi(self.data["frames"][i:i + 256], training=False).numpy()
                                      for i in range(0, num_frames, 256)])
         rng = np.random.default_rng(seed)
-        self.t = rng.integers(1, schedule.T + 1, num_frames)
+        self.t = 1 + (np.arange(num_frames) * schedule.T) // num_frames  # Every bucket covered.
         self.gamma = schedule.gamma_between(self.t, rng.uniform(size=num_frames)).astype(np.float32)
         self.eps = rng.standard_normal(self.data["kde"].shape).astype(np.float32)
         self.num_sample_frames, self.num_samples = num_sample_frames, num_samples

@@ -1,0 +1,89 @@
+"""psi training: the data and loss pieces, and train_psi.py end to end on 2 logical CPUs."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+import smlm_tfdiff as st
+from smlm_tfdiff.diffusion import NoiseSchedule, loss_weight_table, to_diffusion_space
+from smlm_tfdiff.psi_training import BUCKETS, PsiLoss, psi_dataset
+from test_training import _scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--base_channels=8", "--channel_multipliers=1,2", "--attention_resolutions=40",
+         "--embedding_dim=16"]
+
+
+def test_dataset_is_seeded_and_draws_t_from_2_for_snr(paper):
+    schedule = NoiseSchedule.named("paper")
+    a = next(iter(psi_dataset(paper, schedule, "snr", 64, seed=3, start_step=0)))
+    b = next(iter(psi_dataset(paper, schedule, "snr", 64, seed=3, start_step=0)))
+    c = next(iter(psi_dataset(paper, schedule, "snr", 64, seed=3, start_step=5)))
+    for key in ("frames", "kde", "t", "gamma", "eps"):
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+    assert not np.array_equal(a["eps"].numpy(), c["eps"].numpy())
+    t, gamma = a["t"].numpy(), a["gamma"].numpy()
+    assert t.min() >= 2 and t.max() <= 100
+    # gamma lies between the levels of its bin: gamma_t <= gamma <= gamma_{t-1}.
+    assert np.all(gamma >= schedule.gamma[t] - 1e-6) and np.all(gamma <= schedule.gamma[t - 1] + 1e-6)
+    assert a["eps"].shape == (64, 80, 80, 1)
+    simple = next(iter(psi_dataset(paper, schedule, "simple", 512, seed=3, start_step=0)))
+    assert simple["t"].numpy().min() == 1
+
+
+def test_loss_is_weighted_noise_mse_given_phi(paper):
+    schedule = NoiseSchedule.named("paper")
+    batch = next(iter(psi_dataset(paper, schedule, "snr", 4, seed=0, start_step=0)))
+    phi = st.pretrained("paper").phi
+    seen = {}
+
+    def psi(inputs, training):
+        seen.update(inputs)
+        return tf.zeros_like(inputs["y_t"])
+
+    loss = PsiLoss(phi, schedule, "snr")(psi, batch, True).numpy()
+    eps, gamma = batch["eps"].numpy(), batch["gamma"].numpy()
+    weights = loss_weight_table(schedule, "snr")[batch["t"].numpy()]
+    np.testing.assert_allclose(loss, weights * np.mean(eps ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(seen["y_hat"].numpy(), phi(batch["frames"], training=False).numpy(),
+                               atol=1e-6)
+    g = gamma[:, None, None, None]
+    expected = np.sqrt(g) * to_diffusion_space(batch["kde"].numpy()) + np.sqrt(1 - g) * eps
+    np.testing.assert_allclose(seen["y_t"].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(seen["noise_level"].numpy(), np.sqrt(gamma), rtol=1e-6)
+
+
+def _train(out_dir, steps):
+    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_psi.py"), f"--out_dir={out_dir}",
+           f"--steps={steps}", "--batch_size=8", "--num_replicas=2", "--log_every=2",
+           "--eval_every=4", "--checkpoint_every=2", "--val_frames=16", "--learning_rate=2e-3",
+           "--warmup_steps=2", "--sample_t_start=10", "--sample_steps=2", "--noprogress", *SMALL]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_train_psi_mirrored_resume_tensorboard_and_load(tmp_path):
+    out = str(tmp_path / "psi")
+    log = _train(out, 4)
+    assert "MirroredStrategy" in log and "CPU:1" in log
+    assert [s for s, _ in _scalars(os.path.join(out, "train"), "loss")] == [2, 4]
+    for lo, hi in BUCKETS:
+        assert [s for s, _ in _scalars(os.path.join(out, "val"), f"mse_t{lo}-{hi}")] == [4]
+    assert _scalars(os.path.join(out, "val"), "kde_mse_posterior_mean")
+    models = st.load_models(out)
+    assert models.psi is not None and models.schedule.name == "paper" and models.t_start == 10
+    assert models.weighting == "snr" and models.psi_config.channel_multipliers == (1, 2)
+    # Extending the run resumes at step 4.
+    log = _train(out, 6)
+    assert "Resumed from" in log and "at step 4" in log
+    assert [s for s, _ in _scalars(os.path.join(out, "train"), "loss")][-1] == 6
+    models = st.load_models(out)
+    frames = st.simulate(models.config, 2, seed=1)["frames"]
+    post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0)
+    assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
+    assert np.all(np.isfinite(post["mean"]))
