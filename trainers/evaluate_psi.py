@@ -1,0 +1,135 @@
+"""Evaluate psi on fixed, seeded held-out paper-preset frames: is the posterior mean at least as
+accurate as phi's y_hat, and how does the seeds' recipe compare with the guided one?
+
+    python trainers/evaluate_psi.py --model paper --out_dir runs/eval_psi
+
+--model is a bundled name or a psi run folder. Writes metrics.json (atomically) and
+posterior.png (frame, y_hat, truth, posterior samples, mean and std: the seeds' Figures 3-4).
+  accuracy:  KDE MSE against the true KDE and localization metrics of detect() on y_hat and on the
+             posterior mean of the default recipe, over --num_frames frames.
+  recipes:   on the first --recipe_frames frames, the seeds' recipe (100 ancestral steps from
+             N(0, I), 100 samples) and the guided recipes: KDE MSE of their means and std-map
+             agreement (Pearson r, ratio of means) with the seeds' recipe and the full guided chain.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+flags.DEFINE_string("model", "paper", "Bundled model name or a psi run folder.")
+flags.DEFINE_string("out_dir", None, "Where metrics.json and the figure go.")
+flags.DEFINE_integer("num_frames", 100, "Held-out frames for the accuracy comparison.")
+flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame for the accuracy comparison.")
+flags.DEFINE_integer("num_steps", 5, "Reverse steps of the default recipe.")
+flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
+flags.DEFINE_integer("recipe_frames", 2, "Frames for the recipe comparison (the seeds' recipe "
+                     "costs 10,000 network evaluations per frame).")
+flags.DEFINE_integer("recipe_samples", 100, "Samples per frame in the recipe comparison.")
+flags.DEFINE_integer("seed", 20_000, "Seed of the held-out set (never used for training).")
+flags.DEFINE_float("tolerance_hr", 5.0, "Matching radius in HR pixels (the seeds: 5).")
+flags.mark_flag_as_required("out_dir")
+FLAGS = flags.FLAGS
+
+KEYS = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral")
+
+
+def agreement(std, ref):
+    a, b = std.ravel(), ref.ravel()
+    return {"pearson_r": float(np.corrcoef(a, b)[0, 1]), "mean_ratio": float(a.mean() / b.mean())}
+
+
+def figure(data, post, path, num=2, num_samples=3):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = ["frame", "y_hat (phi)", "truth"] + [f"sample {i + 1}" for i in range(num_samples)] \
+        + ["posterior mean", "posterior std"]
+    fig, axes = plt.subplots(num, len(cols), figsize=(2.2 * len(cols), 2.3 * num), squeeze=False)
+    for r in range(num):
+        top = float(data["kde"][r].max())
+        images = [data["frames"][r], post["y_hat"][r], data["kde"][r]] \
+            + [post["samples"][r, i] for i in range(num_samples)] + [post["mean"][r]]
+        for c, image in enumerate(images):
+            axes[r, c].imshow(image[..., 0], cmap="gray" if c == 0 else "magma",
+                              vmin=None if c == 0 else 0, vmax=None if c == 0 else top)
+        im = axes[r, -1].imshow(post["std"][r, ..., 0], cmap="viridis")
+        fig.colorbar(im, ax=axes[r, -1], fraction=0.046)
+        for c, title in enumerate(cols):
+            axes[0, c].set_title(title, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    from smlm_tfdiff.localization import detect, localization_metrics
+    from smlm_tfdiff.pretrained import load_phi_source
+    from smlm_tfdiff.sampler import PosteriorSampler
+    from smlm_tfdiff.simulate import simulate
+
+    models = load_phi_source(FLAGS.model)
+    if models.psi is None:
+        raise app.UsageError(f"--model {FLAGS.model!r} has no psi; train one with "
+                             "trainers/train_psi.py")
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    config = models.scene_config("paper")
+    data = simulate(config, FLAGS.num_frames, FLAGS.seed)
+    sampler = PosteriorSampler(models)
+    recipe = dict(num_steps=FLAGS.num_steps, method=FLAGS.method, start="guided")
+    post = sampler(data["frames"], FLAGS.num_samples, seed=0, return_samples=True, **recipe)
+    truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
+    acc = {}
+    for name, kde in (("y_hat", post["y_hat"]), ("posterior_mean", post["mean"])):
+        m = localization_metrics(detect(kde, config), truth, config, FLAGS.tolerance_hr)
+        acc[name] = {"kde_mse": float(np.mean((kde - data["kde"]) ** 2)),
+                     **{k: float(m[k]) for k in KEYS}}
+        logging.info("%s: KDE MSE %.3e, P=%.4f R=%.4f JAC=%.4f RMSE=%.2f nm", name,
+                     acc[name]["kde_mse"], m["precision"], m["recall"], m["jaccard"],
+                     m["rmse_lateral_nm"])
+    metrics = {"model": FLAGS.model, "num_frames": FLAGS.num_frames, "seed": FLAGS.seed,
+               "num_samples": FLAGS.num_samples, "t_start": models.t_start, **recipe,
+               "weighting": models.weighting, "accuracy": acc,
+               "posterior_std_mean": float(post["std"].mean())}
+    figure(data, post, os.path.join(FLAGS.out_dir, "posterior.png"))
+
+    n = FLAGS.recipe_frames
+    if n > 0:
+        frames = data["frames"][:n]
+        recipes = {"seeds_noise_ddpm100": dict(start="noise", method="ddpm", num_steps=100),
+                   "guided_full_ddpm": dict(start="guided", method="ddpm",
+                                            num_steps=models.t_start),
+                   "default": recipe}
+        out = {name: sampler(frames, FLAGS.recipe_samples, seed=1, **kw)
+               for name, kw in recipes.items()}
+        rows = {}
+        for name, res in out.items():
+            rows[name] = {"nfe_per_frame": res["nfe_per_frame"],
+                          "kde_mse_mean": float(np.mean((res["mean"] - data["kde"][:n]) ** 2)),
+                          "std_mean": float(res["std"].mean()),
+                          "vs_seeds": agreement(res["std"], out["seeds_noise_ddpm100"]["std"]),
+                          "vs_guided_full": agreement(res["std"], out["guided_full_ddpm"]["std"])}
+            logging.info("%s: %s", name, rows[name])
+        metrics["recipes"] = {"num_frames": n, "num_samples": FLAGS.recipe_samples,
+                              "kde_mse_y_hat":
+                              float(np.mean((out["default"]["y_hat"] - data["kde"][:n]) ** 2)),
+                              **rows}
+    path = os.path.join(FLAGS.out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(metrics, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    app.run(main)
