@@ -23,6 +23,7 @@ import tensorflow as tf  # noqa: E402
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
 from smlm_tfdiff.sampler import PosteriorSampler  # noqa: E402
+from smlm_tfdiff.uncertainty import std_map_agreement  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
 flags.DEFINE_integer("num_frames", 2, "Held-out paper-preset frames (seed 30000).")
@@ -35,11 +36,6 @@ flags.DEFINE_string("reference", "guided_full", "Recipe the others are compared 
                     "the first, the seeds').")
 flags.DEFINE_bool("jit_compile", True, "XLA for the sampling loop.")
 FLAGS = flags.FLAGS
-
-
-def agreement(std, ref):
-    a, b = std.ravel(), ref.ravel()
-    return {"pearson_r": float(np.corrcoef(a, b)[0, 1]), "mean_ratio": float(a.mean() / b.mean())}
 
 
 def main(argv):
@@ -74,7 +70,7 @@ def main(argv):
     for name, row in results["recipes"].items():
         for ref in (seeds_name, FLAGS.reference):
             if ref in stds and ref != name:
-                row[f"vs_{ref}"] = agreement(stds[name], stds[ref])
+                row[f"vs_{ref}"] = std_map_agreement(stds[name], stds[ref])
     seeds_nfe = results["recipes"][seeds_name]["nfe_per_frame"]
     print(f"\n{'recipe':16s} {'NFE/frame':>9s} {'x fewer':>7s} {'s/frame':>8s} {'std mean':>8s} "
           f"{'KDE MSE':>9s} {'r seeds':>7s} {'ratio':>6s} {'r ref':>6s} {'ratio':>6s}")

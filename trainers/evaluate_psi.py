@@ -38,11 +38,6 @@ FLAGS = flags.FLAGS
 KEYS = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral")
 
 
-def agreement(std, ref):
-    a, b = std.ravel(), ref.ravel()
-    return {"pearson_r": float(np.corrcoef(a, b)[0, 1]), "mean_ratio": float(a.mean() / b.mean())}
-
-
 def figure(data, post, path, num=2, num_samples=3):
     import matplotlib
     matplotlib.use("Agg")
@@ -77,6 +72,7 @@ def main(argv):
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.sampler import PosteriorSampler
     from smlm_tfdiff.simulate import simulate
+    from smlm_tfdiff.uncertainty import std_map_agreement
 
     models = load_phi_source(FLAGS.model)
     if models.psi is None:
@@ -117,8 +113,10 @@ def main(argv):
             rows[name] = {"nfe_per_frame": res["nfe_per_frame"],
                           "kde_mse_mean": float(np.mean((res["mean"] - data["kde"][:n]) ** 2)),
                           "std_mean": float(res["std"].mean()),
-                          "vs_seeds": agreement(res["std"], out["seeds_noise_ddpm100"]["std"]),
-                          "vs_guided_full": agreement(res["std"], out["guided_full_ddpm"]["std"])}
+                          "vs_seeds": std_map_agreement(res["std"],
+                                                        out["seeds_noise_ddpm100"]["std"]),
+                          "vs_guided_full": std_map_agreement(res["std"],
+                                                              out["guided_full_ddpm"]["std"])}
             logging.info("%s: %s", name, rows[name])
         metrics["recipes"] = {"num_frames": n, "num_samples": FLAGS.recipe_samples,
                               "kde_mse_y_hat":
