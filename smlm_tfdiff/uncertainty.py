@@ -11,15 +11,6 @@ import numpy as np
 from smlm_tfdiff.localization import detect, match
 
 
-def std_map_agreement(std, ref):
-    """How well std maps agree (any equal shapes): Pearson r over all pixels and the ratio of
-    their means (std / ref)."""
-    a, b = np.asarray(std, np.float64).ravel(), np.asarray(ref, np.float64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"std maps differ in size ({a.size} vs {b.size})")
-    return {"pearson_r": float(np.corrcoef(a, b)[0, 1]), "mean_ratio": float(a.mean() / b.mean())}
-
-
 def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, **detect_kwargs):
     """samples [S, H, W(, 1)] KDE samples of one frame, y_hat [H, W(, 1)] phi's KDE (KDE units,
     HR grid of `config`); or batched: samples [B, S, H, W(, 1)], y_hat [B, H, W(, 1)].

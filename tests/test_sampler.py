@@ -189,12 +189,3 @@ def test_localization_uncertainty_recovers_jitter_and_presence(paper):
     batched = st.localization_uncertainty(np.array(samples)[None], y_hat[None], paper)
     assert len(batched) == 1 and len(batched[0]["xy"]) == 2
 
-
-def test_std_map_agreement():
-    from smlm_tfdiff.uncertainty import std_map_agreement
-    a = np.linspace(0.0, 1.0, 100)
-    res = std_map_agreement(2 * a, a)
-    assert res["pearson_r"] == pytest.approx(1.0) and res["mean_ratio"] == pytest.approx(2.0)
-    assert std_map_agreement(1 - a, a)["pearson_r"] == pytest.approx(-1.0)
-    with pytest.raises(ValueError, match="differ"):
-        std_map_agreement(a, a[:10])

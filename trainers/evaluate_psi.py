@@ -72,7 +72,7 @@ def main(argv):
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.sampler import PosteriorSampler
     from smlm_tfdiff.simulate import simulate
-    from smlm_tfdiff.uncertainty import std_map_agreement
+    from smlm_tfdiff.calibration import std_map_agreement
 
     models = load_phi_source(FLAGS.model)
     if models.psi is None:

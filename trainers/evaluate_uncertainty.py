@@ -1,0 +1,412 @@
+"""Is psi's uncertainty honest? Calibration against MCMC, the truth and the CRLB.
+
+    python trainers/evaluate_uncertainty.py --model runs/psi_paper --out_dir runs/eval_uncertainty
+
+--model is a bundled name or a psi run folder. Writes metrics.json (atomically, after every
+section) and PNG figures (std_maps.png, reliability.png, z_hist.png, recipes.png).
+  1 psi_vs_mcmc  isolated frames: psi's per-pixel std map against the MCMC (HMC) KDE std map at
+                 beta = 1 (the posterior) and beta = 0.2 (the seeds' tempering): Pearson r (pooled,
+                 median per frame), ratio of means; and per sampler recipe (t_start, steps scaled).
+                 Targets: r >= 0.9, ratio in [0.8, 1.25].
+  2 coverage     dense paper frames: coverage of central 50% / 90% per-pixel intervals over pixels
+                 where truth or posterior mean > --threshold; reliability diagram. Target +-5 pts.
+  3 localization z = error / posterior std per axis of phi's localizations matched to the truth.
+                 Target std(z) in [0.8, 1.25].
+  4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout (phi has no
+                 dropout layers: recorded as unavailable, not faked).
+Statistics: smlm_tfdiff/calibration.py.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+import numpy as np  # noqa: E402
+
+flags.DEFINE_string("model", "paper", "Bundled model name or a psi run folder.")
+flags.DEFINE_string("out_dir", None, "Where metrics.json and the figures go.")
+flags.DEFINE_integer("seed", 20_000, "Seed of the held-out frames (never used for training).")
+flags.DEFINE_integer("iso_frames", 15, "Isolated-emitter frames for the MCMC comparison.")
+flags.DEFINE_integer("num_samples", 100, "Posterior samples per frame.")
+flags.DEFINE_integer("num_steps", 5, "Reverse steps of the default recipe.")
+flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
+flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
+flags.DEFINE_integer("mcmc_results", 5000, "HMC draws per chain.")
+flags.DEFINE_integer("mcmc_burnin", 1000, "HMC burn-in steps.")
+flags.DEFINE_integer("mcmc_chains", 4, "HMC chains per frame.")
+flags.DEFINE_integer("mcmc_kde_samples", 4000, "Thinned MCMC draws rendered to KDEs per frame.")
+flags.DEFINE_list("mcmc_betas", ["1.0", "0.2"], "Likelihood temperings (1 = the posterior).")
+flags.DEFINE_list("recipe_t_starts", ["10", "20", "30", "50", "100"], "Guided starts to compare "
+                  "(steps scaled: num_steps * t / t_default, at least 2).")
+flags.DEFINE_integer("recipe_frames", 5, "Isolated frames for the recipe comparison.")
+flags.DEFINE_integer("dense_frames", 25, "Paper-preset frames for the coverage.")
+flags.DEFINE_float("threshold", 0.05, "Coverage pixels: truth or posterior mean above (KDE units).")
+flags.DEFINE_integer("loc_frames", 12, "Dense frames for per-localization z-scores.")
+flags.DEFINE_integer("loc_samples", 32, "Samples per frame detected for z-scores.")
+flags.DEFINE_integer("iso_loc_samples", 50, "Samples per isolated frame detected.")
+flags.DEFINE_integer("crlb_frames", 200, "Frames per preset for the CRLB baseline.")
+flags.DEFINE_float("tolerance_hr", 5.0, "Matching radius to the truth, HR pixels (the seeds: 5).")
+flags.mark_flag_as_required("out_dir")
+FLAGS = flags.FLAGS
+
+R_MIN, RATIO, Z_RANGE, COV_POINTS = 0.9, (0.8, 1.25), (0.8, 1.25), 0.05
+
+
+def save(metrics, out_dir):
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2, default=_json)
+    os.replace(path + ".tmp", path)
+
+
+def _json(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return float(v)
+
+
+def _savefig(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mcmc_std_maps(frames, config, beta, seed):
+    """HMC posterior of each isolated frame -> KDE std maps [B, H, W], mean maps, summaries."""
+    from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch
+    res = mcmc_posterior_batch(frames[..., 0], config, FLAGS.mcmc_results, FLAGS.mcmc_burnin,
+                               seed=seed, kernel="hmc", num_chains=FLAGS.mcmc_chains, beta=beta,
+                               warn=False)
+    means, stds = [], []
+    for r in res:
+        step = max(1, r.chains.shape[0] * r.chains.shape[1] // FLAGS.mcmc_kde_samples)
+        pos = r.chains[::step, :, :2].reshape(-1, 2)
+        m, s = kde_posterior(pos, config)
+        means.append(m)
+        stds.append(s)
+    summary = {"beta": beta, "converged_fraction": float(np.mean([r.converged for r in res])),
+               "rhat_max": float(np.nanmax([r.rhat.max() for r in res])),
+               "ess_min": float(np.min([r.ess.min() for r in res])),
+               "wall_time_s": res[0].wall_time_s}
+    return np.array(means), np.array(stds), res, summary
+
+
+def loc_z(locs, truth, config, tol_lr):
+    """z-scores of phi's positions and of the sample-mean positions against matched truth."""
+    from smlm_tfdiff.localization import match
+    e_phi, e_mean, sd = [], [], []
+    for loc, t in zip(locs, truth):
+        p, q = match(loc["xy"], t, tol_lr)
+        e_phi.append((loc["xy"][p] - t[q]) * config.pixel_size_nm)
+        e_mean.append((loc["mean_xy"][p] - t[q]) * config.pixel_size_nm)
+        sd.append(loc["std_nm"][p])
+    e_phi, e_mean, sd = (np.concatenate(v).reshape(-1, 2) for v in (e_phi, e_mean, sd))
+    return e_phi, e_mean, sd
+
+
+def main(argv):
+    del argv
+    from smlm_tfdiff import calibration as cal
+    from smlm_tfdiff.localization import detect, match
+    from smlm_tfdiff.phi_training import predict
+    from smlm_tfdiff.physics.fisher import crlb
+    from smlm_tfdiff.pretrained import load_phi_source
+    from smlm_tfdiff.sampler import PosteriorSampler
+    from smlm_tfdiff.simulate import simulate
+    from smlm_tfdiff.uncertainty import localization_uncertainty
+
+    t_all = time.perf_counter()
+    models = load_phi_source(FLAGS.model)
+    if models.psi is None:
+        raise app.UsageError(f"--model {FLAGS.model!r} has no psi")
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    t_default = FLAGS.t_start or models.t_start or models.schedule.T
+    recipe = dict(num_steps=FLAGS.num_steps, method=FLAGS.method, start="guided",
+                  t_start=t_default)
+    sampler = PosteriorSampler(models)
+    metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
+               "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
+               "flags": {k: FLAGS[k].value for k in FLAG_NAMES}}
+    plt = _plt()
+
+    # ---------------------------------------------------------------- 1. psi vs MCMC, isolated
+    t0 = time.perf_counter()
+    iso_cfg = models.scene_config("isolated")
+    iso = simulate(iso_cfg, FLAGS.iso_frames, FLAGS.seed)
+    post = sampler(iso["frames"], FLAGS.num_samples, seed=1, return_samples=True, **recipe)
+    psi_std = post["std"][..., 0]
+    mcmc = {}
+    for i, b in enumerate(float(v) for v in FLAGS.mcmc_betas):
+        mcmc[b] = mcmc_std_maps(iso["frames"], iso_cfg, b, seed=2 + i)
+    sec1 = {"num_frames": FLAGS.iso_frames, "mcmc": {}}
+    for b, (mmean, mstd, res, summ) in mcmc.items():
+        agree = cal.std_map_agreement(psi_std, mstd)
+        agree["mean_map_r"] = cal.pearson_r(post["mean"][..., 0], mmean)
+        agree["mcmc"] = summ
+        agree["mcmc_xy_std_nm_mean"] = float(np.mean([r.std[:2] for r in res])
+                                             * iso_cfg.pixel_size_nm)
+        if b == 1.0:
+            agree["targets"] = {
+                "pearson_r>=0.9": bool(agree["pearson_r"] >= R_MIN),
+                "pearson_r_median>=0.9": bool(agree["pearson_r_median"] >= R_MIN),
+                "ratio_in_[0.8,1.25]": cal.within(agree["mean_ratio"], *RATIO)}
+        sec1["mcmc"][f"beta_{b:g}"] = agree
+        logging.info("psi vs MCMC beta=%g: r=%.3f (median %.3f) ratio=%.3f", b,
+                     agree["pearson_r"], agree["pearson_r_median"], agree["mean_ratio"])
+    sec1["kde_mse_psi_mean"] = float(np.mean((post["mean"] - iso["kde"]) ** 2))
+    sec1["kde_mse_y_hat"] = float(np.mean((post["y_hat"] - iso["kde"]) ** 2))
+    # Coverage of the truth on isolated frames (same statistic as section 2).
+    mask = (iso["kde"][..., 0] > FLAGS.threshold) | (post["mean"][..., 0] > FLAGS.threshold)
+    sec1["coverage_vs_truth"] = cal.reliability(post["samples"][..., 0], iso["kde"][..., 0],
+                                                mask=mask, axis=1)
+    metrics["psi_vs_mcmc"] = sec1
+    metrics["timing_s"]["psi_vs_mcmc"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+
+    # Recipes.
+    t0 = time.perf_counter()
+    n = min(FLAGS.recipe_frames, FLAGS.iso_frames)
+    rows = {}
+    for t in (int(v) for v in FLAGS.recipe_t_starts):
+        steps = int(min(t, max(2, round(FLAGS.num_steps * t / t_default))))
+        if t == t_default and steps == FLAGS.num_steps:
+            std = psi_std[:n]
+        else:
+            std = sampler(iso["frames"][:n], FLAGS.num_samples, num_steps=steps,
+                          method=FLAGS.method, start="guided", t_start=t, seed=3)["std"][..., 0]
+        row = {"t_start": t, "num_steps": steps, "psi_std_mean": float(std.mean())}
+        for b, (_, mstd, _, _) in mcmc.items():
+            a = cal.std_map_agreement(std, mstd[:n])
+            row[f"beta_{b:g}"] = {k: a[k] for k in ("pearson_r", "pearson_r_median",
+                                                    "mean_ratio")}
+        rows[f"t{t}_s{steps}"] = row
+        logging.info("recipe t_start=%d steps=%d: %s", t, steps, row)
+    best = min(rows, key=lambda k: abs(np.log(rows[k]["beta_1"]["mean_ratio"])))
+    metrics["recipes"] = {"num_frames": n, "rows": rows, "best_by_ratio_beta_1": best}
+    metrics["timing_s"]["recipes"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    ts = [r["t_start"] for r in rows.values()]
+    for b in mcmc:
+        axes[0].plot(ts, [r[f"beta_{b:g}"]["mean_ratio"] for r in rows.values()], "o-",
+                     label=f"MCMC beta={b:g}")
+        axes[1].plot(ts, [r[f"beta_{b:g}"]["pearson_r"] for r in rows.values()], "o-",
+                     label=f"MCMC beta={b:g}")
+    axes[0].axhspan(*RATIO, color="g", alpha=0.15)
+    axes[0].set_ylabel("mean std psi / MCMC")
+    axes[1].axhline(R_MIN, color="g")
+    axes[1].set_ylabel("Pearson r of std maps")
+    for ax in axes:
+        ax.set_xlabel("t_start")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, os.path.join(FLAGS.out_dir, "recipes.png"))
+    plt.close(fig)
+
+    # Figure (seeds' Figures 2/4): frame, y_hat, posterior mean, psi std, MCMC std.
+    k = min(3, FLAGS.iso_frames)
+    cols = ["frame", "y_hat (phi)", "posterior mean", "psi std"] + \
+        [f"MCMC std beta={b:g}" for b in mcmc]
+    fig, axes = plt.subplots(k, len(cols), figsize=(2.4 * len(cols), 2.4 * k), squeeze=False)
+    for r in range(k):
+        vmax = max(psi_std[r].max(), mcmc.get(1.0, next(iter(mcmc.values())))[1][r].max())
+        imgs = [iso["frames"][r, ..., 0], post["y_hat"][r, ..., 0], post["mean"][r, ..., 0],
+                psi_std[r]] + [m[1][r] for m in mcmc.values()]
+        for c, im in enumerate(imgs):
+            kw = dict(cmap="gray") if c == 0 else (dict(cmap="magma") if c < 3 else
+                                                  dict(cmap="viridis", vmin=0, vmax=vmax))
+            h = axes[r, c].imshow(im, **kw)
+            if c >= 3:
+                fig.colorbar(h, ax=axes[r, c], fraction=0.046)
+            axes[0, c].set_title(cols[c], fontsize=8)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+    fig.tight_layout()
+    _savefig(fig, os.path.join(FLAGS.out_dir, "std_maps.png"))
+    plt.close(fig)
+
+    # ------------------------------------------------------------- 2. coverage, dense frames
+    t0 = time.perf_counter()
+    cfg = models.scene_config("paper")
+    dense = simulate(cfg, FLAGS.dense_frames, FLAGS.seed + 1)
+    dpost = sampler(dense["frames"], FLAGS.num_samples, seed=4, return_samples=True, **recipe)
+    truth_kde = dense["kde"][..., 0]
+    mask = (truth_kde > FLAGS.threshold) | (dpost["mean"][..., 0] > FLAGS.threshold)
+    rel = cal.reliability(dpost["samples"][..., 0], truth_kde, mask=mask, axis=1)
+    cov = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1)
+    cov_rank = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1,
+                            method="rank")
+    metrics["coverage"] = {
+        "num_frames": FLAGS.dense_frames, "threshold": FLAGS.threshold,
+        "coverage_50": float(cov[0]), "coverage_90": float(cov[1]),
+        "coverage_rank_50": float(cov_rank[0]), "coverage_rank_90": float(cov_rank[1]),
+        "expected_quantile_50_90": cal.expected_quantile_coverage([0.5, 0.9],
+                                                                  FLAGS.num_samples).tolist(),
+        "reliability": rel,
+        "pit_histogram": cal.pit_histogram(cal.pit(dpost["samples"][..., 0], truth_kde, axis=1)[mask]),
+        "target_within_5_points": cal.coverage_within(cov, [0.5, 0.9], COV_POINTS)}
+    metrics["timing_s"]["coverage"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    lv = np.array(rel["levels"])
+    ax.fill_between(lv, lv - COV_POINTS, lv + COV_POINTS, color="g", alpha=0.15, label="+-5 pts")
+    ax.plot(lv, rel["coverage_quantile"], "o-", label="dense (sample quantiles)")
+    ax.plot(lv, rel["coverage_rank"], "s-", label="dense (rank / PIT)")
+    ax.plot(lv, sec1["coverage_vs_truth"]["coverage_quantile"], "^-", label="isolated")
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("empirical coverage")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, os.path.join(FLAGS.out_dir, "reliability.png"))
+    plt.close(fig)
+
+    # ------------------------------------------------ 3. per-localization z-scores
+    t0 = time.perf_counter()
+    tol = FLAGS.tolerance_hr / cfg.upsample
+    nl, sl = min(FLAGS.loc_frames, FLAGS.dense_frames), min(FLAGS.loc_samples, FLAGS.num_samples)
+    locs = localization_uncertainty(dpost["samples"][:nl, :sl], dpost["y_hat"][:nl], cfg)
+    truth = [p[m] for p, m in zip(dense["positions"][:nl], dense["mask"][:nl])]
+    e_phi, e_mean, sd = loc_z(locs, truth, cfg, tol)
+    z_dense = cal.z_scores(e_phi, sd)
+    sec3 = {"dense": {"num_frames": nl, "num_samples": sl,
+                      "z_phi_xy": cal.z_summary(z_dense),
+                      "z_posterior_mean": cal.z_summary(cal.z_scores(e_mean, sd)),
+                      "median_std_nm": float(np.nanmedian(sd)),
+                      "rmse_phi_nm": float(np.sqrt(np.mean(e_phi ** 2)))}}
+    si = min(FLAGS.iso_loc_samples, FLAGS.num_samples)
+    ilocs = localization_uncertainty(post["samples"][:, :si], post["y_hat"], iso_cfg)
+    itruth = [p[m] for p, m in zip(iso["positions"], iso["mask"])]
+    ie_phi, ie_mean, isd = loc_z(ilocs, itruth, iso_cfg, tol)
+    z_iso = cal.z_scores(ie_phi, isd)
+    # psi's per-localization std against MCMC's posterior std of (x, y) on the same frames.
+    ratios = []
+    if 1.0 in mcmc:
+        for loc, r in zip(ilocs, mcmc[1.0][2]):
+            if len(loc["xy"]) == 1:
+                ratios.append(loc["std_nm"][0] / (r.std[:2] * iso_cfg.pixel_size_nm))
+    ratios = np.array(ratios).reshape(-1, 2)
+    sec3["isolated"] = {"num_frames": FLAGS.iso_frames, "num_samples": si,
+                        "z_phi_xy": cal.z_summary(z_iso),
+                        "z_posterior_mean": cal.z_summary(cal.z_scores(ie_mean, isd)),
+                        "median_std_nm": float(np.nanmedian(isd)),
+                        "loc_std_over_mcmc_xy_std_median": float(np.nanmedian(ratios))
+                        if ratios.size else None}
+    sec3["target_std_z_in_[0.8,1.25]"] = cal.within(sec3["dense"]["z_phi_xy"]["std"], *Z_RANGE)
+    metrics["localization_z"] = sec3
+    metrics["timing_s"]["localization_z"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+
+    # ----------------------------------------------------------------------- 4. baselines
+    t0 = time.perf_counter()
+    base = {"crlb": {}}
+    z_crlb = {}
+    for i, preset in enumerate(("isolated", "paper")):
+        c = models.scene_config(preset)
+        d = simulate(c, FLAGS.crlb_frames, FLAGS.seed + 10 + i)
+        found = detect(predict(models.phi, d["frames"]), c)
+        errs, bounds = [], []
+        for f, p, m in zip(found, d["positions"], d["mask"]):
+            a, b = match(f, p[m], tol)
+            if len(a):
+                errs.append(f[a] - p[m][b])
+                bounds.append(crlb(f[a], c, photons=c.photons, estimate_photons=True)[:, :2])
+        errs, bounds = np.concatenate(errs), np.concatenate(bounds)
+        z_crlb[preset] = cal.z_scores(errs, bounds)
+        base["crlb"][preset] = {"num_frames": FLAGS.crlb_frames,
+                                "z": cal.z_summary(z_crlb[preset]),
+                                "sqrt_crlb_nm_median": float(np.median(bounds) * c.pixel_size_nm)}
+    dropout = []
+
+    def walk(layer):
+        for sub in getattr(layer, "layers", []):
+            if "Dropout" in type(sub).__name__:
+                dropout.append(sub.name)
+            walk(sub)
+    walk(models.phi)
+    base["mc_dropout"] = {
+        "available": bool(dropout), "phi_dropout_layers": dropout,
+        "reason": None if dropout else
+        "phi has no dropout layers and was trained without dropout; inserting dropout at "
+        "inference into weights never trained with it does not approximate a posterior, so no "
+        "MC-dropout baseline is reported"}
+    metrics["baselines"] = base
+    metrics["timing_s"]["baselines"] = time.perf_counter() - t0
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    bins = np.linspace(-5, 5, 51)
+    for name, z in (("psi, dense (phi xy)", z_dense), ("psi, isolated", z_iso),
+                    ("CRLB, dense", z_crlb["paper"]), ("CRLB, isolated", z_crlb["isolated"])):
+        z = z[np.isfinite(z)]
+        ax.hist(z.ravel(), bins, density=True, histtype="step",
+                label=f"{name}: std {np.std(z):.2f}")
+    ax.plot(bins, np.exp(-bins ** 2 / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
+    ax.set_xlabel("z = error / reported std")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _savefig(fig, os.path.join(FLAGS.out_dir, "z_hist.png"))
+    plt.close(fig)
+
+    metrics["timing_s"]["total"] = time.perf_counter() - t_all
+    save(metrics, FLAGS.out_dir)
+    summary(metrics)
+    print(json.dumps(metrics, indent=1, default=_json))
+
+
+def summary(m):
+    b1 = m["psi_vs_mcmc"]["mcmc"].get("beta_1", {})
+    lines = ["", "=== uncertainty calibration summary ===",
+             f"{'quantity':48s} {'value':>10s}  target"]
+
+    def row(name, v, target=""):
+        lines.append(f"{name:48s} {v:10.3f}  {target}")
+    for key, a in m["psi_vs_mcmc"]["mcmc"].items():
+        row(f"psi vs MCMC {key}: pooled r", a["pearson_r"], ">= 0.9" if key == "beta_1" else "")
+        row(f"psi vs MCMC {key}: median per-frame r", a["pearson_r_median"],
+            ">= 0.9" if key == "beta_1" else "")
+        row(f"psi vs MCMC {key}: mean std ratio", a["mean_ratio"],
+            "[0.8, 1.25]" if key == "beta_1" else "")
+    for k, r in m["recipes"]["rows"].items():
+        row(f"recipe {k}: ratio / r (beta 1)", r["beta_1"]["mean_ratio"],
+            f"r = {r['beta_1']['pearson_r']:.3f}")
+    lines.append(f"best-calibrated recipe (ratio, beta 1): {m['recipes']['best_by_ratio_beta_1']}")
+    c = m["coverage"]
+    row("dense coverage 50% (quantile)", c["coverage_50"], "0.45..0.55")
+    row("dense coverage 90% (quantile)", c["coverage_90"], "0.85..0.95")
+    row("dense coverage 50% / 90% (rank)", c["coverage_rank_50"], f"{c['coverage_rank_90']:.3f}")
+    z = m["localization_z"]
+    row("std(z) dense, phi xy / psi std", z["dense"]["z_phi_xy"]["std"], "[0.8, 1.25]")
+    row("robust std(z) dense", z["dense"]["z_phi_xy"]["robust_std"])
+    row("std(z) dense, posterior-mean xy", z["dense"]["z_posterior_mean"]["std"])
+    row("std(z) isolated, phi xy / psi std", z["isolated"]["z_phi_xy"]["std"])
+    if z["isolated"]["loc_std_over_mcmc_xy_std_median"] is not None:
+        row("psi loc std / MCMC xy std (isolated, median)",
+            z["isolated"]["loc_std_over_mcmc_xy_std_median"], "~1")
+    for p, v in m["baselines"]["crlb"].items():
+        row(f"std(z) CRLB baseline, {p}", v["z"]["std"])
+    lines.append(f"MC dropout available: {m['baselines']['mc_dropout']['available']}")
+    row("total runtime (s)", m["timing_s"]["total"])
+    if b1:
+        lines.append(f"MCMC beta=1 converged fraction {b1['mcmc']['converged_fraction']:.2f}")
+    print("\n".join(lines))
+
+
+FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start",
+              "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
+              "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
+              "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr")
+
+if __name__ == "__main__":
+    app.run(main)
