@@ -3,7 +3,9 @@
 Scripts call `define_trainer_flags()` and mark what they require with `flags.mark_flag_as_required`.
 """
 
-from absl import flags
+import os
+
+from absl import app, flags
 
 from smlm_tfdiff.config import PRESETS
 from smlm_tfdiff.training import TrainerConfig
@@ -35,7 +37,13 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
 
 
 def trainer_config_from_flags() -> TrainerConfig:
+    """The TrainerConfig the flags ask for; with --noresume an --out_dir that already holds
+    checkpoints is a usage error."""
     f = flags.FLAGS
+    ckpt_dir = os.path.join(f.out_dir, "checkpoints")
+    if not f.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        raise app.UsageError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
+                             "choose a new --out_dir or delete it")
     return TrainerConfig(
         out_dir=f.out_dir, steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
         schedule=f.schedule, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,

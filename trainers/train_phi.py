@@ -36,10 +36,6 @@ def main(argv):
     from smlm_tfdiff.phi_training import PhiValidation, phi_dataset, phi_loss
 
     cfg = trainer_config_from_flags()
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if not FLAGS.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise app.UsageError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
-                             "choose a new --out_dir or delete it")
     sim_config = SimulationConfig.preset(FLAGS.preset)
     phi_config = PhiConfig(context_filters=FLAGS.context_filters,
                            dilations=tuple(int(d) for d in FLAGS.dilations),

@@ -53,10 +53,6 @@ def main(argv):
     from smlm_tfdiff.psi_training import PsiLoss, PsiValidation, psi_dataset
 
     cfg = trainer_config_from_flags()
-    ckpt_dir = os.path.join(cfg.out_dir, "checkpoints")
-    if not FLAGS.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-        raise app.UsageError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
-                             "choose a new --out_dir or delete it")
     with strategy.scope():
         phi_models = load_phi_source(FLAGS.phi)
     phi = phi_models.phi
