@@ -11,11 +11,14 @@ import numpy as np
 from smlm_tfdiff.localization import detect, match
 
 
-def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, **detect_kwargs):
+def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, reference=None,
+                             **detect_kwargs):
     """samples [S, H, W(, 1)] KDE samples of one frame, y_hat [H, W(, 1)] phi's KDE (KDE units,
     HR grid of `config`); or batched: samples [B, S, H, W(, 1)], y_hat [B, H, W(, 1)].
 
     tolerance_hr: association radius in HR pixels. detect_kwargs go to `detect`.
+    reference: the localizations to score, [M, 2] (x, y) LR pixels (a list of them when batched),
+      instead of the detections on y_hat (y_hat is then unused and may be None).
     Returns (a list of, when batched) dicts with, for M localizations:
       xy [M, 2]        phi's positions (x, y) in LR pixels
       mean_xy [M, 2]   mean of the associated sample positions (LR px; NaN where none)
@@ -23,7 +26,17 @@ def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, **detect_
       uncertainty_nm [M]  sqrt((std_x^2 + std_y^2) / 2), one number per localization (nm)
       fraction [M]     fraction of samples in which the localization appears
     """
-    samples, y_hat = np.asarray(samples), np.asarray(y_hat)
+    samples = np.asarray(samples)
+    if reference is not None:
+        if samples.ndim in (3, 4) and not isinstance(reference, (list, tuple)):
+            return _one(samples, None, config, tolerance_hr, detect_kwargs, reference)
+        if samples.ndim in (4, 5) and len(reference) == len(samples):
+            return [_one(s, None, config, tolerance_hr, detect_kwargs, r)
+                    for s, r in zip(samples, reference)]
+        raise ValueError(f"with reference, samples must be [S, H, W(, 1)] and reference [M, 2], "
+                         f"or batched [B, S, H, W(, 1)] with a list of B references (got samples "
+                         f"{samples.shape})")
+    y_hat = np.asarray(y_hat)
     if samples.ndim == y_hat.ndim + 1 and y_hat.ndim in (2, 3) and (
             y_hat.ndim == 2 or y_hat.shape[-1] == 1):
         return _one(samples, y_hat, config, tolerance_hr, detect_kwargs)
@@ -34,8 +47,11 @@ def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, **detect_
                      f"{y_hat.shape})")
 
 
-def _one(samples, y_hat, config, tolerance_hr, detect_kwargs):
-    ref = detect(y_hat, config, **detect_kwargs)
+def _one(samples, y_hat, config, tolerance_hr, detect_kwargs, reference=None):
+    if reference is None:
+        ref = detect(y_hat, config, **detect_kwargs)
+    else:
+        ref = np.asarray(reference, np.float64).reshape((-1, 2))
     found = detect(samples, config, **detect_kwargs)
     tolerance = float(tolerance_hr) / config.upsample
     sums = np.zeros((len(ref), 2))

@@ -1,0 +1,157 @@
+"""Tiling of frames of any size into training-size tiles, and seamless stitching.
+
+A frame [H, W] (LR pixels) is padded by `pad` pixels on every side (and up to at least one tile) with
+the frame's median, i.e. background, never reflected signal, then cut into tiles of the training
+size [h, w] that overlap by at least `overlap` pixels; the last tile in each direction is aligned
+with the padded frame's edge. Padding and overlap matter because a model trained on emitters in a
+central disc (the paper preset) only trusts the centre of its field: `coverage_tiling` picks both
+so that every frame pixel lies within that trusted radius of some tile centre.
+
+Per-tile HR maps are stitched with separable sin^2 windows that peak at each tile's centre and fall
+towards (never to) zero at its edges, so the blend is continuous (no seams) and each pixel is
+dominated by the tiles that see it with the most context. Variances are stitched as a mixture:
+var = sum w (v + m^2) / sum w - mean^2.
+"""
+
+import dataclasses
+from typing import List, Tuple
+
+import numpy as np
+
+
+def _starts(size: int, tile: int, overlap: int) -> List[int]:
+    if size <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, size - tile, stride))
+    starts.append(size - tile)
+    return starts
+
+
+def _window(length: int) -> np.ndarray:
+    """1-D sin^2 window over `length` pixel centres: peak 1 at the centre, > 0 everywhere."""
+    return np.sin(np.pi * (np.arange(length) + 0.5) / length) ** 2
+
+
+def coverage_tiling(config):
+    """(pad, overlap) in LR pixels so that every pixel of any frame is within the trusted radius
+    of a tile centre: the training disc's radius for region 'disc', else the field minus margin."""
+    half = min(config.lr_shape) / 2.0
+    trusted = config.disc_radius if config.region == "disc" else half - config.margin
+    trusted = float(np.clip(trusted, 1.0, half))
+    # A square grid of centres with stride s leaves points s / sqrt(2) from the nearest centre;
+    # frame corners need centres within trusted / sqrt(2) of them in x and in y.
+    pad = int(np.ceil(half - trusted / np.sqrt(2.0) - 1e-9))
+    stride = max(1, int(np.floor(trusted * np.sqrt(2.0) + 1e-9)))
+    return pad, max(0, min(config.lr_shape) - stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileGrid:
+    """Tiles of size `tile` (h, w) covering a frame of size `frame` (H, W), LR pixels."""
+
+    frame: Tuple[int, int]
+    tile: Tuple[int, int]
+    overlap: int = 4
+    upsample: int = 4
+    pad: int = 0
+
+    def __post_init__(self):
+        if min(self.tile) < 1 or min(self.frame) < 1:
+            raise ValueError(f"frame and tile sizes must be positive (got {self.frame}, {self.tile})")
+        if not 0 <= self.overlap < min(self.tile):
+            raise ValueError(f"overlap must be in [0, {min(self.tile)}) LR pixels for {self.tile} "
+                             f"tiles (got {self.overlap})")
+        if self.pad < 0:
+            raise ValueError(f"pad must be >= 0 LR pixels (got {self.pad})")
+
+    @property
+    def padded(self) -> Tuple[int, int]:
+        """Frame size after padding by `pad` on each side and up to at least one tile."""
+        return (max(self.frame[0] + 2 * self.pad, self.tile[0]),
+                max(self.frame[1] + 2 * self.pad, self.tile[1]))
+
+    @property
+    def origins(self) -> List[Tuple[int, int]]:
+        """(row, col) of each tile's top-left corner in the padded frame, LR pixels."""
+        rows = _starts(self.padded[0], self.tile[0], self.overlap)
+        cols = _starts(self.padded[1], self.tile[1], self.overlap)
+        return [(r, c) for r in rows for c in cols]
+
+    def __len__(self):
+        return len(self.origins)
+
+    def cut(self, frames: np.ndarray) -> np.ndarray:
+        """frames [B, H, W] -> tiles [B * n_tiles, h, w] (frame-major)."""
+        frames = np.asarray(frames)
+        b, h, w = frames.shape
+        if (h, w) != tuple(self.frame):
+            raise ValueError(f"frames are {h}x{w}, this grid is for {self.frame[0]}x{self.frame[1]}")
+        ph, pw = self.padded
+        if (ph, pw) != (h, w):
+            fill = np.median(frames.reshape(b, -1), axis=1)[:, None, None]
+            padded = np.broadcast_to(fill, (b, ph, pw)).astype(frames.dtype)
+            p = self.pad
+            padded[:, p:p + h, p:p + w] = frames
+            frames = padded
+        th, tw = self.tile
+        tiles = [frames[:, r:r + th, c:c + tw] for r, c in self.origins]
+        return np.stack(tiles, axis=1).reshape((-1, th, tw))
+
+    def weights(self) -> np.ndarray:
+        """Stitching weights [u*h, u*w] (HR), the same for every tile (module doc)."""
+        u = self.upsample
+        return _window(u * self.tile[0])[:, None] * _window(u * self.tile[1])[None, :]
+
+    def stitch(self, tiles: np.ndarray, variance: np.ndarray = None):
+        """tiles [B * n_tiles, u*h, u*w(, 1)] HR maps -> [B, u*H, u*W(, 1)] weighted blend.
+
+        With `variance` (same shape, per-tile variances about `tiles`), returns (mean, variance)
+        stitched as a mixture."""
+        tiles = np.asarray(tiles, np.float64)
+        channel = tiles.ndim == 4
+        if channel:
+            tiles = tiles[..., 0]
+            variance = None if variance is None else np.asarray(variance, np.float64)[..., 0]
+        n = len(self)
+        u = self.upsample
+        th, tw = u * self.tile[0], u * self.tile[1]
+        if tiles.shape[1:] != (th, tw) or tiles.shape[0] % n:
+            raise ValueError(f"expected [B * {n}, {th}, {tw}] tiles (got {tiles.shape})")
+        b = tiles.shape[0] // n
+        tiles = tiles.reshape((b, n, th, tw))
+        weights = self.weights()
+        ph, pw = u * self.padded[0], u * self.padded[1]
+        total = np.zeros((b, ph, pw))
+        second = np.zeros((b, ph, pw)) if variance is not None else None
+        norm = np.zeros((ph, pw))
+        if variance is not None:
+            variance = variance.reshape((b, n, th, tw))
+        for k, (r, c) in enumerate(self.origins):
+            sl = (slice(u * r, u * r + th), slice(u * c, u * c + tw))
+            total[(slice(None),) + sl] += weights * tiles[:, k]
+            if variance is not None:
+                second[(slice(None),) + sl] += weights * (variance[:, k] + tiles[:, k] ** 2)
+            norm[sl] += weights
+        crop = (slice(None), slice(u * self.pad, u * (self.pad + self.frame[0])),
+                slice(u * self.pad, u * (self.pad + self.frame[1])))
+        mean = (total / norm)[crop]
+        if variance is not None:
+            var = np.maximum((second / norm)[crop] - mean ** 2, 0.0)
+            return (mean[..., None], var[..., None]) if channel else (mean, var)
+        return mean[..., None] if channel else mean
+
+    def owner(self, xy: np.ndarray) -> np.ndarray:
+        """For positions (x, y) [M, 2] in frame LR pixels: index of the tile whose centre is
+        nearest in x and, separately, in y (the tile that sees the most context around them)."""
+        xy = np.asarray(xy, np.float64).reshape((-1, 2)) + self.pad
+        rows = sorted({r for r, _ in self.origins})
+        cols = sorted({c for _, c in self.origins})
+        row = np.argmin(np.abs(xy[:, 1:2] - (np.array(rows) + self.tile[0] / 2)), axis=1)
+        col = np.argmin(np.abs(xy[:, 0:1] - (np.array(cols) + self.tile[1] / 2)), axis=1)
+        return row * len(cols) + col
+
+    def to_tile(self, xy: np.ndarray, k: int) -> np.ndarray:
+        """Frame LR positions -> LR positions in tile k."""
+        r, c = self.origins[k]
+        return np.asarray(xy, np.float64) + self.pad - np.array([c, r], np.float64)
