@@ -15,7 +15,7 @@ Per stack (written to <out>/<stack name>/, all at once when the stack is done):
 Frames are converted to photons with the camera settings given here, then to the ADU of the camera
 the model was trained for. Frames of any size are padded with background and cut into
 training-size tiles that overlap so that every pixel lies in the region the model was trained on
-(for the paper preset: within 7 px of a tile centre), and stitched without seams
+(for the paper preset: within 7 px of a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
 (smlm_tfdiff.tiling); each localization takes its uncertainty from the tile whose centre is
 nearest.
 """
@@ -262,11 +262,17 @@ class StackAnalyzer:
             progbar = keras.utils.Progbar(stack.num_frames, unit_name="frame",
                                           stateful_metrics=["frames/s", "locs"])
         next_id, t0 = 1, time.perf_counter()
+        clock = {"read_s": 0.0, "posterior_s": 0.0, "localize_s": 0.0, "write_s": 0.0}
+        tic = time.perf_counter()
         for lo, frames in stack.batches(self.batch_frames):
             model_frames, photons = self._to_model_adu(frames, lo)
             tiles = grid.cut(model_frames)[..., None]
+            clock["read_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
             post = self.backend.posterior(tiles, self.num_samples, self.num_steps,
                                           _fold(self.seed, lo))
+            clock["posterior_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
             y_hat = grid.stitch(post["y_hat"][..., 0])
             mean, var = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)
             std = np.sqrt(var)
@@ -276,18 +282,24 @@ class StackAnalyzer:
                 writers["kde_estimate"].write(y_hat)
                 writers["posterior_mean"].write(mean)
                 writers["posterior_std"].write(std)
+            clock["write_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
             from smlm_tfdiff.localization import detect
 
             found = detect(mean if self.localize_on == "mean" else y_hat, frame_config)
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
+            clock["localize_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
             next_id += len(table["id"])
             csv_out.write(table)
             if picasso is not None:
                 picasso.write(self._picasso(table))
                 picasso.frames = lo + len(frames)
+            clock["write_s"] += time.perf_counter() - tic
             if progbar is not None:
                 rate = (lo + len(frames)) / (time.perf_counter() - t0)
                 progbar.update(lo + len(frames), [("frames/s", rate), ("locs", next_id - 1)])
+            tic = time.perf_counter()
         stack_io.save_png(outputs.path(f"{name}_super_resolution.png"), sr_sum,
                           f"{name}: posterior mean, sum of {stack.num_frames} frames",
                           "KDE units (emitters x kernel peak)")
@@ -300,6 +312,7 @@ class StackAnalyzer:
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
             "num_samples": self.num_samples, "num_steps": self.num_steps, "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
+            "timing": {k: round(v, 3) for k, v in clock.items()},
         }
 
     def _table(self, found, samples, photons, grid, tile_config, lo, next_id):

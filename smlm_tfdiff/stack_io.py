@@ -53,7 +53,9 @@ class TiffStack:
         series = self._tif.series[0]
         shape, axes = tuple(series.shape), series.axes
         self.dtype = series.dtype
-        if "S" in axes and shape[axes.index("S")] > 1:
+        rgb = series.pages[0].photometric in (tifffile.PHOTOMETRIC.RGB,
+                                              tifffile.PHOTOMETRIC.PALETTE)
+        if "S" in axes and shape[axes.index("S")] > 1 and rgb:
             self.close()
             raise StackError(f"{self.path}: frames have {shape[axes.index('S')]} colour samples "
                              f"(axes {axes}, shape {shape}); analyze takes single-channel camera "
