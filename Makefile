@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean reproduce
 
 $(STAMP): setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,27 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
+
+# Retrain phi and psi from scratch with the commands in smlm_tfdiff/weights/paper/MODEL.md (psi on
+# the retrained phi), evaluate both and redo the demo report with them. Hours on a 2-core CPU
+# (MODEL.md: phi 56 min, psi 54 min, then the evaluations); PHI_STEPS / PSI_STEPS shorten a trial.
+REPRO ?= runs/reproduce
+PHI_STEPS ?= 4000
+PSI_STEPS ?= 4000
+reproduce: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_paper --preset paper \
+		--steps $(PHI_STEPS) --batch_size 64 --learning_rate 2e-3 --eval_every 500 \
+		--checkpoint_every 250 --val_frames 256 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_paper \
+		--phi $(REPRO)/phi_paper --steps $(PSI_STEPS) --batch_size 32 --learning_rate 1e-3 \
+		--ema_decay 0.998 --jit_compile --eval_every 500 --checkpoint_every 250 --val_frames 128 \
+		--noprogress --log_every 50
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/evaluate_phi.py --model $(REPRO)/phi_paper \
+		--out_dir $(REPRO)/eval_phi
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/evaluate_psi.py --model $(REPRO)/psi_paper \
+		--out_dir $(REPRO)/eval_psi
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m smlm_tfdiff.demo --model $(REPRO)/psi_paper \
+		--out $(REPRO)/demo_output
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/simulate.py

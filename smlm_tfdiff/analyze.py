@@ -94,9 +94,12 @@ class SavedModelBackend:
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
-        for lo in range(0, len(frames), max(1, 512 // num_samples)):  # Bound the graph's memory.
-            part = self._served.posterior(frames[lo:lo + max(1, 512 // num_samples)], num_samples,
-                                          num_steps, seed=_fold(seed, lo), return_samples=True)
+        chunk = max(1, 512 // num_samples)  # Bounds the graph's memory, as PosteriorSampler does.
+        for lo in range(0, len(frames), chunk):
+            # The first chunk's samples equal the in-package sampler's for the same seed.
+            part = self._served.posterior(frames[lo:lo + chunk], num_samples, num_steps,
+                                          seed=seed if lo == 0 else _fold(seed, lo),
+                                          return_samples=True)
             for key in ("y_hat", "mean", "std", "samples"):
                 out.setdefault(key, []).append(part[key])
         return {k: np.concatenate(v) for k, v in out.items()}

@@ -47,7 +47,7 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed):
     z0 = (z_t - tf.sqrt(1.0 - g_t) * eps) / tf.sqrt(g_t)
     var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
-    noise = tf.random.stateless_normal(tf.shape(z_t), seed)
+    noise = seeds_lib.stateless_normal(tf.shape(z_t), seed)
     return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
 
 
@@ -57,15 +57,16 @@ def make_sample_loop(psi, jit_compile=True):
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def loop(y_hat, gammas, eta, start_from_noise, seed):
-        start_seed, loop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        # Philox-only seed arithmetic: the same samples with and without XLA (seeds.py).
+        start_seed, loop_seed = tf.unstack(seeds_lib.philox_split(seed, 2))
         g0 = gammas[0]
-        eps = tf.random.stateless_normal(tf.shape(y_hat), start_seed)
+        eps = seeds_lib.stateless_normal(tf.shape(y_hat), start_seed)
         guided = tf.sqrt(g0) * to_diffusion_space(y_hat) + tf.sqrt(1.0 - g0) * eps
         z = tf.where(start_from_noise, eps, guided)
         num = tf.shape(gammas)[0] - 1
 
         def body(i, z):
-            step_seed = tf.random.experimental.stateless_fold_in(loop_seed, i)
+            step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))

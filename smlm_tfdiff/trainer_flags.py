@@ -8,7 +8,7 @@ import os
 from absl import app, flags
 
 from smlm_tfdiff.config import PRESETS
-from smlm_tfdiff.training import TrainerConfig
+from smlm_tfdiff.training import STRATEGIES, TrainerConfig, worker_out_dir
 
 
 def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_decay=None):
@@ -27,6 +27,9 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
     flags.DEFINE_integer("val_frames", 256, "Frames in the fixed validation set.")
     flags.DEFINE_integer("num_replicas", 0, "0: all GPUs or the default strategy on a CPU; n: "
                          "MirroredStrategy over n devices (n logical CPU devices without a GPU).")
+    flags.DEFINE_enum("strategy", "auto", list(STRATEGIES), "auto: MultiWorkerMirroredStrategy "
+                      "when TF_CONFIG names several workers, else as --num_replicas says; default: "
+                      "one device; mirrored: MirroredStrategy; multi_worker: over TF_CONFIG.")
     flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard scalars.")
     flags.DEFINE_integer("eval_every", 500, "Steps between validation runs.")
     flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
@@ -38,14 +41,20 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
 
 def trainer_config_from_flags() -> TrainerConfig:
     """The TrainerConfig the flags ask for; with --noresume an --out_dir that already holds
-    checkpoints is a usage error."""
+    checkpoints is a usage error.
+
+    Call it after make_strategy: on a non-chief worker of a multi-worker run, out_dir is that
+    worker's scratch folder (so what the script writes at the end never clashes with the chief's
+    files) and run_dir the shared --out_dir."""
     f = flags.FLAGS
+    out_dir = worker_out_dir(f.out_dir)
     ckpt_dir = os.path.join(f.out_dir, "checkpoints")
     if not f.resume and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise app.UsageError(f"{ckpt_dir} already holds checkpoints and --noresume was given; "
                              "choose a new --out_dir or delete it")
     return TrainerConfig(
-        out_dir=f.out_dir, steps=f.steps, batch_size=f.batch_size, learning_rate=f.learning_rate,
+        out_dir=out_dir, run_dir=None if out_dir == f.out_dir else f.out_dir, steps=f.steps,
+        batch_size=f.batch_size, learning_rate=f.learning_rate,
         schedule=f.schedule, warmup_steps=f.warmup_steps, weight_decay=f.weight_decay,
         clipnorm=f.clipnorm or None, ema_decay=f.ema_decay, log_every=f.log_every,
         eval_every=f.eval_every, checkpoint_every=f.checkpoint_every, seed=f.seed,

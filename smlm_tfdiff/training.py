@@ -1,7 +1,9 @@
 """A generic distributed trainer: custom loop under a tf.distribute strategy, checkpoints, TensorBoard.
 
-Shared by phi and psi. The caller supplies the model, a per-example loss, an infinite dataset of
-global batches and (optionally) an evaluation hook; the trainer owns the strategy, the optimizer,
+Shared by phi and psi. Runs on one device, under MirroredStrategy (several local GPUs or logical
+CPUs) or under MultiWorkerMirroredStrategy (several machines, from TF_CONFIG; see `make_strategy`).
+The caller supplies the model, a per-example loss, an infinite dataset of global batches and
+(optionally) an evaluation hook; the trainer owns the strategy, the optimizer,
 `tf.train.CheckpointManager` (model, optimizer, step, EMA weights), resume, the NaN guard, progress
 and TensorBoard scalars.
 
@@ -12,9 +14,11 @@ and TensorBoard scalars.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Callable, Optional
 
@@ -47,6 +51,9 @@ class TrainerConfig:
     seed: int = 0
     progress: bool = True
     jit_compile: bool = False  # XLA for the replica step (forward, backward, optimizer update).
+    # Multi-worker runs: the run folder shared by all workers when out_dir is a non-chief worker's
+    # scratch folder (`worker_out_dir`); checkpoints are restored from it. None: out_dir.
+    run_dir: Optional[str] = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -62,16 +69,68 @@ class TrainerConfig:
             raise ValueError(f"TrainerConfig.ema_decay must be in (0, 1) (got {self.ema_decay})")
 
 
-def make_strategy(num_replicas: int = 0):
-    """One strategy for the run.
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+_STRATEGY = None  # The strategy make_strategy built for this program.
 
-    num_replicas 0: all GPUs (MirroredStrategy), or the default strategy on a CPU-only machine.
-    num_replicas n >= 1: MirroredStrategy over n devices; on a CPU-only machine the CPU is split into
-    n logical devices (this must happen before TensorFlow initialises its devices).
+
+def tf_config_workers() -> int:
+    """Workers (the chief included) that the TF_CONFIG environment variable names; 0 without it."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return 0
+    cluster = json.loads(raw).get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _strategy_flag() -> str:
+    """--strategy of the training scripts (trainer_flags) when it is defined and parsed."""
+    from absl import flags
+    if "strategy" in flags.FLAGS and flags.FLAGS.is_parsed():
+        return flags.FLAGS.strategy
+    return "auto"
+
+
+def make_strategy(num_replicas: int = 0, kind: Optional[str] = None):
+    """The one strategy for the run; call it before any other TensorFlow op.
+
+    kind: "auto" (None: the --strategy flag when defined, else "auto") is "multi_worker" when
+    TF_CONFIG names more than one worker, else what num_replicas asks for:
+      num_replicas 0: all GPUs (MirroredStrategy), or the default strategy on a CPU-only machine;
+      num_replicas n >= 1: MirroredStrategy over n devices; on a CPU-only machine the CPU is split
+        into n logical devices (this must happen before TensorFlow initialises its devices).
+    "default": the default (one-device) strategy. "mirrored": MirroredStrategy as above (0: all
+    GPUs, or the CPU). "multi_worker": MultiWorkerMirroredStrategy over the TF_CONFIG cluster, each
+    worker with all its GPUs (limit them with CUDA_VISIBLE_DEVICES) or its CPU; it starts this
+    worker's gRPC server, so it must precede every other TensorFlow op.
     """
+    global _STRATEGY
+    kind = kind or _strategy_flag()
+    if kind not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} (got {kind!r})")
+    if kind == "auto":
+        kind = "multi_worker" if tf_config_workers() > 1 else None
     gpus = tf.config.list_physical_devices("GPU")
-    if num_replicas == 0:
-        return tf.distribute.MirroredStrategy() if gpus else tf.distribute.get_strategy()
+    if kind == "multi_worker":
+        if isinstance(_STRATEGY, tf.distribute.MultiWorkerMirroredStrategy):
+            return _STRATEGY  # It can only be created once per program.
+        if num_replicas not in (0, len(gpus) or 1):
+            raise ValueError(
+                f"with MultiWorkerMirroredStrategy each worker uses all its {len(gpus)} GPUs (or "
+                f"its CPU); limit them with CUDA_VISIBLE_DEVICES, not num_replicas={num_replicas}")
+        _STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
+    elif kind == "default":
+        if num_replicas > 1:
+            raise ValueError(f"the default strategy has one replica (num_replicas={num_replicas})")
+        _STRATEGY = tf.distribute.get_strategy()
+    elif num_replicas == 0:
+        _STRATEGY = (tf.distribute.MirroredStrategy() if gpus or kind == "mirrored"
+                     else tf.distribute.get_strategy())
+    else:
+        _STRATEGY = _mirrored(num_replicas, gpus)
+    return _STRATEGY
+
+
+def _mirrored(num_replicas, gpus):
     if gpus:
         if num_replicas > len(gpus):
             raise ValueError(f"asked for {num_replicas} replicas but only {len(gpus)} GPUs exist")
@@ -87,6 +146,27 @@ def make_strategy(num_replicas: int = 0):
                 f"cannot split the CPU into {num_replicas} logical devices after TensorFlow has "
                 "initialised; build the strategy before running any TensorFlow op") from err
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
+
+
+def worker_info(strategy=None):
+    """(task_type, task_id, is_chief) of this process under strategy (None: the one make_strategy
+    built); (None, None, True) outside a multi-worker cluster."""
+    strategy = strategy if strategy is not None else _STRATEGY
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return None, None, True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    # The TF multi-worker guides' rule: the "chief" task, or worker 0 when there is no chief task.
+    is_chief = task_type == "chief" or (
+        task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    return task_type, task_id, is_chief
+
+
+def worker_out_dir(out_dir: str, strategy=None) -> str:
+    """Where this worker writes: out_dir on the chief, out_dir/.<task>_<id>_tmp on other workers
+    (a scratch folder the Trainer deletes at exit)."""
+    task_type, task_id, is_chief = worker_info(strategy)
+    return out_dir if is_chief else os.path.join(out_dir, f".{task_type}_{task_id}_tmp")
 
 
 def make_learning_rate(config: TrainerConfig):
@@ -110,8 +190,14 @@ class Trainer:
     dataset_fn(start_step) -> an infinite tf.data.Dataset of global batches; called with the step
       the run (re)starts at, so a resumed run draws fresh data.
     eval_fn(trainer, step) -> dict of scalars (written to TensorBoard 'val/...'); it may also write
-      images itself under trainer.val_writer.
+      images itself under trainer.val_writer. Only the chief evaluates.
     extra_trackables: more objects to save in the checkpoint.
+
+    Multi-worker (MultiWorkerMirroredStrategy): every worker builds the same Trainer and calls
+    fit(). Only the chief writes the run folder (checkpoints, TensorBoard, run_config.json); the
+    others take part in each collective checkpoint save by writing into their scratch folder
+    (`worker_out_dir`), emptied after each save and deleted at exit. All workers restore from the
+    chief's checkpoints, so the run folder must be on a filesystem they share.
     """
 
     def __init__(self, config: TrainerConfig, strategy, build_model: Callable, loss_fn: Callable,
@@ -122,7 +208,13 @@ class Trainer:
         self.loss_fn = loss_fn
         self.dataset_fn = dataset_fn
         self.eval_fn = eval_fn
-        os.makedirs(config.out_dir, exist_ok=True)
+        self.task_type, self.task_id, self.is_chief = worker_info(strategy)
+        self.run_dir = config.run_dir or config.out_dir  # The chief's folder.
+        self.work_dir = worker_out_dir(self.run_dir, strategy)  # This worker's; run_dir on chief.
+        if not self.is_chief:
+            shutil.rmtree(self.work_dir, ignore_errors=True)  # Left over by a killed run.
+            atexit.register(shutil.rmtree, self.work_dir, ignore_errors=True)
+        os.makedirs(self.work_dir, exist_ok=True)
         with strategy.scope():
             self.model = build_model()
             self.learning_rate = make_learning_rate(config)
@@ -144,20 +236,42 @@ class Trainer:
         trackables.update(extra_trackables or {})
         self.checkpoint = tf.train.Checkpoint(**trackables)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(config.out_dir, "checkpoints"),
+            self.checkpoint, os.path.join(self.work_dir, "checkpoints"),
             max_to_keep=config.max_to_keep)
-        self.train_writer = tf.summary.create_file_writer(os.path.join(config.out_dir, "train"))
-        self.val_writer = tf.summary.create_file_writer(os.path.join(config.out_dir, "val"))
-        self.restored_from = None
-        if self.manager.latest_checkpoint:
-            self.checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
-            self.restored_from = self.manager.latest_checkpoint
+        if self.is_chief:
+            self.train_writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "train"))
+            self.val_writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "val"))
+        else:
+            self.train_writer = self.val_writer = tf.summary.create_noop_writer()
+        self.restored_from = tf.train.latest_checkpoint(os.path.join(self.run_dir, "checkpoints"))
+        if self.restored_from:
+            self.checkpoint.restore(self.restored_from).expect_partial()
             logging.info("Resumed from %s at step %d", self.restored_from, int(self.step.numpy()))
-        info = {"trainer": dataclasses.asdict(config), **(run_info or {})}
-        with open(os.path.join(config.out_dir, "run_config.json"), "w") as f:
-            json.dump(info, f, indent=2, default=str)
+        if self.task_type is not None:
+            self._check_workers_agree()
+        if self.is_chief:
+            info = {"trainer": dataclasses.asdict(config), **(run_info or {})}
+            with open(os.path.join(self.run_dir, "run_config.json"), "w") as f:
+                json.dump(info, f, indent=2, default=str)
         self._train_step = self._make_train_step()
         self._snapshot, self._rollback = self._make_snapshot_fns()
+
+    def _check_workers_agree(self):
+        """Raise on every worker (rather than hang in a collective later) when the workers
+        restored different steps, i.e. they do not see the same run folder."""
+        strategy = self.strategy
+
+        @tf.function
+        def all_steps():
+            local = strategy.run(lambda: tf.reshape(self.step.read_value(), [1]))
+            return strategy.gather(local, axis=0)
+
+        steps = all_steps().numpy()
+        if not np.all(steps == steps[0]):
+            raise RuntimeError(
+                f"the workers restored different steps {steps.tolist()} from "
+                f"{os.path.join(self.run_dir, 'checkpoints')}; a multi-worker run folder must be "
+                "on a filesystem all workers share")
 
     # ---------------------------------------------------------------- graph functions
     def _make_train_step(self):
@@ -222,7 +336,13 @@ class Trainer:
             e.assign(tmp)
 
     def save(self) -> str:
-        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+        """A checkpoint at the current step; a collective op under MultiWorkerMirroredStrategy, so
+        every worker calls it. Returns the chief's checkpoint prefix."""
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        if not self.is_chief:  # The chief wrote the real one.
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            path = os.path.join(self.run_dir, "checkpoints", os.path.basename(path))
+        return path
 
     # ------------------------------------------------------------------------- loop
     def fit(self) -> dict:
@@ -232,7 +352,14 @@ class Trainer:
         if start >= cfg.steps:
             logging.info("Already at step %d >= %d steps; nothing to do", start, cfg.steps)
             return {"step": start, "losses": []}
-        dataset = self.dataset_fn(start)
+        # The generated global batches are seeded the same on every worker; DATA sharding has each
+        # worker keep its own replicas' slices of each global batch, so a multi-worker run trains
+        # on exactly the batches of a one-machine run with the same seed (each worker simulates
+        # the whole global batch, the price of that). AUTO would try FILE sharding first.
+        options = tf.data.Options()
+        policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = policy
+        dataset = self.dataset_fn(start).with_options(options)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         progbar = keras.utils.Progbar(cfg.steps, stateful_metrics=["loss", "lr"],
                                       verbose=1 if cfg.progress else 0)
@@ -263,7 +390,8 @@ class Trainer:
                     tf.summary.scalar("steps_per_second",
                                       len(window) / (time.perf_counter() - t0))
                 window, t0 = [], time.perf_counter()
-            if self.eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if (self.eval_fn is not None and self.is_chief
+                    and (step % cfg.eval_every == 0 or step == cfg.steps)):
                 self.evaluate(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 self.save()
