@@ -3,6 +3,7 @@
 Scripts call `define_trainer_flags()` and mark what they require with `flags.mark_flag_as_required`.
 """
 
+import json
 import os
 
 from absl import app, flags
@@ -10,10 +11,54 @@ from absl import app, flags
 from smlm_tfdiff.config import PRESETS
 from smlm_tfdiff.training import STRATEGIES, TrainerConfig, worker_out_dir
 
+FLAGS = flags.FLAGS
+
+
+def apply_overrides(config, assignments):
+    """config with FIELD=VALUE assignments applied (VALUE is JSON; a bare word is a string)."""
+    changes = {}
+    for item in assignments:
+        field, sep, text = item.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise app.UsageError(f"--set takes FIELD=VALUE (got {item!r})")
+        if field not in config.to_dict():
+            raise app.UsageError(f"--set: unknown SimulationConfig field {field!r}; fields: "
+                                 f"{sorted(config.to_dict())}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        changes[field] = tuple(value) if isinstance(value, list) and field not in (
+            "gain", "offset", "readout_var", "background") else value
+    try:
+        return config.replace(**changes)
+    except (TypeError, ValueError) as err:
+        raise app.UsageError(f"--set gives an invalid config: {err}") from None
+
+
+def sim_config_from_flags(base=None):
+    """The training SimulationConfig: --sim_config file, else `base`, else --preset; then --set."""
+    from smlm_tfdiff.config import SimulationConfig
+
+    if FLAGS.sim_config:
+        if not os.path.exists(FLAGS.sim_config):
+            raise app.UsageError(f"--sim_config {FLAGS.sim_config!r} does not exist")
+        with open(FLAGS.sim_config) as f:
+            config = SimulationConfig.from_json(f.read())
+    else:
+        config = base if base is not None else SimulationConfig.preset(FLAGS.preset)
+    return apply_overrides(config, FLAGS.set)
+
 
 def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_decay=None):
     flags.DEFINE_string("out_dir", None, "Run folder: checkpoints, TensorBoard events, weights.")
     flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Simulation preset to train on.")
+    flags.DEFINE_string("sim_config", None, "A SimulationConfig JSON file (your camera, optics and "
+                        "scene; e.g. a model's sim_config.json) instead of --preset.")
+    flags.DEFINE_multi_string("set", [], "Override one SimulationConfig field, FIELD=VALUE with a "
+                              "JSON value, repeatable: --set gain=2.5 --set offset=400 "
+                              "--set photons_range=[100,1000].")
     flags.DEFINE_integer("steps", steps, "Total training steps (raise it to extend a finished run).")
     flags.DEFINE_integer("batch_size", batch_size, "Global batch size (split across replicas).")
     flags.DEFINE_float("learning_rate", learning_rate, "Peak learning rate (AdamW).")

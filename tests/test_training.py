@@ -105,3 +105,22 @@ def test_trainer_config_validation():
     with pytest.raises(ValueError, match="ema_decay"):
         TrainerConfig(out_dir="x", steps=1, ema_decay=1.5)
     assert st.SimulationConfig.preset("paper").padded_emitters == 10
+
+
+def test_config_overrides_for_your_own_camera():
+    from absl import app
+
+    from smlm_tfdiff.config import SimulationConfig
+    from smlm_tfdiff.trainer_flags import apply_overrides
+
+    base = SimulationConfig.preset("paper")
+    cfg = apply_overrides(base, ["gain=2.5", "offset=400", "readout_var=9",
+                                 "photons_range=[100, 1000]", "region=frame"])
+    assert (cfg.gain, cfg.offset, cfg.readout_var) == (2.5, 400, 9)
+    assert cfg.photons_range == (100.0, 1000.0) and cfg.region == "frame"
+    with pytest.raises(app.UsageError, match="unknown SimulationConfig field 'gian'"):
+        apply_overrides(base, ["gian=2"])
+    with pytest.raises(app.UsageError, match="FIELD=VALUE"):
+        apply_overrides(base, ["gain"])
+    with pytest.raises(app.UsageError, match="invalid config"):
+        apply_overrides(base, ["gain=-1"])

@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from smlm_tfdiff.trainer_flags import define_trainer_flags, trainer_config_from_flags  # noqa: E402
+from smlm_tfdiff.trainer_flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
+                                       trainer_config_from_flags)
 
 define_trainer_flags(steps=10000, batch_size=64, learning_rate=2e-3)
 flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")
@@ -31,12 +32,11 @@ def main(argv):
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
     from smlm_tfdiff.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas)
-    from smlm_tfdiff.config import SimulationConfig
     from smlm_tfdiff.models.phi import PhiConfig, build_phi
     from smlm_tfdiff.phi_training import PhiValidation, phi_dataset, phi_loss
 
     cfg = trainer_config_from_flags()
-    sim_config = SimulationConfig.preset(FLAGS.preset)
+    sim_config = sim_config_from_flags()
     phi_config = PhiConfig(context_filters=FLAGS.context_filters,
                            dilations=tuple(int(d) for d in FLAGS.dilations),
                            upsample_filters=tuple(int(f) for f in FLAGS.upsample_filters),

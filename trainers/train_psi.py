@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from smlm_tfdiff.trainer_flags import define_trainer_flags, trainer_config_from_flags  # noqa: E402
+from smlm_tfdiff.trainer_flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
+                                       trainer_config_from_flags)
 
 define_trainer_flags(steps=20000, batch_size=32, learning_rate=1e-3, ema_decay=0.999)
 flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a phi run folder.")
@@ -57,7 +58,8 @@ def main(argv):
         phi_models = load_phi_source(FLAGS.phi)
     phi = phi_models.phi
     phi.trainable = False
-    sim_config = phi_models.scene_config(FLAGS.preset)
+    # phi's camera and optics with the scene of --preset (or --sim_config), then --set.
+    sim_config = sim_config_from_flags(phi_models.scene_config(FLAGS.preset))
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
     psi_config = PsiConfig(
         base_channels=FLAGS.base_channels,
