@@ -31,8 +31,11 @@ from typing import Optional
 import numpy as np
 
 from smlm_tfdiff import stack_io
+from smlm_tfdiff.localization import detect
+from smlm_tfdiff.photometry import photometry
 from smlm_tfdiff.stack_io import StackError
 from smlm_tfdiff.tiling import TileGrid, coverage_tiling
+from smlm_tfdiff.uncertainty import localization_uncertainty
 
 
 @dataclasses.dataclass
@@ -287,8 +290,6 @@ class StackAnalyzer:
                 writers["posterior_std"].write(std)
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            from smlm_tfdiff.localization import detect
-
             found = detect(mean if self.localize_on == "mean" else y_hat, frame_config)
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
@@ -320,9 +321,6 @@ class StackAnalyzer:
 
     def _table(self, found, samples, photons, grid, tile_config, lo, next_id):
         """Localizations of a batch -> ThunderSTORM columns (dict of arrays)."""
-        from smlm_tfdiff.photometry import photometry
-        from smlm_tfdiff.uncertainty import localization_uncertainty
-
         n_tiles = len(grid)
         cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS}
         nm = self.pixel_size_nm

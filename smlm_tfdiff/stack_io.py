@@ -47,8 +47,15 @@ class TiffStack:
         except (tifffile.TiffFileError, ValueError, OSError) as err:
             raise StackError(f"{self.path} is not a readable TIFF file ({err}); analyze takes "
                              "TIFF / OME-TIFF stacks: convert the movie to TIFF first") from None
-        if not self._tif.series:
+        try:
+            self._inspect(tifffile)
+        except StackError:
             self.close()
+            raise
+
+    def _inspect(self, tifffile):
+        """Sets num_frames, height, width and dtype, or raises StackError."""
+        if not self._tif.series:
             raise StackError(f"{self.path}: the TIFF holds no images (empty stack)")
         series = self._tif.series[0]
         shape, axes = tuple(series.shape), series.axes
@@ -56,20 +63,17 @@ class TiffStack:
         rgb = series.pages[0].photometric in (tifffile.PHOTOMETRIC.RGB,
                                               tifffile.PHOTOMETRIC.PALETTE)
         if "S" in axes and shape[axes.index("S")] > 1 and rgb:
-            self.close()
             raise StackError(f"{self.path}: frames have {shape[axes.index('S')]} colour samples "
                              f"(axes {axes}, shape {shape}); analyze takes single-channel camera "
                              "frames: export one channel as a grayscale stack")
         kept = [n for n in shape[:-2] if n != 1]
         if len(kept) > 1 or len(shape) < 2:
-            self.close()
             raise StackError(f"{self.path}: wrong dimensionality, axes {axes} shape {shape}; "
                              "analyze takes a time series of 2-D frames (T, Y, X): split "
                              "channels / z-planes into separate stacks first")
         self.num_frames = int(kept[0]) if kept else 1
         self.height, self.width = int(shape[-2]), int(shape[-1])
         if self.num_frames == 0 or self.height == 0 or self.width == 0:
-            self.close()
             raise StackError(f"{self.path}: empty stack (shape {shape})")
         self._pages = len(series.pages) == self.num_frames and self.num_frames > 1
 
