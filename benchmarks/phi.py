@@ -1,4 +1,5 @@
-"""phi speed: inference frames/s at batch 256 (with and without XLA) and time per training step.
+"""phi speed: inference frames/s at batch 256 (with and without XLA), time per training step, and
+the time `detect` takes per frame on phi's KDEs (paper and isolated presets).
 
     python benchmarks/phi.py [--model paper] [--batch_size 256] [--train_batch_size 64]
 
@@ -26,6 +27,7 @@ flags.DEFINE_string("model", "", "Bundled model name or run folder (default: a f
 flags.DEFINE_integer("batch_size", 256, "Inference batch.")
 flags.DEFINE_integer("train_batch_size", 64, "Training batch.")
 flags.DEFINE_float("seconds", 10.0, "Measuring time per variant.")
+flags.DEFINE_integer("detect_frames", 100, "Frames per preset for the detection timing (0: skip).")
 FLAGS = flags.FLAGS
 
 
@@ -44,10 +46,11 @@ def main(argv):
     if FLAGS.model:
         from smlm_tfdiff.pretrained import available, load_phi, pretrained
         model = pretrained(FLAGS.model) if FLAGS.model in available() else load_phi(FLAGS.model)
-        phi, config = model.phi, model.config
     else:
+        from smlm_tfdiff.pretrained import Pretrained
         config = st.SimulationConfig.preset("paper")
-        phi = build_phi(config, PhiConfig())
+        model = Pretrained(build_phi(config, PhiConfig()), config, PhiConfig())
+    phi, config = model.phi, model.config
     data = st.simulate(config, max(FLAGS.batch_size, FLAGS.train_batch_size), seed=0)
     frames = tf.constant(data["frames"][:FLAGS.batch_size])
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -71,6 +74,16 @@ def main(argv):
 
         sec = timed(lambda: step(batch).numpy(), FLAGS.seconds)
         results[f"train_step_ms_b{FLAGS.train_batch_size}{'_xla' if jit else ''}"] = 1000 * sec
+    if FLAGS.detect_frames:
+        predict = tf.function(lambda x: phi(x, training=False), jit_compile=True)
+        for preset in ("paper", "isolated"):
+            scene = model.scene_config(preset)
+            kde = predict(tf.constant(st.simulate(scene, FLAGS.detect_frames, seed=1)["frames"]))
+            kde = kde.numpy()
+            start = time.perf_counter()
+            st.detect(kde, scene)
+            results[f"detect_ms_per_frame_{preset}"] = (
+                1000 * (time.perf_counter() - start) / FLAGS.detect_frames)
     print(f"{'measure':32s} {'value':>10s}")
     for key, value in results.items():
         if isinstance(value, float):

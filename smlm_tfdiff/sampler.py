@@ -35,25 +35,31 @@ def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] =
     return np.concatenate([schedule.gamma[steps], [1.0]]), steps
 
 
-def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed):
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=True):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
+    clip: the predicted z_0 is clipped at -1 (a KDE is >= 0) and eps made consistent with it, as
+      DDPM's clip_denoised does; this halves psi's noise on empty pixels (README, psi results).
     Returns z_s [N, H, W, 1].
     """
     n = tf.shape(z_t)[0]
     level = tf.fill([n], tf.sqrt(g_t))
     eps = psi({"y_t": z_t, "y_hat": y_hat, "noise_level": level}, training=False)
     z0 = (z_t - tf.sqrt(1.0 - g_t) * eps) / tf.sqrt(g_t)
+    if clip:
+        z0 = tf.maximum(z0, -1.0)
+        eps = (z_t - tf.sqrt(g_t) * z0) / tf.sqrt(1.0 - g_t)
     var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
     noise = seeds_lib.stateless_normal(tf.shape(z_t), seed)
     return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
 
 
-def make_sample_loop(psi, jit_compile=True):
+def make_sample_loop(psi, jit_compile=True, clip=True):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
-    seed [2] int32) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise."""
+    seed [2] int32) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
+    clip: generate_step's clip of z_0 at -1 (KDE >= 0)."""
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def loop(y_hat, gammas, eta, start_from_noise, seed):
@@ -67,7 +73,8 @@ def make_sample_loop(psi, jit_compile=True):
 
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
-            return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed)
+            return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
+                                        clip)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return z
@@ -79,16 +86,18 @@ class PosteriorSampler:
     """phi -> psi posterior sampler for one (phi, psi, schedule) triple; compiles once per shape.
 
     models: an object with .phi, .psi, .schedule (`pretrained()` or `load_models(run_dir)`).
+    clip: clip predicted KDEs at 0 in every step (generate_step); off only for models of targets
+      that may be negative (the exact Gaussian denoisers of the tests).
     """
 
-    def __init__(self, models, jit_compile=True, max_images=512):
+    def __init__(self, models, jit_compile=True, max_images=512, clip=True):
         if getattr(models, "psi", None) is None:
             raise ValueError("these models have no diffusion model psi: load a trained psi with "
                              "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
         self.models = models
         self.schedule = models.schedule
         self.max_images = int(max_images)
-        self._loop = make_sample_loop(models.psi, jit_compile)
+        self._loop = make_sample_loop(models.psi, jit_compile, clip)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
 

@@ -87,6 +87,25 @@ def test_merged_pair_is_deblended(paper):
     np.testing.assert_allclose(amp, 1.0, atol=1e-3)
 
 
+def test_emitter_without_its_own_log_maximum_is_found_in_the_residual(paper):
+    # Three emitters in a row 2 LR px apart and one 2 px below the middle, smeared as phi smears
+    # clusters: the fourth has no LoG maximum of its own, only a bump left after fitting the others.
+    truth = np.array([[8.5, 10.0], [10.5, 10.0], [12.5, 10.0], [10.5, 12.0]])
+    kde = ndimage.gaussian_filter(st.render_kde(truth, paper), 1.5)
+    assert len(st.detect(kde, paper, deblend={"max_adds": 0})) == 3
+    pred, amp = st.detect(kde, paper, return_amplitude=True)
+    m = st.localization_metrics(pred, truth, paper)
+    assert (m["TP"], m["FP"], m["FN"]) == (4, 0, 0)
+    assert m["rmse_lateral_nm"] < 0.1 * NM and np.all(amp > 0.8)
+
+
+def test_fits_below_half_an_emitter_are_dropped(paper):
+    kde = st.render_kde(np.array([[10.3, 9.6]]), paper)
+    for scale, kept in ((0.48, 0), (0.6, 1)):  # LoG responses ~0.21 and ~0.26, both > threshold.
+        assert len(st.detect(scale * kde, paper)) == kept
+        assert len(st.detect(scale * kde, paper, deblend={"keep_amplitude": 0.0})) == 1
+
+
 def test_noise_does_not_split_isolated_emitters(paper):
     kde, truth = _isolated_kdes(paper, 30, seed=1)
     noise = ndimage.gaussian_filter(np.random.default_rng(2).normal(size=kde.shape), (0, 1.5, 1.5))

@@ -9,15 +9,19 @@ import smlm_tfdiff as st
 def test_bundled_phi_localizes_paper_frames():
     model = st.pretrained("paper")
     assert model.config == st.SimulationConfig.preset("paper")
-    data = st.simulate(model.config, 100, seed=123_456)
+    data = st.simulate(model.config, 200, seed=123_456)
     kde = np.asarray(model.phi(data["frames"], training=False))
-    assert kde.shape == (100, 80, 80, 1)
+    assert kde.shape == (200, 80, 80, 1)
     # The KDE scale: sum / (2 pi sigma^2) counts the emitters.
     count = kde.sum(axis=(1, 2, 3)) / model.config.kde_norm
     assert count.mean() == pytest.approx(10.0, rel=0.05)
     m = st.localization_metrics(st.detect(kde, model.config), data, model.config)
-    assert m["precision"] > 0.97 and m["recall"] > 0.85
-    assert m["rmse_lateral_nm"] < 60
+    oracle = st.oracle_metrics(data["positions"], data["mask"], model.config)
+    # The bars (P >= 0.99, R >= 0.97 x oracle, met on 1000 held-out frames: 0.992, 0.975)
+    # less ~2.5 standard errors of ~2000 emitters (0.002 for P, 0.004 for the recall ratio).
+    assert m["precision"] >= 0.985, m
+    assert m["recall"] >= 0.96 * oracle["recall"], (m, oracle)
+    assert m["rmse_lateral_nm"] < 40
 
 
 def test_isolated_emitters_near_the_crlb():

@@ -62,7 +62,7 @@ FRAMES = np.full((2, 20, 20, 1), 100.0, np.float32)
     ("ddim", 5, "guided", 30)])
 def test_exact_denoiser_gives_the_exact_discretised_posterior(method, num_steps, start, t_start):
     schedule = NoiseSchedule.cosine(100)
-    sampler = PosteriorSampler(_models(schedule), jit_compile=False)
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip=False)
     out = sampler(FRAMES, num_samples=64, num_steps=num_steps, seed=1, method=method,
                   start=start, t_start=t_start, y_hat=_y_hat())
     assert out["mean"].shape == out["std"].shape == (2, 80, 80, 1)
@@ -86,7 +86,7 @@ def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
     for GaussianPsi, so the final mean misses P sqrt(gamma_T) mu, P the product of the per-step
     gains; the guided start q(z_T | mu) has the right mean."""
     schedule = NoiseSchedule.named("paper")
-    sampler = PosteriorSampler(_models(schedule), jit_compile=False)
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip=False)
     y_hat = _y_hat()
     noise = sampler(FRAMES, 32, 100, seed=2, method="ddpm", start="noise", y_hat=y_hat)
     guided = sampler(FRAMES, 32, 100, seed=2, method="ddpm", start="guided", t_start=100,
@@ -108,6 +108,22 @@ def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
     assert expected < -0.01  # A bias of more than 1 % of the KDE range at |mu| = 1.
     se = 2 * (S / 2) / np.sqrt(32) / np.sqrt(np.sum(mu * mu))  # Bound: the two frames share noise.
     assert abs(slope - expected) < 4 * se + 0.05 * abs(expected)
+
+
+def test_clip_keeps_samples_non_negative_and_leaves_bright_pixels_alone():
+    # GaussianPsi's target has std S / 2 = 0.15 (KDE units) about y_hat in [0, 1]: without the
+    # clip, pixels with y_hat near 0 sample negative KDE values; with it none do.
+    schedule = NoiseSchedule.named("paper")
+    y_hat = _y_hat()
+    out = {clip: PosteriorSampler(_models(schedule), jit_compile=False, clip=clip)(
+        FRAMES, 16, 10, seed=3, method="ddpm", t_start=100, y_hat=y_hat, return_samples=True)
+        for clip in (False, True)}
+    assert out[False]["samples"].min() < -0.2
+    assert out[True]["samples"].min() >= 0.0
+    # Pixels > 5 posterior stds above 0 are (practically) never clipped: same samples.
+    bright = np.broadcast_to(y_hat[:, None] > 0.75, out[True]["samples"].shape)
+    np.testing.assert_allclose(out[True]["samples"][bright], out[False]["samples"][bright],
+                               atol=1e-4)
 
 
 def test_same_seed_same_samples_different_seed_different():
