@@ -30,7 +30,7 @@ flags.DEFINE_string("model", "paper", "Bundled model, SavedModel folder or run f
 flags.DEFINE_list("sizes", ["20x20", "64x64"], "Frame sizes HxW in camera pixels.")
 flags.DEFINE_integer("num_frames", 16, "Frames per stack.")
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame.")
-flags.DEFINE_integer("num_steps", 5, "Reverse steps per sample.")
+flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
 flags.DEFINE_integer("batch_frames", 8, "Frames per batch.")
 FLAGS = flags.FLAGS
 
@@ -42,7 +42,7 @@ def main(argv):
                              FLAGS.batch_frames, progress=False)
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                "tensorflow": tf.__version__, "model": FLAGS.model,
-               "num_samples": FLAGS.num_samples, "num_steps": FLAGS.num_steps,
+               "num_samples": FLAGS.num_samples, "num_steps": analyzer.num_steps,
                "num_frames": FLAGS.num_frames, "sizes": {}}
     work = tempfile.mkdtemp(prefix="bench-analyze-")
     try:
@@ -68,7 +68,7 @@ def main(argv):
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"analyze, {FLAGS.num_samples} samples x {FLAGS.num_steps} steps per tile, "
+    print(f"analyze, {FLAGS.num_samples} samples x {analyzer.num_steps} steps per tile, "
           f"{os.cpu_count()} CPUs (seconds per frame)")
     print(f"{'size':>8} {'tiles':>6} {'locs':>6} {'frames/s':>9} {'total':>7} {'posterior':>10} "
           f"{'localize':>9} {'write':>6}")

@@ -28,10 +28,12 @@ from smlm_tfdiff.calibration import std_map_agreement  # noqa: E402
 flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
 flags.DEFINE_integer("num_frames", 2, "Held-out paper-preset frames (seed 30000).")
 flags.DEFINE_integer("num_samples", 100, "Posterior samples per frame.")
-flags.DEFINE_list("recipes", ["seeds:noise:ddpm:100", "guided_full:guided:ddpm:30:30",
-                              "guided_ddpm10:guided:ddpm:10:30", "guided_ddpm5:guided:ddpm:5:30",
-                              "guided_ddim5:guided:ddim:5:30", "guided_ddpm3:guided:ddpm:3:30"],
-                  "Recipes name:start:method:steps[:t_start].")
+flags.DEFINE_list("recipes", ["seeds:noise:ddpm:100", "guided_full:guided:ddpm:100:100",
+                              "guided_ddpm20:guided:ddpm:20:100",
+                              "guided_ddpm10:guided:ddpm:10:100",
+                              "fast_t30_ddpm5:guided:ddpm:5:30"],
+                  "Recipes name:start:method:steps[:t_start]; guided_ddpm10 is the bundled "
+                  "model's default, fast_t30_ddpm5 the earlier fast one (README: calibration).")
 flags.DEFINE_string("reference", "guided_full", "Recipe the others are compared with (besides "
                     "the first, the seeds').")
 flags.DEFINE_bool("jit_compile", True, "XLA for the sampling loop.")

@@ -73,12 +73,13 @@ class KerasBackend:
     """phi and psi in this process (pretrained() or load_models(run_dir))."""
 
     def __init__(self, models, method="ddpm"):
-        from smlm_tfdiff.sampler import PosteriorSampler
+        from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
 
         self.config = models.config
         self.source = models.source
         self._sampler = PosteriorSampler(models)
         self.method = method
+        self.num_steps = default_recipe(models)[1]  # The model's default.
 
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, method=self.method,
@@ -94,6 +95,7 @@ class SavedModelBackend:
         self._served = load_savedmodel(path)
         self.config = self._served.sim_config
         self.source = str(path)
+        self.num_steps = self._served.num_steps  # The export's default.
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
@@ -168,12 +170,13 @@ def _scalar(value, name):
 class StackAnalyzer:
     """Runs one model over TIFF stacks. See the module docstring for the outputs."""
 
-    def __init__(self, backend, camera: Camera, num_samples=16, num_steps=5, batch_frames=8,
-                 overlap=None, seed=0, localize_on="mean", picasso=False, maps=True,
+    def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
+                 overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True):
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std (got "
                              f"{num_samples})")
+        num_steps = backend.num_steps if num_steps is None else num_steps
         if num_steps < 1 or batch_frames < 1:
             raise ValueError(f"num_steps and batch_frames must be >= 1 (got {num_steps}, "
                              f"{batch_frames})")
@@ -388,13 +391,15 @@ def define_flags():
     flags.DEFINE_float("pixel_size_nm", None, "Camera pixel size in the sample plane, nm "
                        "(default: the model's).")
     flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame.")
-    flags.DEFINE_integer("num_steps", 5, "Reverse diffusion steps per sample.")
+    flags.DEFINE_integer("num_steps", None, "Reverse diffusion steps per sample (default: the "
+                         "model's, 10 for the bundled one).")
     flags.DEFINE_integer("batch_frames", 8, "Frames per batch (memory is bounded by this).")
     flags.DEFINE_integer("overlap", None, "Tile overlap in camera pixels (default: enough that "
                          "every pixel is within the model's trained region of a tile centre).")
     flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).")
-    flags.DEFINE_enum("localize_on", "mean", ["mean", "kde_estimate"], "Detect on psi's posterior "
-                      "mean or on phi's KDE estimate.")
+    flags.DEFINE_enum("localize_on", "kde_estimate", ["kde_estimate", "mean"], "Detect on phi's "
+                      "KDE estimate (the default: with the bundled models it localizes better "
+                      "than the posterior mean, README) or on psi's posterior mean.")
     flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler (bundled models).")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")

@@ -49,7 +49,8 @@ def define_flags():
     flags.DEFINE_integer("seed", 50_000, "Seed of the demo data (held out: training uses seeds "
                          "0.., validation 10000).")
     flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame in analyze.")
-    flags.DEFINE_integer("num_steps", 5, "Reverse diffusion steps per sample (all psi runs).")
+    flags.DEFINE_integer("num_steps", None, "Reverse diffusion steps per sample (all psi runs; "
+                         "default: the model's, 10 for the bundled one).")
     flags.DEFINE_integer("mcmc_frames", 4, "Isolated-emitter frames for MCMC against psi.")
     flags.DEFINE_integer("mcmc_results", 2000, "HMC draws per chain (500 burn-in steps before).")
     flags.DEFINE_integer("map_samples", 48, "psi samples per frame for the per-pixel std maps "
@@ -265,7 +266,8 @@ def run_demo(out):
         raise app.UsageError(f"--model {FLAGS.model!r} has phi but no psi; pass a psi run folder")
     backend = KerasBackend(models)  # analyze's backend; its sampler is reused below.
     sampler = backend._sampler
-    recipe = dict(num_steps=FLAGS.num_steps, method=backend.method)
+    num_steps = FLAGS.num_steps or backend.num_steps
+    recipe = dict(num_steps=num_steps, method=backend.method)
     cfg, iso_cfg = models.scene_config("paper"), models.scene_config("isolated")
     lap("load_models")
 
@@ -279,7 +281,7 @@ def run_demo(out):
     camera = Camera(offset_adu=float(cfg.offset), gain_adu_per_photon=float(cfg.gain),
                     readout_noise_adu=float(np.sqrt(cfg.readout_var)),
                     pixel_size_nm=cfg.pixel_size_nm)
-    analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
+    analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, num_steps,
                              batch_frames=8, seed=FLAGS.seed + 1, progress=not FLAGS.quick)
     an_dir = os.path.join(out, "analysis", "paper_stack")
     an = analyzer.analyze(tif, an_dir)
@@ -336,7 +338,7 @@ def run_demo(out):
 
     timing["total"] = round(time.perf_counter() - t_all, 2)
     s = {"settings": {"model": FLAGS.model, "num_frames": FLAGS.num_frames, "seed": FLAGS.seed,
-                      "num_samples": FLAGS.num_samples, "num_steps": FLAGS.num_steps,
+                      "num_samples": FLAGS.num_samples, "num_steps": num_steps,
                       "method": backend.method, "mcmc_frames": FLAGS.mcmc_frames,
                       "mcmc_results": FLAGS.mcmc_results, "mcmc_chains": 4,
                       "map_samples": FLAGS.map_samples, "coverage_frames": nc,
@@ -377,7 +379,8 @@ def main(argv):
                 FLAGS[name].value = value
     for name in ("num_frames", "num_samples", "num_steps", "mcmc_frames", "mcmc_results",
                  "map_samples", "coverage_frames"):
-        if FLAGS[name].value < (2 if name in ("num_samples", "map_samples") else 1):
+        value = FLAGS[name].value  # num_steps may be None: the model's default.
+        if value is not None and value < (2 if name in ("num_samples", "map_samples") else 1):
             raise app.UsageError(f"--{name} must be >= 1 (>= 2 for sample counts)")
     s = run_demo(FLAGS.out)
     h = s["headline"]

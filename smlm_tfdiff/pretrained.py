@@ -1,8 +1,8 @@
 """Bundled trained models: `pretrained("paper")` -> .phi, .psi (Keras), .config (SimulationConfig).
 
 A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
-also psi.weights.h5, psi_config.json and diffusion.json (noise schedule, loss weighting, default
-guided-start step t_start of the sampler)."""
+also psi.weights.h5, psi_config.json and diffusion.json (noise schedule, loss weighting, the
+sampler's default guided-start step t_start and number of reverse steps num_steps)."""
 
 import dataclasses
 import json
@@ -26,6 +26,7 @@ class Pretrained:
     schedule: Optional[Any] = None  # diffusion.NoiseSchedule psi was trained with.
     weighting: str = ""  # Loss weighting psi was trained with ("snr" or "simple").
     t_start: Optional[int] = None  # Default guided-start step of the sampler.
+    num_steps: Optional[int] = None  # Default number of reverse steps from t_start.
 
     def scene_config(self, preset: str) -> SimulationConfig:
         """The model's config (camera, optics, KDE grid, detection) with the scene of `preset`
@@ -106,6 +107,7 @@ def _attach_psi(models, psi_config, diffusion):
     models.schedule = NoiseSchedule.from_config(diffusion["schedule"])
     models.weighting = diffusion.get("weighting", "")
     models.t_start = diffusion.get("t_start")
+    models.num_steps = diffusion.get("num_steps")
 
 
 def _run_info(run_dir):

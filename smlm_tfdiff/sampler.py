@@ -29,6 +29,14 @@ METHODS = {"ddpm": 1.0, "ddim": 0.0}
 STARTS = ("guided", "noise")
 
 
+def default_recipe(models):
+    """The model's default guided start t* and number of reverse steps (its diffusion.json):
+    (t_start, num_steps) ints; without them, t* = T and every level is visited."""
+    t_start = int(getattr(models, "t_start", None) or models.schedule.T)
+    num_steps = int(getattr(models, "num_steps", None) or t_start)
+    return t_start, min(num_steps, t_start)
+
+
 def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] = None):
     """gamma at the visited steps, then 1: float64 [num_steps + 1] (see NoiseSchedule.timesteps_for)."""
     steps = schedule.timesteps_for(num_steps, start)
@@ -109,7 +117,8 @@ class PosteriorSampler:
 
         method: "ddim" (eta 0), "ddpm" (ancestral, eta 1) or a float eta in [0, 1].
         start: "guided" from q(y_t* | y_hat) at t* = t_start (default: the model's), or "noise"
-          from N(0, I) at t = T. num_steps: reverse steps (default: t_start steps, i.e. every level).
+          from N(0, I) at t = T. num_steps: reverse steps (default: the model's num_steps for its
+          own t_start, otherwise t_start steps, i.e. every level; see default_recipe).
         seed: int or [2] int32; the same seed gives the same samples.
         """
         frames = _check_frames(frames)
@@ -122,11 +131,14 @@ class PosteriorSampler:
         num_samples = int(num_samples)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
+        default_t, default_steps = default_recipe(self.models)
         if start == "noise":
             t_start = self.schedule.T
         elif t_start is None:
-            t_start = getattr(self.models, "t_start", None) or self.schedule.T
-        num_steps = t_start if num_steps is None else int(num_steps)
+            t_start = default_t
+        if num_steps is None:
+            num_steps = default_steps if start == "guided" and t_start == default_t else t_start
+        num_steps = int(num_steps)
         gammas, steps = noise_levels(self.schedule, num_steps, t_start)
         gammas = tf.constant(gammas, tf.float32)
         seed = seeds_lib.as_seed(seed)

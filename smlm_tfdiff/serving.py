@@ -4,7 +4,7 @@
     from smlm_tfdiff.serving import export_savedmodel, load_savedmodel
     export_savedmodel(pretrained("paper"), "models/smlm/1")
     served = load_savedmodel("models/smlm/1")
-    out = served.posterior(frames, num_samples=16, num_steps=5, seed=0)  # y_hat, mean, std
+    out = served.posterior(frames, num_samples=16, num_steps=10, seed=0)  # y_hat, mean, std
 
 Signatures (no XLA inside, DESIGN.md "Stack facts"; frames float32 in ADU, outputs in KDE units):
   serving_default(frames [B, H, W, 1], num_samples int32, num_steps int32, seed [2] int32)
@@ -36,7 +36,7 @@ import tensorflow as tf
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.config import SimulationConfig
 from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space
-from smlm_tfdiff.sampler import METHODS, make_sample_loop
+from smlm_tfdiff.sampler import METHODS, default_recipe, make_sample_loop
 
 SIGNATURES = ("serving_default", "sample", "estimate", "config")
 POSTERIOR_INPUTS = ("frames", "num_samples", "num_steps", "seed")
@@ -89,9 +89,8 @@ class SamplerModule(tf.Module):
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)} (got {method!r})")
         schedule = models.schedule
-        if t_start is None:
-            t_start = getattr(models, "t_start", None) or schedule.T
-        t_start = int(t_start)
+        default_t, default_steps = default_recipe(models)
+        t_start = default_t if t_start is None else int(t_start)
         if not 1 <= t_start <= schedule.T:
             raise ValueError(f"t_start must lie in 1..T = 1..{schedule.T} (got {t_start})")
         self.phi = models.phi
@@ -116,6 +115,7 @@ class SamplerModule(tf.Module):
 
         diffusion = {"schedule": schedule.get_config(),
                      "weighting": getattr(models, "weighting", ""), "t_start": t_start,
+                     "num_steps": default_steps if t_start == default_t else t_start,
                      "method": method, "eta": self._eta, "start": "guided"}
         texts = {"sim_config.json": sim_config.to_json(),
                  "psi_config.json": models.psi_config.to_json(),
@@ -325,6 +325,7 @@ class ServedSampler:
         self.schedule = NoiseSchedule.from_config(diffusion["schedule"])
         self.method = diffusion["method"]
         self.t_start = int(diffusion["t_start"])
+        self.num_steps = int(diffusion.get("num_steps") or self.t_start)  # Default per request.
 
     def estimate(self, frames):
         """frames [B, H, W, 1] (or [B, H, W], [H, W]) ADU -> y_hat [B, 4H, 4W, 1] float32."""
@@ -334,8 +335,9 @@ class ServedSampler:
     def posterior(self, frames, num_samples=100, num_steps=None, seed=0, return_samples=False):
         """Like PosteriorSampler.__call__ with the exported method and t_start: dict of NumPy
         y_hat, mean, std [B, 4H, 4W, 1] (KDE units, std ddof 0), samples [B, S, 4H, 4W, 1] if
-        return_samples, nfe_per_frame and steps. seed: int or [2] int32."""
-        num_steps = self.t_start if num_steps is None else int(num_steps)
+        return_samples, nfe_per_frame and steps. num_steps: default the export's (diffusion.json).
+        seed: int or [2] int32."""
+        num_steps = self.num_steps if num_steps is None else int(num_steps)
         signature = "sample" if return_samples else "serving_default"
         out = self.loaded.signatures[signature](
             frames=tf.constant(_as_batch(frames)),

@@ -193,6 +193,7 @@ def test_config_round_trips(served, models):
     diffusion = json.loads(config["diffusion_json"])
     assert diffusion["schedule"] == models.schedule.get_config()
     assert (diffusion["t_start"], diffusion["method"]) == (models.t_start, "ddpm")
+    assert diffusion["num_steps"] == models.num_steps == served.num_steps == 10
     assert int(loaded.t_start.numpy()) == models.t_start
 
 
@@ -201,8 +202,8 @@ BAD_REQUESTS = {  # case -> what the error message must say.
     "odd_height": "multiples of 2.*got 19x20.*pad or crop",
     "nan": "frames contain NaN or Inf",
     "no_samples": "num_samples must be >= 1",
-    "no_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.30 \(got 0\)",
-    "too_many_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.30 \(got 31\)",
+    "no_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.100 \(got 0\)",
+    "too_many_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.100 \(got 101\)",
 }
 
 
@@ -222,7 +223,7 @@ def test_bad_request_raises_invalid_argument(served, frames, case):
     elif case == "no_steps":
         request["num_steps"] = tf.constant(0)
     else:
-        request["num_steps"] = tf.constant(31)
+        request["num_steps"] = tf.constant(101)
     with pytest.raises(tf.errors.InvalidArgumentError, match=BAD_REQUESTS[case]):
         served.loaded.signatures["serving_default"](**request)
 

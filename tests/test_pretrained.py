@@ -48,20 +48,21 @@ def test_unknown_model_and_missing_files(tmp_path):
 def test_bundled_psi_samples_a_posterior_around_phi():
     models = st.pretrained("paper")
     assert models.psi is not None and models.schedule.name == "paper"
-    assert models.weighting == "snr" and models.t_start == 30
+    # The default recipe: guided start at t* = T (the forward marginal), 10 ancestral steps.
+    assert models.weighting == "snr" and (models.t_start, models.num_steps) == (100, 10)
     data = st.simulate(models.config, 8, seed=424_242)
-    post = st.sample_posterior(models, data["frames"], num_samples=16, num_steps=5, seed=0,
-                               method="ddpm")
-    assert post["nfe_per_frame"] == 80
+    post = st.sample_posterior(models, data["frames"], num_samples=16, seed=0, method="ddpm")
+    assert post["nfe_per_frame"] == 160 and len(post["steps"]) == 10 and post["steps"][0] == 100
     truth = data["kde"]
-    # The posterior mean is no worse than phi's estimate (16 samples add ~std^2/16 of MC noise).
-    mse_mean = np.mean((post["mean"] - truth) ** 2)
+    # The posterior mean stays as close to the truth as phi's estimate: its MSE less the Monte
+    # Carlo part (mean sample variance / (S - 1)) is within 15% of phi's (measured: 1.09x; from
+    # t* = T psi's mean is not better than y_hat, README "psi results").
+    mse_mean = np.mean((post["mean"] - truth) ** 2) - np.mean(post["std"] ** 2) / 15
     mse_phi = np.mean((post["y_hat"] - truth) ** 2)
-    assert mse_mean < 1.1 * mse_phi
+    assert mse_mean < 1.15 * mse_phi
     # Uncertainty sits where the molecules are, not in the empty background.
     near, far = truth[..., 0] > 0.2, truth[..., 0] < 1e-3
     assert post["std"][..., 0][near].mean() > 5 * post["std"][..., 0][far].mean()
     # Same seed, same output.
-    again = st.sample_posterior(models, data["frames"], num_samples=16, num_steps=5, seed=0,
-                                method="ddpm")
+    again = st.sample_posterior(models, data["frames"], num_samples=16, seed=0, method="ddpm")
     np.testing.assert_array_equal(post["mean"], again["mean"])

@@ -25,7 +25,8 @@ flags.DEFINE_string("model", "paper", "Bundled model name or a psi run folder.")
 flags.DEFINE_string("out_dir", None, "Where metrics.json and the figure go.")
 flags.DEFINE_integer("num_frames", 100, "Held-out frames for the accuracy comparison.")
 flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame for the accuracy comparison.")
-flags.DEFINE_integer("num_steps", 5, "Reverse steps of the default recipe.")
+flags.DEFINE_integer("num_steps", None, "Reverse steps of the default recipe (default: the "
+                     "model's).")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
 flags.DEFINE_integer("recipe_frames", 2, "Frames for the recipe comparison (the seeds' recipe "
                      "costs 10,000 network evaluations per frame).")
@@ -70,7 +71,7 @@ def main(argv):
     del argv
     from smlm_tfdiff.localization import detect, localization_metrics
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.sampler import PosteriorSampler
+    from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulate import simulate
     from smlm_tfdiff.calibration import std_map_agreement
 
@@ -82,7 +83,8 @@ def main(argv):
     config = models.scene_config("paper")
     data = simulate(config, FLAGS.num_frames, FLAGS.seed)
     sampler = PosteriorSampler(models)
-    recipe = dict(num_steps=FLAGS.num_steps, method=FLAGS.method, start="guided")
+    recipe = dict(num_steps=FLAGS.num_steps or default_recipe(models)[1], method=FLAGS.method,
+                  start="guided")
     post = sampler(data["frames"], FLAGS.num_samples, seed=0, return_samples=True, **recipe)
     truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
     acc = {}

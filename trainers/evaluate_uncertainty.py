@@ -32,7 +32,8 @@ flags.DEFINE_string("out_dir", None, "Where metrics.json and the figures go.")
 flags.DEFINE_integer("seed", 20_000, "Seed of the held-out frames (never used for training).")
 flags.DEFINE_integer("iso_frames", 15, "Isolated-emitter frames for the MCMC comparison.")
 flags.DEFINE_integer("num_samples", 100, "Posterior samples per frame.")
-flags.DEFINE_integer("num_steps", 5, "Reverse steps of the default recipe.")
+flags.DEFINE_integer("num_steps", None, "Reverse steps of the default recipe (default: the "
+                     "model's for its own t_start, else t_start).")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("mcmc_results", 5000, "HMC draws per chain.")
@@ -124,7 +125,7 @@ def main(argv):
     from smlm_tfdiff.phi_training import predict
     from smlm_tfdiff.physics.fisher import crlb
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.sampler import PosteriorSampler
+    from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulate import simulate
     from smlm_tfdiff.uncertainty import localization_uncertainty
 
@@ -133,9 +134,10 @@ def main(argv):
     if models.psi is None:
         raise app.UsageError(f"--model {FLAGS.model!r} has no psi")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    t_default = FLAGS.t_start or models.t_start or models.schedule.T
-    recipe = dict(num_steps=FLAGS.num_steps, method=FLAGS.method, start="guided",
-                  t_start=t_default)
+    model_t, model_steps = default_recipe(models)
+    t_default = FLAGS.t_start or model_t
+    num_steps = FLAGS.num_steps or (model_steps if t_default == model_t else t_default)
+    recipe = dict(num_steps=num_steps, method=FLAGS.method, start="guided", t_start=t_default)
     sampler = PosteriorSampler(models)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
@@ -181,8 +183,8 @@ def main(argv):
     n = min(FLAGS.recipe_frames, FLAGS.iso_frames)
     rows = {}
     for t in (int(v) for v in FLAGS.recipe_t_starts):
-        steps = int(min(t, max(2, round(FLAGS.num_steps * t / t_default))))
-        if t == t_default and steps == FLAGS.num_steps:
+        steps = int(min(t, max(2, round(recipe["num_steps"] * t / t_default))))
+        if t == t_default and steps == recipe["num_steps"]:
             std = psi_std[:n]
         else:
             std = sampler(iso["frames"][:n], FLAGS.num_samples, num_steps=steps,

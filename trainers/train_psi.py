@@ -36,9 +36,11 @@ flags.DEFINE_enum("noise_schedule", "paper", ["paper", "cosine", "linear"], "Noi
 flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule.")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the seeds' SNR-weighted "
                   "eq. 8 or the uniform 'simple' loss.")
-flags.DEFINE_integer("sample_t_start", 30, "Guided-start step t* of the validation sampler and "
-                     "the default of the exported model.")
-flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sampler.")
+flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the validation sampler and "
+                     "the default of the exported model (default: T, the forward marginal; the "
+                     "README's calibration table shows what a smaller t* costs).")
+flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sampler and the default "
+                     "of the exported model.")
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
@@ -61,6 +63,8 @@ def main(argv):
     # phi's camera and optics with the scene of --preset (or --sim_config), then --set.
     sim_config = sim_config_from_flags(phi_models.scene_config(FLAGS.preset))
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
+    t_start = FLAGS.sample_t_start or schedule.T
+    num_steps = min(FLAGS.sample_steps, t_start)
     psi_config = PsiConfig(
         base_channels=FLAGS.base_channels,
         channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
@@ -69,7 +73,7 @@ def main(argv):
         image_size=sim_config.hr_shape[0], dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim)
     diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
-                 "t_start": FLAGS.sample_t_start}
+                 "t_start": t_start, "num_steps": num_steps}
     logging.info("Training psi on %d replica(s) (%s), %s, weighting %s",
                  strategy.num_replicas_in_sync, type(strategy).__name__, schedule, FLAGS.weighting)
     trainer = Trainer(
@@ -79,7 +83,7 @@ def main(argv):
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start),
         eval_fn=PsiValidation(sim_config, phi, schedule, FLAGS.val_frames, FLAGS.val_seed,
-                              t_start=FLAGS.sample_t_start, num_steps=FLAGS.sample_steps),
+                              t_start=t_start, num_steps=num_steps),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "sim_config": sim_config.to_dict(),
                   "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
