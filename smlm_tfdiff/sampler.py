@@ -29,12 +29,14 @@ METHODS = {"ddpm": 1.0, "ddim": 0.0}
 STARTS = ("guided", "noise")
 
 
-def default_recipe(models):
-    """The model's default guided start t* and number of reverse steps (its diffusion.json):
-    (t_start, num_steps) ints; without them, t* = T and every level is visited."""
-    t_start = int(getattr(models, "t_start", None) or models.schedule.T)
-    num_steps = int(getattr(models, "num_steps", None) or t_start)
-    return t_start, min(num_steps, t_start)
+def default_recipe(models, t_start=None):
+    """(t_start, num_steps) ints of the guided start: for t_start None (or the model's own) the
+    model's diffusion.json values (t* = T and every level without them); for another t_start,
+    every level from it."""
+    model_t = int(getattr(models, "t_start", None) or models.schedule.T)
+    if t_start is not None and int(t_start) != model_t:
+        return int(t_start), int(t_start)
+    return model_t, min(int(getattr(models, "num_steps", None) or model_t), model_t)
 
 
 def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] = None):
@@ -131,14 +133,11 @@ class PosteriorSampler:
         num_samples = int(num_samples)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (got {num_samples})")
-        default_t, default_steps = default_recipe(self.models)
         if start == "noise":
-            t_start = self.schedule.T
-        elif t_start is None:
-            t_start = default_t
-        if num_steps is None:
-            num_steps = default_steps if start == "guided" and t_start == default_t else t_start
-        num_steps = int(num_steps)
+            t_start = default_steps = self.schedule.T
+        else:
+            t_start, default_steps = default_recipe(self.models, t_start)
+        num_steps = default_steps if num_steps is None else int(num_steps)
         gammas, steps = noise_levels(self.schedule, num_steps, t_start)
         gammas = tf.constant(gammas, tf.float32)
         seed = seeds_lib.as_seed(seed)

@@ -89,8 +89,7 @@ class SamplerModule(tf.Module):
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)} (got {method!r})")
         schedule = models.schedule
-        default_t, default_steps = default_recipe(models)
-        t_start = default_t if t_start is None else int(t_start)
+        t_start, default_steps = default_recipe(models, t_start)
         if not 1 <= t_start <= schedule.T:
             raise ValueError(f"t_start must lie in 1..T = 1..{schedule.T} (got {t_start})")
         self.phi = models.phi
@@ -115,7 +114,7 @@ class SamplerModule(tf.Module):
 
         diffusion = {"schedule": schedule.get_config(),
                      "weighting": getattr(models, "weighting", ""), "t_start": t_start,
-                     "num_steps": default_steps if t_start == default_t else t_start,
+                     "num_steps": default_steps,
                      "method": method, "eta": self._eta, "start": "guided"}
         texts = {"sim_config.json": sim_config.to_json(),
                  "psi_config.json": models.psi_config.to_json(),

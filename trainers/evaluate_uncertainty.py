@@ -134,10 +134,9 @@ def main(argv):
     if models.psi is None:
         raise app.UsageError(f"--model {FLAGS.model!r} has no psi")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    model_t, model_steps = default_recipe(models)
-    t_default = FLAGS.t_start or model_t
-    num_steps = FLAGS.num_steps or (model_steps if t_default == model_t else t_default)
-    recipe = dict(num_steps=num_steps, method=FLAGS.method, start="guided", t_start=t_default)
+    t_default, num_steps = default_recipe(models, FLAGS.t_start)
+    recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
+                  t_start=t_default)
     sampler = PosteriorSampler(models)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
