@@ -33,6 +33,7 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy import stats
 
 DEFAULT_LEVELS = tuple(np.round(np.arange(1, 10) / 10.0, 2))  # 0.1 .. 0.9 (reliability diagram)
 COVERAGE_METHODS = ("quantile", "rank")
@@ -251,7 +252,7 @@ def z_summary(z) -> dict:
     calibrated), mean, rms, a robust std (1.4826 * MAD about the median: insensitive to a few
     mismatched outliers), the fractions with |z| <= 1 and <= 2 (0.683 and 0.954 for N(0, 1)),
     and n. A 95% interval of std assuming normal z: std * sqrt((n - 1) / chi2_{(n-1), 0.975 /
-    0.025}) (Wilson-Hilferty approximation of the chi-square quantiles)."""
+    0.025}), exact for any n >= 2."""
     z = np.asarray(z, dtype=np.float64).ravel()
     z = z[np.isfinite(z)]
     n = int(z.size)
@@ -262,43 +263,12 @@ def z_summary(z) -> dict:
     std = float(np.std(z, ddof=1))
     med = np.median(z)
     k = n - 1
-    lo_q, hi_q = _chi2_quantile(0.025, k), _chi2_quantile(0.975, k)
+    lo_q, hi_q = stats.chi2.ppf([0.025, 0.975], k)
     return {"std": std, "mean": float(np.mean(z)), "rms": float(np.sqrt(np.mean(z ** 2))),
             "robust_std": float(1.4826 * np.median(np.abs(z - med))),
             "frac_abs_le_1": float(np.mean(np.abs(z) <= 1)),
             "frac_abs_le_2": float(np.mean(np.abs(z) <= 2)),
             "std_ci95": [std * math.sqrt(k / hi_q), std * math.sqrt(k / lo_q)], "n": n}
-
-
-def _chi2_quantile(p, k):
-    """Wilson-Hilferty approximation of the chi-square quantile (k degrees of freedom)."""
-    zp = _normal_quantile(p)
-    return k * (1 - 2 / (9 * k) + zp * math.sqrt(2 / (9 * k))) ** 3
-
-
-def _normal_quantile(p):
-    """Inverse standard normal CDF (Acklam's rational approximation, |error| < 1.2e-9)."""
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1) (got {p})")
-    a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
-         1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00)
-    b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
-         6.680131188771972e+01, -1.328068155288572e+01)
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
-         -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
-    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
-         3.754408661907416e+00)
-    lo = 0.02425
-    if p < lo:
-        q = math.sqrt(-2 * math.log(p))
-        return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
-            ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
-    if p > 1 - lo:
-        return -_normal_quantile(1 - p)
-    q = p - 0.5
-    r = q * q
-    return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / \
-        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
 
 
 def within(value, low, high) -> Optional[bool]:
