@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.models.phi import PhiConfig, build_phi  # noqa: E402
-from smlm_tfdiff.phi_training import phi_loss  # noqa: E402
+from smlm_tfdiff.phi_training import phi_loss, predict  # noqa: E402
 
 flags.DEFINE_string("model", "", "Bundled model name or run folder (default: a fresh default phi; "
                     "speed does not depend on the weights).")
@@ -75,11 +75,9 @@ def main(argv):
         sec = timed(lambda: step(batch).numpy(), FLAGS.seconds)
         results[f"train_step_ms_b{FLAGS.train_batch_size}{'_xla' if jit else ''}"] = 1000 * sec
     if FLAGS.detect_frames:
-        predict = tf.function(lambda x: phi(x, training=False), jit_compile=True)
         for preset in ("paper", "isolated"):
             scene = model.scene_config(preset)
-            kde = predict(tf.constant(st.simulate(scene, FLAGS.detect_frames, seed=1)["frames"]))
-            kde = kde.numpy()
+            kde = predict(phi, st.simulate(scene, FLAGS.detect_frames, seed=1)["frames"])
             start = time.perf_counter()
             st.detect(kde, scene)
             results[f"detect_ms_per_frame_{preset}"] = (

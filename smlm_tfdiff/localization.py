@@ -27,7 +27,7 @@ Refinement (HR coordinates; HR pixel J has centre J + 1/2; divided by upsample a
               as two (see _deblend) and kept split when the fit says so: this resolves most merged
               pairs (oracle recall 0.99 instead of 0.82 on the paper preset). Then emitters with no
               LoG maximum of their own (a cluster smeared into a plateau by phi) are found as bumps
-              of the fit residual (_add_from_residual; phi's recall 0.942 -> 0.971 on validation
+              of the fit residual (_add_from_residual; phi's recall 0.942 -> 0.969 on validation
               frames), and fits below half an emitter are dropped.
   "centroid"  intensity-weighted centroid in a (2 * refine_radius + 1)^2 box with fractional-pixel
               edges, re-centred on its own result until it stops moving (at most 1 HR px from the
@@ -57,7 +57,7 @@ _SQRT2 = math.sqrt(2.0)
 # peaks with a fitted amplitude >= trigger are tried as two (_deblend, max_splits tries per group);
 # residual bumps the LoG missed are tried as new emitters (_add_from_residual, max_adds tries per
 # image); fits below keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the
-# evaluation seeds): README, "Localization".
+# evaluation seeds): README, "Results so far".
 DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32,
                         max_adds=16, add_min_amplitude=0.6, keep_amplitude=0.5)
 
