@@ -20,11 +20,12 @@ import tensorflow as tf  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.models.phi import PhiConfig, build_phi  # noqa: E402
-from smlm_tfdiff.phi_training import phi_loss, predict  # noqa: E402
+from smlm_tfdiff.phi_training import inference_fn, phi_loss, predict  # noqa: E402
 
 flags.DEFINE_string("model", "", "Bundled model name or run folder (default: a fresh default phi; "
                     "speed does not depend on the weights).")
 flags.DEFINE_integer("batch_size", 256, "Inference batch.")
+flags.DEFINE_integer("chunk", 32, "Frames per chunk inside the batch (phi_training.predict).")
 flags.DEFINE_integer("train_batch_size", 64, "Training batch.")
 flags.DEFINE_float("seconds", 10.0, "Measuring time per variant.")
 flags.DEFINE_integer("detect_frames", 100, "Frames per preset for the detection timing (0: skip).")
@@ -60,6 +61,10 @@ def main(argv):
         fn = tf.function(lambda x: phi(x, training=False), jit_compile=jit)
         sec = timed(lambda: fn(frames).numpy(), FLAGS.seconds)
         results[f"inference_fps{'_xla' if jit else ''}"] = FLAGS.batch_size / sec
+    # What phi_training.predict runs: the batch as chunks inside one XLA graph.
+    fn = inference_fn(phi, FLAGS.chunk)
+    sec = timed(lambda: fn(frames).numpy(), FLAGS.seconds)
+    results[f"inference_fps_xla_chunk{FLAGS.chunk}"] = FLAGS.batch_size / sec
     optimizer = keras.optimizers.AdamW(1e-3)
     batch = {k: tf.constant(v[:FLAGS.train_batch_size]) for k, v in data.items()}
 

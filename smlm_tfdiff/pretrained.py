@@ -7,6 +7,7 @@ sampler's default guided-start step t_start and number of reverse steps num_step
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Optional
 
 from smlm_tfdiff.config import SimulationConfig
@@ -56,7 +57,19 @@ def load_phi(run_dir):
     with open(os.path.join(run_dir, "phi_config.json")) as f:
         phi_config = PhiConfig.from_json(f.read())
     phi = build_phi(config, phi_config)
-    phi.load_weights(os.path.join(run_dir, "phi.weights.h5"))
+    path = os.path.join(run_dir, "phi.weights.h5")
+    try:
+        with warnings.catch_warnings():  # Keras warns about every group of a legacy file.
+            warnings.simplefilter("ignore", UserWarning)
+            phi.load_weights(path)
+    except ValueError:
+        # Files written before the resize-convs were fused (UpSampling2D + Conv2D layers): same
+        # weights, other layer keys. Load them into that graph and copy by layer name.
+        legacy = build_phi(config, phi_config, fused_resize=False)
+        legacy.load_weights(path)
+        for layer in phi.layers:
+            if layer.weights:
+                layer.set_weights(legacy.get_layer(layer.name).get_weights())
     return Pretrained(phi=phi, config=config, phi_config=phi_config, source=run_dir)
 
 

@@ -17,18 +17,38 @@ from smlm_tfdiff.simulate import make_dataset, simulate
 BUCKETS = ((1, 5), (6, 20), (21, 50), (51, 100))
 
 
-def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step):
-    """Infinite batches {frames, kde, t, gamma, eps}; a run resumed at start_step draws fresh data."""
+def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
+                mix_fraction=0.0):
+    """Infinite batches {frames, kde, t, gamma, eps}; a run resumed at start_step draws fresh data.
+
+    mix_config, mix_fraction: a second scene (same camera and frame size, e.g. the isolated
+    preset) that fills round(mix_fraction * batch_size) frames of every batch, so psi also learns
+    the narrow posteriors of sparse frames; the rest comes from sim_config."""
     sim_seed, noise_seed = seeds_lib.split(seeds_lib.fold_in(seed, start_step))
-    ds = make_dataset(sim_config, batch_size, sim_seed, prefetch=0)
     hr = sim_config.hr_shape
+    num_mix = int(round(mix_fraction * batch_size)) if mix_config is not None else 0
+    if not 0.0 <= mix_fraction <= 1.0:
+        raise ValueError(f"mix_fraction must be in [0, 1] (got {mix_fraction})")
+    if num_mix:
+        if tuple(mix_config.hr_shape) != tuple(hr) or mix_config.lr_shape != sim_config.lr_shape:
+            raise ValueError(f"the mixed-in scene has frames {mix_config.lr_shape} and KDEs "
+                             f"{mix_config.hr_shape}, the main one {sim_config.lr_shape} and {hr}: "
+                             "mix scenes of the same frame size and upsampling only")
+    parts = []
+    if batch_size - num_mix:
+        parts.append(make_dataset(sim_config, batch_size - num_mix, sim_seed, prefetch=0))
+    if num_mix:
+        parts.append(make_dataset(mix_config, num_mix, seeds_lib.fold_in(sim_seed, 1), prefetch=0))
+    ds = tf.data.Dataset.zip(tuple(parts))
     t_min = T_MIN[weighting]
 
-    def add_noise(i, b):
+    def add_noise(i, batches):
         level_seed, eps_seed = seeds_lib.split(seeds_lib.fold_in(noise_seed, i))
         t, gamma = sample_training_noise_level(schedule, batch_size, level_seed, t_min)
         eps = tf.random.stateless_normal([batch_size, hr[0], hr[1], 1], eps_seed)
-        return {"frames": b["frames"], "kde": b["kde"], "t": t, "gamma": gamma, "eps": eps}
+        frames = tf.concat([b["frames"] for b in batches], 0)
+        kde = tf.concat([b["kde"] for b in batches], 0)
+        return {"frames": frames, "kde": kde, "t": t, "gamma": gamma, "eps": eps}
 
     return ds.enumerate().map(add_noise).prefetch(tf.data.AUTOTUNE)
 

@@ -50,3 +50,37 @@ def test_bad_phi_config(paper):
     with pytest.raises(ValueError, match="upsampl"):
         build_phi(paper, PhiConfig(upsample_filters=(8,)))
     assert PhiConfig.from_json(PhiConfig().to_json()) == PhiConfig()
+
+
+def test_resize_conv_is_upsampling_then_conv():
+    import keras
+    from smlm_tfdiff.models.phi import ResizeConv2D
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
+    fused = ResizeConv2D(4, use_bias=True, activation="relu")
+    out = np.asarray(fused(x))
+    assert out.shape == (2, 10, 14, 4)
+    fused.bias.assign(rng.standard_normal(4).astype(np.float32))
+    conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu")
+    up = keras.layers.UpSampling2D(2, interpolation="nearest")(x)
+    conv.build(up.shape)
+    conv.set_weights(fused.get_weights())
+    np.testing.assert_allclose(np.asarray(fused(x)), np.asarray(conv(up)), atol=1e-5)
+    with pytest.raises(ValueError, match="3x3"):
+        ResizeConv2D(4, kernel_size=5)
+
+
+def test_weights_of_the_unfused_layout_still_load(paper, tmp_path):
+    from smlm_tfdiff.pretrained import load_phi
+    legacy = build_phi(paper, fused_resize=False)
+    rng = np.random.default_rng(1)
+    legacy.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32)
+                        for w in legacy.get_weights()])
+    legacy.save_weights(str(tmp_path / "phi.weights.h5"))
+    (tmp_path / "phi_config.json").write_text(PhiConfig().to_json())
+    (tmp_path / "sim_config.json").write_text(paper.to_json())
+    phi = load_phi(str(tmp_path)).phi
+    assert not any(layer.name == "upsample0" for layer in phi.layers)
+    x = st.simulate(paper, 4, seed=2)["frames"]
+    np.testing.assert_allclose(np.asarray(phi(x, training=False)),
+                               np.asarray(legacy(x, training=False)), rtol=1e-4, atol=1e-4)

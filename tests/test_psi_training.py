@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import smlm_tfdiff as st
@@ -87,3 +88,19 @@ def test_train_psi_mirrored_resume_tensorboard_and_load(tmp_path):
     post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0)
     assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
     assert np.all(np.isfinite(post["mean"]))
+
+
+def test_dataset_mixes_in_a_second_scene(paper):
+    schedule = NoiseSchedule.named("paper")
+    isolated = paper.replace(num_emitters=1)
+    batch = next(iter(psi_dataset(paper, schedule, "simple", 8, seed=3, start_step=0,
+                                  mix_config=isolated, mix_fraction=0.25)))
+    assert batch["frames"].shape == (8, 20, 20, 1) and batch["eps"].shape == (8, 80, 80, 1)
+    # One emitter's KDE has the mass of a unit-peak Gaussian (2 pi s^2); ten have ten times it.
+    mass = batch["kde"].numpy().sum(axis=(1, 2, 3)) / (2 * np.pi * paper.kde_sigma ** 2)
+    np.testing.assert_allclose(mass[6:], 1.0, atol=0.05)
+    assert np.all(mass[:6] > 8.5)
+    with pytest.raises(ValueError, match="same frame size"):
+        psi_dataset(paper, schedule, "simple", 8, 3, 0, paper.replace(frame_width=24), 0.25)
+    with pytest.raises(ValueError, match="mix_fraction"):
+        psi_dataset(paper, schedule, "simple", 8, 3, 0, isolated, 1.5)

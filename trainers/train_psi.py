@@ -41,6 +41,11 @@ flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the valida
                      "README's calibration table shows what a smaller t* costs).")
 flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sampler and the default "
                      "of the exported model.")
+flags.DEFINE_string("mix_preset", None, "A second scene preset (e.g. isolated) mixed into every "
+                    "batch with phi's camera, so psi also learns sparse frames' narrow posteriors.")
+flags.DEFINE_float("mix_fraction", 0.25, "Fraction of each batch from --mix_preset.")
+flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (a bundled name or "
+                    "a run folder; fine-tuning): same psi_config required. Ignored on resume.")
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
@@ -74,17 +79,37 @@ def main(argv):
         embedding_dim=FLAGS.embedding_dim)
     diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
                  "t_start": t_start, "num_steps": num_steps}
+    mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
+    init_weights = None
+    if FLAGS.init_psi:
+        init = load_phi_source(FLAGS.init_psi)
+        if init.psi is None:
+            raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has no psi")
+        if init.psi_config != psi_config:
+            raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
+                                 f"{psi_config}: set the psi flags to match it")
+        init_weights = init.psi.get_weights()
+
+    def build_model():
+        model = build_psi(psi_config)
+        if init_weights is not None:  # A resumed run then restores its checkpoint over these.
+            model.set_weights(init_weights)
+        return model
+
     logging.info("Training psi on %d replica(s) (%s), %s, weighting %s",
                  strategy.num_replicas_in_sync, type(strategy).__name__, schedule, FLAGS.weighting)
     trainer = Trainer(
         cfg, strategy,
-        build_model=lambda: build_psi(psi_config),
+        build_model=build_model,
         loss_fn=PsiLoss(phi, schedule, FLAGS.weighting),
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
-                                             cfg.batch_size, cfg.seed, start),
+                                             cfg.batch_size, cfg.seed, start, mix_config,
+                                             FLAGS.mix_fraction),
         eval_fn=PsiValidation(sim_config, phi, schedule, FLAGS.val_frames, FLAGS.val_seed,
                               t_start=t_start, num_steps=num_steps),
-        run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "sim_config": sim_config.to_dict(),
+        run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,
+                  "mix_preset": FLAGS.mix_preset,
+                  "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0, "sim_config": sim_config.to_dict(),
                   "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
     trainer.fit()

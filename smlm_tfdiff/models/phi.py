@@ -92,9 +92,55 @@ class HardTanh(layers.Layer):
         return {**super().get_config(), "low": self.low, "high": self.high}
 
 
-def _conv_block(x, filters, name, dilation=1):
-    x = layers.Conv2D(filters, 3, padding="same", dilation_rate=dilation, use_bias=False,
-                      name=f"{name}_conv")(x)
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class ResizeConv2D(layers.Conv2D):
+    """2x nearest-neighbour resize followed by a 3x3 "same" conv, [B, H, W, C] -> [B, 2H, 2W, F].
+
+    Computed as its exact sub-pixel equivalent: the 3x3 kernel is folded into one 3x3 kernel per
+    output phase, applied at the input resolution ([B, H, W, 4F]) and interleaved (depth to
+    space). Same weights and result as UpSampling2D + Conv2D, a quarter of the conv positions;
+    phi's two resize-convs take ~40% less time on a CPU (benchmarks/phi.py).
+    """
+
+    # _FOLD[a, p, r]: weight of the resized-grid tap r (rows -1, 0, +1 around the output pixel)
+    # at input offset p (-1, 0, +1) for output phase a (even or odd row); the same for columns.
+    _FOLD = (((1, 0, 0), (0, 1, 1), (0, 0, 0)), ((0, 0, 0), (1, 1, 0), (0, 0, 1)))
+
+    def __init__(self, filters, **kwargs):
+        kwargs.setdefault("kernel_size", 3)
+        kwargs.setdefault("padding", "same")
+        super().__init__(filters, **kwargs)
+        if (tuple(self.kernel_size) != (3, 3) or self.padding != "same"
+                or tuple(self.strides) != (1, 1) or tuple(self.dilation_rate) != (1, 1)
+                or self.groups != 1 or self.data_format != "channels_last"):
+            raise ValueError("ResizeConv2D supports 3x3 'same' kernels, stride 1, no dilation, "
+                             "channels_last")
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return (b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters)
+
+    def call(self, inputs):
+        fold = ops.convert_to_tensor(self._FOLD, dtype=self.kernel.dtype)
+        # [3, 3, C, 2, 2, F] -> [3, 3, C, 4F], channels ordered (row phase, column phase, filter).
+        kernel = ops.einsum("apr,bqs,rsio->pqiabo", fold, fold, self.kernel)
+        kernel = ops.reshape(kernel, (3, 3, ops.shape(self.kernel)[2], 4 * self.filters))
+        y = ops.conv(inputs, kernel, strides=1, padding="same")
+        if self.use_bias:
+            y = y + ops.tile(self.bias, [4])
+        shape = ops.shape(inputs)
+        y = ops.reshape(y, (shape[0], shape[1], shape[2], 2, 2, self.filters))
+        y = ops.transpose(y, (0, 1, 3, 2, 4, 5))
+        y = ops.reshape(y, (shape[0], 2 * shape[1], 2 * shape[2], self.filters))
+        return self.activation(y) if self.activation is not None else y
+
+
+def _conv_block(x, filters, name, dilation=1, resize=False):
+    if resize:
+        x = ResizeConv2D(filters, use_bias=False, name=f"{name}_conv")(x)
+    else:
+        x = layers.Conv2D(filters, 3, padding="same", dilation_rate=dilation, use_bias=False,
+                          name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
@@ -105,8 +151,11 @@ def output_bound(sim_config) -> float:
     return float(max(4, sim_config.padded_emitters))
 
 
-def build_phi(sim_config, phi_config=None, name="phi"):
-    """The phi model for a SimulationConfig (camera offset/gain, KDE upsample factor)."""
+def build_phi(sim_config, phi_config=None, name="phi", fused_resize=True):
+    """The phi model for a SimulationConfig (camera offset/gain, KDE upsample factor).
+
+    fused_resize=False builds the resize-convs as separate UpSampling2D and Conv2D layers: the
+    same function and weights, the layer layout of weight files written before the fusion."""
     phi_config = phi_config or PhiConfig()
     if phi_config.upsample != sim_config.upsample:
         raise ValueError(f"PhiConfig.upsample_filters gives {phi_config.upsample}x upsampling but "
@@ -124,10 +173,11 @@ def build_phi(sim_config, phi_config=None, name="phi"):
     for i, d in enumerate(phi_config.dilations):
         x = layers.Concatenate(name=f"context{i + 1}_skip")([x, x0])
         x = _conv_block(x, phi_config.context_filters, f"context{i + 1}", d)
-    # Upsampling: nearest-neighbour 2x resize followed by a conv, twice.
+    # Upsampling: nearest-neighbour 2x resize followed by a conv, twice (fused, ResizeConv2D).
     for i, f in enumerate(phi_config.upsample_filters):
-        x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
-        x = _conv_block(x, f, f"upsample{i}")
+        if not fused_resize:
+            x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
+        x = _conv_block(x, f, f"upsample{i}", resize=fused_resize)
     # Prediction: three conv blocks, a 1x1 conv and the bounded linear output.
     for i in range(phi_config.prediction_blocks):
         x = _conv_block(x, phi_config.prediction_filters, f"predict{i}")
