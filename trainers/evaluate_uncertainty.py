@@ -12,8 +12,9 @@ section) and PNG figures (std_maps.png, reliability.png, z_hist.png, recipes.png
                  where truth or posterior mean > --threshold; reliability diagram. Target +-5 pts.
   3 localization z = error / posterior std per axis of phi's localizations matched to the truth.
                  Target std(z) in [0.8, 1.25].
-  4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout (phi has no
-                 dropout layers: recorded as unavailable, not faked).
+  4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout: a phi
+                 trained with dropout (--mc_dropout_model), dropout on at inference, scored as psi
+                 is (std maps against MCMC, coverage, z-scores of its own localizations).
 Statistics: smlm_tfdiff/calibration.py.
 """
 
@@ -50,6 +51,8 @@ flags.DEFINE_integer("loc_frames", 12, "Dense frames for per-localization z-scor
 flags.DEFINE_integer("loc_samples", 32, "Samples per frame detected for z-scores.")
 flags.DEFINE_integer("iso_loc_samples", 50, "Samples per isolated frame detected.")
 flags.DEFINE_integer("crlb_frames", 200, "Frames per preset for the CRLB baseline.")
+flags.DEFINE_string("mc_dropout_model", "paper_mcdropout", "MC-dropout baseline: a phi trained "
+                    "with dropout (bundled name or run folder; empty: skip).")
 flags.DEFINE_float("tolerance_hr", 5.0, "Matching radius to the truth, HR pixels (the seeds: 5).")
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
@@ -330,26 +333,19 @@ def main(argv):
         base["crlb"][preset] = {"num_frames": FLAGS.crlb_frames,
                                 "z": cal.z_summary(z_crlb[preset]),
                                 "sqrt_crlb_nm_median": float(np.median(bounds) * c.pixel_size_nm)}
-    dropout = []
-
-    def walk(layer):
-        for sub in getattr(layer, "layers", []):
-            if "Dropout" in type(sub).__name__:
-                dropout.append(sub.name)
-            walk(sub)
-    walk(models.phi)
-    base["mc_dropout"] = {
-        "available": bool(dropout), "phi_dropout_layers": dropout,
-        "reason": None if dropout else
-        "phi has no dropout layers and was trained without dropout; inserting dropout at "
-        "inference into weights never trained with it does not approximate a posterior, so no "
-        "MC-dropout baseline is reported"}
+    if FLAGS.mc_dropout_model:
+        base["mc_dropout"] = mc_dropout_baseline(iso, dense, mcmc, tol)
+        z_mcd = base["mc_dropout"].pop("_z")
+    else:
+        base["mc_dropout"] = {"available": False, "reason": "--mc_dropout_model not set"}
+        z_mcd = {}
     metrics["baselines"] = base
     metrics["timing_s"]["baselines"] = time.perf_counter() - t0
     fig, ax = plt.subplots(figsize=(5, 3.8))
     bins = np.linspace(-5, 5, 51)
     for name, z in (("psi, dense (phi xy)", z_dense), ("psi, isolated", z_iso),
-                    ("CRLB, dense", z_crlb["paper"]), ("CRLB, isolated", z_crlb["isolated"])):
+                    ("CRLB, dense", z_crlb["paper"]), ("CRLB, isolated", z_crlb["isolated"]),
+                    *((f"MC dropout, {k}", v) for k, v in z_mcd.items())):
         z = z[np.isfinite(z)]
         ax.hist(z.ravel(), bins, density=True, histtype="step",
                 label=f"{name}: std {np.std(z):.2f}")
@@ -364,6 +360,47 @@ def main(argv):
     save(metrics, FLAGS.out_dir)
     summary(metrics)
     print(json.dumps(metrics, indent=1, default=_json))
+
+
+def mc_dropout_baseline(iso, dense, mcmc, tol):
+    """The MC-dropout phi scored like psi: std maps against MCMC (isolated), per-pixel coverage
+    (dense) and per-localization z-scores (its own localizations, detected on its y_hat)."""
+    from smlm_tfdiff import calibration as cal
+    from smlm_tfdiff.mc_dropout import dropout_layers, mc_dropout_posterior
+    from smlm_tfdiff.pretrained import load_phi_source
+    from smlm_tfdiff.uncertainty import localization_uncertainty
+
+    mcd = load_phi_source(FLAGS.mc_dropout_model)
+    out = {"available": True, "model": FLAGS.mc_dropout_model, "source": mcd.source,
+           "dropout": mcd.phi_config.dropout, "phi_dropout_layers": dropout_layers(mcd.phi),
+           "num_samples": FLAGS.num_samples, "_z": {}}
+    iso_cfg, cfg = mcd.scene_config("isolated"), mcd.scene_config("paper")
+    ipost = mc_dropout_posterior(mcd.phi, iso["frames"], FLAGS.num_samples, seed=5,
+                                 return_samples=True)
+    if 1.0 in mcmc:
+        a = cal.std_map_agreement(ipost["std"][..., 0], mcmc[1.0][1])
+        out["vs_mcmc_beta_1"] = {k: a[k] for k in ("pearson_r", "pearson_r_median", "mean_ratio")}
+    dpost = mc_dropout_posterior(mcd.phi, dense["frames"], FLAGS.num_samples, seed=6,
+                                 return_samples=True)
+    truth_kde = dense["kde"][..., 0]
+    mask = (truth_kde > FLAGS.threshold) | (dpost["mean"][..., 0] > FLAGS.threshold)
+    cov = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1)
+    out["coverage_50"], out["coverage_90"] = float(cov[0]), float(cov[1])
+    for name, d, post, c, n, s in (
+            ("dense", dense, dpost, cfg, FLAGS.loc_frames, FLAGS.loc_samples),
+            ("isolated", iso, ipost, iso_cfg, FLAGS.iso_frames, FLAGS.iso_loc_samples)):
+        n, s = min(n, len(d["frames"])), min(s, FLAGS.num_samples)
+        locs = localization_uncertainty(post["samples"][:n, :s], post["y_hat"][:n], c)
+        truth = [p[m] for p, m in zip(d["positions"][:n], d["mask"][:n])]
+        e_phi, _, sd = loc_z(locs, truth, c, tol)
+        z = cal.z_scores(e_phi, sd)
+        out["_z"][name] = z
+        out[f"z_{name}"] = cal.z_summary(z)
+        out[f"median_std_nm_{name}"] = float(np.nanmedian(sd))
+    logging.info("MC dropout: coverage %.3f / %.3f, std(z) dense %.3f isolated %.3f",
+                 out["coverage_50"], out["coverage_90"], out["z_dense"]["std"],
+                 out["z_isolated"]["std"])
+    return out
 
 
 def summary(m):
@@ -397,7 +434,17 @@ def summary(m):
             z["isolated"]["loc_std_over_mcmc_xy_std_median"], "~1")
     for p, v in m["baselines"]["crlb"].items():
         row(f"std(z) CRLB baseline, {p}", v["z"]["std"])
-    lines.append(f"MC dropout available: {m['baselines']['mc_dropout']['available']}")
+    mcd = m["baselines"]["mc_dropout"]
+    if mcd.get("available"):
+        if "vs_mcmc_beta_1" in mcd:
+            row("MC dropout vs MCMC beta_1: pooled r", mcd["vs_mcmc_beta_1"]["pearson_r"])
+            row("MC dropout vs MCMC beta_1: mean std ratio", mcd["vs_mcmc_beta_1"]["mean_ratio"])
+        row("MC dropout dense coverage 50%", mcd["coverage_50"])
+        row("MC dropout dense coverage 90%", mcd["coverage_90"])
+        row("MC dropout std(z) dense", mcd["z_dense"]["std"])
+        row("MC dropout std(z) isolated", mcd["z_isolated"]["std"])
+    else:
+        lines.append(f"MC dropout: not run ({mcd.get('reason')})")
     row("total runtime (s)", m["timing_s"]["total"])
     if b1:
         lines.append(f"MCMC beta=1 converged fraction {b1['mcmc']['converged_fraction']:.2f}")
@@ -407,7 +454,7 @@ def summary(m):
 FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
-              "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr")
+              "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
 
 if __name__ == "__main__":
     app.run(main)

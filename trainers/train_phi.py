@@ -23,6 +23,11 @@ flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module
 flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation rates.")
 flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resize-convs.")
 flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
+flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling block (> 0 "
+                   "makes an MC-dropout model, smlm_tfdiff.mc_dropout).")
+flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a run "
+                    "folder; fine-tuning): same widths required, dropout may differ. Ignored on "
+                    "resume.")
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
@@ -40,16 +45,35 @@ def main(argv):
     phi_config = PhiConfig(context_filters=FLAGS.context_filters,
                            dilations=tuple(int(d) for d in FLAGS.dilations),
                            upsample_filters=tuple(int(f) for f in FLAGS.upsample_filters),
-                           prediction_filters=FLAGS.prediction_filters)
+                           prediction_filters=FLAGS.prediction_filters,
+                           dropout=FLAGS.dropout)
+    init_weights = None
+    if FLAGS.init_phi:
+        import dataclasses
+        from smlm_tfdiff.pretrained import load_phi_source
+        init = load_phi_source(FLAGS.init_phi)
+        if dataclasses.replace(init.phi_config, dropout=0.0) != dataclasses.replace(
+                phi_config, dropout=0.0):
+            raise app.UsageError(f"--init_phi {FLAGS.init_phi!r} has {init.phi_config}, this run "
+                                 f"{phi_config}: set the phi flags to match it")
+        init_weights = init.phi.get_weights()
+
+    def build_model():
+        model = build_phi(sim_config, phi_config)
+        if init_weights is not None:  # A resumed run then restores its checkpoint over these.
+            model.set_weights(init_weights)
+        return model
+
     logging.info("Training phi on %d replica(s) (%s)", strategy.num_replicas_in_sync,
                  type(strategy).__name__)
     trainer = Trainer(
         cfg, strategy,
-        build_model=lambda: build_phi(sim_config, phi_config),
+        build_model=build_model,
         loss_fn=phi_loss,
         dataset_fn=lambda start: phi_dataset(sim_config, cfg.batch_size, cfg.seed, start),
         eval_fn=PhiValidation(sim_config, FLAGS.val_frames, FLAGS.val_seed),
-        run_info={"preset": FLAGS.preset, "sim_config": sim_config.to_dict(),
+        run_info={"preset": FLAGS.preset, "init_phi": FLAGS.init_phi,
+                  "sim_config": sim_config.to_dict(),
                   "phi_config": json.loads(phi_config.to_json()),
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
     trainer.fit()

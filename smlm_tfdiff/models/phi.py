@@ -24,6 +24,9 @@ class PhiConfig:
     prediction_filters: int = 8  # Channels of the three HR prediction blocks.
     prediction_blocks: int = 3
     photon_scale: float = 20.0  # Photons -> network input: (x - offset) / gain / photon_scale.
+    # Dropout after every context and upsampling block (0: none). A phi trained with dropout is
+    # the MC-dropout baseline of the uncertainty evaluation (smlm_tfdiff.mc_dropout).
+    dropout: float = 0.0
 
     def __post_init__(self):
         self.dilations = tuple(int(d) for d in self.dilations)
@@ -38,6 +41,9 @@ class PhiConfig:
                              f"(got {self.upsample_filters})")
         if not self.photon_scale > 0:
             raise ValueError(f"PhiConfig.photon_scale must be > 0 (got {self.photon_scale})")
+        self.dropout = float(self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PhiConfig.dropout must lie in [0, 1) (got {self.dropout})")
 
     @property
     def upsample(self) -> int:
@@ -135,14 +141,17 @@ class ResizeConv2D(layers.Conv2D):
         return self.activation(y) if self.activation is not None else y
 
 
-def _conv_block(x, filters, name, dilation=1, resize=False):
+def _conv_block(x, filters, name, dilation=1, resize=False, dropout=0.0):
     if resize:
         x = ResizeConv2D(filters, use_bias=False, name=f"{name}_conv")(x)
     else:
         x = layers.Conv2D(filters, 3, padding="same", dilation_rate=dilation, use_bias=False,
                           name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.ReLU(name=f"{name}_relu")(x)
+    x = layers.ReLU(name=f"{name}_relu")(x)
+    if dropout:  # No weights: a phi with dropout loads the weights of one without, and back.
+        x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return x
 
 
 def output_bound(sim_config) -> float:
@@ -169,15 +178,16 @@ def build_phi(sim_config, phi_config=None, name="phi", fused_resize=True):
     x0 = PhotonNormalization(sim_config.offset, sim_config.gain, phi_config.photon_scale,
                              name="photons")(frames)
     # Multi-scale context aggregation: dilated convs, each seeing the input features again.
-    x = _conv_block(x0, phi_config.context_filters, "context0")
+    rate = phi_config.dropout
+    x = _conv_block(x0, phi_config.context_filters, "context0", dropout=rate)
     for i, d in enumerate(phi_config.dilations):
         x = layers.Concatenate(name=f"context{i + 1}_skip")([x, x0])
-        x = _conv_block(x, phi_config.context_filters, f"context{i + 1}", d)
+        x = _conv_block(x, phi_config.context_filters, f"context{i + 1}", d, dropout=rate)
     # Upsampling: nearest-neighbour 2x resize followed by a conv, twice (fused, ResizeConv2D).
     for i, f in enumerate(phi_config.upsample_filters):
         if not fused_resize:
             x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
-        x = _conv_block(x, f, f"upsample{i}", resize=fused_resize)
+        x = _conv_block(x, f, f"upsample{i}", resize=fused_resize, dropout=rate)
     # Prediction: three conv blocks, a 1x1 conv and the bounded linear output.
     for i in range(phi_config.prediction_blocks):
         x = _conv_block(x, phi_config.prediction_filters, f"predict{i}")
