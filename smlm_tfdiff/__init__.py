@@ -8,6 +8,7 @@ from smlm_tfdiff.config import PRESETS, SimulationConfig
 from smlm_tfdiff.dataset_file import load_dataset, save_dataset
 from smlm_tfdiff.localization import (detect, localization_metrics, match, oracle_metrics,
                                       true_kde)
+from smlm_tfdiff.mc_dropout import mc_dropout_posterior
 from smlm_tfdiff.mcmc import (MCMCConvergenceWarning, MCMCResult, kde_posterior, mcmc_posterior,
                               mcmc_posterior_batch)
 from smlm_tfdiff.physics.fisher import crlb, fisher_information
@@ -35,6 +36,7 @@ __all__ = [
     "localization_uncertainty",
     "make_dataset",
     "match",
+    "mc_dropout_posterior",
     "mcmc_posterior",
     "mcmc_posterior_batch",
     "oracle_metrics",

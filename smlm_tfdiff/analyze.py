@@ -122,7 +122,11 @@ def load_backend(model="paper", method="ddpm"):
     from smlm_tfdiff.pretrained import available, load_models, pretrained
 
     if model in available():
-        return KerasBackend(pretrained(model), method)
+        models = pretrained(model)
+        if models.psi is None:
+            raise ValueError(f"bundled model {model!r} has no psi (it is phi only, e.g. the "
+                             "MC-dropout baseline); analyze needs phi and psi: --model paper")
+        return KerasBackend(models, method)
     if not os.path.isdir(model):
         raise FileNotFoundError(
             f"model {model!r} is neither a bundled model ({available()}) nor a "

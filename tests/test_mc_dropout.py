@@ -98,3 +98,16 @@ def test_train_phi_fine_tunes_with_dropout(tmp_path):
                            "--dilations=1,2", "--upsample_filters=8,4", "--prediction_filters=4"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "set the phi flags to match it" in proc.stderr
+
+
+def test_bundled_mc_dropout_phi():
+    """The bundled baseline: dropout 0.1, the paper camera, no psi (analyze refuses it)."""
+    from smlm_tfdiff.analyze import load_backend
+    models = st.pretrained("paper_mcdropout")
+    from smlm_tfdiff.pretrained import available
+    assert "paper_mcdropout" in available()
+    assert models.psi is None and models.phi_config.dropout == 0.1
+    assert models.config == st.pretrained("paper").config
+    assert len(dropout_layers(models.phi)) == 9
+    with pytest.raises(ValueError, match="no psi"):
+        load_backend("paper_mcdropout")
