@@ -68,16 +68,18 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=True):
 
 def make_sample_loop(psi, jit_compile=True, clip=True):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
-    seed [2] int32) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
+    seed [2] int32[, y_start]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
+    y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier samples).
     clip: generate_step's clip of z_0 at -1 (KDE >= 0)."""
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-    def loop(y_hat, gammas, eta, start_from_noise, seed):
+    def loop(y_hat, gammas, eta, start_from_noise, seed, y_start=None):
         # Philox-only seed arithmetic: the same samples with and without XLA (seeds.py).
         start_seed, loop_seed = tf.unstack(seeds_lib.philox_split(seed, 2))
         g0 = gammas[0]
         eps = seeds_lib.stateless_normal(tf.shape(y_hat), start_seed)
-        guided = tf.sqrt(g0) * to_diffusion_space(y_hat) + tf.sqrt(1.0 - g0) * eps
+        y0 = y_hat if y_start is None else y_start
+        guided = tf.sqrt(g0) * to_diffusion_space(y0) + tf.sqrt(1.0 - g0) * eps
         z = tf.where(start_from_noise, eps, guided)
         num = tf.shape(gammas)[0] - 1
 
@@ -112,7 +114,8 @@ class PosteriorSampler:
                                 reduce_retracing=True)
 
     def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
-                 start="guided", t_start=None, return_samples=False, y_hat=None):
+                 start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
+                 restart_steps=None):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
@@ -122,6 +125,11 @@ class PosteriorSampler:
           from N(0, I) at t = T. num_steps: reverse steps (default: the model's num_steps for its
           own t_start, otherwise t_start steps, i.e. every level; see default_recipe).
         seed: int or [2] int32; the same seed gives the same samples.
+        restart_t: optional restart (off by default): each sample of the first pass is noised to
+          q(y_t | sample) at t = restart_t and the reverse chain runs again, conditioned on the same
+          y_hat, in restart_steps steps (default: num_steps scaled by restart_t / t_start). The
+          guided start lacks the spread of y around y_hat; the restart's start has it (README,
+          "Calibration"). Costs (1 + restart_steps / num_steps) times the network evaluations.
         """
         frames = _check_frames(frames)
         eta = METHODS.get(method, method) if isinstance(method, str) else method
@@ -141,6 +149,18 @@ class PosteriorSampler:
         gammas, steps = noise_levels(self.schedule, num_steps, t_start)
         gammas = tf.constant(gammas, tf.float32)
         seed = seeds_lib.as_seed(seed)
+        restart_gammas, restart_nfe = None, 0
+        if restart_t is not None:
+            restart_t = int(restart_t)
+            if not 1 <= restart_t <= self.schedule.T:
+                raise ValueError(f"restart_t must lie in 1..T = 1..{self.schedule.T} "
+                                 f"(got {restart_t})")
+            if restart_steps is None:
+                restart_steps = max(1, round(num_steps * restart_t / max(int(steps[0]), 1)))
+            restart_steps = min(int(restart_steps), restart_t)
+            restart_gammas = tf.constant(noise_levels(self.schedule, restart_steps, restart_t)[0],
+                                         tf.float32)
+            restart_nfe = restart_steps * num_samples
 
         if y_hat is None:
             y_hat = np.concatenate([self._phi(tf.constant(frames[i:i + 256])).numpy()
@@ -150,15 +170,20 @@ class PosteriorSampler:
         for lo in range(0, len(frames), per_call):
             chunk = y_hat[lo:lo + per_call]
             rep = np.repeat(chunk, num_samples, axis=0)
-            z = self._loop(tf.constant(rep), gammas, tf.constant(float(eta), tf.float32),
-                           tf.constant(start == "noise"), seeds_lib.fold_in(seed, lo))
+            eta_t = tf.constant(float(eta), tf.float32)
+            z = self._loop(tf.constant(rep), gammas, eta_t, tf.constant(start == "noise"),
+                           seeds_lib.fold_in(seed, lo))
+            if restart_gammas is not None:
+                z = self._loop(tf.constant(rep), restart_gammas, eta_t, tf.constant(False),
+                               seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003),
+                               tf.constant(from_diffusion_space(z.numpy())))
             y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
             means.append(y.mean(axis=1))
             stds.append(y.std(axis=1))
             if return_samples:
                 samples.append(y)
         out = {"y_hat": y_hat, "mean": np.concatenate(means), "std": np.concatenate(stds),
-               "nfe_per_frame": num_steps * num_samples, "steps": steps}
+               "nfe_per_frame": num_steps * num_samples + restart_nfe, "steps": steps}
         if return_samples:
             out["samples"] = np.concatenate(samples)
         return out
@@ -182,7 +207,7 @@ def _check_frames(frames):
 
 
 def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
-                     start="guided", t_start=None, return_samples=False):
+                     start="guided", t_start=None, return_samples=False, restart_t=None):
     """Posterior samples, mean and per-pixel std of the KDE for camera frames (PosteriorSampler).
 
     models: `pretrained("paper")` or `load_models(run_dir)`. frames [B, H, W, 1] ADU.
@@ -195,4 +220,5 @@ def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, me
             models._sampler = sampler  # Keep the compiled loop for later calls.
         except AttributeError:
             pass
-    return sampler(frames, num_samples, num_steps, seed, method, start, t_start, return_samples)
+    return sampler(frames, num_samples, num_steps, seed, method, start, t_start, return_samples,
+                   restart_t=restart_t)

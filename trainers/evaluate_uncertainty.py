@@ -37,6 +37,8 @@ flags.DEFINE_integer("num_steps", None, "Reverse steps of the default recipe (de
                      "model's for its own t_start, else t_start).")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
+flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
+                     "restart_t; default: none).")
 flags.DEFINE_integer("mcmc_results", 5000, "HMC draws per chain.")
 flags.DEFINE_integer("mcmc_burnin", 1000, "HMC burn-in steps.")
 flags.DEFINE_integer("mcmc_chains", 4, "HMC chains per frame.")
@@ -139,7 +141,7 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     t_default, num_steps = default_recipe(models, FLAGS.t_start)
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
-                  t_start=t_default)
+                  t_start=t_default, restart_t=FLAGS.restart_t)
     sampler = PosteriorSampler(models)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
@@ -186,7 +188,7 @@ def main(argv):
     rows = {}
     for t in (int(v) for v in FLAGS.recipe_t_starts):
         steps = int(min(t, max(2, round(recipe["num_steps"] * t / t_default))))
-        if t == t_default and steps == recipe["num_steps"]:
+        if t == t_default and steps == recipe["num_steps"] and recipe["restart_t"] is None:
             std = psi_std[:n]
         else:
             std = sampler(iso["frames"][:n], FLAGS.num_samples, num_steps=steps,
@@ -451,7 +453,7 @@ def summary(m):
     print("\n".join(lines))
 
 
-FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start",
+FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
