@@ -30,18 +30,25 @@ class GaussianPsi(keras.Model):
 
 
 def _expected_std(schedule, num_steps, eta, t_start=None):
-    """The exact std (diffusion space) the sampler must reach with GaussianPsi: every step is
-    linear, z_s = a z_t + (terms in mu) + sqrt(v) n, so Var_s = a^2 Var_t + v."""
+    """The exact std (diffusion space) the sampler must reach with GaussianPsi from the noise
+    start (t_start None) or the guided start q(z_t* | mu)."""
+    var = 1.0 if t_start is None else 1.0 - schedule.gamma[t_start]
+    return np.sqrt(_propagate_var(schedule, num_steps, eta, t_start, var))
+
+
+def _propagate_var(schedule, num_steps, eta, t_start, var):
+    """Var (diffusion space) after the strided reverse steps from t_start (None: T), starting at
+    var: every step is linear, z_s = a z_t + (terms in mu) + sqrt(v) n, so
+    Var_s = a^2 Var_t + v."""
     steps = schedule.timesteps_for(num_steps, t_start)
     g = list(schedule.gamma[steps]) + [1.0]
-    var = 1.0 if t_start is None else 1.0 - g[0]  # Noise start, or guided q(z_t* | mu).
     for gt, gs in zip(g[:-1], g[1:]):
         k = np.sqrt(1 - gt) / (gt * S * S + 1 - gt)
         c0 = (1 - np.sqrt(1 - gt) * k) / np.sqrt(gt)
         v = min(eta ** 2 * (1 - gs) / (1 - gt) * (1 - gt / gs), 1 - gs)
         a = np.sqrt(gs) * c0 + np.sqrt(1 - gs - v) * k
         var = a * a * var + v
-    return np.sqrt(var)
+    return var
 
 
 def _models(schedule, t_start=None):
@@ -227,18 +234,6 @@ def test_xla_and_plain_graph_draw_the_same_samples():
     values = plain.numpy()
     assert abs(values.mean()) < 5 / np.sqrt(1000) and abs(values.std() - 1) < 5 / np.sqrt(2000)
 
-
-def _propagate_var(schedule, num_steps, eta, t_start, var):
-    """Var (diffusion space) after the strided reverse steps from t_start, starting at var."""
-    steps = schedule.timesteps_for(num_steps, t_start)
-    g = list(schedule.gamma[steps]) + [1.0]
-    for gt, gs in zip(g[:-1], g[1:]):
-        k = np.sqrt(1 - gt) / (gt * S * S + 1 - gt)
-        c0 = (1 - np.sqrt(1 - gt) * k) / np.sqrt(gt)
-        v = min(eta ** 2 * (1 - gs) / (1 - gt) * (1 - gt / gs), 1 - gs)
-        a = np.sqrt(gs) * c0 + np.sqrt(1 - gs - v) * k
-        var = a * a * var + v
-    return var
 
 
 def test_restart_noises_the_first_pass_samples_and_runs_the_chain_again():
