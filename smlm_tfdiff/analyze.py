@@ -123,24 +123,22 @@ def load_backend(model="paper", method="ddpm"):
 
     if model in available():
         models = pretrained(model)
-        if models.psi is None:
-            raise ValueError(f"bundled model {model!r} has no psi (it is phi only, e.g. the "
-                             "MC-dropout baseline); analyze needs phi and psi: --model paper")
-        return KerasBackend(models, method)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(
-            f"model {model!r} is neither a bundled model ({available()}) nor a "
-            "folder; pass --model paper, a SavedModel folder or a training-run folder")
-    versions = sorted((d for d in os.listdir(model) if d.isdigit()
-                       and os.path.exists(os.path.join(model, d, "saved_model.pb"))), key=int)
-    if os.path.exists(os.path.join(model, "saved_model.pb")):
-        return SavedModelBackend(model)
-    if versions:
-        return SavedModelBackend(os.path.join(model, versions[-1]))
-    models = load_models(model)
-    if models.psi is None:
+    else:
+        if not os.path.isdir(model):
+            raise FileNotFoundError(
+                f"model {model!r} is neither a bundled model ({available()}) nor a "
+                "folder; pass --model paper, a SavedModel folder or a training-run folder")
+        versions = sorted((d for d in os.listdir(model) if d.isdigit()
+                           and os.path.exists(os.path.join(model, d, "saved_model.pb"))), key=int)
+        if os.path.exists(os.path.join(model, "saved_model.pb")):
+            return SavedModelBackend(model)
+        if versions:
+            return SavedModelBackend(os.path.join(model, versions[-1]))
+        models = load_models(model)
+    if models.psi is None:  # A phi-only folder or bundle (e.g. the MC-dropout baseline).
         raise FileNotFoundError(f"{model} holds phi but no trained psi; analyze needs both "
-                                "(train psi with trainers/train_psi.py --phi " + model + ")")
+                                "(--model paper, or train psi with trainers/train_psi.py --phi "
+                                + model + ")")
     return KerasBackend(models, method)
 
 

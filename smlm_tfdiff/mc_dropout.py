@@ -76,7 +76,8 @@ def mc_dropout_posterior(phi, frames, num_samples=100, seed=0, return_samples=Fa
     num_samples = int(num_samples)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for a spread (got {num_samples})")
-    seed = int(np.asarray(seeds_lib.as_seed(seed)).sum())
+    hi, lo = (int(v) for v in np.asarray(seeds_lib.as_seed(seed)))
+    seed = (hi << 31) | lo  # as_seed's inverse: an int seed stays itself.
     mc = mc_dropout_model(phi, seed)
     forward = tf.function(lambda x: mc(x, training=False), reduce_retracing=True)
     plain = tf.function(lambda x: phi(x, training=False), reduce_retracing=True)

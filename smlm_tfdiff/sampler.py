@@ -156,7 +156,7 @@ class PosteriorSampler:
                 raise ValueError(f"restart_t must lie in 1..T = 1..{self.schedule.T} "
                                  f"(got {restart_t})")
             if restart_steps is None:
-                restart_steps = max(1, round(num_steps * restart_t / max(int(steps[0]), 1)))
+                restart_steps = max(1, round(num_steps * restart_t / int(steps[0])))
             restart_steps = min(int(restart_steps), restart_t)
             restart_gammas = tf.constant(noise_levels(self.schedule, restart_steps, restart_t)[0],
                                          tf.float32)
@@ -166,17 +166,17 @@ class PosteriorSampler:
             y_hat = np.concatenate([self._phi(tf.constant(frames[i:i + 256])).numpy()
                                     for i in range(0, len(frames), 256)])
         per_call = max(1, self.max_images // num_samples)  # Frames per compiled call.
+        eta_t = tf.constant(float(eta), tf.float32)
         means, stds, samples = [], [], []
         for lo in range(0, len(frames), per_call):
             chunk = y_hat[lo:lo + per_call]
             rep = np.repeat(chunk, num_samples, axis=0)
-            eta_t = tf.constant(float(eta), tf.float32)
             z = self._loop(tf.constant(rep), gammas, eta_t, tf.constant(start == "noise"),
                            seeds_lib.fold_in(seed, lo))
             if restart_gammas is not None:
                 z = self._loop(tf.constant(rep), restart_gammas, eta_t, tf.constant(False),
                                seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003),
-                               tf.constant(from_diffusion_space(z.numpy())))
+                               from_diffusion_space(z))
             y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
             means.append(y.mean(axis=1))
             stds.append(y.std(axis=1))

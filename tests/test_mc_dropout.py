@@ -109,5 +109,5 @@ def test_bundled_mc_dropout_phi():
     assert models.psi is None and models.phi_config.dropout == 0.1
     assert models.config == st.pretrained("paper").config
     assert len(dropout_layers(models.phi)) == 9
-    with pytest.raises(ValueError, match="no psi"):
+    with pytest.raises(FileNotFoundError, match="paper_mcdropout holds phi but no trained psi"):
         load_backend("paper_mcdropout")

@@ -336,8 +336,7 @@ def main(argv):
                                 "z": cal.z_summary(z_crlb[preset]),
                                 "sqrt_crlb_nm_median": float(np.median(bounds) * c.pixel_size_nm)}
     if FLAGS.mc_dropout_model:
-        base["mc_dropout"] = mc_dropout_baseline(iso, dense, mcmc, tol)
-        z_mcd = base["mc_dropout"].pop("_z")
+        base["mc_dropout"], z_mcd = mc_dropout_baseline(iso, dense, mcmc, tol)
     else:
         base["mc_dropout"] = {"available": False, "reason": "--mc_dropout_model not set"}
         z_mcd = {}
@@ -366,7 +365,8 @@ def main(argv):
 
 def mc_dropout_baseline(iso, dense, mcmc, tol):
     """The MC-dropout phi scored like psi: std maps against MCMC (isolated), per-pixel coverage
-    (dense) and per-localization z-scores (its own localizations, detected on its y_hat)."""
+    (dense) and per-localization z-scores (its own localizations, detected on its y_hat).
+    Returns (summary dict, {"dense": z, "isolated": z})."""
     from smlm_tfdiff import calibration as cal
     from smlm_tfdiff.mc_dropout import dropout_layers, mc_dropout_posterior
     from smlm_tfdiff.pretrained import load_phi_source
@@ -375,7 +375,8 @@ def mc_dropout_baseline(iso, dense, mcmc, tol):
     mcd = load_phi_source(FLAGS.mc_dropout_model)
     out = {"available": True, "model": FLAGS.mc_dropout_model, "source": mcd.source,
            "dropout": mcd.phi_config.dropout, "phi_dropout_layers": dropout_layers(mcd.phi),
-           "num_samples": FLAGS.num_samples, "_z": {}}
+           "num_samples": FLAGS.num_samples}
+    zs = {}
     iso_cfg, cfg = mcd.scene_config("isolated"), mcd.scene_config("paper")
     ipost = mc_dropout_posterior(mcd.phi, iso["frames"], FLAGS.num_samples, seed=5,
                                  return_samples=True)
@@ -396,13 +397,13 @@ def mc_dropout_baseline(iso, dense, mcmc, tol):
         truth = [p[m] for p, m in zip(d["positions"][:n], d["mask"][:n])]
         e_phi, _, sd = loc_z(locs, truth, c, tol)
         z = cal.z_scores(e_phi, sd)
-        out["_z"][name] = z
+        zs[name] = z
         out[f"z_{name}"] = cal.z_summary(z)
         out[f"median_std_nm_{name}"] = float(np.nanmedian(sd))
     logging.info("MC dropout: coverage %.3f / %.3f, std(z) dense %.3f isolated %.3f",
                  out["coverage_50"], out["coverage_90"], out["z_dense"]["std"],
                  out["z_isolated"]["std"])
-    return out
+    return out, zs
 
 
 def summary(m):
