@@ -10,7 +10,14 @@ schedule (psi is conditioned on the continuous level sqrt(gamma), not on a step 
 
 eta = 1 is the ancestral DDPM step of the seeds' appendix A.1 (z_s drawn from the forward posterior
 q(z_s | z_t, z0_hat), generalised to strided steps); eta = 0 is DDIM (deterministic given the start).
-The last step goes to g = 1 (z_0 = z0_hat). Nothing is clipped: KDE values above 1 are real.
+The last step goes to g = 1 (z_0 = z0_hat), then clipped at z = -1 (KDE >= 0; values above 1 are
+real and kept).
+
+Frame-mean-free noise (dc_free, the default): every noise draw has its mean over the image removed.
+psi cannot see that one direction of the noise (1/80 of a pixel's noise on an 80x80 KDE), so it is
+never denoised and ends up as a random constant offset on each sample (85 % of psi's std on empty
+pixels, README "Calibration"). A KDE is a sum of kernels on zero and has no free offset, so the
+sampler draws its noise orthogonal to the constant image instead.
 
 Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
 match the forward process: DESIGN.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
@@ -45,12 +52,25 @@ def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] =
     return np.concatenate([schedule.gamma[steps], [1.0]]), steps
 
 
-def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=True):
+CLIPS = ("final", "each", "none")
+
+
+def standard_noise(shape, seed, dc_free):
+    """N(0, I) draws [N, H, W, 1]; dc_free: with each image's mean removed (module docstring)."""
+    noise = seeds_lib.stateless_normal(shape, seed)
+    if dc_free:
+        noise = noise - tf.reduce_mean(noise, axis=[1, 2, 3], keepdims=True)
+    return noise
+
+
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
     clip: the predicted z_0 is clipped at -1 (a KDE is >= 0) and eps made consistent with it, as
-      DDPM's clip_denoised does; this halves psi's noise on empty pixels (README, psi results).
+      DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
+      pedestal of ~0.01 (README, "Calibration"); the loop clips once, at the end.
+    dc_free: frame-mean-free noise (standard_noise).
     Returns z_s [N, H, W, 1].
     """
     n = tf.shape(z_t)[0]
@@ -62,22 +82,26 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=True):
         eps = (z_t - tf.sqrt(g_t) * z0) / tf.sqrt(1.0 - g_t)
     var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
-    noise = seeds_lib.stateless_normal(tf.shape(z_t), seed)
+    noise = standard_noise(tf.shape(z_t), seed, dc_free)
     return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
 
 
-def make_sample_loop(psi, jit_compile=True, clip=True):
+def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
     seed [2] int32[, y_start]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
     y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier samples).
-    clip: generate_step's clip of z_0 at -1 (KDE >= 0)."""
+    clip: "final" clips z_0 at -1 (KDE >= 0) after the last step, "each" clips the predicted z_0
+      in every step (generate_step), "none" never (targets that may be negative).
+    dc_free: frame-mean-free noise in the start and every step (module docstring)."""
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {CLIPS} (got {clip!r})")
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
     def loop(y_hat, gammas, eta, start_from_noise, seed, y_start=None):
         # Philox-only seed arithmetic: the same samples with and without XLA (seeds.py).
         start_seed, loop_seed = tf.unstack(seeds_lib.philox_split(seed, 2))
         g0 = gammas[0]
-        eps = seeds_lib.stateless_normal(tf.shape(y_hat), start_seed)
+        eps = standard_noise(tf.shape(y_hat), start_seed, dc_free)
         y0 = y_hat if y_start is None else y_start
         guided = tf.sqrt(g0) * to_diffusion_space(y0) + tf.sqrt(1.0 - g0) * eps
         z = tf.where(start_from_noise, eps, guided)
@@ -86,10 +110,10 @@ def make_sample_loop(psi, jit_compile=True, clip=True):
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
-                                        clip)
+                                        clip == "each", dc_free)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
-        return z
+        return tf.maximum(z, -1.0) if clip == "final" else z
 
     return loop
 
@@ -98,18 +122,19 @@ class PosteriorSampler:
     """phi -> psi posterior sampler for one (phi, psi, schedule) triple; compiles once per shape.
 
     models: an object with .phi, .psi, .schedule (`pretrained()` or `load_models(run_dir)`).
-    clip: clip predicted KDEs at 0 in every step (generate_step); off only for models of targets
-      that may be negative (the exact Gaussian denoisers of the tests).
+    clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
+      "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
+    dc_free: frame-mean-free noise (default; module docstring).
     """
 
-    def __init__(self, models, jit_compile=True, max_images=512, clip=True):
+    def __init__(self, models, jit_compile=True, max_images=512, clip="final", dc_free=True):
         if getattr(models, "psi", None) is None:
             raise ValueError("these models have no diffusion model psi: load a trained psi with "
                              "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
         self.models = models
         self.schedule = models.schedule
         self.max_images = int(max_images)
-        self._loop = make_sample_loop(models.psi, jit_compile, clip)
+        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
 

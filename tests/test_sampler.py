@@ -69,7 +69,8 @@ FRAMES = np.full((2, 20, 20, 1), 100.0, np.float32)
     ("ddim", 5, "guided", 30)])
 def test_exact_denoiser_gives_the_exact_discretised_posterior(method, num_steps, start, t_start):
     schedule = NoiseSchedule.cosine(100)
-    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip=False)
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none",
+                               dc_free=False)
     out = sampler(FRAMES, num_samples=64, num_steps=num_steps, seed=1, method=method,
                   start=start, t_start=t_start, y_hat=_y_hat())
     assert out["mean"].shape == out["std"].shape == (2, 80, 80, 1)
@@ -93,7 +94,8 @@ def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
     for GaussianPsi, so the final mean misses P sqrt(gamma_T) mu, P the product of the per-step
     gains; the guided start q(z_T | mu) has the right mean."""
     schedule = NoiseSchedule.named("paper")
-    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip=False)
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none",
+                               dc_free=False)
     y_hat = _y_hat()
     noise = sampler(FRAMES, 32, 100, seed=2, method="ddpm", start="noise", y_hat=y_hat)
     guided = sampler(FRAMES, 32, 100, seed=2, method="ddpm", start="guided", t_start=100,
@@ -124,13 +126,44 @@ def test_clip_keeps_samples_non_negative_and_leaves_bright_pixels_alone():
     y_hat = _y_hat()
     out = {clip: PosteriorSampler(_models(schedule), jit_compile=False, clip=clip)(
         FRAMES, 16, 10, seed=3, method="ddpm", t_start=100, y_hat=y_hat, return_samples=True)
-        for clip in (False, True)}
-    assert out[False]["samples"].min() < -0.2
-    assert out[True]["samples"].min() >= 0.0
+        for clip in ("none", "final", "each")}
+    assert out["none"]["samples"].min() < -0.2
+    # "final" is the projection of the unclipped chain onto KDE >= 0: exactly max(y, 0).
+    np.testing.assert_allclose(out["final"]["samples"], np.maximum(out["none"]["samples"], 0.0),
+                               atol=1e-6)
+    assert out["each"]["samples"].min() >= 0.0
     # Pixels > 5 posterior stds above 0 are (practically) never clipped: same samples.
-    bright = np.broadcast_to(y_hat[:, None] > 0.75, out[True]["samples"].shape)
-    np.testing.assert_allclose(out[True]["samples"][bright], out[False]["samples"][bright],
+    bright = np.broadcast_to(y_hat[:, None] > 0.75, out["each"]["samples"].shape)
+    np.testing.assert_allclose(out["each"]["samples"][bright], out["none"]["samples"][bright],
                                atol=1e-4)
+    # Clipping inside the chain changes what later steps see: at dim pixels it lifts the samples
+    # above the projection's (the pedestal the default "final" avoids; 0.006 here, for psi 0.01).
+    dim = np.broadcast_to(y_hat[:, None] < 0.05, out["each"]["samples"].shape)
+    assert out["each"]["samples"][dim].mean() > out["final"]["samples"][dim].mean() + 0.003
+    with pytest.raises(ValueError, match="clip"):
+        PosteriorSampler(_models(schedule), clip=True)
+
+
+def test_dc_free_noise_removes_the_random_offset_of_each_sample():
+    """GaussianPsi denoises every direction of the noise, the constant image included, so the
+    frame mean of z - mu keeps its share Var / (H W) of the per-pixel variance. With dc_free the
+    sampler's noise has no constant component: each sample's frame mean equals mu's (to float
+    error), and the per-pixel variance loses only that 1 / (H W) share."""
+    schedule = NoiseSchedule.named("paper")
+    y_hat = _y_hat()
+    out = {dc: PosteriorSampler(_models(schedule), jit_compile=False, clip="none", dc_free=dc)(
+        FRAMES, 64, 10, seed=4, method="ddpm", t_start=100, y_hat=y_hat, return_samples=True)
+        for dc in (False, True)}
+    var = _propagate_var(schedule, 10, 1.0, 100, 1.0 - schedule.gamma[100]) / 4  # KDE units
+    pixels = 80 * 80
+    offsets = {dc: (o["samples"] - y_hat[:, None]).mean(axis=(2, 3, 4)) for dc, o in out.items()}
+    # 128 offsets: their std is within 25 % of sqrt(var / pixels) (chi-square, > 4 sigma).
+    assert abs(offsets[False].std() / np.sqrt(var / pixels) - 1) < 0.25
+    assert np.abs(offsets[True]).max() < 1e-3 * np.sqrt(var / pixels) * 10
+    n = 64
+    for o in out.values():
+        pooled = np.sqrt(np.mean(o["std"] ** 2) * n / (n - 1))
+        assert abs(pooled / np.sqrt(var) - 1) < 0.01
 
 
 def test_same_seed_same_samples_different_seed_different():
@@ -243,7 +276,8 @@ def test_restart_noises_the_first_pass_samples_and_runs_the_chain_again():
     Gaussian case the 10-step chain itself is too narrow, 0.81 S, and a restart does not change
     that: the coarse steps, not the start, lose the spread; README, "Calibration".)"""
     schedule = NoiseSchedule.named("paper")
-    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip=False)
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none",
+                               dc_free=False)
     y_hat = _y_hat()
     one = sampler(FRAMES, 64, 10, seed=5, method="ddpm", t_start=100, y_hat=y_hat)
     two = sampler(FRAMES, 64, 10, seed=5, method="ddpm", t_start=100, y_hat=y_hat, restart_t=70)
