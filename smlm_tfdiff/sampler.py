@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space, to_diffusion_space
+from smlm_tfdiff.projection import project_samples
 
 METHODS = {"ddpm": 1.0, "ddim": 0.0}
 STARTS = ("guided", "noise")
@@ -140,7 +141,7 @@ class PosteriorSampler:
 
     def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
-                 restart_steps=None):
+                 restart_steps=None, project=False):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
@@ -155,8 +156,14 @@ class PosteriorSampler:
           y_hat, in restart_steps steps (default: num_steps scaled by restart_t / t_start). The
           guided start lacks the spread of y around y_hat; the restart's start has it (README,
           "Calibration"). Costs (1 + restart_steps / num_steps) times the network evaluations.
+        project: each sample is replaced by the KDE of the emitters detected in it (projection.py):
+          samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
+          Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
         """
         frames = _check_frames(frames)
+        if project and getattr(self.models, "config", None) is None:
+            raise ValueError("project=True needs the models' SimulationConfig (models.config), "
+                             "for the detection and the KDE")
         eta = METHODS.get(method, method) if isinstance(method, str) else method
         if isinstance(eta, str) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"method must be one of {sorted(METHODS)} or an eta in [0, 1] "
@@ -192,7 +199,7 @@ class PosteriorSampler:
                                     for i in range(0, len(frames), 256)])
         per_call = max(1, self.max_images // num_samples)  # Frames per compiled call.
         eta_t = tf.constant(float(eta), tf.float32)
-        means, stds, samples = [], [], []
+        means, stds, samples, positions = [], [], [], []
         for lo in range(0, len(frames), per_call):
             chunk = y_hat[lo:lo + per_call]
             rep = np.repeat(chunk, num_samples, axis=0)
@@ -203,6 +210,10 @@ class PosteriorSampler:
                                seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003),
                                from_diffusion_space(z))
             y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
+            if project:
+                projected = project_samples(y, self.models.config)
+                y = projected["samples"]
+                positions.extend(projected["positions"])
             means.append(y.mean(axis=1))
             stds.append(y.std(axis=1))
             if return_samples:
@@ -211,6 +222,8 @@ class PosteriorSampler:
                "nfe_per_frame": num_steps * num_samples + restart_nfe, "steps": steps}
         if return_samples:
             out["samples"] = np.concatenate(samples)
+        if project:
+            out["sample_positions"] = positions
         return out
 
 
@@ -232,7 +245,8 @@ def _check_frames(frames):
 
 
 def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
-                     start="guided", t_start=None, return_samples=False, restart_t=None):
+                     start="guided", t_start=None, return_samples=False, restart_t=None,
+                     project=False):
     """Posterior samples, mean and per-pixel std of the KDE for camera frames (PosteriorSampler).
 
     models: `pretrained("paper")` or `load_models(run_dir)`. frames [B, H, W, 1] ADU.
@@ -246,4 +260,4 @@ def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, me
         except AttributeError:
             pass
     return sampler(frames, num_samples, num_steps, seed, method, start, t_start, return_samples,
-                   restart_t=restart_t)
+                   restart_t=restart_t, project=project)

@@ -39,6 +39,8 @@ flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default re
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
                      "restart_t; default: none).")
+flags.DEFINE_bool("project", False, "Score projected samples: each sample replaced by the KDE of "
+                  "the emitters detected in it (PosteriorSampler project).")
 flags.DEFINE_integer("mcmc_results", 5000, "HMC draws per chain.")
 flags.DEFINE_integer("mcmc_burnin", 1000, "HMC burn-in steps.")
 flags.DEFINE_integer("mcmc_chains", 4, "HMC chains per frame.")
@@ -141,7 +143,7 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     t_default, num_steps = default_recipe(models, FLAGS.t_start)
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
-                  t_start=t_default, restart_t=FLAGS.restart_t)
+                  t_start=t_default, restart_t=FLAGS.restart_t, project=FLAGS.project)
     sampler = PosteriorSampler(models)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
@@ -192,7 +194,8 @@ def main(argv):
             std = psi_std[:n]
         else:
             std = sampler(iso["frames"][:n], FLAGS.num_samples, num_steps=steps,
-                          method=FLAGS.method, start="guided", t_start=t, seed=3)["std"][..., 0]
+                          method=FLAGS.method, start="guided", t_start=t, seed=3,
+                          project=FLAGS.project)["std"][..., 0]
         row = {"t_start": t, "num_steps": steps, "psi_std_mean": float(std.mean())}
         for b, (_, mstd, _, _) in mcmc.items():
             a = cal.std_map_agreement(std, mstd[:n])
@@ -455,6 +458,7 @@ def summary(m):
 
 
 FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
+              "project",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
