@@ -56,6 +56,9 @@ def define_flags():
     flags.DEFINE_integer("map_samples", 48, "psi samples per frame for the per-pixel std maps "
                          "and the coverage.")
     flags.DEFINE_integer("coverage_frames", 4, "Demo frames for the per-pixel coverage.")
+    flags.DEFINE_bool("project", True, "Std maps and coverage from projected samples (each "
+                      "sample replaced by the KDE of the emitters detected in it; README, "
+                      "\"Calibration\"); --noproject for psi's raw samples.")
     flags.DEFINE_bool("quick", False, "A much smaller run (for tests): " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()) + ".")
 
@@ -267,7 +270,7 @@ def run_demo(out):
     backend = KerasBackend(models)  # analyze's backend; its sampler is reused below.
     sampler = backend._sampler
     num_steps = FLAGS.num_steps or backend.num_steps
-    recipe = dict(num_steps=num_steps, method=backend.method)
+    recipe = dict(num_steps=num_steps, method=backend.method, project=FLAGS.project)
     cfg, iso_cfg = models.scene_config("paper"), models.scene_config("isolated")
     lap("load_models")
 
@@ -342,7 +345,7 @@ def run_demo(out):
                       "method": backend.method, "mcmc_frames": FLAGS.mcmc_frames,
                       "mcmc_results": FLAGS.mcmc_results, "mcmc_chains": 4,
                       "map_samples": FLAGS.map_samples, "coverage_frames": nc,
-                      "quick": FLAGS.quick},
+                      "project": FLAGS.project, "quick": FLAGS.quick},
          "physics": physics, **scores, "psi_vs_mcmc": agree, "coverage": cov,
          "files": files, "timing_s": timing}
     s["headline"] = headline(s)

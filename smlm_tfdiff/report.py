@@ -376,7 +376,10 @@ def write_report(s, out_dir):
           "",
           "The reference posterior: HMC on (x, y, N0) with the exact likelihood at beta = 1, "
           "rendered to KDEs (per-pixel std of the KDE over the posterior), against psi's "
-          "per-pixel std over its samples of the same frames.",
+          "per-pixel std over its samples of the same frames" + (
+              ": each psi sample projected onto the KDE of the emitters detected in it, as the "
+              "MCMC draws are rendered (`--noproject` scores the raw samples)."
+              if st.get("project") else " (raw samples, not projected)."),
           "",
           _table(["quantity", "value"], [
               ("Pearson r of std maps, pooled / median per frame",

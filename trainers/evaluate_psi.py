@@ -5,8 +5,9 @@ accurate as phi's y_hat, and how does the seeds' recipe compare with the guided 
 
 --model is a bundled name or a psi run folder. Writes metrics.json (atomically) and
 posterior.png (frame, y_hat, truth, posterior samples, mean and std: the seeds' Figures 3-4).
-  accuracy:  KDE MSE against the true KDE and localization metrics of detect() on y_hat and on the
-             posterior mean of the default recipe, over --num_frames frames.
+  accuracy:  KDE MSE against the true KDE and localization metrics of detect() on y_hat, on the
+             posterior mean of the default recipe, and on the mean of the same samples projected
+             onto KDEs of the emitters detected in them, over --num_frames frames.
   recipes:   on the first --recipe_frames frames, the seeds' recipe (100 ancestral steps from
              N(0, I), 100 samples) and the guided recipes: KDE MSE of their means and std-map
              agreement (Pearson r, ratio of means) with the seeds' recipe and the full guided chain.
@@ -74,6 +75,7 @@ def main(argv):
     from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulate import simulate
     from smlm_tfdiff.calibration import std_map_agreement
+    from smlm_tfdiff.projection import project_samples
 
     models = load_phi_source(FLAGS.model)
     if models.psi is None:
@@ -88,7 +90,10 @@ def main(argv):
     post = sampler(data["frames"], FLAGS.num_samples, seed=0, return_samples=True, **recipe)
     truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
     acc = {}
-    for name, kde in (("y_hat", post["y_hat"]), ("posterior_mean", post["mean"])):
+    # The same samples projected onto KDEs of the emitters detected in them (projection.py).
+    projected_mean = project_samples(post["samples"], config)["samples"].mean(axis=1)
+    for name, kde in (("y_hat", post["y_hat"]), ("posterior_mean", post["mean"]),
+                      ("projected_posterior_mean", projected_mean)):
         m = localization_metrics(detect(kde, config), truth, config, FLAGS.tolerance_hr)
         acc[name] = {"kde_mse": float(np.mean((kde - data["kde"]) ** 2)),
                      **{k: float(m[k]) for k in KEYS}}

@@ -39,8 +39,9 @@ flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default re
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
                      "restart_t; default: none).")
-flags.DEFINE_bool("project", False, "Score projected samples: each sample replaced by the KDE of "
-                  "the emitters detected in it (PosteriorSampler project).")
+flags.DEFINE_bool("project", True, "Score projected samples: each sample replaced by the KDE of "
+                  "the emitters detected in it (PosteriorSampler project); --noproject scores "
+                  "psi's raw samples.")
 flags.DEFINE_integer("mcmc_results", 5000, "HMC draws per chain.")
 flags.DEFINE_integer("mcmc_burnin", 1000, "HMC burn-in steps.")
 flags.DEFINE_integer("mcmc_chains", 4, "HMC chains per frame.")
