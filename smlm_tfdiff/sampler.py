@@ -16,8 +16,8 @@ real and kept).
 Frame-mean-free noise (dc_free, the default): every noise draw has its mean over the image removed.
 psi cannot see that one direction of the noise (1/80 of a pixel's noise on an 80x80 KDE), so it is
 never denoised and ends up as a random constant offset on each sample (85 % of psi's std on empty
-pixels, README "Calibration"). A KDE is a sum of kernels on zero and has no free offset, so the
-sampler draws its noise orthogonal to the constant image instead.
+pixels: README, the sampling paragraph of "psi"). A KDE is a sum of kernels on zero and has no
+free offset, so the sampler draws its noise orthogonal to the constant image instead.
 
 Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
 match the forward process: DESIGN.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
@@ -70,7 +70,7 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
     clip: the predicted z_0 is clipped at -1 (a KDE is >= 0) and eps made consistent with it, as
       DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
-      pedestal of ~0.01 (README, "Calibration"); the loop clips once, at the end.
+      pedestal of ~0.01 (README, psi sampling); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
     Returns z_s [N, H, W, 1].
     """
