@@ -16,20 +16,18 @@ emitter count, none of amplitude.
 import numpy as np
 
 from smlm_tfdiff.localization import detect, true_kde
+from smlm_tfdiff.validation import as_numpy
 
 
 def project_samples(samples, config, **detect_kwargs):
-    """samples [S, H, W(, 1)] KDE samples of one frame (KDE units, any size on the HR grid of
-    `config`: H and W multiples of config.upsample), or
-    [B, S, H, W(, 1)] for B frames -> dict:
+    """samples [S, H, W(, 1)] KDE samples of one frame, or [B, S, H, W(, 1)] for B frames (KDE
+    units; any size on the HR grid of `config`: H and W multiples of config.upsample) -> dict:
       samples    the projected samples, float32, same shape
       positions  the detected emitters, [M, 2] (x, y) LR px per sample: a list of S arrays (a list
                  of B such lists when batched)
     detect_kwargs go to `detect` (the config's detection by default).
     """
-    arr = np.asarray(samples)
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"samples must be numeric (got dtype {arr.dtype})")
+    arr = as_numpy(samples, "samples")
     channel = arr.ndim in (4, 5) and arr.shape[-1] == 1
     core = arr[..., 0] if channel else arr
     if core.ndim not in (3, 4):
@@ -52,9 +50,9 @@ def project_samples(samples, config, **detect_kwargs):
     positions = []
     for b, frame_samples in enumerate(frames):
         found = detect(frame_samples, config, **detect_kwargs)
-        width = max([1] + [len(f) for f in found])
-        pos = np.zeros((len(found), width, 2))
-        mask = np.zeros((len(found), width), bool)
+        most = max([1] + [len(f) for f in found])  # Emitters of the fullest sample.
+        pos = np.zeros((len(found), most, 2))
+        mask = np.zeros((len(found), most), bool)
         for k, f in enumerate(found):
             pos[k, :len(f)] = f
             mask[k, :len(f)] = True
