@@ -103,8 +103,8 @@ def test_train_phi_fine_tunes_with_dropout(tmp_path):
 def test_bundled_mc_dropout_phi():
     """The bundled baseline: dropout 0.1, the paper camera, no psi (analyze refuses it)."""
     from smlm_tfdiff.analyze import load_backend
-    models = st.pretrained("paper_mcdropout")
     from smlm_tfdiff.pretrained import available
+    models = st.pretrained("paper_mcdropout")
     assert "paper_mcdropout" in available()
     assert models.psi is None and models.phi_config.dropout == 0.1
     assert models.config == st.pretrained("paper").config
