@@ -15,9 +15,9 @@ real and kept).
 
 Frame-mean-free noise (dc_free, the default): every noise draw has its mean over the image removed.
 psi cannot see that one direction of the noise (1/80 of a pixel's noise on an 80x80 KDE), so it is
-never denoised and ends up as a random constant offset on each sample (85 % of psi's std on empty
-pixels: README, the sampling paragraph of "psi"). A KDE is a sum of kernels on zero and has no
-free offset, so the sampler draws its noise orthogonal to the constant image instead.
+never denoised and ends up as a random constant offset on each sample (88 % of psi's variance on
+empty pixels: README, the sampling paragraph of "psi"). A KDE is a sum of kernels on zero and has
+no free offset, so the sampler draws its noise orthogonal to the constant image instead.
 
 Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
 match the forward process: DESIGN.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
