@@ -13,8 +13,14 @@ from smlm_tfdiff.diffusion import (T_MIN, diffusion_loss_weights, per_example_lo
                                    sample_training_noise_level, to_diffusion_space)
 from smlm_tfdiff.simulate import make_dataset, simulate
 
-# Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss.
+# Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss; a longer
+# schedule (paper_extended) adds one bucket for its steps beyond 100.
 BUCKETS = ((1, 5), (6, 20), (21, 50), (51, 100))
+
+
+def buckets_for(schedule):
+    """BUCKETS, plus (101, T) when the schedule is longer than the seeds' 100 steps."""
+    return BUCKETS + (((101, schedule.T),) if schedule.T > 100 else ())
 
 
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
@@ -103,7 +109,7 @@ class PsiValidation:
             for i in range(0, len(self.t), 128)])
         sq = np.mean((eps_pred - self.eps) ** 2, axis=(1, 2, 3))
         metrics = {}
-        for lo, hi in BUCKETS:
+        for lo, hi in buckets_for(self.schedule):
             sel = (self.t >= lo) & (self.t <= min(hi, self.schedule.T))
             if sel.any():
                 metrics[f"mse_t{lo}-{hi}"] = float(sq[sel].mean())

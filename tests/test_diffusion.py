@@ -6,7 +6,7 @@ from smlm_tfdiff.diffusion import (T_MIN, NoiseSchedule, diffusion_loss_weights,
                                    from_diffusion_space, loss_weight_table, per_example_loss,
                                    q_sample, sample_training_noise_level, to_diffusion_space)
 
-NAMES = ("paper", "linear", "cosine")
+NAMES = ("paper", "paper_extended", "linear", "cosine")
 
 
 def test_paper_schedule_is_not_pure_noise():
@@ -24,6 +24,25 @@ def test_noise_reaching_schedules():
     assert NoiseSchedule.named("cosine", 50).gamma_T < 1e-3
     assert NoiseSchedule.named("linear").gamma_T < 1e-3
     assert np.all(NoiseSchedule.cosine(100).beta <= 0.999)
+
+
+def test_paper_extended_keeps_the_seeds_levels_and_reaches_noise():
+    """Steps 1..100 are the seeds' (a psi trained on them keeps its meaning of every level), the
+    40 steps after them continue the betas' rise and end in noise."""
+    paper, ext = NoiseSchedule.named("paper"), NoiseSchedule.named("paper_extended")
+    assert ext.T == 140 and ext.params == {"paper_T": 100, "extra_steps": 40, "beta_end": 0.3}
+    np.testing.assert_array_equal(ext.gamma[:101], paper.gamma)
+    step = paper.beta[2] - paper.beta[1]
+    np.testing.assert_allclose(np.diff(ext.beta[101:]), (0.3 - 1e-2 - step) / 39 * np.ones(39),
+                               rtol=1e-9)
+    np.testing.assert_allclose(ext.beta[101], 1e-2 + step)
+    assert ext.beta[140] == pytest.approx(0.3)
+    assert 5e-4 < ext.gamma_T < 7e-4  # sqrt(gamma_T) = 0.024: y_T is noise.
+    assert NoiseSchedule.named("paper_extended", 50).T == 70
+    with pytest.raises(ValueError, match="beta_end"):
+        NoiseSchedule.paper_extended(beta_end=0.005)
+    with pytest.raises(ValueError, match="extra_steps"):
+        NoiseSchedule.paper_extended(extra_steps=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -119,6 +119,22 @@ def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
     assert abs(slope - expected) < 4 * se + 0.05 * abs(expected)
 
 
+def test_extended_schedule_noise_start_is_unbiased():
+    """paper_extended reaches noise (gamma_T = 6e-4), so the noise start matches the forward
+    process: the posterior mean is unbiased and the spread is the exact discretised chain's."""
+    schedule = NoiseSchedule.named("paper_extended")
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none",
+                               dc_free=False)
+    y_hat = _y_hat()
+    out = sampler(FRAMES, 32, 14, seed=3, method="ddpm", start="noise", y_hat=y_hat)
+    n = 32
+    rms_z = np.sqrt(np.mean(((out["mean"] - y_hat) / (out["std"] / np.sqrt(n))) ** 2))
+    assert rms_z < 1.2
+    expected = _expected_std(schedule, 14, 1.0) / 2
+    pooled_std = np.sqrt(np.mean(out["std"] ** 2) * n / (n - 1))
+    assert abs(pooled_std / expected - 1) < 0.015  # 2 x 6400 x 32 draws: ~0.2 % standard error.
+
+
 def test_clip_keeps_samples_non_negative_and_leaves_bright_pixels_alone():
     # GaussianPsi's target has std S / 2 = 0.15 (KDE units) about y_hat in [0, 1]: without the
     # clip, pixels with y_hat near 0 sample negative KDE values; with it none do.

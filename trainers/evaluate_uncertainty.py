@@ -47,8 +47,9 @@ flags.DEFINE_integer("mcmc_burnin", 1000, "HMC burn-in steps.")
 flags.DEFINE_integer("mcmc_chains", 4, "HMC chains per frame.")
 flags.DEFINE_integer("mcmc_kde_samples", 4000, "Thinned MCMC draws rendered to KDEs per frame.")
 flags.DEFINE_list("mcmc_betas", ["1.0", "0.2"], "Likelihood temperings (1 = the posterior).")
-flags.DEFINE_list("recipe_t_starts", ["10", "20", "30", "50", "100"], "Guided starts to compare "
-                  "(steps scaled: num_steps * t / t_default, at least 2).")
+flags.DEFINE_list("recipe_t_starts", ["10", "20", "30", "50", "100"], "Guided starts to compare, "
+                  "and always the default recipe's own (steps scaled: num_steps * t / t_default, "
+                  "at least 2).")
 flags.DEFINE_integer("recipe_frames", 5, "Isolated frames for the recipe comparison.")
 flags.DEFINE_integer("dense_frames", 25, "Paper-preset frames for the coverage.")
 flags.DEFINE_float("threshold", 0.05, "Coverage pixels: truth or posterior mean above (KDE units).")
@@ -189,7 +190,9 @@ def main(argv):
     t0 = time.perf_counter()
     n = min(FLAGS.recipe_frames, FLAGS.iso_frames)
     rows = {}
-    for t in (int(v) for v in FLAGS.recipe_t_starts):
+    t_starts = sorted({int(v) for v in FLAGS.recipe_t_starts if int(v) <= models.schedule.T}
+                      | {t_default})  # The default recipe's start always among them.
+    for t in t_starts:
         steps = int(min(t, max(2, round(recipe["num_steps"] * t / t_default))))
         if t == t_default and steps == recipe["num_steps"] and recipe["restart_t"] is None:
             std = psi_std[:n]

@@ -31,9 +31,11 @@ flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with 
                   "(of the 80x80 paper KDE; the middle block always attends).")
 flags.DEFINE_float("dropout", 0.0, "psi: dropout in the res blocks.")
 flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
-flags.DEFINE_enum("noise_schedule", "paper", ["paper", "cosine", "linear"], "Noise schedule "
-                  "(NoiseSchedule.named): 'paper' is the seeds' linear 1e-4..1e-2.")
-flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule.")
+flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine", "linear"],
+                  "Noise schedule (NoiseSchedule.named): 'paper' is the seeds' linear 1e-4..1e-2; "
+                  "'paper_extended' adds 0.4 T steps after it that reach noise.")
+flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_extended': of its "
+                     "seeds' part; the schedule then has 1.4 T steps).")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the seeds' SNR-weighted "
                   "eq. 8 or the uniform 'simple' loss.")
 flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the validation sampler and "
