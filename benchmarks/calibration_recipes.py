@@ -1,0 +1,105 @@
+"""psi models and sampler recipes against the MCMC posterior and the truth, on validation frames
+(never the evaluation seeds): the quick comparison behind the choice of the bundled psi and its
+default recipe. `trainers/evaluate_uncertainty.py` gives the held-out figures of the chosen one.
+
+    python benchmarks/calibration_recipes.py --models paper,runs/psi_ext --steps 0,20
+
+For each model and number of reverse steps (0: the model's own default; guided start at the
+model's t_start; projected samples, as evaluate_uncertainty scores them):
+  isolated frames (seed 778, 100 samples): ratio of psi's and MCMC's (HMC, beta = 1) mean std and
+    their Pearson r, pooled; per-localization std / MCMC's x, y std (median); std(z);
+  dense paper frames (seed 777, 48 samples): coverage of 50% / 90% per-pixel intervals, the
+    fraction of PIT values in the top tenth (0.10 when calibrated: more means the truth is above
+    every sample, emitters the samples lack), std(z) per localization, KDE MSE of the mean;
+(Speed: benchmarks/sampler.py.)
+Prints a table and one JSON line.
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from smlm_tfdiff import calibration as cal  # noqa: E402
+from smlm_tfdiff.localization import match  # noqa: E402
+from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch  # noqa: E402
+from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
+from smlm_tfdiff.sampler import PosteriorSampler, default_recipe  # noqa: E402
+from smlm_tfdiff.simulate import simulate  # noqa: E402
+from smlm_tfdiff.uncertainty import localization_uncertainty  # noqa: E402
+
+flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
+flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
+flags.DEFINE_integer("iso_frames", 12, "Isolated-emitter frames (validation seed 778).")
+flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
+FLAGS = flags.FLAGS
+
+
+def _z(locs, data, config):
+    """std of z = (phi's position - truth) / the samples' std, x and y pooled."""
+    tol = 5.0 / config.upsample  # evaluate_uncertainty's matching radius (5 HR px).
+    err, sd = [], []
+    for loc, pos, mask in zip(locs, data["positions"], data["mask"]):
+        p, q = match(loc["xy"], pos[mask], tol)
+        err.append((loc["xy"][p] - pos[mask][q]) * config.pixel_size_nm)
+        sd.append(loc["std_nm"][p])
+    return float(np.nanstd(cal.z_scores(np.concatenate(err), np.concatenate(sd))))
+
+
+def main(argv):
+    del argv
+    base = load_phi_source(FLAGS.models[0])
+    icfg, dcfg = base.scene_config("isolated"), base.scene_config("paper")
+    iso = simulate(icfg, FLAGS.iso_frames, 778)
+    dense = simulate(dcfg, FLAGS.dense_frames, 777)
+    res = mcmc_posterior_batch(iso["frames"][..., 0], icfg, 5000, 1000, seed=5, kernel="hmc",
+                               num_chains=4, warn=False)
+    mstd = np.array([kde_posterior(r.chains[::5, :, :2].reshape(-1, 2), icfg)[1] for r in res])
+    mcmc_xy_nm = np.array([r.std[:2] * icfg.pixel_size_nm for r in res])
+    truth = dense["kde"][..., 0]
+    rows = []
+    for name in FLAGS.models:
+        models = load_phi_source(name)
+        sampler = PosteriorSampler(models)
+        t_start, default_steps = default_recipe(models)
+        for steps in (int(s) or default_steps for s in FLAGS.steps):
+            kw = dict(num_steps=steps, method="ddpm", return_samples=True, project=True)
+            ip = sampler(iso["frames"], 100, seed=1, **kw)
+            agree = cal.std_map_agreement(ip["std"][..., 0], mstd)
+            ilocs = localization_uncertainty(ip["samples"][:, :50], ip["y_hat"], icfg)
+            loc_ratio = [loc["std_nm"][0] / m for loc, m in zip(ilocs, mcmc_xy_nm)
+                         if len(loc["xy"]) == 1]
+            dp = sampler(dense["frames"], 48, seed=2, **kw)
+            samples = dp["samples"][..., 0]
+            mask = (truth > 0.05) | (dp["mean"][..., 0] > 0.05)
+            u = cal.pit(samples, truth, axis=1)[mask]
+            dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
+            row = {"model": name, "t_start": t_start, "num_steps": steps,
+                   "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
+                   "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
+                   "iso_std_z": _z(ilocs, iso, icfg),
+                   "dense_coverage_50_90": cal.coverage(samples, truth, [0.5, 0.9], mask=mask,
+                                                        axis=1).tolist(),
+                   "dense_pit_top_tenth": float(np.mean(u > 0.9)),
+                   "dense_std_z": _z(dlocs, dense, dcfg),
+                   "dense_mean_mse": float(np.mean((dp["mean"][..., 0] - truth) ** 2))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{'model':24s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
+          f"{'z iso':>6s} {'cov 50/90':>12s} {'PIT>0.9':>7s} {'z dense':>7s} {'MSE':>8s}")
+    for r in rows:
+        c50, c90 = r["dense_coverage_50_90"]
+        print(f"{r['model'][-24:]:24s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
+              f"{r['iso_r']:6.3f} {r['iso_loc_std_over_mcmc']:8.2f} {r['iso_std_z']:6.2f} "
+              f"{c50:5.3f}/{c90:.3f} {r['dense_pit_top_tenth']:7.3f} {r['dense_std_z']:7.2f} "
+              f"{r['dense_mean_mse']:8.2e}")
+    print(json.dumps({"iso_frames": FLAGS.iso_frames, "dense_frames": FLAGS.dense_frames,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    app.run(main)
