@@ -63,10 +63,17 @@ class PsiLoss:
     """Per-example noise-estimation loss of psi given the frozen phi -> [B].
 
     weighting "snr": the seeds' eq. 8 weight (normalised to mean 1 over t = 2..T; t = 1 never
-    drawn), "simple": uniform (diffusion.diffusion_loss_weights)."""
+    drawn), "simple": uniform (diffusion.diffusion_loss_weights).
+    prediction "v" (PsiConfig.prediction): the loss is w(t) ||v - v_psi||^2 = w(t) / gamma
+    ||eps - eps_psi||^2 (eps_psi = sqrt(gamma) v_psi + sqrt(1 - gamma) y_t), the same as the eps
+    loss at low noise, while near noise it scores the predicted z_0 (v -> -z_0) instead of eps."""
 
-    def __init__(self, phi, schedule, weighting):
+    def __init__(self, phi, schedule, weighting, prediction="eps"):
+        from smlm_tfdiff.models.psi import PREDICTIONS
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
         self.phi, self.schedule, self.weighting = phi, schedule, weighting
+        self.prediction = prediction
 
     def __call__(self, model, batch, training):
         y_hat = tf.stop_gradient(self.phi(batch["frames"], training=False))
@@ -75,6 +82,8 @@ class PsiLoss:
         eps_pred = model({"y_t": y_t, "y_hat": y_hat, "noise_level": tf.sqrt(gamma)},
                          training=training)
         weights = diffusion_loss_weights(self.schedule, batch["t"], self.weighting)
+        if self.prediction == "v":
+            weights = weights / gamma
         return per_example_loss(batch["eps"], eps_pred, weights)
 
 

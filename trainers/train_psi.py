@@ -11,6 +11,7 @@ Writes psi.weights.h5 (EMA weights when --ema_decay is set), psi_config.json, di
 sim_config.json and a copy of phi's files into --out_dir at the end: `st.load_models(out_dir)`.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine
                   "'paper_extended' adds 0.4 T steps after it that reach noise.")
 flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_extended': of its "
                      "seeds' part; the schedule then has 1.4 T steps).")
+flags.DEFINE_enum("prediction", "eps", ["eps", "v"], "What psi's network outputs: the noise eps "
+                  "(the seeds') or v = sqrt(gamma) eps - sqrt(1 - gamma) z_0, which keeps the "
+                  "predicted z_0 accurate near noise (use with --noise_schedule paper_extended).")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the seeds' SNR-weighted "
                   "eq. 8 or the uniform 'simple' loss.")
 flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the validation sampler and "
@@ -78,7 +82,7 @@ def main(argv):
         num_res_blocks=FLAGS.num_res_blocks,
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=sim_config.hr_shape[0], dropout=FLAGS.dropout,
-        embedding_dim=FLAGS.embedding_dim)
+        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
     diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
                  "t_start": t_start, "num_steps": num_steps}
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
@@ -87,7 +91,8 @@ def main(argv):
         init = load_phi_source(FLAGS.init_psi)
         if init.psi is None:
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has no psi")
-        if init.psi_config != psi_config:
+        # The same network; its output may be read as eps or v (fine-tuning from eps to v).
+        if dataclasses.replace(init.psi_config, prediction=psi_config.prediction) != psi_config:
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
                                  f"{psi_config}: set the psi flags to match it")
         init_weights = init.psi.get_weights()
@@ -103,7 +108,7 @@ def main(argv):
     trainer = Trainer(
         cfg, strategy,
         build_model=build_model,
-        loss_fn=PsiLoss(phi, schedule, FLAGS.weighting),
+        loss_fn=PsiLoss(phi, schedule, FLAGS.weighting, psi_config.prediction),
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
                                              FLAGS.mix_fraction),

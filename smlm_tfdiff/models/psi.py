@@ -4,6 +4,13 @@ eps_pred = psi(y_t, y_hat, sqrt(gamma)): the noise in y_t = sqrt(gamma) z_0 + sq
 given phi's KDE estimate y_hat (seeds' section 3.2 and appendix A.6; architecture after DDPM / SR3,
 conditioning on the continuous noise level as WaveGrad / SR3 do, so samplers may use any schedule).
 
+The network's own output is eps (PsiConfig.prediction "eps", the seeds') or v = sqrt(gamma) eps -
+sqrt(1 - gamma) z_0 ("v", Salimans & Ho 2022), turned into eps = sqrt(gamma) v + sqrt(1 - gamma) y_t
+inside the model, so every caller sees eps either way. With eps, the predicted z_0 = (y_t -
+sqrt(1 - gamma) eps) / sqrt(gamma) amplifies the network's error by 1 / sqrt(gamma) (40x at the
+end of a schedule that reaches noise); with v, z_0 = sqrt(gamma) y_t - sqrt(1 - gamma) v is as good
+as the network at every level, which sampling from noise needs.
+
 Layout (DDPM): conv_in -> per level [num_res_blocks x (res block, attention where configured)],
 stride-2 conv down between levels -> middle (res, attention, res) -> mirrored up path with skip
 concatenations, nearest 2x upsampling + conv -> GroupNorm, swish, zero-initialised conv_out.
@@ -17,6 +24,9 @@ from typing import Optional, Tuple
 
 import keras
 from keras import layers, ops
+
+
+PREDICTIONS = ("eps", "v")
 
 
 @dataclasses.dataclass
@@ -40,6 +50,7 @@ class PsiConfig:
     num_heads: int = 1  # Self-attention heads; must divide the channels where attention is.
     embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
     noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
+    prediction: str = "eps"  # What the network outputs: "eps" or "v" (module docstring).
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
@@ -55,6 +66,9 @@ class PsiConfig:
         if self.embedding_dim < 2 or self.embedding_dim % 2:
             raise ValueError(f"PsiConfig.embedding_dim must be even and >= 2 "
                              f"(got {self.embedding_dim})")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"PsiConfig.prediction must be one of {PREDICTIONS} "
+                             f"(got {self.prediction!r})")
         if not self.noise_level_scale > 0:
             raise ValueError(f"PsiConfig.noise_level_scale must be > 0 "
                              f"(got {self.noise_level_scale})")
@@ -153,6 +167,20 @@ class ToDiffusionSpace(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class EpsFromV(layers.Layer):
+    """[v, y_t, noise_level] -> eps = sqrt(gamma) v + sqrt(1 - gamma) y_t, with sqrt(gamma) the
+    noise level ([B] or [B, 1]) and v, y_t [B, H, W, 1]."""
+
+    def call(self, inputs):
+        v, y_t, noise_level = inputs
+        level = ops.reshape(ops.cast(noise_level, v.dtype), (-1, 1, 1, 1))
+        return level * v + ops.sqrt(ops.maximum(1.0 - level * level, 0.0)) * y_t
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
 class SelfAttention2D(layers.Layer):
     """x + proj(attention(GroupNorm(x))) over all H*W positions: [B, H, W, C] -> [B, H, W, C].
 
@@ -226,7 +254,8 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
       noise_level  [B] or [B, 1]: sqrt(gamma), continuous in (0, 1]; not a step index.
     image_size: None (any H, W divisible by 2^(levels-1), checked by the caller with
       `check_input_size`), an int or (h, w) for a static input shape (checked here).
-    The output conv is zero-initialised: eps_pred is exactly 0 for any input before training.
+    The output conv is zero-initialised: before training eps_pred is exactly 0 for any input
+    (prediction "eps") or sqrt(1 - gamma) y_t (prediction "v": v = 0, i.e. z_0 = sqrt(gamma) y_t).
     """
     config = psi_config or PsiConfig()
     if image_size is None:
@@ -283,6 +312,9 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
 
     x = layers.GroupNormalization(config.groups, epsilon=1e-5, name="out_norm")(x)
     x = layers.Activation("swish", name="out_act")(x)
+    # Named "eps" in both parametrizations, so that the weights of either load into the other.
     eps = layers.Conv2D(1, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
                         name="eps")(x)
+    if config.prediction == "v":
+        eps = EpsFromV(name="eps_from_v")([eps, y_t, noise_level])
     return keras.Model({"y_t": y_t, "y_hat": y_hat, "noise_level": noise_level}, eps, name=name)
