@@ -64,9 +64,10 @@ class PsiLoss:
 
     weighting "snr": the seeds' eq. 8 weight (normalised to mean 1 over t = 2..T; t = 1 never
     drawn), "simple": uniform (diffusion.diffusion_loss_weights).
-    prediction "v" (PsiConfig.prediction): the loss is w(t) ||v - v_psi||^2 = w(t) / gamma
-    ||eps - eps_psi||^2 (eps_psi = sqrt(gamma) v_psi + sqrt(1 - gamma) y_t), the same as the eps
-    loss at low noise, while near noise it scores the predicted z_0 (v -> -z_0) instead of eps."""
+    prediction "v" or "v_residual" (PsiConfig.prediction): the loss is w(t) ||v - v_psi||^2 =
+    w(t) / gamma ||eps - eps_psi||^2 (eps_psi = sqrt(gamma) v_psi + sqrt(1 - gamma) u), the same as
+    the eps loss at low noise, while near noise it scores the predicted z_0 (v -> -z_0, or -(z_0 -
+    mu) for the residual) instead of eps."""
 
     def __init__(self, phi, schedule, weighting, prediction="eps"):
         from smlm_tfdiff.models.psi import PREDICTIONS
@@ -82,7 +83,7 @@ class PsiLoss:
         eps_pred = model({"y_t": y_t, "y_hat": y_hat, "noise_level": tf.sqrt(gamma)},
                          training=training)
         weights = diffusion_loss_weights(self.schedule, batch["t"], self.weighting)
-        if self.prediction == "v":
+        if self.prediction != "eps":
             weights = weights / gamma
         return per_example_loss(batch["eps"], eps_pred, weights)
 

@@ -61,38 +61,40 @@ def test_config_validation_and_json():
         PsiConfig(embedding_dim=15)
     with pytest.raises(ValueError, match="prediction"):
         PsiConfig(prediction="x0")
-    for config in (PsiConfig(), TINY, PsiConfig(prediction="v")):
+    for config in (PsiConfig(), TINY, PsiConfig(prediction="v_residual")):
         assert PsiConfig.from_json(config.to_json()) == config
     # Configs written before the field existed read as eps-prediction models.
     old = {k: v for k, v in json.loads(TINY.to_json()).items() if k != "prediction"}
     assert PsiConfig.from_json(json.dumps(old)).prediction == "eps"
+    assert PsiConfig().attention_levels == (2, 3)
+    assert PsiConfig().resolutions == (80, 40, 20, 10, 5)
 
 
-def test_v_prediction_returns_eps_from_the_networks_v():
-    """prediction "v": eps = sqrt(g) v + sqrt(1 - g) y_t with v the same network's output, so a
-    v-model with an eps-model's weights returns that combination of the eps-model's output; at
-    init (v = 0) it predicts z_0 = sqrt(g) y_t."""
+@pytest.mark.parametrize("prediction", ["v", "v_residual"])
+def test_v_prediction_returns_eps_from_the_networks_v(prediction):
+    """prediction "v": eps = sqrt(g) v + sqrt(1 - g) u with v the same network's output and u =
+    y_t, or u = y_t - sqrt(g) mu for "v_residual" (mu = 2 y_hat - 1). So a v-model with an
+    eps-model's weights returns that combination of the eps-model's output; at init (v = 0) it
+    predicts z_0 = sqrt(g) y_t, or z_0 = mu + sqrt(g) u (phi's estimate at noise)."""
     keras.utils.set_random_seed(3)
     eps_model = build_psi(TINY)
     rng = np.random.default_rng(4)
     eps_model.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype)
                            for w in eps_model.get_weights()])
-    v_config = dataclasses.replace(TINY, prediction="v")
-    v_model = build_psi(v_config)
+    v_model = build_psi(dataclasses.replace(TINY, prediction=prediction))
     batch = _batch(3, 20)
     g = batch["noise_level"].reshape(-1, 1, 1, 1) ** 2
-    np.testing.assert_allclose(np.asarray(v_model(batch)), np.sqrt(1 - g) * batch["y_t"],
-                               atol=1e-6)
+    mu = 2 * batch["y_hat"] - 1 if prediction == "v_residual" else 0 * batch["y_hat"]
+    u = batch["y_t"] - np.sqrt(g) * mu
+    np.testing.assert_allclose(np.asarray(v_model(batch)), np.sqrt(1 - g) * u, atol=1e-6)
     v_model.set_weights(eps_model.get_weights())
     v = np.asarray(eps_model(batch))
-    np.testing.assert_allclose(np.asarray(v_model(batch)),
-                               np.sqrt(g) * v + np.sqrt(1 - g) * batch["y_t"], atol=1e-5)
-    # What the sampler reads off it: z_0 = (y_t - sqrt(1 - g) eps) / sqrt(g) = sqrt(g) y_t -
+    np.testing.assert_allclose(np.asarray(v_model(batch)), np.sqrt(g) * v + np.sqrt(1 - g) * u,
+                               atol=1e-5)
+    # What the sampler reads off it: z_0 = (y_t - sqrt(1 - g) eps) / sqrt(g) = mu + sqrt(g) u -
     # sqrt(1 - g) v, with no 1 / sqrt(g) on the network's output.
     z0 = (batch["y_t"] - np.sqrt(1 - g) * np.asarray(v_model(batch))) / np.sqrt(g)
-    np.testing.assert_allclose(z0, np.sqrt(g) * batch["y_t"] - np.sqrt(1 - g) * v, atol=1e-4)
-    assert PsiConfig().attention_levels == (2, 3)
-    assert PsiConfig().resolutions == (80, 40, 20, 10, 5)
+    np.testing.assert_allclose(z0, mu + np.sqrt(g) * u - np.sqrt(1 - g) * v, atol=1e-4)
 
 
 def _attention_levels(model):

@@ -58,8 +58,9 @@ def test_loss_is_weighted_noise_mse_given_phi(paper):
     np.testing.assert_allclose(seen["noise_level"].numpy(), np.sqrt(gamma), rtol=1e-6)
     # v-prediction: the same weighted MSE on v = sqrt(g) eps - sqrt(1 - g) z_0, i.e. the eps MSE
     # divided by gamma.
-    v_loss = PsiLoss(phi, schedule, "snr", "v")(psi, batch, True).numpy()
-    np.testing.assert_allclose(v_loss, loss / gamma, rtol=1e-5)
+    for prediction in ("v", "v_residual"):
+        v_loss = PsiLoss(phi, schedule, "snr", prediction)(psi, batch, True).numpy()
+        np.testing.assert_allclose(v_loss, loss / gamma, rtol=1e-5)
     with pytest.raises(ValueError, match="prediction"):
         PsiLoss(phi, schedule, "snr", "x0")
 

@@ -37,9 +37,11 @@ flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine
                   "'paper_extended' adds 0.4 T steps after it that reach noise.")
 flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_extended': of its "
                      "seeds' part; the schedule then has 1.4 T steps).")
-flags.DEFINE_enum("prediction", "eps", ["eps", "v"], "What psi's network outputs: the noise eps "
-                  "(the seeds') or v = sqrt(gamma) eps - sqrt(1 - gamma) z_0, which keeps the "
-                  "predicted z_0 accurate near noise (use with --noise_schedule paper_extended).")
+flags.DEFINE_enum("prediction", "eps", ["eps", "v", "v_residual"], "What psi's network "
+                  "outputs: the noise eps (the seeds'), v = sqrt(gamma) eps - sqrt(1 - gamma) z_0, "
+                  "which keeps the predicted z_0 accurate near noise, or the v of z_0 - (2 y_hat - "
+                  "1), which predicts phi's estimate near noise before any training (use either v "
+                  "with --noise_schedule paper_extended; models/psi.py).")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the seeds' SNR-weighted "
                   "eq. 8 or the uniform 'simple' loss.")
 flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the validation sampler and "
