@@ -5,7 +5,8 @@ default recipe. `trainers/evaluate_uncertainty.py` gives the held-out figures of
     python benchmarks/calibration_recipes.py --models paper,runs/psi_ext --steps 0,20
 
 For each model and number of reverse steps (0: the model's own default; guided start at the
-model's t_start; projected samples, as evaluate_uncertainty scores them):
+model's t_start; --method ddpm (ancestral, the default) or ddim; projected samples, as
+evaluate_uncertainty scores them):
   isolated frames (seed 778, 100 samples): ratio of psi's and MCMC's (HMC, beta = 1) mean std and
     their Pearson r, pooled; per-localization std / MCMC's x, y std (median); std(z);
   dense paper frames (seed 777, 48 samples): coverage of 50% / 90% per-pixel intervals, the
@@ -33,6 +34,7 @@ from smlm_tfdiff.uncertainty import localization_uncertainty  # noqa: E402
 
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
+flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Reverse steps: ancestral or deterministic.")
 flags.DEFINE_integer("iso_frames", 12, "Isolated-emitter frames (validation seed 778).")
 flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
 FLAGS = flags.FLAGS
@@ -66,7 +68,7 @@ def main(argv):
         sampler = PosteriorSampler(models)
         t_start, default_steps = default_recipe(models)
         for steps in (int(s) or default_steps for s in FLAGS.steps):
-            kw = dict(num_steps=steps, method="ddpm", return_samples=True, project=True)
+            kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True)
             ip = sampler(iso["frames"], 100, seed=1, **kw)
             agree = cal.std_map_agreement(ip["std"][..., 0], mstd)
             ilocs = localization_uncertainty(ip["samples"][:, :50], ip["y_hat"], icfg)
@@ -77,7 +79,8 @@ def main(argv):
             mask = (truth > 0.05) | (dp["mean"][..., 0] > 0.05)
             u = cal.pit(samples, truth, axis=1)[mask]
             dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
-            row = {"model": name, "t_start": t_start, "num_steps": steps,
+            row = {"model": name, "method": FLAGS.method, "t_start": t_start,
+                   "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
                    "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
                    "iso_std_z": _z(ilocs, iso, icfg),
