@@ -24,13 +24,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _validation import mcmc_reference, validation_frames  # noqa: E402
 from smlm_tfdiff import calibration as cal  # noqa: E402
-from smlm_tfdiff.localization import match  # noqa: E402
-from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
 from smlm_tfdiff.sampler import PosteriorSampler, default_recipe  # noqa: E402
-from smlm_tfdiff.simulate import simulate  # noqa: E402
-from smlm_tfdiff.uncertainty import localization_uncertainty  # noqa: E402
+from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty  # noqa: E402
 
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
@@ -42,24 +40,17 @@ FLAGS = flags.FLAGS
 
 def _z(locs, data, config):
     """std of z = (phi's position - truth) / the samples' std, x and y pooled."""
+    truth = [pos[mask] for pos, mask in zip(data["positions"], data["mask"])]
     tol = 5.0 / config.upsample  # evaluate_uncertainty's matching radius (5 HR px).
-    err, sd = [], []
-    for loc, pos, mask in zip(locs, data["positions"], data["mask"]):
-        p, q = match(loc["xy"], pos[mask], tol)
-        err.append((loc["xy"][p] - pos[mask][q]) * config.pixel_size_nm)
-        sd.append(loc["std_nm"][p])
-    return float(np.nanstd(cal.z_scores(np.concatenate(err), np.concatenate(sd))))
+    err, _, sd = localization_errors(locs, truth, config, tol)
+    return float(np.nanstd(cal.z_scores(err, sd)))
 
 
 def main(argv):
     del argv
-    base = load_phi_source(FLAGS.models[0])
-    icfg, dcfg = base.scene_config("isolated"), base.scene_config("paper")
-    iso = simulate(icfg, FLAGS.iso_frames, 778)
-    dense = simulate(dcfg, FLAGS.dense_frames, 777)
-    res = mcmc_posterior_batch(iso["frames"][..., 0], icfg, 5000, 1000, seed=5, kernel="hmc",
-                               num_chains=4, warn=False)
-    mstd = np.array([kde_posterior(r.chains[::5, :, :2].reshape(-1, 2), icfg)[1] for r in res])
+    icfg, iso, dcfg, dense = validation_frames(load_phi_source(FLAGS.models[0]),
+                                               FLAGS.iso_frames, FLAGS.dense_frames)
+    res, mstd = mcmc_reference(iso, icfg)
     mcmc_xy_nm = np.array([r.std[:2] * icfg.pixel_size_nm for r in res])
     truth = dense["kde"][..., 0]
     rows = []

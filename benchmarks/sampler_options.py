@@ -20,12 +20,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _validation import mcmc_reference, validation_frames  # noqa: E402
 from smlm_tfdiff import calibration as cal  # noqa: E402
-from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
 from smlm_tfdiff.projection import project_samples  # noqa: E402
 from smlm_tfdiff.sampler import PosteriorSampler  # noqa: E402
-from smlm_tfdiff.simulate import simulate  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
 flags.DEFINE_integer("iso_frames", 20, "Isolated-emitter frames (validation seed 778).")
@@ -38,13 +37,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     models = load_phi_source(FLAGS.model)
-    icfg, dcfg = models.scene_config("isolated"), models.scene_config("paper")
-    iso = simulate(icfg, FLAGS.iso_frames, 778)
-    dense = simulate(dcfg, FLAGS.dense_frames, 777)
+    icfg, iso, dcfg, dense = validation_frames(models, FLAGS.iso_frames, FLAGS.dense_frames)
     t0 = time.perf_counter()
-    res = mcmc_posterior_batch(iso["frames"][..., 0], icfg, 5000, 1000, seed=5, kernel="hmc",
-                               num_chains=4, warn=False)
-    mstd = np.array([kde_posterior(r.chains[::5, :, :2].reshape(-1, 2), icfg)[1] for r in res])
+    _, mstd = mcmc_reference(iso, icfg)
     empty = mstd < 1e-4
     results = {"model": FLAGS.model, "iso_frames": FLAGS.iso_frames,
                "dense_frames": FLAGS.dense_frames, "mcmc_seconds": time.perf_counter() - t0,

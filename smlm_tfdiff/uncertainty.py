@@ -72,3 +72,20 @@ def _one(samples, y_hat, config, tolerance_hr, detect_kwargs, reference=None):
     return {"xy": ref, "mean_xy": ref + mean_d, "std_nm": std_nm,
             "uncertainty_nm": np.sqrt(np.mean(std_nm ** 2, axis=1)),
             "fraction": counts / max(len(found), 1)}
+
+
+def localization_errors(locs, truth, config, tolerance):
+    """Errors of scored localizations against the truth, for z = error / reported std.
+
+    locs: per frame, a dict of `localization_uncertainty`; truth: per frame, [K, 2] true (x, y) LR
+    px; tolerance: matching radius, LR px (one-to-one, `match`).
+    Returns (err_xy, err_mean, std_nm), each [M, 2] nm over all matched localizations: phi's
+    position minus the truth, the samples' mean position minus the truth, the reported std.
+    """
+    err_xy, err_mean, std_nm = [], [], []
+    for loc, t in zip(locs, truth):
+        p, q = match(loc["xy"], t, tolerance)
+        err_xy.append((loc["xy"][p] - t[q]) * config.pixel_size_nm)
+        err_mean.append((loc["mean_xy"][p] - t[q]) * config.pixel_size_nm)
+        std_nm.append(loc["std_nm"][p])
+    return tuple(np.concatenate(v).reshape(-1, 2) for v in (err_xy, err_mean, std_nm))

@@ -260,6 +260,15 @@ def test_localization_uncertainty_recovers_jitter_and_presence(paper):
     assert np.all(std[1] < 1.0)  # b never moves.
     batched = st.localization_uncertainty(np.array(samples)[None], y_hat[None], paper)
     assert len(batched) == 1 and len(batched[0]["xy"]) == 2
+    # Errors against a truth with one emitter moved by (0.05, -0.02) px and one far from both:
+    # only the matched pairs count, in nm, with their reported std.
+    from smlm_tfdiff.uncertainty import localization_errors
+    truth = np.array([a + [0.05, -0.02], [2.0, 2.0]])
+    err, err_mean, sd = localization_errors([res], [truth], paper, tolerance=1.0)
+    i = int(np.argmin(res["xy"][:, 0]))  # The localization at a.
+    np.testing.assert_allclose(err, (res["xy"][[i]] - truth[[0]]) * paper.pixel_size_nm)
+    np.testing.assert_allclose(err_mean, (res["mean_xy"][[i]] - truth[[0]]) * paper.pixel_size_nm)
+    np.testing.assert_array_equal(sd, res["std_nm"][[i]])
 
 
 

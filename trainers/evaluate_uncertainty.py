@@ -114,19 +114,6 @@ def mcmc_std_maps(frames, config, beta, seed):
     return np.array(means), np.array(stds), res, summary
 
 
-def loc_z(locs, truth, config, tol_lr):
-    """z-scores of phi's positions and of the sample-mean positions against matched truth."""
-    from smlm_tfdiff.localization import match
-    e_phi, e_mean, sd = [], [], []
-    for loc, t in zip(locs, truth):
-        p, q = match(loc["xy"], t, tol_lr)
-        e_phi.append((loc["xy"][p] - t[q]) * config.pixel_size_nm)
-        e_mean.append((loc["mean_xy"][p] - t[q]) * config.pixel_size_nm)
-        sd.append(loc["std_nm"][p])
-    e_phi, e_mean, sd = (np.concatenate(v).reshape(-1, 2) for v in (e_phi, e_mean, sd))
-    return e_phi, e_mean, sd
-
-
 def main(argv):
     del argv
     from smlm_tfdiff import calibration as cal
@@ -136,7 +123,7 @@ def main(argv):
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulate import simulate
-    from smlm_tfdiff.uncertainty import localization_uncertainty
+    from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty
 
     t_all = time.perf_counter()
     models = load_phi_source(FLAGS.model)
@@ -293,7 +280,7 @@ def main(argv):
     nl, sl = min(FLAGS.loc_frames, FLAGS.dense_frames), min(FLAGS.loc_samples, FLAGS.num_samples)
     locs = localization_uncertainty(dpost["samples"][:nl, :sl], dpost["y_hat"][:nl], cfg)
     truth = [p[m] for p, m in zip(dense["positions"][:nl], dense["mask"][:nl])]
-    e_phi, e_mean, sd = loc_z(locs, truth, cfg, tol)
+    e_phi, e_mean, sd = localization_errors(locs, truth, cfg, tol)
     z_dense = cal.z_scores(e_phi, sd)
     sec3 = {"dense": {"num_frames": nl, "num_samples": sl,
                       "z_phi_xy": cal.z_summary(z_dense),
@@ -303,7 +290,7 @@ def main(argv):
     si = min(FLAGS.iso_loc_samples, FLAGS.num_samples)
     ilocs = localization_uncertainty(post["samples"][:, :si], post["y_hat"], iso_cfg)
     itruth = [p[m] for p, m in zip(iso["positions"], iso["mask"])]
-    ie_phi, ie_mean, isd = loc_z(ilocs, itruth, iso_cfg, tol)
+    ie_phi, ie_mean, isd = localization_errors(ilocs, itruth, iso_cfg, tol)
     z_iso = cal.z_scores(ie_phi, isd)
     # psi's per-localization std against MCMC's posterior std of (x, y) on the same frames.
     ratios = []
@@ -377,7 +364,7 @@ def mc_dropout_baseline(iso, dense, mcmc, tol):
     from smlm_tfdiff import calibration as cal
     from smlm_tfdiff.mc_dropout import dropout_layers, mc_dropout_posterior
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.uncertainty import localization_uncertainty
+    from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty
 
     mcd = load_phi_source(FLAGS.mc_dropout_model)
     out = {"available": True, "model": FLAGS.mc_dropout_model, "source": mcd.source,
@@ -402,7 +389,7 @@ def mc_dropout_baseline(iso, dense, mcmc, tol):
         n, s = min(n, len(d["frames"])), min(s, FLAGS.num_samples)
         locs = localization_uncertainty(post["samples"][:n, :s], post["y_hat"][:n], c)
         truth = [p[m] for p, m in zip(d["positions"][:n], d["mask"][:n])]
-        e_phi, _, sd = loc_z(locs, truth, c, tol)
+        e_phi, _, sd = localization_errors(locs, truth, c, tol)
         z = cal.z_scores(e_phi, sd)
         zs[name] = z
         out[f"z_{name}"] = cal.z_summary(z)
