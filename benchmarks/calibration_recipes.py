@@ -4,14 +4,16 @@ default recipe. `trainers/evaluate_uncertainty.py` gives the held-out figures of
 
     python benchmarks/calibration_recipes.py --models paper,runs/psi_ext --steps 0,20
 
-For each model and number of reverse steps (0: the model's own default; guided start at the
-model's t_start; --method ddpm (ancestral, the default) or ddim; projected samples, as
+For each model, --reverse_variance and number of reverse steps (0: the model's own default; guided
+start at the model's t_start; --method ddpm (ancestral, the default) or ddim; projected samples, as
 evaluate_uncertainty scores them):
   isolated frames (seed 778, 100 samples): ratio of psi's and MCMC's (HMC, beta = 1) mean std and
     their Pearson r, pooled; per-localization std / MCMC's x, y std (median); std(z);
   dense paper frames (seed 777, 48 samples): coverage of 50% / 90% per-pixel intervals, the
-    fraction of PIT values in the top tenth (0.10 when calibrated: more means the truth is above
-    every sample, emitters the samples lack), std(z) per localization, KDE MSE of the mean;
+    fraction of PIT values in the top tenth (0.10 when calibrated) and of pixels whose truth is
+    above every sample (1/49 = 0.020 when calibrated: emitters the samples lack), the fraction of
+    true emitters phi's estimate misses (no detection within 5 HR px), std(z) per localization,
+    KDE MSE of the mean;
 (Speed: benchmarks/sampler.py.)
 Prints a table and one JSON line.
 """
@@ -26,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from _validation import mcmc_reference, validation_frames  # noqa: E402
 from smlm_tfdiff import calibration as cal  # noqa: E402
+from smlm_tfdiff.localization import detect, match  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
 from smlm_tfdiff.sampler import PosteriorSampler, default_recipe  # noqa: E402
 from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty  # noqa: E402
@@ -33,6 +36,8 @@ from smlm_tfdiff.uncertainty import localization_errors, localization_uncertaint
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Reverse steps: ancestral or deterministic.")
+flags.DEFINE_list("reverse_variance", ["auto"], "Sampler reverse variances to compare: fixed, "
+                  "learned (the models' psi_var), auto (learned when the models have one).")
 flags.DEFINE_integer("iso_frames", 12, "Isolated-emitter frames (validation seed 778).")
 flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
 FLAGS = flags.FLAGS
@@ -46,6 +51,17 @@ def _z(locs, data, config):
     return float(np.nanstd(cal.z_scores(err, sd)))
 
 
+def _missed(y_hat, data, config):
+    """Fraction of true emitters with no detection in y_hat within 5 HR px (one-to-one)."""
+    missed = total = 0
+    for y, pos, mask in zip(y_hat, data["positions"], data["mask"]):
+        truth = pos[mask]
+        _, q = match(detect(y, config), truth, 5.0 / config.upsample)
+        missed += len(truth) - len(q)
+        total += len(truth)
+    return missed / max(total, 1)
+
+
 def main(argv):
     del argv
     icfg, iso, dcfg, dense = validation_frames(load_phi_source(FLAGS.models[0]),
@@ -56,9 +72,10 @@ def main(argv):
     rows = []
     for name in FLAGS.models:
         models = load_phi_source(name)
-        sampler = PosteriorSampler(models)
         t_start, default_steps = default_recipe(models)
-        for steps in (int(s) or default_steps for s in FLAGS.steps):
+        for variance, steps in ((v, int(s) or default_steps) for v in FLAGS.reverse_variance
+                                for s in FLAGS.steps):
+            sampler = PosteriorSampler(models, reverse_variance=variance)
             kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True)
             ip = sampler(iso["frames"], 100, seed=1, **kw)
             agree = cal.std_map_agreement(ip["std"][..., 0], mstd)
@@ -69,8 +86,11 @@ def main(argv):
             samples = dp["samples"][..., 0]
             mask = (truth > 0.05) | (dp["mean"][..., 0] > 0.05)
             u = cal.pit(samples, truth, axis=1)[mask]
+            above_all = (truth > samples.max(axis=1))[mask]
             dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
-            row = {"model": name, "method": FLAGS.method, "t_start": t_start,
+            phi_missed = _missed(dp["y_hat"], dense, dcfg)
+            row = {"model": name, "method": FLAGS.method,
+                   "reverse_variance": sampler.reverse_variance, "t_start": t_start,
                    "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
                    "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
@@ -78,18 +98,22 @@ def main(argv):
                    "dense_coverage_50_90": cal.coverage(samples, truth, [0.5, 0.9], mask=mask,
                                                         axis=1).tolist(),
                    "dense_pit_top_tenth": float(np.mean(u > 0.9)),
+                   "dense_truth_above_all": float(np.mean(above_all)),
+                   "dense_phi_missed": phi_missed,
                    "dense_std_z": _z(dlocs, dense, dcfg),
                    "dense_mean_mse": float(np.mean((dp["mean"][..., 0] - truth) ** 2))}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print(f"\n{'model':24s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
-          f"{'z iso':>6s} {'cov 50/90':>12s} {'PIT>0.9':>7s} {'z dense':>7s} {'MSE':>8s}")
+    print(f"\n{'model':24s} {'var':>7s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
+          f"{'z iso':>6s} {'cov 50/90':>12s} {'PIT>0.9':>7s} {'>all':>6s} {'missed':>6s} "
+          f"{'z dense':>7s} {'MSE':>8s}")
     for r in rows:
         c50, c90 = r["dense_coverage_50_90"]
-        print(f"{r['model'][-24:]:24s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
+        print(f"{r['model'][-24:]:24s} {r['reverse_variance']:>7s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
               f"{r['iso_r']:6.3f} {r['iso_loc_std_over_mcmc']:8.2f} {r['iso_std_z']:6.2f} "
-              f"{c50:5.3f}/{c90:.3f} {r['dense_pit_top_tenth']:7.3f} {r['dense_std_z']:7.2f} "
+              f"{c50:5.3f}/{c90:.3f} {r['dense_pit_top_tenth']:7.3f} "
+              f"{r['dense_truth_above_all']:6.3f} {r['dense_phi_missed']:6.3f} {r['dense_std_z']:7.2f} "
               f"{r['dense_mean_mse']:8.2e}")
     print(json.dumps({"iso_frames": FLAGS.iso_frames, "dense_frames": FLAGS.dense_frames,
                       "rows": rows}))

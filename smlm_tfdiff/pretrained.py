@@ -2,7 +2,8 @@
 
 A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
 also psi.weights.h5, psi_config.json and diffusion.json (noise schedule, loss weighting, the
-sampler's default guided-start step t_start and number of reverse steps num_steps)."""
+sampler's default guided-start step t_start and number of reverse steps num_steps), and optionally
+psi_var.weights.h5 (the learned reverse variance, reverse_variance.py; the sampler uses it)."""
 
 import dataclasses
 import json
@@ -28,6 +29,7 @@ class Pretrained:
     weighting: str = ""  # Loss weighting psi was trained with ("snr" or "simple").
     t_start: Optional[int] = None  # Default guided-start step of the sampler.
     num_steps: Optional[int] = None  # Default number of reverse steps from t_start.
+    psi_var: Optional[Any] = None  # psi's learned per-pixel residual variance (reverse_variance.py).
 
     def scene_config(self, preset: str) -> SimulationConfig:
         """The model's config (camera, optics, KDE grid, detection) with the scene of `preset`
@@ -90,8 +92,11 @@ def _load_phi_checkpoint(run_dir):
 
 def load_models(run_dir):
     """phi and, when the folder has one, psi (see the module docstring for the files). A psi
-    training run still in progress loads its phi and the EMA weights of its latest checkpoint."""
+    training run still in progress loads its phi and the EMA weights of its latest checkpoint; a
+    psi_var run (train_psi_variance.py) in progress, its psi and the latest psi_var."""
     info = _run_info(run_dir)
+    if "psi" in info and not os.path.exists(os.path.join(run_dir, "psi_var.weights.h5")):
+        return _load_psi_var_checkpoint(run_dir, info)
     if "psi_config" in info and not os.path.exists(os.path.join(run_dir, "psi.weights.h5")):
         return _load_psi_checkpoint(run_dir, info)
     models = load_phi(run_dir)
@@ -108,6 +113,11 @@ def load_models(run_dir):
     with open(os.path.join(run_dir, "diffusion.json")) as f:
         _attach_psi(models, psi_config, json.load(f))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
+    var_path = os.path.join(run_dir, "psi_var.weights.h5")
+    if os.path.exists(var_path):
+        from smlm_tfdiff.reverse_variance import build_variance_net
+        models.psi_var = build_variance_net(psi_config)
+        models.psi_var.load_weights(var_path)
     return models
 
 
@@ -140,13 +150,33 @@ def _load_psi_checkpoint(run_dir, info):
                                 "the first --checkpoint_every steps have passed")
     models = load_phi_source(info["phi"])
     _attach_psi(models, PsiConfig(**info["psi_config"]), info["diffusion"])
-    weights = models.psi.trainable_variables
-    ckpt = {"model": models.psi}
+    _restore_ema(models.psi, latest, info)
+    models.source = latest
+    return models
+
+
+def _restore_ema(model, checkpoint, info):
+    """Restore a Trainer checkpoint into model, its EMA weights when the run kept them."""
+    import tensorflow as tf
+    weights = model.trainable_variables
+    ckpt = {"model": model}
     if info.get("trainer", {}).get("ema_decay") is not None:
         ckpt["ema"] = [tf.Variable(v, trainable=False) for v in weights]
-    tf.train.Checkpoint(**ckpt).restore(latest).expect_partial()
+    tf.train.Checkpoint(**ckpt).restore(checkpoint).expect_partial()
     for v, e in zip(weights, ckpt.get("ema", [])):
         v.assign(e)
+
+
+def _load_psi_var_checkpoint(run_dir, info):
+    import tensorflow as tf
+    from smlm_tfdiff.reverse_variance import build_variance_net
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir!r} has no psi_var checkpoint yet; let training run "
+                                "until the first --checkpoint_every steps have passed")
+    models = load_phi_source(info["psi"])
+    models.psi_var = build_variance_net(models.psi_config)
+    _restore_ema(models.psi_var, latest, info)
     models.source = latest
     return models
 
@@ -158,7 +188,7 @@ def load_phi_source(source):
     return pretrained(source)
 
 
-def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None):
+def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None, psi_var=None):
     """Write phi (from `models`) and optionally psi into out_dir so `load_models(out_dir)` reads
     them back. Each file is written under a temporary name and renamed when complete."""
     os.makedirs(out_dir, exist_ok=True)
@@ -181,6 +211,8 @@ def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None):
         write("psi.weights.h5", psi.save_weights)
         write("psi_config.json", text(psi_config.to_json()))
         write("diffusion.json", text(json.dumps(diffusion, indent=2)))
+    if psi_var is not None:
+        write("psi_var.weights.h5", psi_var.save_weights)
 
 
 def available():

@@ -11,6 +11,7 @@ import tensorflow as tf
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.diffusion import (T_MIN, diffusion_loss_weights, per_example_loss, q_sample,
                                    sample_training_noise_level, to_diffusion_space)
+from smlm_tfdiff.models.psi import PREDICTIONS
 from smlm_tfdiff.simulate import make_dataset, simulate
 
 # Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss; a longer
@@ -70,7 +71,6 @@ class PsiLoss:
     mu) for the residual) instead of eps."""
 
     def __init__(self, phi, schedule, weighting, prediction="eps"):
-        from smlm_tfdiff.models.psi import PREDICTIONS
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
         self.phi, self.schedule, self.weighting = phi, schedule, weighting

@@ -32,6 +32,7 @@ import tensorflow as tf
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space, to_diffusion_space
 from smlm_tfdiff.projection import project_samples
+from smlm_tfdiff.reverse_variance import x0_variance_term
 
 METHODS = {"ddpm": 1.0, "ddim": 0.0}
 STARTS = ("guided", "noise")
@@ -54,6 +55,7 @@ def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] =
 
 
 CLIPS = ("final", "each", "none")
+REVERSE_VARIANCES = ("auto", "fixed", "learned")
 
 
 def standard_noise(shape, seed, dc_free):
@@ -64,7 +66,7 @@ def standard_noise(shape, seed, dc_free):
     return noise
 
 
-def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False):
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False, psi_var=None):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
@@ -72,11 +74,14 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
       DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
       pedestal of ~0.01 (README, psi sampling); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
+    psi_var: optional network of psi's per-pixel residual variance (reverse_variance.py); its
+      Var(z_0 | z_t) enters the step's noise (x0_variance_term), which the eta step leaves out.
     Returns z_s [N, H, W, 1].
     """
     n = tf.shape(z_t)[0]
     level = tf.fill([n], tf.sqrt(g_t))
-    eps = psi({"y_t": z_t, "y_hat": y_hat, "noise_level": level}, training=False)
+    inputs = {"y_t": z_t, "y_hat": y_hat, "noise_level": level}
+    eps = psi(inputs, training=False)
     z0 = (z_t - tf.sqrt(1.0 - g_t) * eps) / tf.sqrt(g_t)
     if clip:
         z0 = tf.maximum(z0, -1.0)
@@ -84,16 +89,21 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
     var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
     noise = standard_noise(tf.shape(z_t), seed, dc_free)
-    return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
+    extra = 0.0
+    if psi_var is not None:
+        extra = x0_variance_term(psi_var(inputs, training=False), g_t, g_s, var)
+    return (tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps
+            + tf.sqrt(var + extra) * noise)
 
 
-def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True):
+def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, psi_var=None):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
     seed [2] int32[, y_start]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
     y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier samples).
     clip: "final" clips z_0 at -1 (KDE >= 0) after the last step, "each" clips the predicted z_0
       in every step (generate_step), "none" never (targets that may be negative).
-    dc_free: frame-mean-free noise in the start and every step (module docstring)."""
+    dc_free: frame-mean-free noise in the start and every step (module docstring).
+    psi_var: the learned Var(z_0 | z_t) network added to every step's variance (generate_step)."""
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {CLIPS} (got {clip!r})")
 
@@ -111,7 +121,7 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True):
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
-                                        clip == "each", dc_free)
+                                        clip == "each", dc_free, psi_var)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return tf.maximum(z, -1.0) if clip == "final" else z
@@ -126,16 +136,31 @@ class PosteriorSampler:
     clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
       "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
     dc_free: frame-mean-free noise (default; module docstring).
+    reverse_variance: "fixed", each step's variance is the eta step's (DDPM / DDIM); "learned",
+      plus c^2 Var(z_0 | z_t) from the models' psi_var network (reverse_variance.py); "auto"
+      (default): "learned" when the models have a psi_var, else "fixed".
     """
 
-    def __init__(self, models, jit_compile=True, max_images=512, clip="final", dc_free=True):
+    def __init__(self, models, jit_compile=True, max_images=512, clip="final", dc_free=True,
+                 reverse_variance="auto"):
         if getattr(models, "psi", None) is None:
             raise ValueError("these models have no diffusion model psi: load a trained psi with "
                              "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
+        if reverse_variance not in REVERSE_VARIANCES:
+            raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES} (got "
+                             f"{reverse_variance!r})")
+        psi_var = getattr(models, "psi_var", None)
+        if reverse_variance == "learned" and psi_var is None:
+            raise ValueError("reverse_variance='learned' needs a psi_var network: train one with "
+                             "trainers/train_psi_variance.py and load its folder with "
+                             "load_models, or use reverse_variance='fixed'")
+        if reverse_variance == "fixed":
+            psi_var = None
         self.models = models
         self.schedule = models.schedule
         self.max_images = int(max_images)
-        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free)
+        self.reverse_variance = "fixed" if psi_var is None else "learned"
+        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free, psi_var)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
 

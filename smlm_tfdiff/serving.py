@@ -17,6 +17,7 @@ The sampler method ("ddpm" or "ddim") and the guided start t_start are fixed at 
 (1..t_start) is chosen per request, and the visited noise levels are computed in graph exactly as
 `NoiseSchedule.timesteps_for` + `sampler.noise_levels` do. The same seed gives the same output as
 `PosteriorSampler(models, jit_compile=False)(frames, S, num_steps, seed, method, t_start=t_start)`
+(with the models' learned reverse variance psi_var when they have one)
 when all frames fit in one chunk of it (B <= max(1, max_images // S)).
 
 Memory: one request runs psi on B * num_samples images of 4H x 4W at once; keep B * num_samples
@@ -94,11 +95,13 @@ class SamplerModule(tf.Module):
             raise ValueError(f"t_start must lie in 1..T = 1..{schedule.T} (got {t_start})")
         self.phi = models.phi
         self.psi = models.psi
+        # The learned reverse variance travels with psi when the models have one (sampler.py).
+        self.psi_var = getattr(models, "psi_var", None)
         self._method_name = method
         self._t_start_value = t_start
         self._eta = float(METHODS[method])
         self._gamma = tf.constant(schedule.gamma, tf.float64)
-        self._loop = make_sample_loop(models.psi, jit_compile=False)
+        self._loop = make_sample_loop(models.psi, jit_compile=False, psi_var=self.psi_var)
 
         sim_config = models.config
         psi_factor = models.psi_config.downsample_factor
@@ -115,7 +118,8 @@ class SamplerModule(tf.Module):
         diffusion = {"schedule": schedule.get_config(),
                      "weighting": getattr(models, "weighting", ""), "t_start": t_start,
                      "num_steps": default_steps,
-                     "method": method, "eta": self._eta, "start": "guided"}
+                     "method": method, "eta": self._eta, "start": "guided",
+                     "reverse_variance": "fixed" if self.psi_var is None else "learned"}
         texts = {"sim_config.json": sim_config.to_json(),
                  "psi_config.json": models.psi_config.to_json(),
                  "diffusion.json": json.dumps(diffusion, sort_keys=True)}

@@ -39,6 +39,9 @@ flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default re
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
                      "restart_t; default: none).")
+flags.DEFINE_enum("reverse_variance", "auto", ["auto", "fixed", "learned"], "Sampler step "
+                  "variance: the eta step's (fixed), plus the learned Var(z_0 | z_t) of the model's "
+                  "psi_var (learned), or learned when the model has one (auto).")
 flags.DEFINE_bool("project", True, "Score projected samples: each sample replaced by the KDE of "
                   "the emitters detected in it (PosteriorSampler project); --noproject scores "
                   "psi's raw samples.")
@@ -133,8 +136,9 @@ def main(argv):
     t_default, num_steps = default_recipe(models, FLAGS.t_start)
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
                   t_start=t_default, restart_t=FLAGS.restart_t, project=FLAGS.project)
-    sampler = PosteriorSampler(models)
+    sampler = PosteriorSampler(models, reverse_variance=FLAGS.reverse_variance)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
+               "reverse_variance": sampler.reverse_variance,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
                "flags": {k: FLAGS[k].value for k in FLAG_NAMES}}
     plt = _plt()
@@ -449,7 +453,7 @@ def summary(m):
 
 
 FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
-              "project",
+              "reverse_variance", "project",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
