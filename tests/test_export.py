@@ -351,3 +351,24 @@ def test_ddim_module_equals_in_package_sampler(models, frames):
     np.testing.assert_allclose(out["posterior_std"], ref["std"], atol=1e-5, rtol=0)
     with pytest.raises(tf.errors.InvalidArgumentError, match="1..10"):
         module.sample(**_request(frames[:1], num_samples=2, num_steps=11))
+
+
+def test_module_takes_the_learned_reverse_variance_along(models, frames):
+    """A models object with psi_var exports a sampler that adds its variance, as the in-package
+    sampler does (checked on the module without saving)."""
+    import dataclasses
+
+    from smlm_tfdiff.reverse_variance import build_variance_net
+    psi_var = build_variance_net(models.psi_config, models.psi)
+    kernel, bias = psi_var.get_layer("eps").get_weights()
+    psi_var.get_layer("eps").set_weights([kernel, np.full_like(bias, np.log(0.05))])
+    with_var = dataclasses.replace(models, psi_var=psi_var)
+    module = SamplerModule(with_var, t_start=10)
+    assert json.loads(module.diffusion_json.numpy())["reverse_variance"] == "learned"
+    out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))
+    ref = PosteriorSampler(with_var, jit_compile=False)(
+        frames[:1], 2, 2, seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
+    np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
+    fixed = PosteriorSampler(models, jit_compile=False)(
+        frames[:1], 2, 2, seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
+    assert np.abs(fixed["samples"] - ref["samples"]).max() > 1e-3

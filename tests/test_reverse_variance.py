@@ -12,7 +12,7 @@ import smlm_tfdiff as st
 from smlm_tfdiff.diffusion import NoiseSchedule
 from smlm_tfdiff.models.psi import PsiConfig, build_psi
 from smlm_tfdiff.pretrained import save_models
-from smlm_tfdiff.reverse_variance import (INITIAL_H, VarianceLoss, build_variance_net,
+from smlm_tfdiff.reverse_variance import (INITIAL_K, VarianceLoss, build_variance_net,
                                           x0_variance_term)
 from test_training import _scalars
 
@@ -28,29 +28,29 @@ def _inputs(n=3, seed=0):
             "noise_level": tf.constant(rng.uniform(0.5, 1, n), tf.float32)}
 
 
-def test_variance_net_starts_from_psi_with_a_constant_h():
+def test_variance_net_starts_from_psi_with_a_constant_k():
     psi = build_psi(SMALL)
     rng = np.random.default_rng(1)
     psi.set_weights([rng.normal(0, 0.05, w.shape).astype(np.float32) for w in psi.get_weights()])
     net = build_variance_net(SMALL, psi)
     for a, b in zip(net.get_weights()[:-2], psi.get_weights()[:-2]):
         np.testing.assert_array_equal(a, b)  # Every layer but the output conv is psi's.
-    log_h = net(_inputs(), training=False).numpy()
-    np.testing.assert_allclose(log_h, np.log(INITIAL_H), rtol=1e-6)
+    log_k = net(_inputs(), training=False).numpy()
+    np.testing.assert_allclose(log_k, np.log(INITIAL_K), rtol=1e-6)
     # A v-prediction psi's network is the same; psi_var's output is always read as is.
     v_net = build_variance_net(PsiConfig(**{**SMALL.__dict__, "prediction": "v_residual"}), psi)
-    np.testing.assert_allclose(v_net(_inputs(), training=False).numpy(), log_h, rtol=1e-6)
+    np.testing.assert_allclose(v_net(_inputs(), training=False).numpy(), log_k, rtol=1e-6)
 
 
 def test_x0_variance_term():
-    # The last step (g_s = 1, sigma = 0) adds all of Var(z_0 | z_t) = (1 - g) / g h.
-    log_h = tf.fill([1, 2, 2, 1], np.log(0.04).astype(np.float32))
-    np.testing.assert_allclose(x0_variance_term(log_h, 0.8, 1.0, 0.0).numpy(), 0.25 * 0.04,
+    # The last step (g_s = 1, sigma = 0) adds all of Var(z_0 | z_t) = (1 - g) k.
+    log_k = tf.fill([1, 2, 2, 1], np.log(0.04).astype(np.float32))
+    np.testing.assert_allclose(x0_variance_term(log_k, 0.8, 1.0, 0.0).numpy(), 0.2 * 0.04,
                                rtol=1e-5)
     # A DDIM step (sigma = 0) from 0.6 to 0.7: c = sqrt(0.7) - sqrt(0.3) sqrt(0.6 / 0.4).
     c = np.sqrt(0.7) - np.sqrt(0.3) * np.sqrt(1.5)
-    np.testing.assert_allclose(x0_variance_term(log_h, 0.6, 0.7, 0.0).numpy(),
-                               c * c * 0.4 / 0.6 * 0.04, rtol=1e-5)
+    np.testing.assert_allclose(x0_variance_term(log_k, 0.6, 0.7, 0.0).numpy(),
+                               c * c * 0.4 * 0.04, rtol=1e-5)
 
 
 def test_loss_is_the_gaussian_nll_of_psi_s_residual(paper):
@@ -63,12 +63,13 @@ def test_loss_is_the_gaussian_nll_of_psi_s_residual(paper):
              "gamma": tf.constant([0.6, 0.95], tf.float32),
              "eps": tf.constant(rng.standard_normal((2, 80, 80, 1)), tf.float32)}
     loss = VarianceLoss(phi, psi)(net, batch, False).numpy()
-    r2 = batch["eps"].numpy() ** 2
-    expected = np.mean(r2 / INITIAL_H + np.log(INITIAL_H), axis=(1, 2, 3))
+    target = batch["eps"].numpy() ** 2 / batch["gamma"].numpy()[:, None, None, None]
+    expected = np.mean(target / INITIAL_K + np.log(INITIAL_K), axis=(1, 2, 3))
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    # Minimised by h = E[r^2]: the NLL at the right h is below the NLL a factor 2 off either way.
-    nll = lambda h: np.mean(r2 / h + np.log(h))  # noqa: E731
-    assert nll(r2.mean()) < min(nll(2 * r2.mean()), nll(r2.mean() / 2))
+    # Minimised by k = E[r^2 / g]: the NLL there is below the NLL a factor 2 off either way.
+    nll = lambda k: np.mean(target[0] / k + np.log(k))  # noqa: E731
+    best = target[0].mean()
+    assert nll(best) < min(nll(2 * best), nll(best / 2))
 
 
 def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path):
@@ -92,7 +93,7 @@ def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path):
     log = train(2)
     assert "MirroredStrategy" in log
     for lo, hi in ((1, 5), (51, 100)):
-        for key in ("nll", "h_ratio", "h_r"):
+        for key in ("nll", "k_ratio", "k_r"):
             assert [s for s, _ in _scalars(os.path.join(out, "val"), f"{key}_t{lo}-{hi}")] == [2]
     # A run in progress (no psi_var.weights.h5 yet) loads the EMA weights of its checkpoint.
     final = st.load_models(out).psi_var.get_weights()

@@ -30,12 +30,13 @@ class GaussianPsi(keras.Model):
 
 
 class GaussianVar(keras.Model):
-    """The exact log E[(eps - eps_psi)^2 | z_t] of GaussianPsi: Var(eps | z_t) = g S^2 / (g S^2 +
-    1 - g), so the sampler's Var(z_0 | z_t) is the exact (1 - g) S^2 / (g S^2 + 1 - g)."""
+    """The exact log k = log(E[(eps - eps_psi)^2 | z_t] / g) of GaussianPsi: Var(eps | z_t) =
+    g S^2 / (g S^2 + 1 - g), so the sampler's Var(z_0 | z_t) = (1 - g) k is the exact
+    (1 - g) S^2 / (g S^2 + 1 - g)."""
 
     def call(self, inputs, training=False):
         g = ops.reshape(ops.square(inputs["noise_level"]), (-1, 1, 1, 1))
-        return ops.log(g * S * S / (g * S * S + 1.0 - g)) + 0.0 * inputs["y_t"]
+        return ops.log(S * S / (g * S * S + 1.0 - g)) + 0.0 * inputs["y_t"]
 
 
 def _expected_std(schedule, num_steps, eta, t_start=None, learned=False):

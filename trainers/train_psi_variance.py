@@ -3,11 +3,12 @@
     python trainers/train_psi_variance.py --out_dir runs/psi_var --psi paper --steps 2000
 
 --psi names a bundled model ("paper") or a psi run folder; phi and psi are frozen. psi_var starts
-from psi's weights and learns log E[(eps - eps_psi)^2 | z_t, y_hat] per pixel from psi's own
-residuals, at noise levels drawn uniformly over the schedule. Restarting the same command resumes
-from the latest checkpoint. TensorBoard: the loss, and per noise-level bucket of fixed validation
-frames the NLL and mean r^2 / mean h (1 when h is right on average) and the Pearson r of h with r^2
-over pixels (how well h locates the error). Writes phi's and psi's files and psi_var.weights.h5
+from psi's weights and learns log k, k = E[(eps - eps_psi)^2 | z_t, y_hat] / gamma per pixel (so
+Var(z_0 | z_t) = (1 - gamma) k), from psi's own residuals at noise levels drawn uniformly over the
+schedule. Restarting the same command resumes from the latest checkpoint. TensorBoard: the loss,
+and per noise-level bucket of fixed validation frames the NLL, mean target / mean k (1 when k is
+right on average) and the Pearson r of k with the target over pixels (how well k locates the
+error), medians over frames. Writes phi's and psi's files and psi_var.weights.h5
 (EMA weights when --ema_decay is set) into --out_dir: `st.load_models(out_dir)` samples with it.
 """
 
