@@ -81,10 +81,7 @@ def _load_phi_checkpoint(run_dir):
         info = json.load(f)
     config = SimulationConfig.from_dict(info["sim_config"])
     phi_config = PhiConfig(**info["phi_config"])
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir!r} has no checkpoint yet; let training run until the "
-                                "first --checkpoint_every steps have passed")
+    latest = _latest_checkpoint(run_dir)
     phi = build_phi(config, phi_config)
     tf.train.Checkpoint(model=phi).restore(latest).expect_partial()
     return Pretrained(phi=phi, config=config, phi_config=phi_config, source=latest)
@@ -142,17 +139,24 @@ def _run_info(run_dir):
 
 
 def _load_psi_checkpoint(run_dir, info):
-    import tensorflow as tf
     from smlm_tfdiff.models.psi import PsiConfig
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir!r} has no psi checkpoint yet; let training run until "
-                                "the first --checkpoint_every steps have passed")
+    latest = _latest_checkpoint(run_dir, "psi")
     models = load_phi_source(info["phi"])
     _attach_psi(models, PsiConfig(**info["psi_config"]), info["diffusion"])
     _restore_ema(models.psi, latest, info)
     models.source = latest
     return models
+
+
+def _latest_checkpoint(run_dir, what=""):
+    """The newest Trainer checkpoint of a run in progress; a clear error when there is none."""
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if latest is None:
+        what = f"{what} " if what else ""
+        raise FileNotFoundError(f"{run_dir!r} has no {what}checkpoint yet; let training run until "
+                                "the first --checkpoint_every steps have passed")
+    return latest
 
 
 def _restore_ema(model, checkpoint, info):
@@ -168,12 +172,8 @@ def _restore_ema(model, checkpoint, info):
 
 
 def _load_psi_var_checkpoint(run_dir, info):
-    import tensorflow as tf
     from smlm_tfdiff.reverse_variance import build_variance_net
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir!r} has no psi_var checkpoint yet; let training run "
-                                "until the first --checkpoint_every steps have passed")
+    latest = _latest_checkpoint(run_dir, "psi_var")
     models = load_phi_source(info["psi"])
     models.psi_var = build_variance_net(models.psi_config)
     _restore_ema(models.psi_var, latest, info)
