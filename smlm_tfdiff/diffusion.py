@@ -211,6 +211,16 @@ def _check_T(T):
     return int(T)
 
 
+# Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss; a longer
+# schedule (paper_extended) adds one bucket for its steps beyond 100.
+BUCKETS = ((1, 5), (6, 20), (21, 50), (51, 100))
+
+
+def buckets_for(schedule):
+    """BUCKETS, plus (101, T) when the schedule is longer than the seeds' 100 steps."""
+    return BUCKETS + (((101, schedule.T),) if schedule.T > 100 else ())
+
+
 # Training draw ------------------------------------------------------------------------------------
 def sample_training_noise_level(schedule, batch, seed, t_min=T_MIN["snr"]):
     """WaveGrad-style training draw: t ~ U{t_min..T}, then sqrt(gamma) ~ U(sqrt(gamma_t),

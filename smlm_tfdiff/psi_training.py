@@ -9,19 +9,11 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.diffusion import (T_MIN, diffusion_loss_weights, per_example_loss, q_sample,
-                                   sample_training_noise_level, to_diffusion_space)
+from smlm_tfdiff.diffusion import (BUCKETS, T_MIN, buckets_for, diffusion_loss_weights,  # noqa: F401
+                                   per_example_loss, q_sample, sample_training_noise_level,
+                                   to_diffusion_space)
 from smlm_tfdiff.models.psi import PREDICTIONS
 from smlm_tfdiff.simulate import make_dataset, simulate
-
-# Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss; a longer
-# schedule (paper_extended) adds one bucket for its steps beyond 100.
-BUCKETS = ((1, 5), (6, 20), (21, 50), (51, 100))
-
-
-def buckets_for(schedule):
-    """BUCKETS, plus (101, T) when the schedule is longer than the seeds' 100 steps."""
-    return BUCKETS + (((101, schedule.T),) if schedule.T > 100 else ())
 
 
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,

@@ -86,7 +86,7 @@ class VarianceValidation:
     frames of the Pearson r of k with r^2 over pixels (how well k locates the error)."""
 
     def __init__(self, sim_config, phi, psi, schedule, num_frames, seed):
-        from smlm_tfdiff.psi_training import buckets_for
+        from smlm_tfdiff.diffusion import buckets_for
         from smlm_tfdiff.simulate import simulate
         data = simulate(sim_config, num_frames, seed)
         rng = np.random.default_rng(seed)

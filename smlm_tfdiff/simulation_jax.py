@@ -1,0 +1,99 @@
+"""The simulator in JAX: scenes, the camera model and KDE targets, for training on a JAX device.
+
+The same model as `smlm_tfdiff.simulate` and `smlm_tfdiff.physics` (pixel-integrated Gaussian PSF,
+x = gain * Poisson(omega + background) + Normal(offset, readout_var) in ADU, the KDE of the seeds'
+eq. 4 with the fixed 2 pi sigma_y^2 scale), written in jax.numpy so that a machine without
+TensorFlow simulates its own training data inside one jitted training step
+(trainers/train_psi_jax.py). The deterministic parts agree with `smlm_tfdiff.physics` to float32
+precision and the frames have its moments (tests/test_simulation_jax.py); the random draws are
+JAX's own (jax.random keys), so the numbers differ from the TensorFlow simulator's.
+
+Shapes: positions [B, K, 2] (x, y) LR pixels, photons [B, K], mask [B, K] bool, frames [B, H, W, 1]
+ADU, kde [B, upsample*H, upsample*W, 1].
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def pixel_integrals(coord, num_pixels, sigma):
+    """Fraction of N(coord, sigma^2) in each unit pixel [j, j+1): [...] -> [..., num_pixels]."""
+    edges = jnp.arange(num_pixels + 1, dtype=jnp.float32)
+    cdf = 0.5 * jax.scipy.special.erf((edges - coord[..., None]) / (_SQRT2 * sigma))
+    return cdf[..., 1:] - cdf[..., :-1]
+
+
+def psf_images(positions, shape, sigma, weights):
+    """sum_k weights_k dEy(k, i) dEx(k, j): positions [B, K, 2] in grid pixels -> [B, H, W]."""
+    dex = pixel_integrals(positions[..., 0], shape[1], sigma)  # [B, K, W]
+    dey = pixel_integrals(positions[..., 1], shape[0], sigma) * weights[..., None]  # [B, K, H]
+    return jnp.einsum("bki,bkj->bij", dey, dex)
+
+
+def _constant(value):
+    return jnp.asarray(np.asarray(value, np.float32))
+
+
+def expected_counts(positions, photons, mask, config):
+    """omega + background, photons per pixel [B, H, W] (physics.expected_counts_batch)."""
+    weights = photons * mask.astype(jnp.float32)
+    omega = psf_images(positions, config.lr_shape, config.psf_sigma, weights)
+    return omega + _constant(config.background)
+
+
+def render_kde(positions, mask, config):
+    """KDE [B, upsample*H, upsample*W] of the masked emitters (physics.render_kde_batch)."""
+    return config.kde_norm * psf_images(positions * config.upsample, config.hr_shape,
+                                        config.kde_sigma, mask.astype(jnp.float32))
+
+
+def sample_scene(key, config, batch_size):
+    """Random emitters as `simulate.sample_scene` draws them: (positions, photons, mask)."""
+    k = config.padded_emitters
+    count_key, u_key, v_key, n_key = jax.random.split(key, 4)
+    if config.emitter_count == "fixed":
+        counts = jnp.full([batch_size], config.num_emitters, jnp.int32)
+    else:
+        counts = jax.random.poisson(count_key, float(config.num_emitters), [batch_size])
+        counts = jnp.minimum(counts, k).astype(jnp.int32)  # Truncated at max_emitters.
+    mask = jnp.arange(k)[None, :] < counts[:, None]
+    u = jax.random.uniform(u_key, [batch_size, k])
+    v = jax.random.uniform(v_key, [batch_size, k])
+    if config.region == "disc":
+        cx, cy = config.center
+        radius = config.disc_radius * jnp.sqrt(u)  # Uniform density on the disc.
+        angle = 2.0 * math.pi * v
+        xy = jnp.stack([cx + radius * jnp.cos(angle), cy + radius * jnp.sin(angle)], axis=-1)
+    else:
+        m = config.margin
+        xy = jnp.stack([m + (config.frame_width - 2 * m) * u,
+                        m + (config.frame_height - 2 * m) * v], axis=-1)
+    if config.photons_range is None:
+        photons = jnp.full([batch_size, k], config.photons, jnp.float32)
+    else:
+        lo, hi = config.photons_range
+        photons = jax.random.uniform(n_key, [batch_size, k], minval=lo, maxval=hi)
+    maskf = mask.astype(jnp.float32)
+    return xy * maskf[..., None], photons * maskf, mask
+
+
+def sample_frames(key, rate, config):
+    """rate [B, H, W] expected photons -> frames [B, H, W] ADU: gain Poisson + Normal readout."""
+    poisson_key, read_key = jax.random.split(key)
+    counts = jax.random.poisson(poisson_key, rate).astype(jnp.float32)
+    readout = jnp.sqrt(_constant(config.readout_var)) * jax.random.normal(read_key, rate.shape)
+    return _constant(config.gain) * counts + _constant(config.offset) + readout
+
+
+def simulate_batch(key, config, batch_size):
+    """One batch {frames [B, H, W, 1], kde [B, 4H, 4W, 1], positions, photons, mask}."""
+    scene_key, camera_key = jax.random.split(key)
+    positions, photons, mask = sample_scene(scene_key, config, batch_size)
+    frames = sample_frames(camera_key, expected_counts(positions, photons, mask, config), config)
+    return {"frames": frames[..., None], "kde": render_kde(positions, mask, config)[..., None],
+            "positions": positions, "photons": photons, "mask": mask}

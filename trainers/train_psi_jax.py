@@ -1,0 +1,112 @@
+"""Train psi under the Keras JAX backend, on a machine with JAX (a GPU) and no TensorFlow.
+
+    KERAS_BACKEND=jax python trainers/train_psi_jax.py --out_dir runs/psi_jax --phi paper \
+        --base_channels 16 --time_budget_s 480
+
+The recipe of train_psi.py (frozen phi, the paper schedule, the SNR-weighted loss, AdamW with
+warm-up and cosine decay, EMA weights exported), with the batches simulated inside the jitted step
+(smlm_tfdiff/simulation_jax.py). --time_budget_s sizes the cosine schedule to the wall clock the
+measured speed allows, so the run ends validated and saved within it. The EMA weights and the model
+folder (phi's files, psi.weights.h5, psi_config.json, diffusion.json, train_log.json) are written
+every --checkpoint_every_s seconds and at the end; `st.load_models(out_dir)` reads them under
+either backend. With --state_dir the full state is saved too, and the same command resumes.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+flags.DEFINE_string("out_dir", None, "Model folder to write (load_models reads it).")
+flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a model folder.")
+flags.DEFINE_string("preset", "paper", "Scene preset psi trains on (phi's camera and optics).")
+flags.DEFINE_string("mix_preset", "isolated", "A second scene mixed into every batch (empty: none).")
+flags.DEFINE_float("mix_fraction", 0.25, "Fraction of each batch from --mix_preset.")
+flags.DEFINE_integer("base_channels", 16, "psi: channels of the first U-Net level.")
+flags.DEFINE_list("channel_multipliers", ["1", "2", "4", "8"], "psi: channel multiplier per level.")
+flags.DEFINE_integer("num_res_blocks", 1, "psi: res blocks per level (down; one more up).")
+flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with self-attention.")
+flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
+flags.DEFINE_integer("groups", 8, "psi: GroupNorm groups.")
+flags.DEFINE_enum("noise_schedule", "paper", ["paper", "cosine", "linear"], "Noise schedule.")
+flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule.")
+flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting.")
+flags.DEFINE_integer("sample_steps", 10, "Default reverse steps of the exported sampler recipe.")
+flags.DEFINE_integer("batch_size", 128, "Global batch.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
+flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
+flags.DEFINE_float("ema_decay", 0.999, "EMA decay of the exported weights.")
+flags.DEFINE_integer("steps", 100000, "Steps (the most, when --time_budget_s is set).")
+flags.DEFINE_float("time_budget_s", None, "Wall clock for the whole run; sizes the schedule.")
+flags.DEFINE_float("checkpoint_every_s", 60.0, "Seconds between weight saves.")
+flags.DEFINE_integer("log_every", 100, "Steps between log lines.")
+flags.DEFINE_integer("eval_every", 2000, "Steps between validations.")
+flags.DEFINE_integer("val_frames", 256, "Validation frames.")
+flags.DEFINE_integer("seed", 0, "Training seed.")
+flags.DEFINE_string("state_dir", None, "Save the full training state here (resumable).")
+flags.mark_flag_as_required("out_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import keras
+    if keras.backend.backend() != "jax":
+        raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
+                             f"{keras.backend.backend()!r}); trainers/train_psi.py trains with "
+                             "TensorFlow")
+    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
+    from smlm_tfdiff.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
+
+    phi_dir = FLAGS.phi if os.path.isdir(FLAGS.phi) else os.path.join(WEIGHTS_DIR, FLAGS.phi)
+    if not os.path.isdir(phi_dir):
+        raise app.UsageError(f"--phi {FLAGS.phi!r} is neither a model folder nor a bundled model")
+    phi_models = load_phi(phi_dir)
+    phi = phi_models.phi
+    phi.trainable = False
+    sim_config = phi_models.scene_config(FLAGS.preset)
+    mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
+    schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
+    psi_config = PsiConfig(
+        base_channels=FLAGS.base_channels,
+        channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
+        num_res_blocks=FLAGS.num_res_blocks,
+        attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
+        image_size=sim_config.hr_shape[0], dropout=0.0, groups=FLAGS.groups,
+        embedding_dim=FLAGS.embedding_dim)
+    psi = build_psi(psi_config)
+    diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
+                 "t_start": schedule.T, "num_steps": min(FLAGS.sample_steps, schedule.T)}
+
+    def save(out_dir, model):
+        save_models(out_dir, phi_models, psi=model, psi_config=psi_config, diffusion=diffusion)
+        # phi's own file, byte for byte (save_models would re-serialise it).
+        shutil.copyfile(os.path.join(phi_dir, "phi.weights.h5"),
+                        os.path.join(out_dir, "phi.weights.h5"))
+
+    config = JaxTrainConfig(
+        out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        warmup_steps=FLAGS.warmup_steps, ema_decay=FLAGS.ema_decay, max_steps=FLAGS.steps,
+        time_budget_s=FLAGS.time_budget_s, checkpoint_every_s=FLAGS.checkpoint_every_s,
+        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, seed=FLAGS.seed,
+        val_frames=FLAGS.val_frames, state_dir=FLAGS.state_dir)
+    run_info = {"command": " ".join(sys.argv), "phi": FLAGS.phi, "preset": FLAGS.preset,
+                "mix_preset": FLAGS.mix_preset or None,
+                "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0,
+                "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
+                "psi_parameters": int(psi.count_params())}
+    logging.info("psi %s: %d parameters", psi_config, run_info["psi_parameters"])
+    trainer = JaxPsiTrainer(config, phi, psi, sim_config, schedule, FLAGS.weighting, save,
+                            mix_config, FLAGS.mix_fraction, run_info)
+    result = trainer.fit()
+    logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
+
+
+if __name__ == "__main__":
+    app.run(main)
