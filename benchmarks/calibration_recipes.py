@@ -12,8 +12,8 @@ evaluate_uncertainty scores them):
   dense paper frames (seed 777, 48 samples): coverage of 50% / 90% per-pixel intervals, the
     fraction of PIT values in the top tenth (0.10 when calibrated) and of pixels whose truth is
     above every sample (1/49 = 0.020 when calibrated: emitters the samples lack), the fraction of
-    true emitters phi's estimate misses (no detection within 5 HR px), std(z) per localization,
-    KDE MSE of the mean;
+    true emitters phi's estimate misses (no detection within 5 HR px), std(z) per localization
+    and Spearman's rho of |error| with the reported std (sharpness), KDE MSE of the mean;
 (Speed: benchmarks/sampler.py.)
 Prints a table and one JSON line.
 """
@@ -44,11 +44,13 @@ FLAGS = flags.FLAGS
 
 
 def _z(locs, data, config):
-    """std of z = (phi's position - truth) / the samples' std, x and y pooled."""
+    """(std of z = (phi's position - truth) / the samples' std, x and y pooled; Spearman's rank
+    correlation of |error| with the std)."""
     truth = [pos[mask] for pos, mask in zip(data["positions"], data["mask"])]
     tol = 5.0 / config.upsample  # evaluate_uncertainty's matching radius (5 HR px).
     err, _, sd = localization_errors(locs, truth, config, tol)
-    return float(np.nanstd(cal.z_scores(err, sd)))
+    return (float(np.nanstd(cal.z_scores(err, sd))),
+            cal.sharpness(err, sd)["spearman_abs_error_vs_std"])
 
 
 def _missed(y_hat, data, config):
@@ -89,31 +91,33 @@ def main(argv):
             above_all = (truth > samples.max(axis=1))[mask]
             dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
             phi_missed = _missed(dp["y_hat"], dense, dcfg)
+            dense_z = _z(dlocs, dense, dcfg)
             row = {"model": name, "method": FLAGS.method,
                    "reverse_variance": sampler.reverse_variance, "t_start": t_start,
                    "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
                    "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
-                   "iso_std_z": _z(ilocs, iso, icfg),
+                   "iso_std_z": _z(ilocs, iso, icfg)[0],
                    "dense_coverage_50_90": cal.coverage(samples, truth, [0.5, 0.9], mask=mask,
                                                         axis=1).tolist(),
                    "dense_pit_top_tenth": float(np.mean(u > 0.9)),
                    "dense_truth_above_all": float(np.mean(above_all)),
                    "dense_phi_missed": phi_missed,
-                   "dense_std_z": _z(dlocs, dense, dcfg),
+                   "dense_std_z": dense_z[0], "dense_spearman": dense_z[1],
                    "dense_mean_mse": float(np.mean((dp["mean"][..., 0] - truth) ** 2))}
             rows.append(row)
             print(json.dumps(row), flush=True)
 
     print(f"\n{'model':24s} {'var':>7s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
           f"{'z iso':>6s} {'cov 50/90':>12s} {'PIT>0.9':>7s} {'>all':>6s} {'missed':>6s} "
-          f"{'z dense':>7s} {'MSE':>8s}")
+          f"{'z dense':>7s} {'rho':>5s} {'MSE':>8s}")
     for r in rows:
         c50, c90 = r["dense_coverage_50_90"]
         print(f"{r['model'][-24:]:24s} {r['reverse_variance']:>7s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
               f"{r['iso_r']:6.3f} {r['iso_loc_std_over_mcmc']:8.2f} {r['iso_std_z']:6.2f} "
               f"{c50:5.3f}/{c90:.3f} {r['dense_pit_top_tenth']:7.3f} "
               f"{r['dense_truth_above_all']:6.3f} {r['dense_phi_missed']:6.3f} {r['dense_std_z']:7.2f} "
+              f"{r['dense_spearman']:5.2f} "
               f"{r['dense_mean_mse']:8.2e}")
     print(json.dumps({"iso_frames": FLAGS.iso_frames, "dense_frames": FLAGS.dense_frames,
                       "rows": rows}))

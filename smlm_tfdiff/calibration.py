@@ -271,6 +271,25 @@ def z_summary(z) -> dict:
             "std_ci95": [std * math.sqrt(k / hi_q), std * math.sqrt(k / lo_q)], "n": n}
 
 
+def sharpness(errors, stds) -> dict:
+    """Does the reported std rank the errors? Spearman's rank correlation of |error| with the
+    reported std over the pairs where both are finite (positive when larger stds go with larger
+    errors; a constant std gives NaN), its two-sided p-value, the mean reported std and n. A
+    calibration check (std(z)) passes for an inflated or constant std too; this one does not.
+    errors, stds: broadcastable arrays (e.g. [n, 2] x, y errors and stds, same units)."""
+    e, s = np.broadcast_arrays(np.asarray(errors, np.float64), np.asarray(stds, np.float64))
+    ok = np.isfinite(e) & np.isfinite(s) & (s > 0)
+    e, s = np.abs(e[ok]), s[ok]
+    n = int(e.size)
+    if n < 3 or np.all(s == s[0]):
+        rho = p = float("nan")
+    else:
+        result = stats.spearmanr(e, s)
+        rho, p = float(result.statistic), float(result.pvalue)
+    return {"spearman_abs_error_vs_std": rho, "p_value": p,
+            "mean_std": float(np.mean(s)) if n else float("nan"), "n": n}
+
+
 def within(value, low, high) -> Optional[bool]:
     """low <= value <= high as a plain bool (None when value is NaN): target checks for JSON."""
     value = float(value)
@@ -292,4 +311,5 @@ def coverage_within(cov, levels: Sequence[float], points=0.05) -> Optional[bool]
 
 __all__ = ["COVERAGE_METHODS", "DEFAULT_LEVELS", "binomial_tolerance", "central_interval",
            "coverage", "coverage_within", "expected_quantile_coverage", "pearson_r", "pit",
-           "pit_histogram", "reliability", "std_map_agreement", "within", "z_scores", "z_summary"]
+           "pit_histogram", "reliability", "sharpness", "std_map_agreement", "within", "z_scores",
+           "z_summary"]

@@ -185,3 +185,22 @@ def test_target_helpers():
     assert cal.coverage_within([0.52, 0.84], [0.5, 0.9]) is False
     assert cal.coverage_within([np.nan, 0.9], [0.5, 0.9]) is None
     np.testing.assert_allclose(cal.binomial_tolerance(0.5, 10_000, 3.0), 0.015)
+
+
+def test_sharpness_ranks_errors_by_reported_std():
+    rng = np.random.default_rng(0)
+    n = 4000
+    s = rng.uniform(5, 50, n)
+    honest = cal.sharpness(rng.normal(0, s), s)
+    # |e| = s |N(0,1)|: Spearman's rho of s and s |N| for s ~ U(5, 50) is about 0.45; its null sd
+    # is 1 / sqrt(n - 1) ~ 0.016.
+    assert honest["spearman_abs_error_vs_std"] > 0.3 and honest["p_value"] < 1e-10
+    assert honest["n"] == n and abs(honest["mean_std"] - s.mean()) < 1e-9
+    blind = cal.sharpness(rng.normal(0, 20, n), s)  # Errors that do not depend on the std.
+    assert abs(blind["spearman_abs_error_vs_std"]) < 4 / np.sqrt(n - 1)
+    const = cal.sharpness(rng.normal(0, 20, n), np.full(n, 20.0))
+    assert np.isnan(const["spearman_abs_error_vs_std"])
+    # Pairs with a NaN or non-positive std are dropped, not counted.
+    e = np.array([1.0, 2.0, np.nan, 4.0, 5.0])
+    sd = np.array([1.0, 2.0, 3.0, 0.0, 5.0])
+    assert cal.sharpness(e, sd)["n"] == 3

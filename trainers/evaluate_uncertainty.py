@@ -289,6 +289,7 @@ def main(argv):
     sec3 = {"dense": {"num_frames": nl, "num_samples": sl,
                       "z_phi_xy": cal.z_summary(z_dense),
                       "z_posterior_mean": cal.z_summary(cal.z_scores(e_mean, sd)),
+                      "sharpness_nm": cal.sharpness(e_phi, sd),
                       "median_std_nm": float(np.nanmedian(sd)),
                       "rmse_phi_nm": float(np.sqrt(np.mean(e_phi ** 2)))}}
     si = min(FLAGS.iso_loc_samples, FLAGS.num_samples)
@@ -306,6 +307,7 @@ def main(argv):
     sec3["isolated"] = {"num_frames": FLAGS.iso_frames, "num_samples": si,
                         "z_phi_xy": cal.z_summary(z_iso),
                         "z_posterior_mean": cal.z_summary(cal.z_scores(ie_mean, isd)),
+                        "sharpness_nm": cal.sharpness(ie_phi, isd),
                         "median_std_nm": float(np.nanmedian(isd)),
                         "loc_std_over_mcmc_xy_std_median": float(np.nanmedian(ratios))
                         if ratios.size else None}
@@ -426,10 +428,17 @@ def summary(m):
     row("dense coverage 90% (quantile)", c["coverage_90"], "0.85..0.95")
     row("dense coverage 50% / 90% (rank)", c["coverage_rank_50"], f"{c['coverage_rank_90']:.3f}")
     z = m["localization_z"]
-    row("std(z) dense, phi xy / psi std", z["dense"]["z_phi_xy"]["std"], "[0.8, 1.25]")
+    for part in ("dense", "isolated"):
+        zs = z[part]["z_phi_xy"]
+        lo, hi = zs["std_ci95"]
+        row(f"std(z) {part}, phi xy / psi std", zs["std"],
+            f"[0.8, 1.25]; 95% CI {lo:.2f}-{hi:.2f}, n = {zs['n']}")
+        sh = z[part].get("sharpness_nm")
+        if sh:
+            row(f"Spearman |error| vs reported std, {part}", sh["spearman_abs_error_vs_std"],
+                f"> 0; mean reported std {sh['mean_std']:.1f} nm")
     row("robust std(z) dense", z["dense"]["z_phi_xy"]["robust_std"])
     row("std(z) dense, posterior-mean xy", z["dense"]["z_posterior_mean"]["std"])
-    row("std(z) isolated, phi xy / psi std", z["isolated"]["z_phi_xy"]["std"])
     if z["isolated"]["loc_std_over_mcmc_xy_std_median"] is not None:
         row("psi loc std / MCMC xy std (isolated, median)",
             z["isolated"]["loc_std_over_mcmc_xy_std_median"], "~1")
