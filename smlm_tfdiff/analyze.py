@@ -159,6 +159,9 @@ def _crlb_nm(xy, intensity, background, config):
     return out
 
 
+MIN_FRAME = 4  # Camera pixels, each side.
+
+
 def _scalar(value, name):
     arr = np.asarray(value, np.float64)
     if arr.ndim:
@@ -174,7 +177,7 @@ class StackAnalyzer:
 
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
-                 progress=True):
+                 progress=True, overwrite=False, allow_partial=False, series=None):
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std (got "
                              f"{num_samples})")
@@ -191,6 +194,9 @@ class StackAnalyzer:
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
+        # Existing result folders are replaced only with overwrite; a truncated stack is analyzed
+        # (its readable frames) only with allow_partial; series: TiffStack's choice of series.
+        self.overwrite, self.allow_partial, self.series = overwrite, allow_partial, series
         cfg = self.model_config
         # Tiles: padded and overlapping so every pixel is near a tile centre (tiling module doc).
         self.pad, auto_overlap = coverage_tiling(cfg)
@@ -234,12 +240,22 @@ class StackAnalyzer:
 
     # ------------------------------------------------------------------------------ stacks
     def analyze(self, path, out_dir):
-        """One stack -> its output folder; returns the summary dict. Nothing is left in out_dir
-        if anything fails."""
+        """One stack -> its output folder; returns the summary dict. out_dir must not hold files
+        unless overwrite (then it is replaced whole); if anything fails it is left as it was."""
         name = stack_io.stack_name(path)
         start = time.perf_counter()
-        with stack_io.TiffStack(path) as stack, stack_io.OutputSet(out_dir) as outputs:
+        stack_io.check_output_dir(out_dir, self.overwrite)  # Before any work.
+        with stack_io.TiffStack(path, self.allow_partial, self.series) as stack, \
+                stack_io.OutputSet(out_dir, self.overwrite) as outputs:
+            self._check_frame_size(stack)
+            for note in stack.notes:
+                warnings.warn(f"{path}: {note}", stacklevel=2)
             summary = self._run(stack, name, outputs)
+            summary["notes"] = list(stack.notes)
+            if stack.loss is not None:
+                summary["input_loss"] = stack.loss
+            if len(stack.series_frames) > 1:
+                summary["series_frames"] = stack.series_frames
             summary["seconds"] = round(time.perf_counter() - start, 2)
             summary["frames_per_second"] = round(stack.num_frames / summary["seconds"], 3)
             with open(outputs.path(f"{name}_summary.json"), "w") as f:
@@ -247,12 +263,33 @@ class StackAnalyzer:
             summary["files"] = outputs.commit()
         return summary
 
+    def _check_frame_size(self, stack):
+        if stack.height < MIN_FRAME or stack.width < MIN_FRAME:
+            raise StackError(f"{stack.path}: frames are {stack.height}x{stack.width} camera "
+                             f"pixels; analyze needs at least {MIN_FRAME}x{MIN_FRAME} (the model "
+                             f"works on {self.model_config.frame_height}x"
+                             f"{self.model_config.frame_width} tiles, padded with background): "
+                             "analyze the full camera frames rather than a crop this small")
+
+    def _posterior(self, tiles, num_frames, lo):
+        """The backend's posterior of a batch, one call per frame with the seed of that frame
+        (fold_in(seed, frame index)): the samples of a frame do not depend on batch_frames."""
+        per = len(tiles) // num_frames
+        parts = [self.backend.posterior(tiles[b * per:(b + 1) * per], self.num_samples,
+                                        self.num_steps, _fold(self.seed, lo + b))
+                 for b in range(num_frames)]
+        return {k: np.concatenate([p[k] for p in parts])
+                for k in ("y_hat", "mean", "std", "samples")}
+
     def _run(self, stack, name, outputs):
         cfg = self.model_config
         u = cfg.upsample
         grid = TileGrid((stack.height, stack.width), cfg.lr_shape, self.overlap, u, self.pad)
         tile_config = cfg.replace(pixel_size_nm=self.pixel_size_nm)
-        frame_config = tile_config.replace(frame_height=stack.height, frame_width=stack.width)
+        # For detection on the whole frame: the emitters lie anywhere in it (not in the training
+        # disc), so frames smaller than the disc are fine too.
+        frame_config = tile_config.replace(frame_height=stack.height, frame_width=stack.width,
+                                           region="frame", margin=0.0)
         csv_out = outputs.track(stack_io.ThunderstormWriter(outputs.path(f"{name}.csv")))
         picasso = None
         if self.picasso:
@@ -280,8 +317,7 @@ class StackAnalyzer:
             tiles = grid.cut(model_frames)[..., None]
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            post = self.backend.posterior(tiles, self.num_samples, self.num_steps,
-                                          _fold(self.seed, lo))
+            post = self._posterior(tiles, len(frames), lo)
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             y_hat = grid.stitch(post["y_hat"][..., 0])
@@ -406,12 +442,22 @@ def define_flags():
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_bool("overwrite", False, "Replace existing result folders whole (by default a "
+                      "result folder that holds files is refused).")
+    flags.DEFINE_bool("allow_partial", False, "Analyze the readable frames of a truncated or "
+                      "damaged stack (by default such a stack stops the run); the loss is "
+                      "recorded in the summary (input_loss) and on stderr.")
+    flags.DEFINE_string("series", None, "For TIFF files with several image series: 'all' "
+                        "analyzes them one after the other as one movie, K (0-based) series K "
+                        "only. By default such files are refused.")
 
 
 def main(argv):
     from absl import flags, logging
 
     FLAGS = flags.FLAGS
+    # Warnings (damaged input, camera settings) as one plain line each on stderr.
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}; pass stacks with --input")
     if not FLAGS.input:
@@ -427,13 +473,22 @@ def main(argv):
                                            FLAGS.em_gain, **extra)
         else:
             camera = Camera(FLAGS.offset_adu, FLAGS.gain_adu_per_photon, **extra)
-        paths = stack_io.find_stacks(FLAGS.input)
+        series = FLAGS.series
+        if series is not None and series != "all":
+            if not series.isdigit():
+                raise ValueError(f"--series must be 'all' or a series number >= 0 (got {series!r})")
+            series = int(series)
+        # Distinct inputs get distinct folders; existing results are checked before any work.
+        jobs = [(path, os.path.join(FLAGS.out, folder))
+                for path, folder in stack_io.output_folders(stack_io.find_stacks(FLAGS.input))]
+        for _, out_dir in jobs:
+            stack_io.check_output_dir(out_dir, FLAGS.overwrite)
         backend = load_backend(FLAGS.model, FLAGS.method)
         analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
-                                 FLAGS.picasso, FLAGS.maps, FLAGS.progress)
-        for path in paths:
-            out_dir = os.path.join(FLAGS.out, stack_io.stack_name(path))
+                                 FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
+                                 FLAGS.allow_partial, series)
+        for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)
             logging.info("%s: %d frames, %d localizations, %.2f frames/s -> %s", path,
                          summary["frames"], summary["localizations"],
@@ -442,6 +497,11 @@ def main(argv):
                   f"frames ({summary['frames_per_second']} frames/s) -> {out_dir}")
     except (StackError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as err:  # E.g. the disk filled up while writing.
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"error: cannot read or write a file{where}: {err.strerror or err}; check the "
+              "input and that --out is writable with free space", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,7 +1,7 @@
 """Files microscopists use: TIFF stacks in (streamed), localization tables and image stacks out.
 
-Every writer writes into a staging folder; `OutputSet.commit()` moves all files into place at once,
-and an error before that leaves no output file behind (no half-written results).
+Every writer writes into a staging folder; `OutputSet.commit()` puts it in place of the result folder
+at once, and an error before that leaves no output file behind (no half-written results).
 """
 
 import csv
@@ -27,56 +27,323 @@ class StackError(ValueError):
     """An input stack that cannot be analyzed (the message names the problem and the fix)."""
 
 
+class _TifffileErrors:
+    """Collects what tifffile logs at ERROR level (a broken page chain, metadata that does not fit
+    the data: signs of a truncated or damaged file) instead of letting it reach stderr unexplained."""
+
+    def __enter__(self):
+        import logging
+
+        self.messages = []
+        self._logger = logging.getLogger("tifffile")
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer.messages.append(record.getMessage())
+
+        self._handler = _Handler(logging.ERROR)
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.propagate = self._propagate
+
+
+class _Segment:
+    """Frames [n, H, W] of one series: read page by page, from a contiguous block of the file
+    (memory-mapped), or decoded whole once (into a temporary memory-mapped file)."""
+
+    def __init__(self, path, num_frames, height, width, pages=None, block=None, series=None):
+        self.path, self.num_frames = path, int(num_frames)
+        self.height, self.width = height, width
+        self._pages, self._block, self._series, self._data = pages, block, series, None
+
+    def read(self, lo, hi):
+        if self._pages is not None:
+            out = []
+            for i in range(lo, hi):
+                try:
+                    out.append(self._pages[i].asarray())
+                except Exception as err:  # noqa: BLE001 - any decoder error: a damaged page.
+                    raise StackError(_unreadable(self.path, i, err)) from None
+            return np.stack(out)
+        if self._data is None:
+            if self._block is not None:
+                offset, dtype = self._block
+                self._data = np.memmap(self.path, dtype=dtype, mode="r", offset=offset,
+                                       shape=(self.num_frames, self.height, self.width))
+            else:
+                try:
+                    self._data = self._series.asarray(out="memmap").reshape(
+                        (self.num_frames, self.height, self.width))
+                except Exception as err:  # noqa: BLE001
+                    raise StackError(_unreadable(self.path, None, err)) from None
+        return self._data[lo:hi]
+
+    def close(self):
+        self._data = None
+
+
+def _unreadable(path, index, err):
+    where = f"frame {index + 1} (1-based)" if index is not None else "the image data"
+    return (f"{path}: {where} cannot be read ({type(err).__name__}: {err}); the file is damaged "
+            "or truncated: copy or export it again (or pass --allow_partial to analyze the "
+            "frames before the damage, when the damage is at the end of the file)")
+
+
 class TiffStack:
     """A TIFF / OME-TIFF / ImageJ stack of 2-D frames, read in batches (never all at once).
 
     Singleton dimensions are dropped; what remains must be (frames, Y, X) or (Y, X).
+
+    Every frame, or a clear error: the frame count is checked against every source the file offers
+    (tifffile's series, its pages and where each page's data lie, ImageJ and tifffile shape
+    metadata, and what tifffile logs about a broken page chain). A truncated or damaged file raises
+    StackError naming the counts, unless allow_partial: then only the frames before the damage are
+    read, num_frames is their number and `loss` describes what was left out.
+
+    Several series (e.g. positions, or stacks appended to one file): series=None refuses them,
+    "all" reads all one after the other as one movie (same frame size), an int reads that series.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, allow_partial=False, series=None):
         import tifffile
 
         self.path = str(path)
+        self.allow_partial = bool(allow_partial)
+        self.series_choice = series
+        self.loss = None  # Set when allow_partial left frames out: dict for the summary.
+        self.notes = []  # What the caller should tell the user (stderr, summary).
+        self._segments = []
         if not os.path.exists(self.path):
             raise StackError(f"{self.path}: no such file; check the path")
         if os.path.isdir(self.path):
             raise StackError(f"{self.path} is a folder; pass TIFF files (or use a folder as input "
                              "only where a list of stacks is accepted)")
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-        except (tifffile.TiffFileError, ValueError, OSError) as err:
-            raise StackError(f"{self.path} is not a readable TIFF file ({err}); analyze takes "
-                             "TIFF / OME-TIFF stacks: convert the movie to TIFF first") from None
-        try:
-            self._inspect(tifffile)
-        except StackError:
-            self.close()
-            raise
+        with _TifffileErrors() as errors:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+            except (tifffile.TiffFileError, ValueError, OSError) as err:
+                raise StackError(f"{self.path} is not a readable TIFF file ({err}); analyze takes "
+                                 "TIFF / OME-TIFF stacks: convert the movie to TIFF first; if it "
+                                 "is a TIFF, it is damaged: copy or export it again") from None
+            try:
+                self._inspect(tifffile, errors)
+            except StackError:
+                self.close()
+                raise
+            except Exception as err:  # noqa: BLE001 - tifffile on a damaged file: name the file.
+                self.close()
+                raise StackError(f"{self.path}: cannot be read as an image stack "
+                                 f"({type(err).__name__}: {err}); the file is damaged or not a "
+                                 "stack: copy or export it again") from None
 
-    def _inspect(self, tifffile):
-        """Sets num_frames, height, width and dtype, or raises StackError."""
-        if not self._tif.series:
-            raise StackError(f"{self.path}: the TIFF holds no images (empty stack)")
-        series = self._tif.series[0]
+    # ----------------------------------------------------------------------------- inspection
+    def _frames_of(self, series, tifffile, index, count):
+        """(frames, height, width) of one series, or StackError (colour, wrong dimensions)."""
         shape, axes = tuple(series.shape), series.axes
-        self.dtype = series.dtype
-        rgb = series.pages[0].photometric in (tifffile.PHOTOMETRIC.RGB,
-                                              tifffile.PHOTOMETRIC.PALETTE)
+        label = f" (series {index})" if count > 1 else ""
+        rgb = series.pages[0] is not None and series.pages[0].photometric in (
+            tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.PALETTE)
         if "S" in axes and shape[axes.index("S")] > 1 and rgb:
-            raise StackError(f"{self.path}: frames have {shape[axes.index('S')]} colour samples "
-                             f"(axes {axes}, shape {shape}); analyze takes single-channel camera "
-                             "frames: export one channel as a grayscale stack")
+            k = shape[axes.index("S")]
+            hint = ""
+            if k in (3, 4):
+                move = ("" if axes.index("S") == 0 else
+                        f"data = numpy.moveaxis(data, {axes.index('S')}, 0); ")
+                hint = (f" If it is a {k}-frame grayscale stack that was saved as RGB (tifffile "
+                        "and other writers tag stacks of 3 or 4 frames as RGB unless told "
+                        "otherwise), save it again as grayscale: data = tifffile.imread(path); "
+                        f"{move}tifffile.imwrite(path, data, photometric='minisblack').")
+            raise StackError(f"{self.path}{label}: tifffile reads the frames as colour images "
+                             f"with {k} colour samples (axes {axes}, shape {shape}).{hint} "
+                             "analyze takes single-channel camera frames: if these are real "
+                             "colour channels, export one channel as a grayscale stack")
         kept = [n for n in shape[:-2] if n != 1]
         if len(kept) > 1 or len(shape) < 2:
-            raise StackError(f"{self.path}: wrong dimensionality, axes {axes} shape {shape}; "
-                             "analyze takes a time series of 2-D frames (T, Y, X): split "
-                             "channels / z-planes into separate stacks first")
-        self.num_frames = int(kept[0]) if kept else 1
-        self.height, self.width = int(shape[-2]), int(shape[-1])
-        if self.num_frames == 0 or self.height == 0 or self.width == 0:
-            raise StackError(f"{self.path}: empty stack (shape {shape})")
-        self._pages = len(series.pages) == self.num_frames and self.num_frames > 1
+            raise StackError(f"{self.path}{label}: wrong dimensionality, axes {axes} shape "
+                             f"{shape}; analyze takes a time series of 2-D frames (T, Y, X): "
+                             "split channels / z-planes into separate stacks first")
+        n, h, w = (int(kept[0]) if kept else 1), int(shape[-2]), int(shape[-1])
+        if n == 0 or h == 0 or w == 0:
+            raise StackError(f"{self.path}{label}: empty stack (shape {shape})")
+        return n, h, w
 
+    def _select(self, described):
+        """Indices of the series to read (module doc of the class: series)."""
+        count = len(described)
+        if count == 1:
+            return [0]
+        listing = ", ".join(f"series {k}: {n} frames of {h}x{w}"
+                            for k, (n, h, w) in enumerate(described))
+        choice = self.series_choice
+        if choice is None:
+            raise StackError(f"{self.path} holds {count} image series ({listing}); analyze "
+                             "reads one movie: pass --series all to analyze them one after the "
+                             "other as one movie (frames numbered on across series), --series K "
+                             "for series K only, or split the file")
+        if choice == "all":
+            sizes = {(h, w) for _, h, w in described}
+            if len(sizes) > 1:
+                raise StackError(f"{self.path}: --series all needs one frame size, but the "
+                                 f"series differ ({listing}); pass --series K for one of them")
+            return list(range(count))
+        k = int(choice)
+        if not 0 <= k < count:
+            raise StackError(f"{self.path}: --series {k} does not exist ({listing})")
+        return [k]
+
+    def _inspect(self, tifffile, errors):
+        """Sets num_frames, height, width, dtype and the segments to read, or raises StackError."""
+        tif = self._tif
+        all_series = list(tif.series)
+        num_pages = len(tif.pages)  # Loads the whole page chain (errors are collected).
+        if not all_series:
+            raise StackError(f"{self.path}: the TIFF holds no images (empty stack)")
+        if self.series_choice not in (None, "all") and len(all_series) == 1:
+            if int(self.series_choice) != 0:
+                raise StackError(f"{self.path} holds one series; --series "
+                                 f"{self.series_choice} does not exist")
+        described = [self._frames_of(s, tifffile, k, len(all_series))
+                     for k, s in enumerate(all_series)]
+        chosen = self._select(described)
+        if len(chosen) > 1:
+            self.notes.append(f"{len(chosen)} series analyzed one after the other as one movie "
+                              f"(frames per series: {[described[k][0] for k in chosen]})")
+        self.height, self.width = described[chosen[0]][1:]
+        self.dtype = all_series[chosen[0]].dtype
+        self.series_frames = [described[k][0] for k in chosen]
+        size = os.path.getsize(self.path)
+
+        # What each source says the file holds, and what can be read of it.
+        declared = {"image series": sum(self.series_frames)}
+        single = len(all_series) == 1
+        if single and tif.is_imagej and (tif.imagej_metadata or {}).get("images"):
+            declared["ImageJ metadata"] = int(tif.imagej_metadata["images"])
+        shaped = tif.shaped_metadata or ()
+        if shaped and (single or len(shaped) == len(all_series)):
+            per = [int(np.prod(m["shape"])) // (self.height * self.width)
+                   if "shape" in m else None for m in shaped]
+            picked = per if single else [per[k] for k in chosen]
+            if all(p is not None for p in picked):
+                declared["tifffile shape metadata"] = sum(picked)
+        if single:
+            declared["pages (IFDs)"] = num_pages
+        claimed = max(v for k, v in declared.items() if k != "pages (IFDs)")
+
+        plans = [self._plan(all_series[k], described[k][0], size) for k in chosen]
+        readable = 0
+        for (n, _, _), plan in zip((described[k] for k in chosen), plans):
+            readable += plan[0]
+            if plan[0] < n:
+                break  # Frames after damage are not read (frame numbers stay those of the file).
+        if single and claimed > readable:
+            # tifffile's series stops early (a broken page chain): the pages it did find, or the
+            # contiguous block ImageJ / tifffile wrote, may hold more of the declared frames.
+            best = max((self._fallback_page_plan(size), self._fallback_block_plan(claimed, size)),
+                       key=lambda p: p[0])
+            if best[0] > readable:
+                plans, readable = [best], best[0]
+        damaged = bool(errors.messages) or readable < claimed
+        if single and "pages (IFDs)" in declared and not damaged:
+            pages_ok = num_pages >= claimed or all_series[0].dataoffset is not None
+            damaged = not pages_ok
+        if damaged:
+            counts = "; ".join(f"{k}: {v}" for k, v in declared.items())
+            logged = ""
+            if errors.messages:
+                unique = list(dict.fromkeys(m.split("> ", 1)[-1] for m in errors.messages))
+                logged = " tifffile reported: " + "; ".join(unique[:3]) + "."
+            what = (f"it declares {claimed} frames but only {readable} can be read"
+                    if readable < claimed else
+                    f"{readable} frame(s) can be read, but the file structure is broken, so "
+                    "frames after them may be missing")
+            if not self.allow_partial:
+                fix = (f"pass --allow_partial to analyze the {readable} readable frames (the "
+                       "loss is recorded in the summary)" if readable else
+                       "no frame can be read")
+                raise StackError(f"{self.path}: truncated or damaged TIFF: {what} ({counts})."
+                                 f"{logged} Copy or export the file again, or {fix}")
+            if readable == 0:
+                raise StackError(f"{self.path}: truncated or damaged TIFF: {what} ({counts})."
+                                 f"{logged} No frame can be read: copy or export it again")
+            self.loss = {"frames_declared": int(claimed), "frames_readable": int(readable),
+                         # None: the file does not say how many frames it held.
+                         "frames_lost": int(claimed - readable) if claimed > readable else None,
+                         "sources": declared,
+                         "tifffile_errors": list(dict.fromkeys(errors.messages))[:10]}
+            lost = (f"{claimed - readable} lost" if claimed > readable else
+                    "an unknown number lost")
+            self.notes.append(f"truncated or damaged file: analyzing the {readable} readable of "
+                              f"{claimed} declared frames ({lost}; {counts})." + logged)
+        self._segments = [p[1] for p in plans if p[0] > 0]
+        self._starts = np.cumsum([0] + [s.num_frames for s in self._segments])
+        self.num_frames = int(self._starts[-1])
+
+    @staticmethod
+    def _inside(page, size):
+        if page is None:
+            return False
+        offsets, counts = page.dataoffsets, page.databytecounts
+        return bool(len(offsets)) and all(o > 0 and o + c <= size for o, c in zip(offsets, counts))
+
+    def _plan(self, series, n, size):
+        """(frames that can be read, _Segment) for one series."""
+        h, w = self.height, self.width
+        pages = series.pages
+        if len(pages) == n and n > 1:
+            ok = 0
+            for page in pages:
+                if not self._inside(page, size):
+                    break
+                ok += 1
+            return ok, _Segment(self.path, ok, h, w, pages=pages)
+        if series.dataoffset is not None:  # Contiguous, uncompressed: a memory-mappable block.
+            itemsize = np.dtype(series.dtype).itemsize
+            ok = int(min(n, max(0, size - series.dataoffset) // (h * w * itemsize)))
+            return ok, _Segment(self.path, ok, h, w, block=(series.dataoffset,
+                                                           self._file_dtype(series.dtype)))
+        ok = n if all(self._inside(p, size) for p in pages) else 0
+        return ok, _Segment(self.path, ok, h, w, series=series)
+
+    def _file_dtype(self, dtype):
+        return np.dtype(dtype).newbyteorder(self._tif.byteorder)
+
+    def _fallback_page_plan(self, size):
+        """The leading pages of the file that hold frames of this size with data in the file."""
+        good = []
+        for page in self._tif.pages:
+            shape = getattr(page, "shape", None)
+            if (page is None or tuple(s for s in (shape or ()) if s != 1) != (self.height,
+                                                                              self.width)
+                    or not self._inside(page, size)):
+                break
+            good.append(page)
+        return len(good), _Segment(self.path, len(good), self.height, self.width, pages=good)
+
+    def _fallback_block_plan(self, claimed, size):
+        """ImageJ / tifffile write uncompressed stacks as one contiguous block after the first
+        page's data offset: the whole frames of it that lie in the file."""
+        page = self._tif.pages[0]
+        none = (0, None)
+        if page is None or page.compression != 1 or len(page.dataoffsets) == 0:
+            return none
+        itemsize = np.dtype(page.dtype).itemsize
+        frame_bytes = self.height * self.width * itemsize
+        offset = int(page.dataoffsets[0])
+        if int(sum(page.databytecounts)) != frame_bytes or not page.is_contiguous:
+            return none
+        if not (self._tif.is_imagej or self._tif.is_shaped):
+            return none  # Contiguity is only known for the writers that declare it.
+        ok = int(min(claimed, max(0, size - offset) // frame_bytes))
+        return ok, _Segment(self.path, ok, self.height, self.width,
+                            block=(offset, self._file_dtype(page.dtype)))
+
+    # -------------------------------------------------------------------------------- reading
     def batches(self, size) -> Iterator[Tuple[int, np.ndarray]]:
         """Yields (first frame index, frames [b, H, W] float32)."""
         for lo in range(0, self.num_frames, size):
@@ -84,28 +351,23 @@ class TiffStack:
             yield lo, self.read(lo, hi)
 
     def read(self, lo, hi) -> np.ndarray:
-        if self._pages:
-            pages = self._tif.series[0].pages
-            data = np.stack([pages[i].asarray() for i in range(lo, hi)])
-        else:  # One page, or contiguous (ImageJ) data that tifffile maps as one block.
-            data = self._block()[lo:hi]
-        return np.asarray(data, np.float32).reshape((hi - lo, self.height, self.width))
-
-    def _block(self):
-        """The whole series as a [T, H, W] array backed by the file (memory-mapped) when it is
-        stored uncompressed, else decoded once into a temporary memory-mapped file."""
-        if getattr(self, "_data", None) is None:
-            import tifffile
-
-            try:
-                data = tifffile.memmap(self.path, series=0, mode="r")
-            except ValueError:  # Compressed or not contiguous.
-                data = self._tif.series[0].asarray(out="memmap")
-            self._data = data.reshape((self.num_frames, self.height, self.width))
-        return self._data
+        parts = []
+        for k, seg in enumerate(self._segments):
+            a, b = max(lo, self._starts[k]), min(hi, self._starts[k + 1])
+            if a < b:
+                try:
+                    parts.append(np.asarray(seg.read(a - self._starts[k], b - self._starts[k]),
+                                            np.float32))
+                except StackError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - e.g. mmap of a file that shrank.
+                    raise StackError(_unreadable(self.path, a, err)) from None
+        data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return data.reshape((hi - lo, self.height, self.width))
 
     def close(self):
-        self._data = None
+        for seg in self._segments:
+            seg.close()
         self._tif.close()
 
     def __enter__(self):
@@ -143,14 +405,77 @@ def stack_name(path) -> str:
     return name
 
 
-class OutputSet:
-    """Files written to a staging folder inside `out_dir`, moved into `out_dir` on commit()."""
+class OutputError(ValueError):
+    """An output folder that cannot be written, or that holds results and would be overwritten."""
 
-    def __init__(self, out_dir):
-        self.out_dir = str(out_dir)
-        self._created = not os.path.exists(self.out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.staging = tempfile.mkdtemp(prefix=".partial-", dir=self.out_dir)
+
+def output_folders(paths):
+    """Input paths -> one output folder name each, never the same for two distinct files: the stack
+    name (stack_name) where it is unique, else the stack name prefixed with as many parent folder
+    names as make it unique (a/movie.tif, b/movie.tif -> a_movie, b_movie). The same file given
+    twice (after resolving links) is kept once. Returns [(path, folder name)] in input order."""
+    seen, unique = set(), []
+    for path in paths:
+        real = os.path.realpath(str(path))
+        if real not in seen:
+            seen.add(real)
+            unique.append((str(path), real))
+    names = {}
+    for path, real in unique:
+        names.setdefault(stack_name(path), []).append((path, real))
+    out = {}
+    for name, group in names.items():
+        if len(group) == 1:
+            out[group[0][0]] = name
+            continue
+        parts = [real.split(os.sep)[:-1] for _, real in group]
+        depth = 1
+        while True:
+            labels = ["_".join(p[-depth:] + [name]) if depth <= len(p) else None for p in parts]
+            if None not in labels and len(set(labels)) == len(labels):
+                break
+            if depth > max(len(p) for p in parts):  # Same folder, e.g. movie.tif + movie.tiff.
+                labels = [os.path.basename(real).replace(".", "_") for _, real in group]
+                break
+            depth += 1
+        for (path, _), label in zip(group, labels):
+            out[path] = label
+    return [(path, out[path]) for path, _ in unique]
+
+
+def check_output_dir(out_dir, overwrite=False):
+    """OutputError if out_dir is a file, or a folder with files in it and not overwrite."""
+    out_dir = str(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"output folder {out_dir} exists and is a file; choose another --out")
+    if os.path.isdir(out_dir):
+        held = sorted(os.listdir(out_dir))
+        if held and not overwrite:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise OutputError(f"output folder {out_dir} already holds results ({shown}); "
+                              "refusing to overwrite them: pass --overwrite to replace the "
+                              "folder whole, or choose another --out")
+
+
+class OutputSet:
+    """Files written to a staging folder beside `out_dir`; commit() puts the staging folder in
+    place of out_dir (an earlier out_dir is replaced whole, with overwrite=True only: no mix of
+    two runs). An error before commit leaves out_dir as it was."""
+
+    def __init__(self, out_dir, overwrite=False):
+        self.out_dir = os.path.abspath(str(out_dir))
+        self.overwrite = overwrite
+        check_output_dir(self.out_dir, overwrite)
+        parent, name = os.path.split(self.out_dir)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+            umask = os.umask(0o022)  # mkdtemp makes the folder 0700; results are for others too.
+            os.umask(umask)
+            os.chmod(self.staging, 0o777 & ~umask)
+        except OSError as err:
+            raise OutputError(f"cannot write to the output folder {self.out_dir} "
+                              f"({err.strerror or err}); choose a writable --out") from None
         self._open = []
 
     def path(self, name) -> str:
@@ -169,20 +494,23 @@ class OutputSet:
         self._open = []
 
     def commit(self):
-        self._close_all()
-        written = []
-        for name in sorted(os.listdir(self.staging)):
-            target = os.path.join(self.out_dir, name)
-            os.replace(os.path.join(self.staging, name), target)
-            written.append(target)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        return written
+        for handle in self._open:  # Errors here (e.g. a full disk) abort the set.
+            handle.close()
+        self._open = []
+        check_output_dir(self.out_dir, self.overwrite)  # Another process may have written it.
+        parent, name = os.path.split(self.out_dir)
+        old = None
+        if os.path.isdir(self.out_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(self.out_dir, os.path.join(old, name))
+        os.replace(self.staging, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return [os.path.join(self.out_dir, n) for n in sorted(os.listdir(self.out_dir))]
 
     def abort(self):
         self._close_all()
         shutil.rmtree(self.staging, ignore_errors=True)
-        if self._created and not os.listdir(self.out_dir):
-            os.rmdir(self.out_dir)
 
     def __enter__(self):
         return self

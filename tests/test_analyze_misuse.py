@@ -1,0 +1,211 @@
+"""`analyze` under damaged input and the usual mistakes: every frame or a clear error, nothing
+overwritten by surprise, results that do not depend on memory settings (issue 20)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from smlm_tfdiff import SimulationConfig, simulate
+from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+from smlm_tfdiff.stack_io import (OutputError, OutputSet, StackError, TiffStack,
+                                  output_folders)
+
+FRAMES = np.random.default_rng(0).poisson(100, (12, 20, 20)).astype(np.uint16)
+WRITERS = {"zlib": dict(compression="zlib"), "imagej_zlib": dict(compression="zlib", imagej=True),
+           "imagej": dict(imagej=True), "uncompressed": dict(photometric="minisblack"),
+           "ome": dict(ome=True)}
+
+
+def _truncated(path, kind, frames=FRAMES, fraction=0.5):
+    tifffile.imwrite(path, frames, **WRITERS[kind])
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * fraction))
+    return path
+
+
+# ------------------------------------------------------------------- every frame, or an error
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_truncated_stack_is_refused_naming_file_and_counts(tmp_path, kind):
+    path = _truncated(tmp_path / f"{kind}.tif", kind)
+    with pytest.raises(StackError) as info:
+        TiffStack(path)
+    message = str(info.value)
+    assert str(path) in message and "truncated or damaged" in message
+    assert "--allow_partial" in message and "mmap" not in message
+    if kind != "ome":  # The OME header itself is cut off: the file no longer says its count.
+        assert "declares 12 frames" in message
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_allow_partial_reads_the_intact_frames_and_records_the_loss(tmp_path, kind):
+    path = _truncated(tmp_path / f"{kind}.tif", kind)
+    with TiffStack(path, allow_partial=True) as stack:
+        got = np.concatenate([b for _, b in stack.batches(4)])
+        loss = stack.loss
+    assert 1 <= len(got) < 12
+    np.testing.assert_array_equal(got, FRAMES[:len(got)])
+    assert loss["frames_readable"] == len(got)
+    if kind != "ome":
+        assert loss["frames_declared"] == 12 and loss["frames_lost"] == 12 - len(got)
+
+
+def test_intact_stacks_still_read_whole(tmp_path):
+    for kind, kw in WRITERS.items():
+        tifffile.imwrite(tmp_path / f"{kind}.tif", FRAMES, **kw)
+        with TiffStack(tmp_path / f"{kind}.tif") as stack:
+            assert stack.loss is None and stack.notes == []
+            np.testing.assert_array_equal(np.concatenate([b for _, b in stack.batches(5)]),
+                                          FRAMES)
+
+
+def test_several_series_are_refused_or_read_all_in_order(tmp_path):
+    path = tmp_path / "two.tif"
+    with tifffile.TiffWriter(path) as w:
+        w.write(FRAMES[:2], photometric="minisblack")
+        w.write(FRAMES[2:5], photometric="minisblack")
+    with pytest.raises(StackError, match=r"2 image series .*2 frames.*3 frames.*--series all"):
+        TiffStack(path)
+    with TiffStack(path, series="all") as stack:
+        assert stack.num_frames == 5 and "2 series" in stack.notes[0]
+        np.testing.assert_array_equal(np.concatenate([b for _, b in stack.batches(2)]),
+                                      FRAMES[:5])
+    with TiffStack(path, series=1) as stack:
+        np.testing.assert_array_equal(stack.read(0, 3), FRAMES[2:5])
+    with pytest.raises(StackError, match="--series 2 does not exist"):
+        TiffStack(path, series=2)
+
+
+@pytest.mark.parametrize("frames", [3, 4])
+def test_stack_tagged_rgb_is_named_as_a_possibly_mistagged_stack(tmp_path, frames):
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, FRAMES[:frames], photometric="rgb", planarconfig="separate")
+    with pytest.raises(StackError) as info:
+        TiffStack(path)
+    assert f"{frames}-frame grayscale stack that was saved as RGB" in str(info.value)
+    assert "photometric='minisblack'" in str(info.value)
+
+
+# --------------------------------------------------------------------- nothing overwritten
+def test_same_stem_inputs_get_distinct_folders(tmp_path):
+    paths = [str(tmp_path / "a" / "movie.tif"), str(tmp_path / "b" / "movie.tif"),
+             str(tmp_path / "c" / "other.tif"), str(tmp_path / "a" / "movie.tif")]
+    got = output_folders(paths)
+    assert [n for _, n in got] == ["a_movie", "b_movie", "other"]  # The repeat is kept once.
+    same_dir = output_folders([str(tmp_path / "m.tif"), str(tmp_path / "m.tiff")])
+    assert len({n for _, n in same_dir}) == 2
+
+
+def test_output_set_refuses_results_and_replaces_them_whole(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "old_maps.tif").write_text("earlier run")
+    with pytest.raises(OutputError, match="already holds results.*--overwrite"):
+        OutputSet(out)
+    with OutputSet(out, overwrite=True) as outputs:
+        with open(outputs.path("new.csv"), "w") as f:
+            f.write("x")
+        outputs.commit()
+    assert sorted(os.listdir(out)) == ["new.csv"]  # No mix of the two runs.
+    assert sorted(os.listdir(tmp_path)) == ["res"]  # No staging folder left.
+    with pytest.raises(OutputError, match="already holds"), OutputSet(out, overwrite=False):
+        pass
+    # A failed run leaves the earlier results as they were.
+    with pytest.raises(RuntimeError), OutputSet(out, overwrite=True) as outputs:
+        with open(outputs.path("half.csv"), "w") as f:
+            f.write("x")
+        raise RuntimeError("boom")
+    assert sorted(os.listdir(out)) == ["new.csv"] and sorted(os.listdir(tmp_path)) == ["res"]
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot write to the output folder.*writable --out"):
+        OutputSet(tmp_path / "file" / "res")
+    with pytest.raises(OutputError, match="is a file"):
+        OutputSet(tmp_path / "file")
+
+
+# --------------------------------------------------------------------------- with the model
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend("paper")
+
+
+def _movie(path, frames=5, seed=3):
+    data = simulate(SimulationConfig.preset("paper"), frames, seed=seed)
+    tifffile.imwrite(path, np.round(data["frames"][..., 0]).astype(np.uint16),
+                     photometric="minisblack")
+    return path
+
+
+def test_results_do_not_depend_on_batch_frames(tmp_path, backend):
+    stack = _movie(tmp_path / "m.tif")
+    texts = []
+    for batch in (2, 8):
+        analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), num_samples=3, num_steps=2,
+                                 batch_frames=batch, seed=7, progress=False)
+        analyzer.analyze(stack, tmp_path / f"b{batch}")
+        texts.append((tmp_path / f"b{batch}" / "m.csv").read_bytes())
+        texts.append(tifffile.imread(tmp_path / f"b{batch}" / "m_posterior_std.tif").tobytes())
+    assert texts[0] == texts[2] and texts[1] == texts[3]
+    assert len(texts[0].splitlines()) > 1
+
+
+def test_small_frames_are_analyzed_or_named_clearly(tmp_path, backend):
+    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), num_samples=2, num_steps=1,
+                             progress=False, maps=False)
+    frames = np.full((2, 10, 12), 102, np.uint16)
+    frames[:, 5, 6] = 180
+    tifffile.imwrite(tmp_path / "small.tif", frames, photometric="minisblack")
+    summary = analyzer.analyze(tmp_path / "small.tif", tmp_path / "o1")
+    assert summary["frame_size"] == [10, 12]
+    tifffile.imwrite(tmp_path / "tiny.tif", frames[:, :3, :3], photometric="minisblack")
+    with pytest.raises(StackError, match=r"frames are 3x3 camera pixels; analyze needs at least "):
+        analyzer.analyze(tmp_path / "tiny.tif", tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+def _cli(args, tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, "-m", "smlm_tfdiff.analyze", "--offset_adu", "100",
+           "--gain_adu_per_photon", "1", "--noprogress", "--num_samples", "2", "--num_steps",
+           "1", "--nomaps"] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_command_line_damaged_input_and_existing_results(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _movie(tmp_path / "a" / "movie.tif", frames=2)
+    data = simulate(SimulationConfig.preset("paper"), 6, seed=4)
+    _truncated(tmp_path / "b" / "movie.tif", "imagej",
+               np.round(data["frames"][..., 0]).astype(np.uint16))
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--input", str(tmp_path / "a" / "movie.tif"), "--input",
+            str(tmp_path / "b" / "movie.tif")]
+    res = _cli(args, tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "truncated or damaged" in res.stderr and "declares 6 frames" in res.stderr
+    assert not (out / "b_movie").exists()
+    res = _cli(args + ["--allow_partial"], tmp_path)
+    assert res.returncode == 2 and "already holds results" in res.stderr  # a_movie, from run 1.
+    res = _cli(args + ["--allow_partial", "--overwrite"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "warning:" in res.stderr and "readable of 6 declared frames" in res.stderr
+    summary = json.loads((out / "b_movie" / "movie_summary.json").read_text())
+    assert summary["input_loss"]["frames_declared"] == 6
+    assert summary["frames"] == summary["input_loss"]["frames_readable"] < 6
+    a = json.loads((out / "a_movie" / "movie_summary.json").read_text())
+    assert a["frames"] == 2 and "input_loss" not in a
+    assert sorted(os.listdir(out)) == ["a_movie", "b_movie"]
+    (tmp_path / "file").write_text("x")
+    res = _cli(["--out", str(tmp_path / "file" / "o"), "--input",
+                str(tmp_path / "a" / "movie.tif")], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot write to the output folder" in res.stderr
