@@ -161,6 +161,114 @@ def _crlb_nm(xy, intensity, background, config):
 
 MIN_FRAME = 4  # Camera pixels, each side.
 
+# Camera sanity (check_camera): margins beyond which the settings are called wrong.
+OFFSET_MARGIN_PHOTONS = 3.0  # Offset above the frames' median pixel by more than this.
+NOISE_VAR_FACTOR = 4.0  # Observed vs predicted background noise variance (2x in std).
+BRIGHTNESS_FACTOR = 10.0  # Brightest spots vs the model's emitters, either way.
+BACKGROUND_MARGIN_PHOTONS = 20.0  # Background above the model's by more than this (per pixel).
+CHECK_FRAMES = 32  # Frames read at the start for the check.
+
+
+def check_camera(frames, camera: Camera, config):
+    """Camera settings against the frames themselves -> (warnings, estimates).
+
+    frames: [n, H, W] ADU (a few dozen frames suffice). Most pixels of SMLM frames are background,
+    x = offset + gain * Poisson(b) + readout noise, so
+      - the median pixel is >= the offset: an offset above it by more than OFFSET_MARGIN_PHOTONS
+        photons is wrong (a negative background);
+      - the background level m and its noise var come from the lower tail of the pixel values
+        (where emitters do not reach); the likely offset is m minus the photon-noise part of var,
+        (var - readout_var) / gain;
+      - var must be about gain * (m - offset) + readout_var: off by more than NOISE_VAR_FACTOR either
+        way, the gain (or the offset) is wrong; the likely gain solves that equation for gain
+        (readout noise: --readout_noise_adu, else the model's in photons);
+      - the brightest spots, in photons, must be within BRIGHTNESS_FACTOR of the model's emitters'
+        peak pixel, and the background within BACKGROUND_MARGIN_PHOTONS of the model's.
+    Nothing here changes the analysis; the caller shows the warnings."""
+    from scipy.special import erf
+
+    frames = np.asarray(frames, np.float64)
+    g, o = camera.gain_adu_per_photon, camera.offset_adu
+    model_gain = _scalar(config.gain, "gain")
+    if camera.readout_noise_adu is not None:
+        read_var, read_text = camera.readout_noise_adu ** 2, "--readout_noise_adu"
+        read_photons_var = None
+    else:  # The model's readout noise in photons, in this camera's ADU at the given gain.
+        read_photons_var = _scalar(config.readout_var, "readout_var") / model_gain ** 2
+        read_var = read_photons_var * g ** 2
+        read_text = (f"the model's readout noise {np.sqrt(read_photons_var):.2f} photons rms, "
+                     "as no --readout_noise_adu was given")
+    median = float(np.median(frames))
+    # The background level and noise from the lower tail of the pixel values, which emitters
+    # (adding light) do not reach: for N(level, sd), the 2.28 % and 15.87 % quantiles are
+    # level - 2 sd and level - sd. Integer ADU are dithered first (then 1/12 ADU^2 less).
+    values = frames.reshape(-1)
+    integer = np.all(values == np.round(values))
+    if integer:
+        values = values + np.random.default_rng(0).uniform(-0.5, 0.5, values.shape)
+    q2, q16 = np.quantile(values, [0.02275, 0.158655])
+    sd = float(q16 - q2)
+    median_bg = float(q16 + sd)  # The background level.
+    var = max(sd ** 2 - (1.0 / 12.0 if integer else 0.0), 1.0 / 12.0)
+    background = (median_bg - o) / g
+    photon_var = max(var - read_var, 0.0)
+    likely_offset = median_bg - photon_var / g
+    # gain from var = gain * (m - o) + readout (readout fixed in ADU, or in photons: quadratic).
+    level = median_bg - o
+    if read_photons_var is None:
+        likely_gain = (var - read_var) / level if level > 0 and var > read_var else None
+    else:
+        r2 = read_photons_var
+        likely_gain = (-level + np.sqrt(level ** 2 + 4 * r2 * var)) / (2 * r2) if r2 > 0 else None
+    predicted_var = g * max(level, 0.0) + read_var
+    peak = float(np.median(frames.reshape(len(frames), -1).max(axis=1)) - median_bg) / g
+    s = config.psf_sigma
+    centre = erf(0.5 / (np.sqrt(2) * s)) ** 2  # Share of the photons in an emitter's pixel.
+    lo_ph, hi_ph = config.photons_range or (config.photons, config.photons)
+    model_bg = float(np.mean(config.background))
+    estimates = {"median_adu": round(median, 3), "background_level_adu": round(median_bg, 3),
+                 "noise_var_adu2": round(var, 3),
+                 "predicted_noise_var_adu2": round(predicted_var, 3),
+                 "background_photons": round(background, 3),
+                 "likely_offset_adu": round(likely_offset, 2),
+                 "likely_gain_adu_per_photon": (None if likely_gain is None
+                                                else round(float(likely_gain), 4)),
+                 "peak_photons": round(peak, 2)}
+    out = []
+    if o - median > OFFSET_MARGIN_PHOTONS * g:
+        out.append(f"--offset_adu {o:g} lies {o - median:.1f} ADU above the frames' median pixel "
+                   f"{median:.1f} ADU, but the offset is the camera's dark level, below nearly "
+                   f"every background pixel: the likely offset is about {likely_offset:.0f} ADU "
+                   f"(the background level minus its photon noise); check the camera's baseline "
+                   f"(margin {OFFSET_MARGIN_PHOTONS:g} photons)")
+    elif not 1 / NOISE_VAR_FACTOR <= var / predicted_var <= NOISE_VAR_FACTOR:
+        gain_text = ("" if likely_gain is None or likely_gain <= 0 else
+                     f"the likely gain is about {likely_gain:.3g} ADU/photon with this offset")
+        offset_text = (f"the likely offset is about {likely_offset:.0f} ADU with this gain"
+                       if var < predicted_var and level > 0 else "")
+        likely = " or ".join(t for t in (gain_text, offset_text) if t) or "check both"
+        out.append(f"the frames' background noise (variance {var:.3g} ADU^2) does not fit "
+                   f"--gain_adu_per_photon {g:g} and --offset_adu {o:g}, which predict "
+                   f"{predicted_var:.3g} ADU^2 ({read_text}): {likely} (margin: a factor "
+                   f"{NOISE_VAR_FACTOR:g} in variance)")
+    if background > model_bg + BACKGROUND_MARGIN_PHOTONS:
+        out.append(f"the background is about {background:.1f} photons per pixel with these "
+                   f"settings, far above the model's training range ({model_bg:g}): if the "
+                   f"offset is right, retrain phi and psi for this background; else the offset "
+                   f"is about {likely_offset:.0f} ADU")
+    model_peak = (centre * lo_ph, centre * hi_ph)
+    model_text = (f"{model_peak[0]:.3g}" if lo_ph == hi_ph else
+                  f"{model_peak[0]:.3g}-{model_peak[1]:.3g}")
+    photons_text = f"{lo_ph:g}" if lo_ph == hi_ph else f"{lo_ph:g}-{hi_ph:g}"
+    if peak < model_peak[0] / BRIGHTNESS_FACTOR or peak > model_peak[1] * BRIGHTNESS_FACTOR:
+        out.append(f"the brightest spots are about {peak:.3g} photons per pixel with these "
+                   f"settings, far outside the model's emitters ({model_text} at the peak pixel "
+                   f"for {photons_text} photons, margin a factor {BRIGHTNESS_FACTOR:g}): "
+                   "check --gain_adu_per_photon"
+                   + (f" (the frames' noise says about {likely_gain:.3g})"
+                      if likely_gain else "") + ", or the frames hold no emitters")
+    return out, estimates
+
 
 def _scalar(value, name):
     arr = np.asarray(value, np.float64)
@@ -250,7 +358,12 @@ class StackAnalyzer:
             self._check_frame_size(stack)
             for note in stack.notes:
                 warnings.warn(f"{path}: {note}", stacklevel=2)
+            sample = stack.read(0, min(CHECK_FRAMES, stack.num_frames))
+            camera_warnings, estimates = check_camera(sample, self.camera, self.model_config)
+            for text in camera_warnings:
+                warnings.warn(f"{path}: {text}", stacklevel=2)
             summary = self._run(stack, name, outputs)
+            summary["camera_check"] = {"estimates": estimates, "warnings": camera_warnings}
             summary["notes"] = list(stack.notes)
             if stack.loss is not None:
                 summary["input_loss"] = stack.loss

@@ -150,7 +150,8 @@ def test_results_do_not_depend_on_batch_frames(tmp_path, backend):
     for batch in (2, 8):
         analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), num_samples=3, num_steps=2,
                                  batch_frames=batch, seed=7, progress=False)
-        analyzer.analyze(stack, tmp_path / f"b{batch}")
+        summary = analyzer.analyze(stack, tmp_path / f"b{batch}")
+        assert summary["camera_check"]["warnings"] == []  # The right camera: no warning.
         texts.append((tmp_path / f"b{batch}" / "m.csv").read_bytes())
         texts.append(tifffile.imread(tmp_path / f"b{batch}" / "m_posterior_std.tif").tobytes())
     assert texts[0] == texts[2] and texts[1] == texts[3]
@@ -209,3 +210,45 @@ def test_command_line_damaged_input_and_existing_results(tmp_path):
                 str(tmp_path / "a" / "movie.tif")], tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "cannot write to the output folder" in res.stderr
+
+
+# ---------------------------------------------------------------------------- camera sanity
+def _camera_frames(background=0.0, emitters=10, size=20, gain=1.0, offset=100.0, frames=10):
+    config = SimulationConfig.preset("paper", background=background, frame_height=size,
+                                     frame_width=size, region="frame", num_emitters=emitters)
+    data = simulate(config, frames, seed=1)["frames"][..., 0]
+    return np.round((data - config.offset) * gain + offset)
+
+
+@pytest.mark.parametrize("case", [dict(), dict(gain=2.5, offset=400.0),
+                                  dict(background=10.0, size=32, emitters=25),
+                                  dict(emitters=3, size=32)])
+def test_correct_camera_settings_do_not_warn(case):
+    from smlm_tfdiff.analyze import check_camera
+
+    frames = _camera_frames(**case)
+    camera = Camera(case.get("offset", 100.0), case.get("gain", 1.0))
+    warns, est = check_camera(frames, camera, SimulationConfig.preset("paper"))
+    assert warns == [], warns
+    assert abs(est["likely_offset_adu"] - camera.offset_adu) < 3 * camera.gain_adu_per_photon
+
+
+@pytest.mark.parametrize("offset, gain, case, expect", [
+    (150.0, 1.0, dict(), r"--offset_adu 150 .*likely offset is about (99|100|101) ADU"),
+    (150.0, 1.0, dict(background=10.0, size=32, emitters=25), r"--offset_adu 150 .*likely offset"
+     r" is about (9[89]|10[0-2]) ADU"),
+    (115.0, 1.0, dict(emitters=3, size=32), r"--offset_adu 115 .*likely offset is about "
+     r"(99|100|101) ADU"),
+    (100.0, 100.0, dict(), r"does not fit --gain_adu_per_photon 100 .*likely gain is about "
+     r"(0\.[89]\d*|1(\.[0-2]\d*)?) ADU/photon"),
+    (100.0, 100.0, dict(emitters=3, size=32),
+     r"likely gain is about (0\.[89]\d*|1(\.[0-2]\d*)?) "),
+    (85.0, 1.0, dict(background=10.0, size=32, emitters=25), r"background is about 2\d\.\d "
+     r"photons.*offset is about (9[89]|10[0-2]) ADU"),
+])
+def test_wrong_camera_settings_warn_with_the_likely_value(offset, gain, case, expect):
+    from smlm_tfdiff.analyze import check_camera
+
+    warns, _ = check_camera(_camera_frames(**case), Camera(offset, gain),
+                            SimulationConfig.preset("paper"))
+    assert any(__import__("re").search(expect, w) for w in warns), warns
