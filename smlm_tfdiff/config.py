@@ -23,6 +23,16 @@ _COUNT_MODES = ("fixed", "poisson")
 _REGIONS = ("disc", "frame")
 
 
+def _is_number(value) -> bool:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(eq=False)
 class SimulationConfig:
     """Everything needed to simulate frames and KDE targets.
@@ -62,6 +72,7 @@ class SimulationConfig:
     refine_radius: int = 3  # Half-width of the sub-pixel refinement window, HR pixels.
 
     def __post_init__(self):
+        self._check_types()
         for name in _MAP_FIELDS:
             value = getattr(self, name)
             if isinstance(value, (list, tuple, np.ndarray)):
@@ -71,6 +82,40 @@ class SimulationConfig:
         if self.disc_center is not None:
             self.disc_center = tuple(float(v) for v in self.disc_center)
         self.validate()
+
+    def _check_types(self) -> None:
+        """A wrong type (e.g. "photons_range": 500 in a JSON file) -> ValueError naming the field,
+        as a wrong value does (validate)."""
+        def fail(field, message):
+            raise ValueError(f"SimulationConfig.{field}: {message}")
+
+        for f in dataclasses.fields(self):
+            name, value = f.name, getattr(self, f.name)
+            if name in _MAP_FIELDS:
+                try:
+                    ok = not isinstance(value, (bool, str, bytes)) and np.asarray(
+                        value, dtype=np.float64).dtype == np.float64
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    fail(name, f"must be a number or an [H, W] map of numbers (got {value!r})")
+            elif name in ("photons_range", "disc_center"):
+                pair = "[low, high] photons" if name == "photons_range" else "[x, y] LR pixels"
+                if value is not None and (isinstance(value, (str, bytes, dict))
+                                          or not hasattr(value, "__len__") or len(value) != 2
+                                          or not all(_is_number(v) for v in value)):
+                    fail(name, f"must be a pair of numbers {pair}, or null (got {value!r})")
+            elif name == "max_emitters":
+                if value is not None and not _is_integer(value):
+                    fail(name, f"must be an integer or null (got {value!r})")
+            elif isinstance(f.default, str):
+                if not isinstance(value, str):
+                    fail(name, f"must be a string (got {value!r})")
+            elif isinstance(f.default, float):
+                if not _is_number(value):
+                    fail(name, f"must be a number (got {value!r})")
+            elif isinstance(f.default, int) and not _is_integer(value):
+                fail(name, f"must be an integer (got {value!r})")
 
     # ------------------------------------------------------------------ presets
     @classmethod

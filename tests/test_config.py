@@ -62,3 +62,16 @@ def test_poisson_padding():
     c = st.SimulationConfig.preset("dense")
     assert c.padded_emitters >= c.num_emitters + 6 * np.sqrt(c.num_emitters)
     assert c.replace(max_emitters=40).padded_emitters == 40
+
+
+@pytest.mark.parametrize("entry, field", [
+    ('"photons_range": 500', "photons_range"), ('"photons_range": [100, "a"]', "photons_range"),
+    ('"disc_center": 3', "disc_center"), ('"photons": "200"', "photons"),
+    ('"psf_sigma": null', "psf_sigma"), ('"gain": "high"', "gain"),
+    ('"background": [[1, 2], "x"]', "background"), ('"region": 1', "region"),
+    ('"max_emitters": 2.5', "max_emitters"), ('"upsample": true', "upsample"),
+])
+def test_json_config_of_a_wrong_type_names_the_field(entry, field):
+    with pytest.raises(ValueError, match=rf"SimulationConfig\.{field}: must be"):
+        st.SimulationConfig.from_json("{" + entry + "}")
+    assert st.SimulationConfig.from_json('{"photons_range": [100, 500], "photons": 300}')
