@@ -99,7 +99,12 @@ class SavedModelBackend:
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
-        chunk = max(1, 512 // num_samples)  # Bounds the graph's memory, as PosteriorSampler does.
+        limit = min(512, self._served.max_images or 512)  # The export's limit per request.
+        if num_samples > limit:
+            raise ValueError(f"num_samples {num_samples} is above the SavedModel's limit of "
+                             f"{limit} frames x samples per request (set at export with "
+                             "--max_images): ask for fewer samples or re-export")
+        chunk = max(1, limit // num_samples)  # Bounds the graph's memory, as PosteriorSampler does.
         for lo in range(0, len(frames), chunk):
             # The first chunk's samples equal the in-package sampler's for the same seed.
             part = self._served.posterior(frames[lo:lo + chunk], num_samples, num_steps,

@@ -20,8 +20,11 @@ The sampler method ("ddpm" or "ddim") and the guided start t_start are fixed at 
 (with the models' learned reverse variance psi_var when they have one)
 when all frames fit in one chunk of it (B <= max(1, max_images // S)).
 
-Memory: one request runs psi on B * num_samples images of 4H x 4W at once; keep B * num_samples
-modest (a few hundred for 20x20 frames) and split larger jobs into several requests.
+Memory: one request runs psi on B * num_samples images of 4H x 4W at once. Each export has a
+maximum of B * num_samples per request, max_images (default DEFAULT_MAX_IMAGES = 2048; set at export: export_savedmodel(..., max_images=N),
+export/export_savedmodel.py --max_images N); a request above it fails in graph with an
+InvalidArgument error that names the limit, instead of running out of memory. Split larger jobs
+into several requests (ServedSampler.posterior and analyze do).
 """
 
 import json
@@ -50,6 +53,7 @@ POSTERIOR_SIGNATURE = [
     tf.TensorSpec([2], tf.int32, name="seed"),
 ]
 ASSET_FILES = ("sim_config.json", "psi_config.json", "diffusion.json")
+DEFAULT_MAX_IMAGES = 2048  # frames x samples per request (module docstring).
 
 
 def noise_levels_graph(gamma, num_steps, t_start):
@@ -82,8 +86,13 @@ class SamplerModule(tf.Module):
     serving signatures (module docstring). method "ddpm" (eta 1) or "ddim" (eta 0) and the guided
     start t_start (default models.t_start) are fixed here."""
 
-    def __init__(self, models, method="ddpm", t_start=None, name="smlm_sampler"):
+    def __init__(self, models, method="ddpm", t_start=None, name="smlm_sampler",
+                 max_images=DEFAULT_MAX_IMAGES):
         super().__init__(name=name)
+        if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) \
+                or max_images < 1:
+            raise ValueError(f"max_images must be an integer >= 1 (got {max_images!r})")
+        self._max_images = int(max_images)
         if getattr(models, "psi", None) is None:
             raise ValueError("these models have no diffusion model psi: export a trained psi "
                              "(smlm_tfdiff.load_models(run_dir)) or pretrained('paper')")
@@ -119,6 +128,7 @@ class SamplerModule(tf.Module):
                      "weighting": getattr(models, "weighting", ""), "t_start": t_start,
                      "num_steps": default_steps,
                      "method": method, "eta": self._eta, "start": "guided",
+                     "max_images_per_request": self._max_images,
                      "reverse_variance": "fixed" if self.psi_var is None else "learned"}
         texts = {"sim_config.json": sim_config.to_json(),
                  "psi_config.json": models.psi_config.to_json(),
@@ -202,6 +212,14 @@ class SamplerModule(tf.Module):
                     num_steps),
         ]
         frames = self._checked_frames(frames, check_size=True)
+        images = tf.cast(tf.shape(frames)[0], tf.int64) * tf.cast(num_samples, tf.int64)
+        checks.append(_assert(
+            images <= self._max_images,
+            "this request asks for {} frames x {} samples = {} images of psi, above the limit of "
+            f"this export, {self._max_images} per request (set at export: max_images / "
+            "--max_images): send fewer frames or fewer samples per request, or re-export with a "
+            "larger --max_images if the accelerator has the memory",
+            tf.shape(frames)[0], num_samples, images))
         with tf.control_dependencies(checks):
             y_hat = self.phi(frames, training=False)
             gammas, _ = noise_levels_graph(self._gamma, num_steps, t_start)
@@ -235,8 +253,10 @@ class SamplerModule(tf.Module):
                 "diffusion_json": tf.identity(self.diffusion_json)}
 
 
-def export_savedmodel(models, export_dir, method="ddpm", t_start=None, overwrite=False):
+def export_savedmodel(models, export_dir, method="ddpm", t_start=None, overwrite=False,
+                      max_images=DEFAULT_MAX_IMAGES):
     """Write the SamplerModule of `models` as a SavedModel to export_dir and return export_dir.
+    max_images: the most frames x samples one request may ask for (module docstring).
 
     Atomic: saved to a temporary folder next to export_dir, then renamed. An existing non-empty
     export_dir is refused (FileExistsError) unless overwrite=True. For TF Serving, export_dir
@@ -244,7 +264,7 @@ def export_savedmodel(models, export_dir, method="ddpm", t_start=None, overwrite
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
     check_export_dir(export_dir, overwrite)
-    module = SamplerModule(models, method=method, t_start=t_start)
+    module = SamplerModule(models, method=method, t_start=t_start, max_images=max_images)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     # A name TF Serving ignores (not an integer) while the export is incomplete.
@@ -329,6 +349,8 @@ class ServedSampler:
         self.method = diffusion["method"]
         self.t_start = int(diffusion["t_start"])
         self.num_steps = int(diffusion.get("num_steps") or self.t_start)  # Default per request.
+        # frames x samples per request; None for exports made before the limit existed.
+        self.max_images = diffusion.get("max_images_per_request")
 
     def estimate(self, frames):
         """frames [B, H, W, 1] (or [B, H, W], [H, W]) ADU -> y_hat [B, 4H, 4W, 1] float32."""

@@ -204,6 +204,8 @@ BAD_REQUESTS = {  # case -> what the error message must say.
     "no_samples": "num_samples must be >= 1",
     "no_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.100 \(got 0\)",
     "too_many_steps": r"num_steps must lie in 1\.\.t_start = 1\.\.100 \(got 101\)",
+    "too_many_images": r"2 frames x 1000000 samples = 2000000 images of psi, above the limit of "
+                       r"this export, 2048 per request.*--max_images",
 }
 
 
@@ -220,6 +222,8 @@ def test_bad_request_raises_invalid_argument(served, frames, case):
         request["frames"] = tf.constant(bad)
     elif case == "no_samples":
         request["num_samples"] = tf.constant(0)
+    elif case == "too_many_images":  # Refused before any work (no out-of-memory).
+        request["num_samples"] = tf.constant(1_000_000)
     elif case == "no_steps":
         request["num_steps"] = tf.constant(0)
     else:
