@@ -184,8 +184,8 @@ def check_camera(frames, camera: Camera, config):
       - the background level m and its noise var come from the lower tail of the pixel values
         (where emitters do not reach); the likely offset is m minus the photon-noise part of var,
         (var - readout_var) / gain;
-      - var must be about gain * (m - offset) + readout_var: off by more than NOISE_VAR_FACTOR either
-        way, the gain (or the offset) is wrong; the likely gain solves that equation for gain
+      - var must be about gain * (m - offset) + readout_var: off by more than NOISE_VAR_FACTOR
+        either way, the gain (or the offset) is wrong; the likely gain solves that equation for gain
         (readout noise: --readout_noise_adu, else the model's in photons);
       - the brightest spots, in photons, must be within BRIGHTNESS_FACTOR of the model's emitters'
         peak pixel, and the background within BACKGROUND_MARGIN_PHOTONS of the model's.

@@ -21,8 +21,8 @@ The sampler method ("ddpm" or "ddim") and the guided start t_start are fixed at 
 when all frames fit in one chunk of it (B <= max(1, max_images // S)).
 
 Memory: one request runs psi on B * num_samples images of 4H x 4W at once. Each export has a
-maximum of B * num_samples per request, max_images (default DEFAULT_MAX_IMAGES = 2048; set at export: export_savedmodel(..., max_images=N),
-export/export_savedmodel.py --max_images N); a request above it fails in graph with an
+maximum of B * num_samples per request, max_images (default DEFAULT_MAX_IMAGES = 2048; set at
+export: export_savedmodel(..., max_images=N), export/export_savedmodel.py --max_images N); a request above it fails in graph with an
 InvalidArgument error that names the limit, instead of running out of memory. Split larger jobs
 into several requests (ServedSampler.posterior and analyze do).
 """

@@ -1,7 +1,7 @@
 """Files microscopists use: TIFF stacks in (streamed), localization tables and image stacks out.
 
-Every writer writes into a staging folder; `OutputSet.commit()` puts it in place of the result folder
-at once, and an error before that leaves no output file behind (no half-written results).
+Every writer writes into a staging folder; `OutputSet.commit()` puts it in place of the result
+folder at once, and an error before that leaves no output file behind (no half-written results).
 """
 
 import csv
@@ -29,7 +29,8 @@ class StackError(ValueError):
 
 class _TifffileErrors:
     """Collects what tifffile logs at ERROR level (a broken page chain, metadata that does not fit
-    the data: signs of a truncated or damaged file) instead of letting it reach stderr unexplained."""
+    the data: signs of a truncated or damaged file) instead of letting it reach stderr
+    unexplained."""
 
     def __enter__(self):
         import logging
