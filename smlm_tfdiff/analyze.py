@@ -411,9 +411,19 @@ class StackAnalyzer:
         csv_out = outputs.track(stack_io.ThunderstormWriter(outputs.path(f"{name}.csv")))
         picasso = None
         if self.picasso:
+            cam = self.camera
             picasso = outputs.track(stack_io.PicassoWriter(
                 outputs.path(f"{name}_locs.hdf5"), stack.height, stack.width, self.pixel_size_nm,
-                stack.path))
+                stack.path, dtype=stack.dtype, metadata={
+                    # Picasso's camera entries: photons = (ADU - Baseline) * Sensitivity / Gain.
+                    "Baseline": cam.offset_adu, "Sensitivity": 1.0 / cam.gain_adu_per_photon,
+                    "Gain": 1.0, "Qe": 1.0,
+                    "Camera": dataclasses.asdict(cam),
+                    "Analysis": {"model": self.backend.source, "num_samples": self.num_samples,
+                                 "num_steps": self.num_steps, "seed": self.seed,
+                                 "localize_on": self.localize_on, "overlap_px": self.overlap,
+                                 "pad_px": self.pad, "batch_frames": self.batch_frames,
+                                 "input": os.path.abspath(stack.path)}}))
         writers = {}
         if self.maps:
             for key in ("kde_estimate", "posterior_mean", "posterior_std"):
@@ -523,8 +533,25 @@ class StackAnalyzer:
         locs["photons"] = table["intensity [photon]"]
         locs["sx"] = locs["sy"] = table["sigma [nm]"] / nm
         locs["bg"] = table["offset [photon]"]
-        locs["lpx"] = table["uncertainty_x [nm]"] / nm
-        locs["lpy"] = table["uncertainty_y [nm]"] / nm
+        # No NaN (Picasso drops such rows): where no posterior sample held the localization, the
+        # CRLB; without photometry, the PSF width (stack_io.PICASSO_FLAGS).
+        lpx, lpy = table["uncertainty_x [nm]"] / nm, table["uncertainty_y [nm]"] / nm
+        crlb = table["crlb_xy [nm]"] / nm
+        no_post = ~(np.isfinite(lpx) & np.isfinite(lpy))
+        no_crlb = no_post & ~np.isfinite(crlb)
+        fill = np.where(np.isfinite(crlb), crlb, table["sigma [nm]"] / nm)
+        locs["lpx"] = np.where(no_post, fill, lpx)
+        locs["lpy"] = np.where(no_post, fill, lpy)
+        photons, bg = table["intensity [photon]"], table["offset [photon]"]
+        no_phot = ~(np.isfinite(photons) & np.isfinite(bg))
+        negative = ~no_phot & (photons < 0)
+        locs["photons"] = np.where(no_phot | negative, 0.0, photons)
+        locs["bg"] = np.where(no_phot, 0.0, bg)
+        edge = (locs["x"] < 0) | (locs["y"] < 0)
+        locs["x"] = np.maximum(locs["x"], 0.0)
+        locs["y"] = np.maximum(locs["y"], 0.0)
+        locs["flags"] = ((no_post & ~no_crlb) * 1 + no_crlb * 2 + no_phot * 4 + negative * 8
+                         + edge * 16).astype(np.uint8)
         return locs
 
 

@@ -252,3 +252,54 @@ def test_wrong_camera_settings_warn_with_the_likely_value(offset, gain, case, ex
     warns, _ = check_camera(_camera_frames(**case), Camera(offset, gain),
                             SimulationConfig.preset("paper"))
     assert any(__import__("re").search(expect, w) for w in warns), warns
+
+
+# ----------------------------------------------------------------------------- Picasso files
+def _picasso_load_locs(hdf5_path):
+    """What Picasso 0.11's io.load_locs keeps: the YAML read with yaml.load_all, then
+    lib.ensure_sanity (rows with NaN/Inf, negative x, y, lpx, lpy, photons, sx, sy, or x >= Width,
+    y >= Height dropped)."""
+    import h5py
+    import yaml
+
+    with h5py.File(hdf5_path, "r") as f:
+        locs = f["locs"][...]
+    with open(os.path.splitext(hdf5_path)[0] + ".yaml") as f:
+        info = list(yaml.load_all(f, Loader=yaml.UnsafeLoader))
+    keep = np.ones(len(locs), bool)
+    for name in locs.dtype.names:
+        keep &= np.isfinite(locs[name].astype(np.float64))
+    keep &= (locs["x"] < info[0]["Width"]) & (locs["y"] < info[0]["Height"])
+    for name in ("x", "y", "lpx", "lpy", "photons", "sx", "sy"):
+        keep &= locs[name] >= 0
+    return locs, locs[keep], info
+
+
+def test_picasso_files_are_read_whole_with_any_file_name(tmp_path, backend):
+    name = "[run 1] #2 scan: x"
+    data = simulate(SimulationConfig.preset("paper", frame_height=24, frame_width=24,
+                                           region="frame", num_emitters=14), 3, seed=8)
+    tifffile.imwrite(tmp_path / f"{name}.tif", np.round(data["frames"][..., 0]).astype(np.uint16),
+                     photometric="minisblack")
+    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0, readout_noise_adu=2.24), num_samples=2,
+                             num_steps=1, picasso=True, maps=False, progress=False, seed=1)
+    summary = analyzer.analyze(tmp_path / f"{name}.tif", tmp_path / "out")
+    locs, kept, info = _picasso_load_locs(str(tmp_path / "out" / f"{name}_locs.hdf5"))
+    assert len(locs) == summary["localizations"] > 0
+    assert len(kept) == len(locs)  # Picasso keeps every localization.
+    assert len(info) == 1 and info[0]["Source"] == f"{name}.tif"
+    assert (info[0]["Frames"], info[0]["Width"], info[0]["Height"]) == (3, 24, 24)
+    assert info[0]["Data Type"] == "uint16" and info[0]["Baseline"] == 100.0
+    assert info[0]["Camera"]["readout_noise_adu"] == 2.24
+    assert info[0]["Analysis"]["num_samples"] == 2 and 1 in info[0]["Flags"]
+    import csv
+
+    with open(tmp_path / "out" / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    no_post = np.array([not np.isfinite(float(r["uncertainty_x [nm]"])) for r in rows])
+    # With 2 samples some localizations are in no sample: CRLB-filled and flagged.
+    assert no_post.any()
+    assert np.all((locs["flags"][no_post] & 3) > 0) and np.all((locs["flags"][~no_post] & 3) == 0)
+    crlb = np.array([float(r["crlb_xy [nm]"]) for r in rows]) / summary["pixel_size_nm"]
+    filled = no_post & np.isfinite(crlb)
+    np.testing.assert_allclose(locs["lpx"][filled], crlb[filled], rtol=1e-5)
