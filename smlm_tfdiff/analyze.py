@@ -23,6 +23,7 @@ nearest.
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -165,6 +166,7 @@ def _crlb_nm(xy, intensity, background, config):
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
+CHECKPOINT_SECONDS = 10.0  # At most one resume checkpoint per this many seconds (StackAnalyzer).
 
 # Camera sanity (check_camera): margins beyond which the settings are called wrong.
 OFFSET_MARGIN_PHOTONS = 3.0  # Offset above the frames' median pixel by more than this.
@@ -310,6 +312,9 @@ class StackAnalyzer:
         # Existing result folders are replaced only with overwrite; a truncated stack is analyzed
         # (its readable frames) only with allow_partial; series: TiffStack's choice of series.
         self.overwrite, self.allow_partial, self.series = overwrite, allow_partial, series
+        # A killed run resumes from its last checkpoint, written after a finished batch when this
+        # much time has passed since the previous one (OutputSet; the arrays can be large).
+        self.checkpoint_seconds = CHECKPOINT_SECONDS
         cfg = self.model_config
         # Tiles: padded and overlapping so every pixel is near a tile centre (tiling module doc).
         self.pad, auto_overlap = coverage_tiling(cfg)
@@ -359,7 +364,15 @@ class StackAnalyzer:
         start = time.perf_counter()
         stack_io.check_output_dir(out_dir, self.overwrite)  # Before any work.
         with stack_io.TiffStack(path, self.allow_partial, self.series) as stack, \
-                stack_io.OutputSet(out_dir, self.overwrite) as outputs:
+                stack_io.OutputSet(out_dir, self.overwrite, self._resume_key(stack)) as outputs:
+            if outputs.discarded:
+                warnings.warn(f"{path}: removed the files of an interrupted run with another "
+                              f"input or other settings ({outputs.staging}); starting from "
+                              "frame 1", stacklevel=2)
+            if outputs.resumed is not None:
+                warnings.warn(f"{path}: resuming an interrupted run from frame "
+                              f"{outputs.resumed['frames_done'] + 1} of {stack.num_frames} "
+                              f"({outputs.staging})", stacklevel=2)
             self._check_frame_size(stack)
             for note in stack.notes:
                 warnings.warn(f"{path}: {note}", stacklevel=2)
@@ -370,6 +383,8 @@ class StackAnalyzer:
             summary = self._run(stack, name, outputs)
             summary["camera_check"] = {"estimates": estimates, "warnings": camera_warnings}
             summary["notes"] = list(stack.notes)
+            if outputs.resumed is not None:
+                summary["resumed_from_frame"] = outputs.resumed["frames_done"] + 1
             if stack.loss is not None:
                 summary["input_loss"] = stack.loss
             if len(stack.series_frames) > 1:
@@ -380,6 +395,23 @@ class StackAnalyzer:
                 json.dump(summary, f, indent=2)
             summary["files"] = outputs.commit()
         return summary
+
+    def _resume_key(self, stack):
+        """Fixes the input file (path, size, modification time) and every setting that changes
+        the output: a killed run is resumed only by the same command on the same file."""
+        import hashlib
+
+        info = os.stat(stack.path)
+        fields = {"input": os.path.realpath(stack.path), "size": info.st_size,
+                  "mtime_ns": info.st_mtime_ns, "frames": stack.num_frames,
+                  "camera": dataclasses.asdict(self.camera), "model": self.backend.source,
+                  "num_samples": self.num_samples, "num_steps": self.num_steps,
+                  "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
+                  "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
+                  "allow_partial": self.allow_partial, "series": self.series,
+                  "pixel_size_nm": self.pixel_size_nm,
+                  "method": getattr(self.backend, "method", None)}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     def _check_frame_size(self, stack):
         if stack.height < MIN_FRAME or stack.width < MIN_FRAME:
@@ -408,11 +440,14 @@ class StackAnalyzer:
         # disc), so frames smaller than the disc are fine too.
         frame_config = tile_config.replace(frame_height=stack.height, frame_width=stack.width,
                                            region="frame", margin=0.0)
-        csv_out = outputs.track(stack_io.ThunderstormWriter(outputs.path(f"{name}.csv")))
+        def track(make):  # A writer, cut back to the checkpoint when resuming.
+            return outputs.track(make(outputs.writer_state(len(outputs._open))))
+
+        csv_out = track(lambda r: stack_io.ThunderstormWriter(outputs.path(f"{name}.csv"), r))
         picasso = None
         if self.picasso:
             cam = self.camera
-            picasso = outputs.track(stack_io.PicassoWriter(
+            picasso = track(lambda r: stack_io.PicassoWriter(
                 outputs.path(f"{name}_locs.hdf5"), stack.height, stack.width, self.pixel_size_nm,
                 stack.path, dtype=stack.dtype, metadata={
                     # Picasso's camera entries: photons = (ADU - Baseline) * Sensitivity / Gain.
@@ -423,24 +458,32 @@ class StackAnalyzer:
                                  "num_steps": self.num_steps, "seed": self.seed,
                                  "localize_on": self.localize_on, "overlap_px": self.overlap,
                                  "pad_px": self.pad, "batch_frames": self.batch_frames,
-                                 "input": os.path.abspath(stack.path)}}))
+                                 "input": os.path.abspath(stack.path)}}, resume=r))
         writers = {}
         if self.maps:
             for key in ("kde_estimate", "posterior_mean", "posterior_std"):
-                writers[key] = outputs.track(stack_io.TiffStackWriter(
-                    outputs.path(f"{name}_{key}.tif")))
+                writers[key] = track(lambda r, key=key: stack_io.TiffStackWriter(
+                    outputs.path(f"{name}_{key}.tif"), r))
         sr_sum = np.zeros((u * stack.height, u * stack.width))
         var_sum = np.zeros_like(sr_sum)
+        state = outputs.resumed or {}
+        start_frame = int(state.get("frames_done", 0))
+        if state:
+            sr_sum, var_sum = outputs.arrays["sr_sum"], outputs.arrays["var_sum"]
         progbar = None
         if self.progress:
             import keras
 
             progbar = keras.utils.Progbar(stack.num_frames, unit_name="frame",
                                           stateful_metrics=["frames/s", "locs"])
-        next_id, t0 = 1, time.perf_counter()
-        clock = {"read_s": 0.0, "posterior_s": 0.0, "localize_s": 0.0, "write_s": 0.0}
+        next_id, t0 = int(state.get("next_id", 1)), time.perf_counter()
+        clock = state.get("clock") or {"read_s": 0.0, "posterior_s": 0.0, "localize_s": 0.0,
+                                       "write_s": 0.0}
+        last_checkpoint = time.perf_counter()
+        if progbar is not None and start_frame:
+            progbar.update(start_frame)
         tic = time.perf_counter()
-        for lo, frames in stack.batches(self.batch_frames):
+        for lo, frames in stack.batches(self.batch_frames, start=start_frame):
             model_frames, photons = self._to_model_adu(frames, lo)
             tiles = grid.cut(model_frames)[..., None]
             clock["read_s"] += time.perf_counter() - tic
@@ -469,8 +512,14 @@ class StackAnalyzer:
                 picasso.write(self._picasso(table))
                 picasso.frames = lo + len(frames)
             clock["write_s"] += time.perf_counter() - tic
+            done = lo + len(frames)
+            if done < stack.num_frames and (time.perf_counter() - last_checkpoint
+                                            >= self.checkpoint_seconds):
+                outputs.checkpoint({"frames_done": done, "next_id": next_id, "clock": clock},
+                                   {"sr_sum": sr_sum, "var_sum": var_sum})
+                last_checkpoint = time.perf_counter()
             if progbar is not None:
-                rate = (lo + len(frames)) / (time.perf_counter() - t0)
+                rate = (done - start_frame) / (time.perf_counter() - t0)
                 progbar.update(lo + len(frames), [("frames/s", rate), ("locs", next_id - 1)])
             tic = time.perf_counter()
         stack_io.save_png(outputs.path(f"{name}_super_resolution.png"), sr_sum,
@@ -603,6 +652,11 @@ def main(argv):
     FLAGS = flags.FLAGS
     # Warnings (damaged input, camera settings) as one plain line each on stderr.
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+
+    def terminated(signum, frame):  # SIGTERM as Ctrl-C: the checkpoint is kept for a resume.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments {argv[1:]}; pass stacks with --input")
     if not FLAGS.input:
@@ -643,6 +697,11 @@ def main(argv):
     except (StackError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: the batches finished before the last checkpoint are kept in a hidden "
+              f"'.<name>.partial' folder in {FLAGS.out}; run the same command again to resume "
+              "(another input or other settings start afresh and remove it)", file=sys.stderr)
+        raise SystemExit(130) from None
     except OSError as err:  # E.g. the disk filled up while writing.
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: cannot read or write a file{where}: {err.strerror or err}; check the "

@@ -5,6 +5,7 @@ folder at once, and an error before that leaves no output file behind (no half-w
 """
 
 import csv
+import json
 import os
 import shutil
 import tempfile
@@ -358,9 +359,9 @@ class TiffStack:
                             block=(offset, self._file_dtype(page.dtype)))
 
     # -------------------------------------------------------------------------------- reading
-    def batches(self, size) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yields (first frame index, frames [b, H, W] float32)."""
-        for lo in range(0, self.num_frames, size):
+    def batches(self, size, start=0) -> Iterator[Tuple[int, np.ndarray]]:
+        """Yields (first frame index, frames [b, H, W] float32), from frame `start` on."""
+        for lo in range(start, self.num_frames, size):
             hi = min(lo + size, self.num_frames)
             yield lo, self.read(lo, hi)
 
@@ -472,25 +473,75 @@ def check_output_dir(out_dir, overwrite=False):
 
 
 class OutputSet:
-    """Files written to a staging folder beside `out_dir`; commit() puts the staging folder in
+    """Files written to a staging folder beside `out_dir`, `.<name>.partial`; commit() puts it in
     place of out_dir (an earlier out_dir is replaced whole, with overwrite=True only: no mix of
-    two runs). An error before commit leaves out_dir as it was."""
+    two runs). An error before commit leaves out_dir as it was and removes the staging folder.
 
-    def __init__(self, out_dir, overwrite=False):
+    Resuming: with a resume_key (a string fixing the input and every setting), checkpoint() records
+    after each finished batch where every tracked writer stands, with the caller's state and
+    arrays. A run that was killed (or interrupted: abort(keep=True)) leaves the staging folder; a
+    later OutputSet with the same key resumes from it (`resumed`: the caller's state, `arrays`),
+    and the writers cut their files back to the checkpoint. A staging folder with another key is
+    removed (`discarded` says so). A lock keeps two runs out of one staging folder."""
+
+    STATE = "checkpoint.json"
+
+    def __init__(self, out_dir, overwrite=False, resume_key=None):
         self.out_dir = os.path.abspath(str(out_dir))
         self.overwrite = overwrite
+        self.resume_key = resume_key
+        self.resumed, self.arrays, self.discarded = None, {}, False
+        self._open, self._lock = [], None
         check_output_dir(self.out_dir, overwrite)
         parent, name = os.path.split(self.out_dir)
+        self.staging = os.path.join(parent, f".{name}.partial")
         try:
             os.makedirs(parent, exist_ok=True)
-            self.staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-            umask = os.umask(0o022)  # mkdtemp makes the folder 0700; results are for others too.
-            os.umask(umask)
-            os.chmod(self.staging, 0o777 & ~umask)
+            if os.path.isdir(self.staging):
+                self._take_lock()
+                state = self._read_state()
+                if resume_key is not None and state is not None and state["key"] == resume_key:
+                    self.resumed = state
+                    with np.load(os.path.join(self.staging, state["arrays"])) as z:
+                        self.arrays = {k: z[k] for k in z.files}
+                else:
+                    self._release_lock()
+                    shutil.rmtree(self.staging)
+                    self.discarded = True
+            if not os.path.isdir(self.staging):
+                os.makedirs(self.staging)
+                self._take_lock()
         except OSError as err:
             raise OutputError(f"cannot write to the output folder {self.out_dir} "
                               f"({err.strerror or err}); choose a writable --out") from None
-        self._open = []
+
+    def _take_lock(self):
+        import fcntl
+
+        self._lock = open(os.path.join(self.staging, ".lock"), "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise OutputError(f"another run is writing {self.out_dir} (its files are in "
+                              f"{self.staging}); wait for it or choose another --out") from None
+
+    def _release_lock(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _read_state(self):
+        try:
+            with open(os.path.join(self.staging, self.STATE)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def writer_state(self, index):
+        """The checkpointed position of the index-th tracked writer (None when not resuming)."""
+        return None if self.resumed is None else self.resumed["writers"][index]
 
     def path(self, name) -> str:
         return os.path.join(self.staging, name)
@@ -499,10 +550,30 @@ class OutputSet:
         self._open.append(handle)
         return handle
 
-    def _close_all(self):
+    def checkpoint(self, state, arrays):
+        """Record that everything written so far is final: the writers' positions, `state`
+        (JSON-able) and `arrays` (dict of NumPy arrays). Atomic: a kill leaves the previous or
+        this checkpoint."""
+        positions = [handle.position() for handle in self._open]
+        tag = int(state.get("frames_done", 0))
+        name = f"checkpoint-{tag}.npz"
+        tmp = os.path.join(self.staging, f".{name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, os.path.join(self.staging, name))
+        record = {"key": self.resume_key, "writers": positions, "arrays": name, **state}
+        tmp = os.path.join(self.staging, f".{self.STATE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, os.path.join(self.staging, self.STATE))
+        for old in os.listdir(self.staging):
+            if old.startswith("checkpoint-") and old.endswith(".npz") and old != name:
+                os.remove(os.path.join(self.staging, old))
+
+    def _release_all(self):
         for handle in self._open:
             try:
-                handle.close()
+                getattr(handle, "release", handle.close)()
             except Exception:  # noqa: BLE001 - closing on the error path must not mask the error.
                 pass
         self._open = []
@@ -511,53 +582,116 @@ class OutputSet:
         for handle in self._open:  # Errors here (e.g. a full disk) abort the set.
             handle.close()
         self._open = []
+        for name in os.listdir(self.staging):  # The resume state is not a result.
+            if name in (self.STATE, ".lock") or name.startswith(("checkpoint-", ".checkpoint")):
+                os.remove(os.path.join(self.staging, name))
         check_output_dir(self.out_dir, self.overwrite)  # Another process may have written it.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(self.staging, 0o777 & ~umask)
         parent, name = os.path.split(self.out_dir)
         old = None
         if os.path.isdir(self.out_dir):
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.replace(self.out_dir, os.path.join(old, name))
         os.replace(self.staging, self.out_dir)
+        self._release_lock()
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return [os.path.join(self.out_dir, n) for n in sorted(os.listdir(self.out_dir))]
 
-    def abort(self):
-        self._close_all()
-        shutil.rmtree(self.staging, ignore_errors=True)
+    def abort(self, keep=False):
+        """keep: leave the staging folder for a later resume (an interrupted run)."""
+        self._release_all()
+        if not keep:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._release_lock()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            self.abort()
+            # Interrupted (Ctrl-C, SIGTERM): keep what the last checkpoint holds for a resume.
+            self.abort(keep=issubclass(exc_type, KeyboardInterrupt)
+                       and self._read_state() is not None)
+
+
+class _AppendFile:
+    """A binary file appended to, cut back to a checkpointed size on resume."""
+
+    def __init__(self, path, resume_bytes=None):
+        self.path = path
+        if resume_bytes is None:
+            self._file = open(path, "wb")
+        else:
+            os.truncate(path, int(resume_bytes))
+            self._file = open(path, "ab")
+
+    def write(self, data: bytes):
+        self._file.write(data)
+
+    def size(self):
+        self._file.flush()
+        return os.fstat(self._file.fileno()).st_size
+
+    def close(self):
+        self._file.close()
 
 
 class TiffStackWriter:
-    """Appends float32 [b, H, W] frames to a (Big)TIFF stack."""
+    """Appends float32 [b, H, W] frames to a (Big)TIFF stack. The frames go to a raw file beside it
+    first (cut back on resume: OutputSet), and into the TIFF on close()."""
 
-    def __init__(self, path):
-        import tifffile
-
-        self._writer = tifffile.TiffWriter(path, bigtiff=True)
+    def __init__(self, path, resume=None):
+        self.path = path
+        self.frames = 0 if resume is None else int(resume["frames"])
+        self.shape = None if resume is None or resume["shape"] is None else tuple(resume["shape"])
+        nbytes = None if resume is None else self.frames * int(np.prod(self.shape or (0,))) * 4
+        self._raw = _AppendFile(path + ".raw", nbytes)
 
     def write(self, frames):
-        for frame in np.asarray(frames, np.float32):
-            self._writer.write(frame, contiguous=True, photometric="minisblack")
+        frames = np.ascontiguousarray(frames, dtype="<f4")
+        self.shape = tuple(frames.shape[1:])
+        self._raw.write(frames.tobytes())
+        self.frames += len(frames)
+
+    def position(self):
+        self._raw.size()
+        return {"frames": self.frames, "shape": None if self.shape is None else list(self.shape)}
+
+    def release(self):
+        self._raw.close()
 
     def close(self):
-        self._writer.close()
+        import tifffile
+
+        self._raw.close()
+        raw = self.path + ".raw"
+        data = (np.memmap(raw, dtype="<f4", mode="r", shape=(self.frames,) + self.shape)
+                if self.frames else np.zeros((0,), np.float32))
+        with tifffile.TiffWriter(self.path, bigtiff=True) as writer:
+            for frame in data:
+                writer.write(np.asarray(frame, np.float32), contiguous=True,
+                             photometric="minisblack")
+        del data
+        os.remove(raw)
 
 
 class ThunderstormWriter:
     """ThunderSTORM CSV: THUNDERSTORM_COLUMNS (+ EXTRA_COLUMNS), frames 1-based, nm and photons."""
 
-    def __init__(self, path):
-        self._file = open(path, "w", newline="")
+    def __init__(self, path, resume=None):
+        if resume is None:
+            self._file = open(path, "w", newline="")
+            self.rows = 0
+        else:
+            os.truncate(path, int(resume["bytes"]))
+            self._file = open(path, "a", newline="")
+            self.rows = int(resume["rows"])
         self._csv = csv.writer(self._file, quoting=csv.QUOTE_NONNUMERIC)
-        self._csv.writerow(THUNDERSTORM_COLUMNS + EXTRA_COLUMNS)
-        self.rows = 0
+        if resume is None:
+            self._csv.writerow(THUNDERSTORM_COLUMNS + EXTRA_COLUMNS)
 
     def write(self, table):
         """table: dict of equal-length arrays keyed by column name."""
@@ -568,47 +702,58 @@ class ThunderstormWriter:
                                 for k, col in enumerate(columns)])
         self.rows += n
 
+    def position(self):
+        self._file.flush()
+        return {"bytes": os.fstat(self._file.fileno()).st_size, "rows": self.rows}
+
     def close(self):
         self._file.close()
 
 
 class PicassoWriter:
     """Picasso HDF5 (`/locs`, pixel units with pixel centres at integer coordinates, frames
-    0-based, PICASSO_DTYPE) and its YAML metadata (one YAML document, written with PyYAML on close,
-    as Picasso's load_info reads it: any file name round-trips).
+    0-based, PICASSO_DTYPE) and its YAML metadata (one YAML document, written with PyYAML, as
+    Picasso's load_info reads it: any file name round-trips). The records go to a raw file first
+    (cut back on resume: OutputSet); HDF5 and YAML are written on close().
 
     metadata: more entries for the YAML (camera and analysis settings); dtype: the input movie's
     ("Data Type", as Picasso's Localize records it)."""
 
     def __init__(self, path, height, width, pixel_size_nm, source, dtype="float32",
-                 metadata=None):
-        import h5py
-
+                 metadata=None, resume=None):
         self.path = path
-        self._h5 = h5py.File(path, "w")
-        self._locs = self._h5.create_dataset("locs", shape=(0,), maxshape=(None,),
-                                             dtype=PICASSO_DTYPE, chunks=(4096,))
+        self.rows = 0 if resume is None else int(resume["rows"])
+        self.frames = 0 if resume is None else int(resume["frames"])
+        self._raw = _AppendFile(path + ".raw", None if resume is None
+                                else self.rows * PICASSO_DTYPE.itemsize)
         self.meta = {"Byte Order": "<", "Data Type": str(np.dtype(dtype)), "Height": int(height),
                      "Width": int(width), "Pixelsize": float(pixel_size_nm),
                      "Generated by": "smlm_tfdiff analyze", "Source": os.path.basename(source),
                      "Flags": {int(k): v for k, v in PICASSO_FLAGS.items()}}
         self.meta.update(metadata or {})
-        self.frames = 0
 
     def write(self, locs):
-        n = len(locs)
-        if n:
-            start = self._locs.shape[0]
-            self._locs.resize((start + n,))
-            self._locs[start:] = locs
+        locs = np.asarray(locs, PICASSO_DTYPE)
+        self._raw.write(locs.tobytes())
+        self.rows += len(locs)
+
+    def position(self):
+        self._raw.size()
+        return {"rows": self.rows, "frames": self.frames}
+
+    def release(self):
+        self._raw.close()
 
     def close(self):
-        if self._h5 is None:
-            return
+        import h5py
         import yaml
 
-        self._h5.close()
-        self._h5 = None
+        self._raw.close()
+        raw = self.path + ".raw"
+        locs = np.fromfile(raw, dtype=PICASSO_DTYPE, count=self.rows)
+        with h5py.File(self.path, "w") as f:
+            f.create_dataset("locs", data=locs, maxshape=(None,), chunks=(4096,))
+        os.remove(raw)
         self.meta["Frames"] = int(self.frames)
         yaml_path = os.path.splitext(self.path)[0] + ".yaml"
         with open(yaml_path, "w", encoding="utf-8") as f:

@@ -1,6 +1,7 @@
 """`analyze` under damaged input and the usual mistakes: every frame or a clear error, nothing
 overwritten by surprise, results that do not depend on memory settings (issue 20)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -303,3 +304,60 @@ def test_picasso_files_are_read_whole_with_any_file_name(tmp_path, backend):
     crlb = np.array([float(r["crlb_xy [nm]"]) for r in rows]) / summary["pixel_size_nm"]
     filled = no_post & np.isfinite(crlb)
     np.testing.assert_allclose(locs["lpx"][filled], crlb[filled], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- kill, resume
+class _Killed(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_run_resumes_to_byte_identical_results(tmp_path, backend):
+    stack = _movie(tmp_path / "m.tif", frames=6)
+
+    def analyzer():
+        a = StackAnalyzer(backend, Camera(100.0, 1.0), num_samples=2, num_steps=1,
+                          batch_frames=2, seed=5, picasso=True, progress=False)
+        a.checkpoint_seconds = 0.0  # A checkpoint after every batch.
+        return a
+
+    analyzer().analyze(stack, tmp_path / "whole")
+    killed = analyzer()
+    real = killed.backend.posterior
+    calls = []
+
+    def dying(*args):  # Killed in the third batch, after two checkpoints.
+        calls.append(1)
+        if len(calls) == 5:
+            raise _Killed()
+        return real(*args)
+
+    killed.backend = copy.copy(backend)
+    killed.backend.posterior = dying
+    with pytest.raises(KeyboardInterrupt):
+        killed.analyze(stack, tmp_path / "res")
+    staging = tmp_path / ".res.partial"
+    assert not (tmp_path / "res").exists() and staging.is_dir()
+    # A kill -9 can also leave half-written rows behind the checkpoint.
+    with open(staging / "m.csv", "a") as f:
+        f.write("99,3,1.0,2.")
+    with open(staging / "m_posterior_std.tif.raw", "ab") as f:
+        f.write(b"\0" * 1000)
+    with pytest.warns(UserWarning, match="resuming an interrupted run from frame 5 of 6"):
+        summary = analyzer().analyze(stack, tmp_path / "res")
+    assert summary["resumed_from_frame"] == 5 and not staging.exists()
+    for name in ("m.csv", "m_kde_estimate.tif", "m_posterior_mean.tif", "m_posterior_std.tif",
+                 "m_locs.hdf5", "m_locs.yaml", "m_super_resolution.png", "m_uncertainty.png"):
+        assert (tmp_path / "res" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), \
+            name
+    assert sorted(os.listdir(tmp_path / "res")) == sorted(os.listdir(tmp_path / "whole"))
+    # Other settings: the interrupted run's files are removed, with a message.
+    with pytest.raises(KeyboardInterrupt):
+        killed = analyzer()
+        calls.clear()
+        killed.backend = copy.copy(backend)
+        killed.backend.posterior = dying
+        killed.analyze(stack, tmp_path / "res2")
+    other = analyzer()
+    other.seed = 6
+    with pytest.warns(UserWarning, match="removed the files of an interrupted run"):
+        other.analyze(stack, tmp_path / "res2")
