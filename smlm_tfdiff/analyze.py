@@ -3,7 +3,9 @@
     smlm-tfdiff --input movie.tif --out results --offset_adu 100 --gain_adu_per_photon 1 \\
         --readout_noise_adu 2.24 --pixel_size_nm 108.3
 
-Per stack (written to <out>/<stack name>/, all at once when the stack is done):
+Per stack (written to <out>/<stack name>/, all at once when the stack is done; stacks with the same
+name get their parent folders' names in front; existing results are refused unless --overwrite,
+which replaces the folder whole; a killed run resumes from its last checkpoint, README "analyze"):
   <name>.csv            ThunderSTORM localizations (frames 1-based, nm, photons, uncertainty_xy
                         = the posterior std of the localization, from psi's samples)
   <name>_locs.hdf5/.yaml  Picasso localizations (--picasso)
@@ -100,12 +102,13 @@ class SavedModelBackend:
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
-        limit = min(512, self._served.max_images or 512)  # The export's limit per request.
-        if num_samples > limit:
+        limit = self._served.max_images  # frames x samples per request (None: older exports).
+        if limit is not None and num_samples > limit:
             raise ValueError(f"num_samples {num_samples} is above the SavedModel's limit of "
                              f"{limit} frames x samples per request (set at export with "
                              "--max_images): ask for fewer samples or re-export")
-        chunk = max(1, limit // num_samples)  # Bounds the graph's memory, as PosteriorSampler does.
+        # Bounds the graph's memory, as PosteriorSampler does.
+        chunk = max(1, min(512, limit or 512) // num_samples)
         for lo in range(0, len(frames), chunk):
             # The first chunk's samples equal the in-package sampler's for the same seed.
             part = self._served.posterior(frames[lo:lo + chunk], num_samples, num_steps,
