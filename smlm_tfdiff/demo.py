@@ -284,8 +284,10 @@ def run_demo(out):
     camera = Camera(offset_adu=float(cfg.offset), gain_adu_per_photon=float(cfg.gain),
                     readout_noise_adu=float(np.sqrt(cfg.readout_var)),
                     pixel_size_nm=cfg.pixel_size_nm)
+    # The demo owns <out>: a rerun replaces its earlier analysis folder whole.
     analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, num_steps,
-                             batch_frames=8, seed=FLAGS.seed + 1, progress=not FLAGS.quick)
+                             batch_frames=8, seed=FLAGS.seed + 1, progress=not FLAGS.quick,
+                             overwrite=True)
     an_dir = os.path.join(out, "analysis", "paper_stack")
     an = analyzer.analyze(tif, an_dir)
     lap("analyze")
