@@ -644,6 +644,9 @@ def define_flags():
     flags.DEFINE_bool("allow_partial", False, "Analyze the readable frames of a truncated or "
                       "damaged stack (by default such a stack stops the run); the loss is "
                       "recorded in the summary (input_loss) and on stderr.")
+    flags.DEFINE_float("checkpoint_seconds", CHECKPOINT_SECONDS, "A killed run resumes from its "
+                       "last checkpoint, written after a finished batch when this many seconds "
+                       "have passed since the previous one (0: after every batch).")
     flags.DEFINE_string("series", None, "For TIFF files with several image series: 'all' "
                         "analyzes them one after the other as one movie, K (0-based) series K "
                         "only. By default such files are refused.")
@@ -690,6 +693,7 @@ def main(argv):
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
                                  FLAGS.allow_partial, series)
+        analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)
             logging.info("%s: %d frames, %d localizations, %.2f frames/s -> %s", path,

@@ -361,3 +361,50 @@ def test_interrupted_run_resumes_to_byte_identical_results(tmp_path, backend):
     other.seed = 6
     with pytest.warns(UserWarning, match="removed the files of an interrupted run"):
         other.analyze(stack, tmp_path / "res2")
+
+
+def test_command_line_killed_runs_resume(tmp_path):
+    import signal
+    import time
+
+    _movie(tmp_path / "movie.tif", frames=8)
+    base = [sys.executable, "-m", "smlm_tfdiff.analyze", "--offset_adu", "100",
+            "--gain_adu_per_photon", "1", "--noprogress", "--num_samples", "2", "--num_steps", "1",
+            "--batch_frames", "1", "--checkpoint_seconds", "0", "--picasso",
+            "--input", str(tmp_path / "movie.tif")]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    state = tmp_path / "out" / ".movie.partial" / "checkpoint.json"
+
+    def killed_at(frames_done, sig):
+        proc = subprocess.Popen(base + ["--out", str(tmp_path / "out")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text())["frames_done"] >= frames_done:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(sig)
+        code = proc.wait(60)
+        return code, proc.stderr.read()
+
+    def whole(out):
+        return subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, env=env,
+                              timeout=600)
+
+    code, err = killed_at(2, signal.SIGTERM)
+    assert code == 130 and "run the same command again to resume" in err, err
+    code, err = killed_at(4, signal.SIGKILL)  # Resumes, then dies without a word.
+    assert code == -signal.SIGKILL and "resuming an interrupted run" in err
+    done = json.loads(state.read_text())["frames_done"]
+    res = whole(tmp_path / "out")
+    assert res.returncode == 0 and f"resuming an interrupted run from frame {done + 1}" in res.stderr
+    assert whole(tmp_path / "whole").returncode == 0
+    for name in ("movie.csv", "movie_posterior_std.tif", "movie_locs.hdf5", "movie_locs.yaml",
+                 "movie_super_resolution.png"):
+        assert ((tmp_path / "out" / "movie" / name).read_bytes()
+                == (tmp_path / "whole" / "movie" / name).read_bytes()), name
+    assert sorted(os.listdir(tmp_path / "out")) == ["movie"]
