@@ -96,12 +96,14 @@ class JaxPsiTrainer:
     """Trains `psi` (a Keras model under the JAX backend) against the frozen `phi`.
 
     sim_config: the scene psi trains on; mix_config, mix_fraction: a second scene (same frame
-    size) filling round(mix_fraction * batch_size) frames of every batch. files(out_dir, psi) is
-    called to write the model folder (phi's files and psi's, pretrained.save_models).
+    size) filling round(mix_fraction * batch_size) frames of every batch. save_fn(out_dir, psi)
+    writes the model folder (phi's files and psi's, pretrained.save_models). prediction: psi's
+    PsiConfig.prediction; for "v" and "v_residual" the weights are divided by gamma as in
+    psi_training.PsiLoss (the model itself turns its v into eps).
     """
 
     def __init__(self, config, phi, psi, sim_config, schedule, weighting, save_fn,
-                 mix_config=None, mix_fraction=0.0, run_info=None):
+                 mix_config=None, mix_fraction=0.0, run_info=None, prediction="eps"):
         self.config, self.phi, self.psi = config, phi, psi
         self.sim_config, self.mix_config = sim_config, mix_config
         self.schedule, self.weighting, self.save_fn = schedule, weighting, save_fn
@@ -112,6 +114,7 @@ class JaxPsiTrainer:
                              "main one")
         self.run_info = dict(run_info or {})
         self.t_min = T_MIN[weighting]
+        self.prediction = prediction  # PsiConfig.prediction of psi: "eps", "v" or "v_residual".
         self.weights = jnp.asarray(loss_weight_table(schedule, weighting), jnp.float32)
         self.optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
                                                 weight_decay=config.weight_decay,
@@ -143,6 +146,8 @@ class JaxPsiTrainer:
         eps = jax.random.normal(eps_key, kde.shape)
         y_t = q_sample(to_diffusion_space(kde), gamma, eps)
         w = self.weights[t]
+        if self.prediction != "eps":  # psi_training.PsiLoss: w(t) ||v - v_psi||^2.
+            w = w / gamma
 
         def loss_fn(p):
             eps_pred, nt = self.psi.stateless_call(

@@ -146,9 +146,19 @@ def test_learning_rate_matches_the_tf_trainer():
                                        float(schedule(step)), rtol=1e-5)
 
 
-def _train(out_dir, state_dir, steps, blocker):
+def _no_tensorflow(tmp_path):
+    """A folder whose stub package `tensorflow` refuses to import: on PYTHONPATH it shadows the
+    installed TensorFlow, as on a GPU machine that has none."""
+    blocker = tmp_path / "no_tensorflow"
+    (blocker / "tensorflow").mkdir(parents=True)
+    (blocker / "tensorflow" / "__init__.py").write_text(
+        "raise ImportError('TensorFlow is not installed on this machine')\n")
+    return str(blocker)
+
+
+def _train(out_dir, state_dir, steps, blocker, *extra):
     cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_psi_jax.py"),
-           "--out_dir", out_dir, "--state_dir", state_dir, "--steps", str(steps),
+           "--out_dir", out_dir, "--state_dir", state_dir, "--steps", str(steps), *extra,
            "--base_channels", "8", "--channel_multipliers", "1,2", "--attention_resolutions", "40",
            "--embedding_dim", "16", "--batch_size", "4", "--val_frames", "8", "--log_every", "2",
            "--eval_every", "4", "--seed", "3"]
@@ -162,11 +172,8 @@ def _train(out_dir, state_dir, steps, blocker):
 
 def test_jax_trainer_end_to_end_and_resume(tmp_path):
     out, state = str(tmp_path / "psi"), str(tmp_path / "state")
-    blocker = tmp_path / "no_tensorflow"
-    (blocker / "tensorflow").mkdir(parents=True)
-    (blocker / "tensorflow" / "__init__.py").write_text(
-        "raise ImportError('TensorFlow is not installed on this machine')\n")
-    log = _train(out, state, 6, str(blocker))
+    blocker = _no_tensorflow(tmp_path)
+    log = _train(out, state, 6, blocker)
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
     assert info["backend"] == "jax" and info["steps"] == 6
@@ -187,8 +194,23 @@ def test_jax_trainer_end_to_end_and_resume(tmp_path):
     assert np.all(np.isfinite(models.psi(x, training=False).numpy()))
 
     # The same command with more steps resumes from the saved state.
-    log = _train(out, state, 8, str(blocker))
+    log = _train(out, state, 8, blocker)
     assert "Resumed at step 6 of 8" in log
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
     assert info["steps"] == 8 and [r["step"] for r in info["loss"]] == [2, 4, 6, 8]
+
+
+def test_jax_trainer_v_residual_on_the_extended_schedule(tmp_path):
+    """The recipe that samples from noise: paper_extended (T = 140) with v_residual prediction;
+    the folder records both and its psi turns v into eps (untrained v = 0 predicts phi's mu)."""
+    out = str(tmp_path / "psi")
+    _train(out, str(tmp_path / "state"), 3, _no_tensorflow(tmp_path), "--noise_schedule",
+           "paper_extended", "--prediction", "v_residual", "--sample_steps", "14")
+    with open(os.path.join(out, "train_log.json")) as f:
+        info = json.load(f)
+    assert "mse_t101-140" in info["validation"][-1]
+    assert all(np.isfinite(r["loss"]) for r in info["loss"])
+    models = st.load_models(out)
+    assert models.psi_config.prediction == "v_residual"
+    assert models.schedule.T == 140 and models.t_start == 140 and models.num_steps == 14

@@ -32,8 +32,14 @@ flags.DEFINE_integer("num_res_blocks", 1, "psi: res blocks per level (down; one 
 flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with self-attention.")
 flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
 flags.DEFINE_integer("groups", 8, "psi: GroupNorm groups.")
-flags.DEFINE_enum("noise_schedule", "paper", ["paper", "cosine", "linear"], "Noise schedule.")
-flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule.")
+flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine", "linear"],
+                  "Noise schedule (NoiseSchedule.named); 'paper_extended' adds 0.4 T steps that "
+                  "reach noise, so that the sampler's start carries no information about phi's "
+                  "estimate (benchmarks/guided_start_information.py).")
+flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_extended': of its "
+                     "seeds' part).")
+flags.DEFINE_enum("prediction", "eps", ["eps", "v", "v_residual"], "What psi's network outputs "
+                  "(models/psi.py); use v or v_residual with a schedule that reaches noise.")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting.")
 flags.DEFINE_integer("sample_steps", 10, "Default reverse steps of the exported sampler recipe.")
 flags.DEFINE_integer("batch_size", 128, "Global batch.")
@@ -79,7 +85,7 @@ def main(argv):
         num_res_blocks=FLAGS.num_res_blocks,
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=sim_config.hr_shape[0], dropout=0.0, groups=FLAGS.groups,
-        embedding_dim=FLAGS.embedding_dim)
+        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
     psi = build_psi(psi_config)
     diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
                  "t_start": schedule.T, "num_steps": min(FLAGS.sample_steps, schedule.T)}
@@ -103,7 +109,7 @@ def main(argv):
                 "psi_parameters": int(psi.count_params())}
     logging.info("psi %s: %d parameters", psi_config, run_info["psi_parameters"])
     trainer = JaxPsiTrainer(config, phi, psi, sim_config, schedule, FLAGS.weighting, save,
-                            mix_config, FLAGS.mix_fraction, run_info)
+                            mix_config, FLAGS.mix_fraction, run_info, FLAGS.prediction)
     result = trainer.fit()
     logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
 
