@@ -12,6 +12,7 @@ every --checkpoint_every_s seconds and at the end; `st.load_models(out_dir)` rea
 either backend. With --state_dir the full state is saved too, and the same command resumes.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -41,6 +42,9 @@ flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_ex
 flags.DEFINE_enum("prediction", "eps", ["eps", "v", "v_residual"], "What psi's network outputs "
                   "(models/psi.py); use v or v_residual with a schedule that reaches noise.")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting.")
+flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (a bundled name or "
+                    "a model folder; fine-tuning, e.g. onto another schedule or prediction): the "
+                    "same psi flags otherwise. Ignored on resume.")
 flags.DEFINE_integer("sample_steps", 10, "Default reverse steps of the exported sampler recipe.")
 flags.DEFINE_integer("batch_size", 128, "Global batch.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
@@ -87,6 +91,18 @@ def main(argv):
         image_size=sim_config.hr_shape[0], dropout=0.0, groups=FLAGS.groups,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
     psi = build_psi(psi_config)
+    if FLAGS.init_psi:
+        from smlm_tfdiff.pretrained import load_models
+        init_dir = (FLAGS.init_psi if os.path.isdir(FLAGS.init_psi)
+                    else os.path.join(WEIGHTS_DIR, FLAGS.init_psi))
+        init = load_models(init_dir) if os.path.isdir(init_dir) else None
+        if init is None or init.psi is None:
+            raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} is not a model folder with psi")
+        # The same network; its output may be read as eps or v (fine-tuning from eps to v).
+        if dataclasses.replace(init.psi_config, prediction=psi_config.prediction) != psi_config:
+            raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
+                                 f"{psi_config}: set the psi flags to match it")
+        psi.set_weights(init.psi.get_weights())
     diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
                  "t_start": schedule.T, "num_steps": min(FLAGS.sample_steps, schedule.T)}
 
@@ -103,6 +119,7 @@ def main(argv):
         log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, seed=FLAGS.seed,
         val_frames=FLAGS.val_frames, state_dir=FLAGS.state_dir)
     run_info = {"command": " ".join(sys.argv), "phi": FLAGS.phi, "preset": FLAGS.preset,
+                "init_psi": FLAGS.init_psi,
                 "mix_preset": FLAGS.mix_preset or None,
                 "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0,
                 "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
