@@ -38,6 +38,10 @@ flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's def
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Reverse steps: ancestral or deterministic.")
 flags.DEFINE_list("reverse_variance", ["auto"], "Sampler reverse variances to compare: fixed, "
                   "learned (the models' psi_var), auto (learned when the models have one).")
+flags.DEFINE_integer("restart_t", None, "Restart step of the sampler (PosteriorSampler "
+                     "restart_t; default: none).")
+flags.DEFINE_integer("restarts", 1, "Restart sweeps, each from the previous samples (with "
+                     "--restart_t).")
 flags.DEFINE_integer("iso_frames", 12, "Isolated-emitter frames (validation seed 778).")
 flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
 FLAGS = flags.FLAGS
@@ -78,7 +82,8 @@ def main(argv):
         for variance, steps in ((v, int(s) or default_steps) for v in FLAGS.reverse_variance
                                 for s in FLAGS.steps):
             sampler = PosteriorSampler(models, reverse_variance=variance)
-            kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True)
+            kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True,
+                      restart_t=FLAGS.restart_t, restarts=FLAGS.restarts)
             ip = sampler(iso["frames"], 100, seed=1, **kw)
             agree = cal.std_map_agreement(ip["std"][..., 0], mstd)
             ilocs = localization_uncertainty(ip["samples"][:, :50], ip["y_hat"], icfg)
@@ -92,7 +97,8 @@ def main(argv):
             dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
             phi_missed = _missed(dp["y_hat"], dense, dcfg)
             dense_z = _z(dlocs, dense, dcfg)
-            row = {"model": name, "method": FLAGS.method,
+            row = {"model": name, "method": FLAGS.method, "restart_t": FLAGS.restart_t,
+                   "restarts": FLAGS.restarts if FLAGS.restart_t else 0,
                    "reverse_variance": sampler.reverse_variance, "t_start": t_start,
                    "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],

@@ -166,7 +166,7 @@ class PosteriorSampler:
 
     def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
-                 restart_steps=None, project=False):
+                 restart_steps=None, project=False, restarts=1):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
@@ -180,7 +180,12 @@ class PosteriorSampler:
           q(y_t | sample) at t = restart_t and the reverse chain runs again, conditioned on the same
           y_hat, in restart_steps steps (default: num_steps scaled by restart_t / t_start). The
           guided start lacks the spread of y around y_hat; the restart's start has it (README,
-          "Calibration"). Costs (1 + restart_steps / num_steps) times the network evaluations.
+          "Calibration"). Costs (1 + restarts * restart_steps / num_steps) times the network
+          evaluations.
+        restarts: how many times the restart is repeated, each from the previous pass's samples.
+          Noising a sample to t and denoising it given y_hat is one sweep of a Gibbs sampler of
+          p(y_0, y_t | y_hat), whose y_0-marginal is the posterior whatever the first pass gave;
+          each sweep moves the spread towards it (README, "A 4x psi trained on a GPU").
         project: each sample is replaced by the KDE of the emitters detected in it (projection.py):
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
@@ -217,7 +222,10 @@ class PosteriorSampler:
             restart_steps = min(int(restart_steps), restart_t)
             restart_gammas = tf.constant(noise_levels(self.schedule, restart_steps, restart_t)[0],
                                          tf.float32)
-            restart_nfe = restart_steps * num_samples
+            restarts = int(restarts)
+            if restarts < 1:
+                raise ValueError(f"restarts must be >= 1 with restart_t (got {restarts})")
+            restart_nfe = restarts * restart_steps * num_samples
 
         if y_hat is None:
             y_hat = np.concatenate([self._phi(tf.constant(frames[i:i + 256])).numpy()
@@ -230,9 +238,9 @@ class PosteriorSampler:
             rep = np.repeat(chunk, num_samples, axis=0)
             z = self._loop(tf.constant(rep), gammas, eta_t, tf.constant(start == "noise"),
                            seeds_lib.fold_in(seed, lo))
-            if restart_gammas is not None:
+            for sweep in range(restarts if restart_gammas is not None else 0):
                 z = self._loop(tf.constant(rep), restart_gammas, eta_t, tf.constant(False),
-                               seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003),
+                               seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003 + sweep),
                                from_diffusion_space(z))
             y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
             if project:

@@ -372,3 +372,32 @@ def test_restart_noises_the_first_pass_samples_and_runs_the_chain_again():
     np.testing.assert_array_equal(two["mean"], again["mean"])
     with pytest.raises(ValueError, match="restart_t"):
         sampler(FRAMES, 4, 10, seed=5, t_start=100, y_hat=y_hat, restart_t=0)
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_restarts_are_gibbs_sweeps_towards_the_posterior(restarts):
+    """The guided start at t* pins the samples to mu (with the exact denoiser and steps the
+    chain gives the posterior of z_0 given BOTH y_hat and the start: 0.65 S at t* = 10). Each
+    restart noises the samples to q(z_t* | z_0) and runs the same chain: a Gibbs sweep of
+    p(z_0, z_t* | y_hat), whose z_0-marginal is N(mu, S^2). The sampler's std must follow the
+    exact propagation of the variance through the sweeps, Var' = chain(g Var + 1 - g)."""
+    schedule = NoiseSchedule.cosine(100)
+    sampler = PosteriorSampler(_models(schedule, psi_var=GaussianVar()), jit_compile=False,
+                               clip="none", dc_free=False)
+    t, steps = 10, 4
+    g = schedule.gamma[t]
+    var = _propagate_var(schedule, steps, 1.0, t, 1.0 - g, learned=True)
+    first = np.sqrt(var)
+    for _ in range(restarts):
+        var = _propagate_var(schedule, steps, 1.0, t, g * var + 1.0 - g, learned=True)
+    expected = np.sqrt(var) / 2
+    assert first < 0.66 * S and expected > (0.81 if restarts == 1 else 0.94) * S / 2
+    n = 64
+    out = sampler(FRAMES, num_samples=n, num_steps=steps, seed=5, method="ddpm", t_start=t,
+                  y_hat=_y_hat(), restart_t=t, restart_steps=steps, restarts=restarts)
+    assert out["nfe_per_frame"] == (1 + restarts) * steps * n
+    pooled_std = np.sqrt(np.mean(out["std"] ** 2) * n / (n - 1))
+    assert abs(pooled_std / expected - 1) < 0.01
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        sampler(FRAMES, num_samples=2, num_steps=steps, t_start=t, y_hat=_y_hat(), restart_t=t,
+                restarts=0)
