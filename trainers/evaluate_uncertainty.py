@@ -39,6 +39,8 @@ flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default re
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
                      "restart_t; default: none).")
+flags.DEFINE_integer("restarts", 1, "Restart sweeps of the default recipe, each from the "
+                     "previous samples (PosteriorSampler restarts; with --restart_t).")
 flags.DEFINE_enum("reverse_variance", "auto", ["auto", "fixed", "learned"], "Sampler step "
                   "variance: the eta step's (fixed), plus the learned Var(z_0 | z_t) of the model's "
                   "psi_var (learned), or learned when the model has one (auto).")
@@ -135,7 +137,8 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     t_default, num_steps = default_recipe(models, FLAGS.t_start)
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
-                  t_start=t_default, restart_t=FLAGS.restart_t, project=FLAGS.project)
+                  t_start=t_default, restart_t=FLAGS.restart_t, restarts=FLAGS.restarts,
+                  project=FLAGS.project)
     sampler = PosteriorSampler(models, reverse_variance=FLAGS.reverse_variance)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "reverse_variance": sampler.reverse_variance,
@@ -462,7 +465,7 @@ def summary(m):
 
 
 FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
-              "reverse_variance", "project",
+              "restarts", "reverse_variance", "project",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
