@@ -75,7 +75,7 @@ class Camera:
 class KerasBackend:
     """phi and psi in this process (pretrained() or load_models(run_dir))."""
 
-    def __init__(self, models, method="ddpm"):
+    def __init__(self, models, method="ddpm", restart_t=None, restarts=1):
         from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
 
         self.config = models.config
@@ -83,10 +83,19 @@ class KerasBackend:
         self._sampler = PosteriorSampler(models)
         self.method = method
         self.num_steps = default_recipe(models)[1]  # The model's default.
+        # Restart sweeps (PosteriorSampler restart_t, restarts): the calibrated recipe of the
+        # paper_wide model (README, "A 4x psi trained on a GPU"); off by default.
+        if restart_t is not None and not 1 <= int(restart_t) <= models.schedule.T:
+            raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
+        if int(restarts) < 1:
+            raise ValueError(f"restarts must be >= 1 (got {restarts})")
+        self.recipe = {"restart_t": None if restart_t is None else int(restart_t),
+                       "restarts": int(restarts) if restart_t is not None else 0}
 
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, method=self.method,
-                             return_samples=True)
+                             return_samples=True, restart_t=self.recipe["restart_t"],
+                             restarts=max(1, self.recipe["restarts"]))
 
 
 class SavedModelBackend:
@@ -99,6 +108,7 @@ class SavedModelBackend:
         self.config = self._served.sim_config
         self.source = str(path)
         self.num_steps = self._served.num_steps  # The export's default.
+        self.recipe = {"restart_t": None, "restarts": 0}
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
@@ -125,9 +135,10 @@ def _fold(seed, data):
     return seeds.fold_in(seed, data).numpy()
 
 
-def load_backend(model="paper", method="ddpm"):
+def load_backend(model="paper", method="ddpm", restart_t=None, restarts=1):
     """'paper' (bundled weights), a SavedModel folder (or its base folder of versions), or a
-    model / training-run folder with phi and psi."""
+    model / training-run folder with phi and psi. restart_t, restarts: restart sweeps of the
+    in-package sampler (not for a SavedModel, whose recipe is fixed at export)."""
     from smlm_tfdiff.pretrained import available, load_models, pretrained
 
     if model in available():
@@ -139,16 +150,19 @@ def load_backend(model="paper", method="ddpm"):
                 "folder; pass --model paper, a SavedModel folder or a training-run folder")
         versions = sorted((d for d in os.listdir(model) if d.isdigit()
                            and os.path.exists(os.path.join(model, d, "saved_model.pb"))), key=int)
-        if os.path.exists(os.path.join(model, "saved_model.pb")):
-            return SavedModelBackend(model)
-        if versions:
-            return SavedModelBackend(os.path.join(model, versions[-1]))
+        saved = (model if os.path.exists(os.path.join(model, "saved_model.pb"))
+                 else os.path.join(model, versions[-1]) if versions else None)
+        if saved is not None:
+            if restart_t is not None:
+                raise ValueError(f"{model} is a SavedModel, whose sampler recipe is fixed at "
+                                 "export: drop --restart_t, or analyze with the model folder")
+            return SavedModelBackend(saved)
         models = load_models(model)
     if models.psi is None:  # A phi-only folder or bundle (e.g. the MC-dropout baseline).
         raise FileNotFoundError(f"{model} holds phi but no trained psi; analyze needs both "
                                 "(--model paper, or train psi with trainers/train_psi.py --phi "
                                 + model + ")")
-    return KerasBackend(models, method)
+    return KerasBackend(models, method, restart_t, restarts)
 
 
 def _crlb_nm(xy, intensity, background, config):
@@ -409,6 +423,7 @@ class StackAnalyzer:
                   "mtime_ns": info.st_mtime_ns, "frames": stack.num_frames,
                   "camera": dataclasses.asdict(self.camera), "model": self.backend.source,
                   "num_samples": self.num_samples, "num_steps": self.num_steps,
+                  "recipe": self.backend.recipe,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
                   "allow_partial": self.allow_partial, "series": self.series,
@@ -458,7 +473,8 @@ class StackAnalyzer:
                     "Gain": 1.0, "Qe": 1.0,
                     "Camera": dataclasses.asdict(cam),
                     "Analysis": {"model": self.backend.source, "num_samples": self.num_samples,
-                                 "num_steps": self.num_steps, "seed": self.seed,
+                                 "num_steps": self.num_steps, **self.backend.recipe,
+                                 "seed": self.seed,
                                  "localize_on": self.localize_on, "overlap_px": self.overlap,
                                  "pad_px": self.pad, "batch_frames": self.batch_frames,
                                  "input": os.path.abspath(stack.path)}}, resume=r))
@@ -535,7 +551,8 @@ class StackAnalyzer:
             "frame_size": [stack.height, stack.width], "tiles_per_frame": len(grid),
             "localizations": next_id - 1, "model": self.backend.source,
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
-            "num_samples": self.num_samples, "num_steps": self.num_steps, "seed": self.seed,
+            "num_samples": self.num_samples, "num_steps": self.num_steps, **self.backend.recipe,
+            "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
@@ -628,6 +645,11 @@ def define_flags():
     flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame.")
     flags.DEFINE_integer("num_steps", None, "Reverse diffusion steps per sample (default: the "
                          "model's, 10 for the bundled one).")
+    flags.DEFINE_integer("restart_t", None, "Restart sweeps of the sampler from this step "
+                         "(with --restarts): the calibrated recipe of --model paper_wide is "
+                         "--restart_t 100 --restarts 2 (README); off by default.")
+    flags.DEFINE_integer("restarts", 2, "Restart sweeps (with --restart_t), each from the "
+                         "previous samples.")
     flags.DEFINE_integer("batch_frames", 8, "Frames per batch (memory is bounded by this).")
     flags.DEFINE_integer("overlap", None, "Tile overlap in camera pixels (default: enough that "
                          "every pixel is within the model's trained region of a tile centre).")
@@ -688,7 +710,7 @@ def main(argv):
                 for path, folder in stack_io.output_folders(stack_io.find_stacks(FLAGS.input))]
         for _, out_dir in jobs:
             stack_io.check_output_dir(out_dir, FLAGS.overwrite)
-        backend = load_backend(FLAGS.model, FLAGS.method)
+        backend = load_backend(FLAGS.model, FLAGS.method, FLAGS.restart_t, FLAGS.restarts)
         analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,

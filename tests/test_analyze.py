@@ -251,3 +251,34 @@ def test_savedmodel_backend_gives_the_same_localizations(tmp_path, backend):
         assert a["frame"] == b["frame"]
         assert abs(float(a["x [nm]"]) - float(b["x [nm]"])) < 0.5
         assert abs(float(a["y [nm]"]) - float(b["y [nm]"])) < 0.5
+
+
+def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
+    """--restart_t / --restarts: the backend's posterior is the sampler's with those sweeps, the
+    summary records them, bad values are refused."""
+    import json
+
+    from smlm_tfdiff.sampler import PosteriorSampler
+
+    swept = load_backend("paper", restart_t=100, restarts=2)
+    assert swept.recipe == {"restart_t": 100, "restarts": 2}
+    frames = simulate(swept.config, 1, seed=5)["frames"]
+    got = swept.posterior(frames, 2, 2, seed=3)
+    want = PosteriorSampler(swept._sampler.models)(frames, 2, 2, seed=3, method="ddpm",
+                                                   return_samples=True, restart_t=100,
+                                                   restarts=2)
+    np.testing.assert_array_equal(got["samples"], want["samples"])
+    plain = PosteriorSampler(swept._sampler.models)(frames, 2, 2, seed=3, method="ddpm",
+                                                    return_samples=True)
+    assert not np.array_equal(got["samples"], plain["samples"])
+    tifffile.imwrite(tmp_path / "s.tif", (frames[..., 0] + 0.5).astype(np.uint16),
+                     photometric="minisblack")
+    summary = StackAnalyzer(swept, Camera(100.0, 1.0), num_samples=2, num_steps=2,
+                            progress=False).analyze(tmp_path / "s.tif", tmp_path / "out")
+    assert summary["restart_t"] == 100 and summary["restarts"] == 2
+    with open(next((tmp_path / "out").glob("*_summary.json"))) as f:
+        assert json.load(f)["restarts"] == 2
+    with pytest.raises(ValueError, match="restart_t must lie in 1..100"):
+        load_backend("paper", restart_t=101)
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        load_backend("paper", restart_t=50, restarts=0)
