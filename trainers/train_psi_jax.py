@@ -92,11 +92,9 @@ def main(argv):
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
     psi = build_psi(psi_config)
     if FLAGS.init_psi:
-        from smlm_tfdiff.pretrained import load_models
-        init_dir = (FLAGS.init_psi if os.path.isdir(FLAGS.init_psi)
-                    else os.path.join(WEIGHTS_DIR, FLAGS.init_psi))
-        init = load_models(init_dir) if os.path.isdir(init_dir) else None
-        if init is None or init.psi is None:
+        from smlm_tfdiff.pretrained import load_phi_source
+        init = load_phi_source(FLAGS.init_psi)  # A bundled name or a model folder.
+        if init.psi is None:
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} is not a model folder with psi")
         # The same network; its output may be read as eps or v (fine-tuning from eps to v).
         if dataclasses.replace(init.psi_config, prediction=psi_config.prediction) != psi_config:
