@@ -3,8 +3,8 @@ calibration_recipes.py): never the evaluation seeds of trainers/evaluate_uncerta
 
 import numpy as np
 
-from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch
-from smlm_tfdiff.simulate import simulate
+from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
+from smlm_tfdiff.simulation.simulate import simulate
 
 ISO_SEED, DENSE_SEED = 778, 777
 

@@ -26,11 +26,11 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _validation import validation_frames  # noqa: E402
-from smlm_tfdiff.physics.fisher import crlb  # noqa: E402
+from smlm_tfdiff.simulation.physics.fisher import crlb  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.sampler import PosteriorSampler  # noqa: E402
-from smlm_tfdiff.simulate import render_kde  # noqa: E402
-from smlm_tfdiff.uncertainty import localization_uncertainty  # noqa: E402
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
+from smlm_tfdiff.simulation.simulate import render_kde  # noqa: E402
+from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model name or a model folder with psi.")
 flags.DEFINE_list("t_starts", ["100", "50", "30"], "Guided-start steps t* to measure.")

@@ -28,7 +28,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
-from smlm_tfdiff.mcmc import mcmc_posterior, mcmc_posterior_batch  # noqa: E402
+from smlm_tfdiff.uncertainty.mcmc import mcmc_posterior, mcmc_posterior_batch  # noqa: E402
 
 flags.DEFINE_string("kernels", "rwm,hmc,nuts", "Kernels to time.")
 flags.DEFINE_string("xla", "1,0", "XLA settings to time (1: jit_compile=True, 0: graph only).")

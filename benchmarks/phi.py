@@ -20,7 +20,7 @@ import tensorflow as tf  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.models.phi import PhiConfig, build_phi  # noqa: E402
-from smlm_tfdiff.phi_training import inference_fn, phi_loss, predict  # noqa: E402
+from smlm_tfdiff.models.phi_training import inference_fn, phi_loss, predict  # noqa: E402
 
 flags.DEFINE_string("model", "", "Bundled model name or run folder (default: a fresh default phi; "
                     "speed does not depend on the weights).")

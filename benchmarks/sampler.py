@@ -23,8 +23,8 @@ import tensorflow as tf  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.sampler import PosteriorSampler  # noqa: E402
-from smlm_tfdiff.calibration import std_map_agreement  # noqa: E402
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
+from smlm_tfdiff.uncertainty.calibration import std_map_agreement  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
 flags.DEFINE_integer("num_frames", 2, "Held-out paper-preset frames (seed 30000).")

@@ -21,10 +21,10 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _validation import mcmc_reference, validation_frames  # noqa: E402
-from smlm_tfdiff import calibration as cal  # noqa: E402
+from smlm_tfdiff.uncertainty import calibration as cal
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.projection import project_samples  # noqa: E402
-from smlm_tfdiff.sampler import PosteriorSampler  # noqa: E402
+from smlm_tfdiff.diffusion.projection import project_samples  # noqa: E402
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
 flags.DEFINE_integer("iso_frames", 20, "Isolated-emitter frames (validation seed 778).")

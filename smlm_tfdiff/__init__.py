@@ -3,8 +3,8 @@
 Conventions: positions (x, y) in LR pixels, frames indexed [row, col] = [y, x], pixel (i, j) covers
 x in [j, j+1), y in [i, i+1); KDE grid `upsample` times finer, HR = upsample * LR.
 
-The public names are imported on first use (PEP 562), so that the Keras-only modules (config,
-models, diffusion, simulation_jax) import without TensorFlow, e.g. under the JAX backend on a
+The public names are imported on first use (PEP 562), so that the Keras-only modules (simulation.config,
+models.phi/psi, diffusion.schedule, simulation.simulate_jax) import without TensorFlow, e.g. under the JAX backend on a
 machine that has no TensorFlow (trainers/train_psi_jax.py).
 """
 
@@ -13,34 +13,34 @@ import sys
 import types
 
 _EXPORTS = {
-    "PRESETS": "config",
-    "SimulationConfig": "config",
-    "load_dataset": "dataset_file",
-    "save_dataset": "dataset_file",
-    "detect": "localization",
-    "localization_metrics": "localization",
-    "match": "localization",
-    "oracle_metrics": "localization",
-    "true_kde": "localization",
-    "mc_dropout_posterior": "mc_dropout",
-    "MCMCConvergenceWarning": "mcmc",
-    "MCMCResult": "mcmc",
-    "kde_posterior": "mcmc",
-    "mcmc_posterior": "mcmc",
-    "mcmc_posterior_batch": "mcmc",
-    "crlb": "physics.fisher",
-    "fisher_information": "physics.fisher",
+    "PRESETS": "simulation.config",
+    "SimulationConfig": "simulation.config",
+    "load_dataset": "simulation.dataset_file",
+    "save_dataset": "simulation.dataset_file",
+    "detect": "localization.detection",
+    "localization_metrics": "localization.metrics",
+    "match": "localization.metrics",
+    "oracle_metrics": "localization.metrics",
+    "true_kde": "localization.metrics",
+    "mc_dropout_posterior": "uncertainty.mc_dropout",
+    "MCMCConvergenceWarning": "uncertainty.mcmc",
+    "MCMCResult": "uncertainty.mcmc",
+    "kde_posterior": "uncertainty.mcmc",
+    "mcmc_posterior": "uncertainty.mcmc",
+    "mcmc_posterior_batch": "uncertainty.mcmc",
+    "crlb": "simulation.physics.fisher",
+    "fisher_information": "simulation.physics.fisher",
     "Pretrained": "pretrained",
     "load_models": "pretrained",
     "load_phi": "pretrained",
     "pretrained": "pretrained",
-    "PosteriorSampler": "sampler",
-    "sample_posterior": "sampler",
-    "expected_counts": "simulate",
-    "make_dataset": "simulate",
-    "render_kde": "simulate",
-    "simulate": "simulate",
-    "localization_uncertainty": "uncertainty",
+    "PosteriorSampler": "diffusion.sampler",
+    "sample_posterior": "diffusion.sampler",
+    "expected_counts": "simulation.simulate",
+    "make_dataset": "simulation.simulate",
+    "render_kde": "simulation.simulate",
+    "simulate": "simulation.simulate",
+    "localization_uncertainty": "uncertainty.per_localization",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,8 +62,8 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """Keeps the functions `simulate` and `pretrained` public when their modules of the same name
-    are imported (the import system sets a submodule as an attribute of its package)."""
+    """Keeps the function `pretrained` public when its module of the same name is imported (the
+    import system sets a submodule as an attribute of its package)."""
 
     def __setattr__(self, name, value):
         if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:

@@ -18,7 +18,7 @@ Frames are converted to photons with the camera settings given here, then to the
 the model was trained for. Frames of any size are padded with background and cut into
 training-size tiles that overlap so that every pixel lies in the region the model was trained on
 (for the paper preset: within 7 px of a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
-(smlm_tfdiff.tiling); each localization takes its uncertainty from the tile whose centre is
+(smlm_tfdiff.io.tiling); each localization takes its uncertainty from the tile whose centre is
 nearest.
 """
 
@@ -33,12 +33,12 @@ from typing import Optional
 
 import numpy as np
 
-from smlm_tfdiff import stack_io
-from smlm_tfdiff.localization import detect
-from smlm_tfdiff.photometry import photometry
-from smlm_tfdiff.stack_io import StackError
-from smlm_tfdiff.tiling import TileGrid, coverage_tiling
-from smlm_tfdiff.uncertainty import localization_uncertainty
+from smlm_tfdiff.io import stacks as stack_io
+from smlm_tfdiff.localization.detection import detect
+from smlm_tfdiff.io.photometry import photometry
+from smlm_tfdiff.io.stacks import StackError
+from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
+from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ class KerasBackend:
     """phi and psi in this process (pretrained() or load_models(run_dir))."""
 
     def __init__(self, models, method="ddpm", restart_t=None, restarts=1):
-        from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
+        from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
 
         self.config = models.config
         self.source = models.source
@@ -168,7 +168,7 @@ def load_backend(model="paper", method="ddpm", restart_t=None, restarts=1):
 def _crlb_nm(xy, intensity, background, config):
     """sqrt of the isolated-emitter CRLB (x, y averaged, N0 unknown) at the fitted photometry, nm;
     NaN where the photometry failed. A physics reference beside the posterior uncertainty."""
-    from smlm_tfdiff.physics.fisher import crlb
+    from smlm_tfdiff.simulation.physics.fisher import crlb
 
     out = np.full(len(xy), np.nan)
     ok = np.isfinite(intensity) & (intensity > 0) & np.isfinite(background)

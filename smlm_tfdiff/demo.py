@@ -14,7 +14,7 @@
    true KDE on the first demo frames.
 4. Writes <out>/report.md (tables, pass/fail against the targets), <out>/figures/*.png and
    <out>/summary.json (every number; "headline" holds the key ones), and prints the headline.
-Positions in files are in nm with the LR-pixel convention of DESIGN.md (pixel j covers
+Positions in files are in nm with the LR-pixel convention of docs/CONVENTIONS.md (pixel j covers
 [j, j + 1) px, so a pixel centre is at (j + 0.5) * pixel size).
 """
 
@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 import numpy as np
 
-from smlm_tfdiff.physics.fisher import crlb
+from smlm_tfdiff.simulation.physics.fisher import crlb
 
 FLAGS = flags.FLAGS
 
@@ -91,7 +91,7 @@ def write_stack(out, data, config):
     """The demo stack as uint16 ADU and its ground truth (CSV in nm, npz). Returns paths."""
     import tifffile
 
-    from smlm_tfdiff.dataset_file import load_dataset, save_dataset
+    from smlm_tfdiff.simulation.dataset_file import load_dataset, save_dataset
 
     tif = os.path.join(out, "paper_stack.tif")
     adu = np.clip(np.round(data["frames"][..., 0]), 0, 65535).astype(np.uint16)
@@ -134,8 +134,8 @@ def read_localizations(path, num_frames, pixel_size_nm):
 # ---------------------------------------------------------------------------------- stages
 def score_analysis(csv_path, data, config):
     """Localization metrics, oracle and per-localization z-scores of an analyze CSV."""
-    from smlm_tfdiff import calibration as cal
-    from smlm_tfdiff.localization import localization_metrics, oracle_metrics
+    from smlm_tfdiff.uncertainty import calibration as cal
+    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
 
     n = len(data["frames"])
     pred, unc, bound = read_localizations(csv_path, n, config.pixel_size_nm)
@@ -176,9 +176,9 @@ def score_analysis(csv_path, data, config):
 def mcmc_vs_psi(sampler, iso, config, recipe):
     """HMC (beta = 1) and psi on isolated frames -> (agreement and MCMC-vs-CRLB numbers, MCMC
     std maps [B, uH, uW], psi's posterior dict with samples)."""
-    from smlm_tfdiff import calibration as cal
-    from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch
-    from smlm_tfdiff.uncertainty import localization_uncertainty
+    from smlm_tfdiff.uncertainty import calibration as cal
+    from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
+    from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
     res = mcmc_posterior_batch(iso["frames"][..., 0], config, FLAGS.mcmc_results, 500,
                                seed=FLAGS.seed + 2, kernel="hmc", num_chains=4, beta=1.0,
@@ -223,7 +223,7 @@ def mcmc_vs_psi(sampler, iso, config, recipe):
 
 def coverage(post, kde, post_iso, kde_iso, threshold=0.05):
     """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames)."""
-    from smlm_tfdiff import calibration as cal
+    from smlm_tfdiff.uncertainty import calibration as cal
 
     out = {"threshold": threshold, "num_frames": int(len(kde))}
     for name, p, t in (("dense", post, kde), ("isolated", post_iso, kde_iso)):
@@ -252,7 +252,7 @@ def run_demo(out):
     from smlm_tfdiff import report
     from smlm_tfdiff.analyze import Camera, KerasBackend, StackAnalyzer
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.simulate import simulate
+    from smlm_tfdiff.simulation.simulate import simulate
 
     t_all = time.perf_counter()
     timing = {}

@@ -11,7 +11,7 @@ import os
 import warnings
 from typing import Any, Optional
 
-from smlm_tfdiff.config import SimulationConfig
+from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -112,7 +112,7 @@ def load_models(run_dir):
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
     var_path = os.path.join(run_dir, "psi_var.weights.h5")
     if os.path.exists(var_path):
-        from smlm_tfdiff.reverse_variance import build_variance_net
+        from smlm_tfdiff.experimental.reverse_variance import build_variance_net
         models.psi_var = build_variance_net(psi_config)
         models.psi_var.load_weights(var_path)
     return models
@@ -120,7 +120,7 @@ def load_models(run_dir):
 
 def _attach_psi(models, psi_config, diffusion):
     """Build an untrained psi on `models` with its schedule, weighting and t_start."""
-    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import build_psi
     models.psi_config = psi_config
     models.psi = build_psi(psi_config)
@@ -172,7 +172,7 @@ def _restore_ema(model, checkpoint, info):
 
 
 def _load_psi_var_checkpoint(run_dir, info):
-    from smlm_tfdiff.reverse_variance import build_variance_net
+    from smlm_tfdiff.experimental.reverse_variance import build_variance_net
     latest = _latest_checkpoint(run_dir, "psi_var")
     models = load_phi_source(info["psi"])
     models.psi_var = build_variance_net(models.psi_config)

@@ -7,7 +7,7 @@ Figures (PNG, analogues of the seeds' Figures 1-5):
   fig4_crlb.png         localization error against sqrt(CRLB) and against psi's uncertainty
   fig5_reliability.png  reliability diagram of psi's per-pixel central credible intervals
 Coordinates: HR images are drawn with imshow, whose pixel (I, J) is centred on (J, I); an LR
-position x therefore sits at upsample * x - 0.5 (DESIGN.md conventions).
+position x therefore sits at upsample * x - 0.5 (docs/CONVENTIONS.md conventions).
 """
 
 import math
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-# Targets of the uncertainty (DESIGN.md / trainers/evaluate_uncertainty.py).
+# Targets of the uncertainty (docs/CONVENTIONS.md / trainers/evaluate_uncertainty.py).
 R_MIN = 0.9
 RATIO = (0.8, 1.25)
 Z_RANGE = (0.8, 1.25)

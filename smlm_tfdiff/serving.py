@@ -6,7 +6,7 @@
     served = load_savedmodel("models/smlm/1")
     out = served.posterior(frames, num_samples=16, num_steps=10, seed=0)  # y_hat, mean, std
 
-Signatures (no XLA inside, DESIGN.md "Stack facts"; frames float32 in ADU, outputs in KDE units):
+Signatures (no XLA inside, docs/CONVENTIONS.md "Stack facts"; frames float32 in ADU, outputs in KDE units):
   serving_default(frames [B, H, W, 1], num_samples int32, num_steps int32, seed [2] int32)
       -> kde_estimate, posterior_mean, posterior_std  [B, 4H, 4W, 1]   (std over samples, ddof 0)
   sample(same inputs) -> the above + samples [B, S, 4H, 4W, 1]
@@ -38,9 +38,9 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.config import SimulationConfig
-from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space
-from smlm_tfdiff.sampler import METHODS, default_recipe, make_sample_loop
+from smlm_tfdiff.simulation.config import SimulationConfig
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space
+from smlm_tfdiff.diffusion.sampler import METHODS, default_recipe, make_sample_loop
 
 SIGNATURES = ("serving_default", "sample", "estimate", "config")
 POSTERIOR_INPUTS = ("frames", "num_samples", "num_steps", "seed")

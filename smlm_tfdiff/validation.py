@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from smlm_tfdiff.config import SimulationConfig
+from smlm_tfdiff.simulation.config import SimulationConfig
 
 
 def check_config(config):

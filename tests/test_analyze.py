@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from smlm_tfdiff import SimulationConfig, localization_metrics, oracle_metrics, simulate
+from smlm_tfdiff import SimulationConfig, localization_metrics, oracle_metrics
+from smlm_tfdiff.simulation import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
-from smlm_tfdiff.photometry import photometry
-from smlm_tfdiff.stack_io import (EXTRA_COLUMNS, THUNDERSTORM_COLUMNS, StackError, TiffStack,
+from smlm_tfdiff.io.photometry import photometry
+from smlm_tfdiff.io.stacks import (EXTRA_COLUMNS, THUNDERSTORM_COLUMNS, StackError, TiffStack,
                                   find_stacks)
-from smlm_tfdiff.tiling import TileGrid, coverage_tiling
+from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 
 
 # ------------------------------------------------------------------------------------ tiling
@@ -87,7 +88,7 @@ def test_photometry_recovers_photons_and_background():
 
 def test_photometry_fits_close_pairs_jointly():
     config = SimulationConfig.preset("isolated", photons=1000.0, readout_var=1e-6)
-    from smlm_tfdiff.simulate import expected_counts
+    from smlm_tfdiff.simulation.simulate import expected_counts
 
     pos = np.array([[8.3, 10.1], [10.6, 10.4]])
     counts = np.asarray(expected_counts(pos, [1000.0, 1000.0], config, include_background=False))
@@ -258,7 +259,7 @@ def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     summary records them, bad values are refused."""
     import json
 
-    from smlm_tfdiff.sampler import PosteriorSampler
+    from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
     swept = load_backend("paper", restart_t=100, restarts=2)
     assert swept.recipe == {"restart_t": 100, "restarts": 2}

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from smlm_tfdiff import SimulationConfig, simulate
+from smlm_tfdiff import SimulationConfig
+from smlm_tfdiff.simulation import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
-from smlm_tfdiff.stack_io import (OutputError, OutputSet, StackError, TiffStack,
+from smlm_tfdiff.io.stacks import (OutputError, OutputSet, StackError, TiffStack,
                                   output_folders)
 
 FRAMES = np.random.default_rng(0).poisson(100, (12, 20, 20)).astype(np.uint16)

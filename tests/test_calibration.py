@@ -1,4 +1,4 @@
-"""smlm_tfdiff.calibration: synthetic cases whose right answer is known (pure NumPy, fast)."""
+"""smlm_tfdiff.uncertainty.calibration: synthetic cases whose right answer is known (pure NumPy, fast)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 from scipy import stats
 import pytest
 
-from smlm_tfdiff import calibration as cal
+from smlm_tfdiff.uncertainty import calibration as cal
 
 S, N = 100, 20_000  # Samples per value, values (pixels).
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from smlm_tfdiff.diffusion import (T_MIN, NoiseSchedule, diffusion_loss_weights,
+from smlm_tfdiff.diffusion.schedule import (T_MIN, NoiseSchedule, diffusion_loss_weights,
                                    from_diffusion_space, loss_weight_table, per_example_loss,
                                    q_sample, sample_training_noise_level, to_diffusion_space)
 

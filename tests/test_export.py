@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import smlm_tfdiff as st
-from smlm_tfdiff.sampler import PosteriorSampler, noise_levels
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler, noise_levels
 from smlm_tfdiff.serving import (POSTERIOR_INPUTS, SamplerModule, check_export_dir,
                                  describe_signatures, load_savedmodel, noise_levels_graph)
 
@@ -362,7 +362,7 @@ def test_module_takes_the_learned_reverse_variance_along(models, frames):
     sampler does (checked on the module without saving)."""
     import dataclasses
 
-    from smlm_tfdiff.reverse_variance import build_variance_net
+    from smlm_tfdiff.experimental.reverse_variance import build_variance_net
     psi_var = build_variance_net(models.psi_config, models.psi)
     kernel, bias = psi_var.get_layer("eps").get_weights()
     psi_var.get_layer("eps").set_weights([kernel, np.full_like(bias, np.log(0.05))])

@@ -9,7 +9,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 import smlm_tfdiff as st
-from smlm_tfdiff import localization
+from smlm_tfdiff.localization import detection
 
 NM = 108.3  # LR pixel size of the paper preset.
 
@@ -45,7 +45,7 @@ def test_gaussian_fit_is_unbiased_at_the_border(paper):
 def test_coordinates_are_x_y_in_lr_pixels_not_transposed(paper):
     kde = st.render_kde([[10.55, 3.55]], paper)  # HR (42.2, 14.2): row 14, column 42.
     assert np.unravel_index(np.argmax(kde), kde.shape) == (14, 42)
-    for refine in localization.REFINE_MODES:
+    for refine in detection.REFINE_MODES:
         pred = st.detect(kde, paper, refine=refine)
         assert pred.shape == (1, 2)
         np.testing.assert_allclose(pred[0], [10.55, 3.55], atol=0.125)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import smlm_tfdiff as st
-from smlm_tfdiff.mc_dropout import dropout_layers, mc_dropout_model, mc_dropout_posterior
+from smlm_tfdiff.uncertainty.mc_dropout import dropout_layers, mc_dropout_model, mc_dropout_posterior
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ from scipy import stats
 from scipy.special import erf
 
 import smlm_tfdiff as st
-from smlm_tfdiff.mcmc import (MCMCConvergenceWarning, kde_posterior, mcmc_posterior,
+from smlm_tfdiff.uncertainty.mcmc import (MCMCConvergenceWarning, kde_posterior, mcmc_posterior,
                               mcmc_posterior_batch)
 
 RESULTS, BURNIN = 1000, 300  # Per chain; 4 chains.
@@ -180,7 +180,7 @@ def test_input_errors(isolated, frame_and_truth):
 
 # ------------------------------------------------------------------------------- KDE maps
 def _kde_np(points, config):
-    """Independent KDE [4H, 4W] of points [K, 2] (x, y) LR pixels, DESIGN.md's fixed scale."""
+    """Independent KDE [4H, 4W] of points [K, 2] (x, y) LR pixels, docs/CONVENTIONS.md's fixed scale."""
     def de(coord, n):
         c = 0.5 * erf((np.arange(n + 1.0) - coord) / (np.sqrt(2) * config.kde_sigma))
         return c[1:] - c[:-1]

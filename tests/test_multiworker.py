@@ -103,12 +103,12 @@ def test_two_workers_train_checkpoint_and_resume(tmp_path):
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from smlm_tfdiff.training import Trainer, TrainerConfig, make_strategy, worker_info
+    from smlm_tfdiff.models.training import Trainer, TrainerConfig, make_strategy, worker_info
     strategy = make_strategy()  # TF_CONFIG names 2 workers: MultiWorkerMirroredStrategy.
     import numpy as np, tensorflow as tf
     import smlm_tfdiff as st
     from smlm_tfdiff.models.phi import PhiConfig, build_phi
-    from smlm_tfdiff.phi_training import phi_dataset, phi_loss
+    from smlm_tfdiff.models.phi_training import phi_dataset, phi_loss
     sim = st.SimulationConfig.preset("paper")
     small = PhiConfig(context_filters=4, dilations=(1,), upsample_filters=(4, 4),
                       prediction_filters=4)

@@ -6,7 +6,7 @@ import tensorflow as tf
 from scipy.special import erf
 
 import smlm_tfdiff as st
-from smlm_tfdiff.physics import poisson_nll, sample_frames, frame_moments
+from smlm_tfdiff.simulation.physics import poisson_nll, sample_frames, frame_moments
 
 
 def _de_np(coord, n, sigma):

@@ -72,7 +72,7 @@ def test_bundled_wide_psi_denoises_better_than_the_paper_psi():
     """paper_wide (the 4x psi trained on a GPU, MODEL.md there): the paper phi byte for byte, and a
     psi whose noise estimate on held-out pairs beats the paper psi's (validation eps-MSE 0.0034
     against 0.0095 at t 51-100; 48 pairs at t = 60-100 separate them far beyond their spread)."""
-    from smlm_tfdiff.diffusion import q_sample, to_diffusion_space
+    from smlm_tfdiff.diffusion.schedule import q_sample, to_diffusion_space
     wide, paper = st.pretrained("paper_wide"), st.pretrained("paper")
     for a, b in zip(wide.phi.get_weights(), paper.phi.get_weights()):
         np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-"""Projection of KDE samples onto KDEs of emitter sets (smlm_tfdiff/projection.py)."""
+"""Projection of KDE samples onto KDEs of emitter sets (smlm_tfdiff/diffusion/projection.py)."""
 
 import types
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import smlm_tfdiff as st
-from smlm_tfdiff.config import SimulationConfig
-from smlm_tfdiff.localization import true_kde
-from smlm_tfdiff.projection import project_samples
-from smlm_tfdiff.sampler import PosteriorSampler
+from smlm_tfdiff.simulation.config import SimulationConfig
+from smlm_tfdiff.localization.metrics import true_kde
+from smlm_tfdiff.diffusion.projection import project_samples
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
 CONFIG = SimulationConfig()
 POSITIONS = np.array([[5.3, 7.6], [12.2, 9.9]])  # (x, y) LR px, resolved (> 6 LR px apart).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from smlm_tfdiff.diffusion import q_sample, to_diffusion_space
+from smlm_tfdiff.diffusion.schedule import q_sample, to_diffusion_space
 from smlm_tfdiff.models.psi import (NoiseLevelEmbedding, PsiConfig, build_psi,
                                     check_input_size)
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import smlm_tfdiff as st
-from smlm_tfdiff.diffusion import NoiseSchedule, loss_weight_table, to_diffusion_space
-from smlm_tfdiff.psi_training import BUCKETS, PsiLoss, psi_dataset
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule, loss_weight_table, to_diffusion_space
+from smlm_tfdiff.models.psi_training import BUCKETS, PsiLoss, psi_dataset
 from test_training import _scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,10 +9,10 @@ import numpy as np
 import tensorflow as tf
 
 import smlm_tfdiff as st
-from smlm_tfdiff.diffusion import NoiseSchedule
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule
 from smlm_tfdiff.models.psi import PsiConfig, build_psi
 from smlm_tfdiff.pretrained import save_models
-from smlm_tfdiff.reverse_variance import (INITIAL_K, VarianceLoss, build_variance_net,
+from smlm_tfdiff.experimental.reverse_variance import (INITIAL_K, VarianceLoss, build_variance_net,
                                           x0_variance_term)
 from test_training import _scalars
 

@@ -13,9 +13,9 @@ import pytest
 from keras import ops
 
 import smlm_tfdiff as st
-from smlm_tfdiff.diffusion import NoiseSchedule
-from smlm_tfdiff.sampler import METHODS as sampler_eta
-from smlm_tfdiff.sampler import PosteriorSampler, noise_levels
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule
+from smlm_tfdiff.diffusion.sampler import METHODS as sampler_eta
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler, noise_levels
 
 S = 0.3  # Posterior std in diffusion space.
 
@@ -142,7 +142,7 @@ def test_reverse_variance_option():
 
 def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
     """The seeds' schedule ends at gamma_T ~ 0.6: starting from N(0, I) there drops the
-    sqrt(gamma_T) mu of the forward marginal (DESIGN.md trap). The sampler is linear in its start
+    sqrt(gamma_T) mu of the forward marginal (docs/CONVENTIONS.md trap). The sampler is linear in its start
     for GaussianPsi, so the final mean misses P sqrt(gamma_T) mu, P the product of the per-step
     gains; the guided start q(z_T | mu) has the right mean."""
     schedule = NoiseSchedule.named("paper")
@@ -314,7 +314,7 @@ def test_localization_uncertainty_recovers_jitter_and_presence(paper):
     assert len(batched) == 1 and len(batched[0]["xy"]) == 2
     # Errors against a truth with one emitter moved by (0.05, -0.02) px and one far from both:
     # only the matched pairs count, in nm, with their reported std.
-    from smlm_tfdiff.uncertainty import localization_errors
+    from smlm_tfdiff.uncertainty.per_localization import localization_errors
     truth = np.array([a + [0.05, -0.02], [2.0, 2.0]])
     err, err_mean, sd = localization_errors([res], [truth], paper, tolerance=1.0)
     i = int(np.argmin(res["xy"][:, 0]))  # The localization at a.

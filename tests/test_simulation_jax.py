@@ -16,11 +16,11 @@ jax = pytest.importorskip("jax")  # In the test extras; skipped only outside `ma
 import jax.numpy as jnp  # noqa: E402
 
 import smlm_tfdiff as st  # noqa: E402
-from smlm_tfdiff import simulation_jax  # noqa: E402
-from smlm_tfdiff.diffusion import NoiseSchedule  # noqa: E402
-from smlm_tfdiff.physics.camera import frame_moments  # noqa: E402
-from smlm_tfdiff.physics.kde import render_kde_batch  # noqa: E402
-from smlm_tfdiff.physics.psf import expected_counts_batch  # noqa: E402
+from smlm_tfdiff.simulation import simulate_jax as simulation_jax
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule  # noqa: E402
+from smlm_tfdiff.simulation.physics.camera import frame_moments  # noqa: E402
+from smlm_tfdiff.simulation.physics.kde import render_kde_batch  # noqa: E402
+from smlm_tfdiff.simulation.physics.psf import expected_counts_batch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,7 +121,7 @@ def test_batch_shapes_and_keys():
 
 
 def test_noise_level_draw_matches_the_tf_draw():
-    from smlm_tfdiff.psi_training_jax import noise_level_draw
+    from smlm_tfdiff.models.psi_training_jax import noise_level_draw
     schedule = NoiseSchedule.named("paper")
     t, gamma = (np.asarray(a) for a in noise_level_draw(jax.random.PRNGKey(0), schedule, 50000, 2))
     assert t.min() == 2 and t.max() == schedule.T
@@ -136,8 +136,8 @@ def test_noise_level_draw_matches_the_tf_draw():
 
 
 def test_learning_rate_matches_the_tf_trainer():
-    from smlm_tfdiff.psi_training_jax import JaxTrainConfig, learning_rate_at
-    from smlm_tfdiff.training import TrainerConfig, make_learning_rate
+    from smlm_tfdiff.models.psi_training_jax import JaxTrainConfig, learning_rate_at
+    from smlm_tfdiff.models.training import TrainerConfig, make_learning_rate
     for steps in (50, 1000):
         schedule = make_learning_rate(TrainerConfig(out_dir="", steps=steps, learning_rate=2e-3))
         config = JaxTrainConfig(out_dir="", learning_rate=2e-3)

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import smlm_tfdiff as st
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
-from smlm_tfdiff.phi_training import phi_dataset, phi_loss
-from smlm_tfdiff.training import NonFiniteLossError, Trainer, TrainerConfig
+from smlm_tfdiff.models.phi_training import phi_dataset, phi_loss
+from smlm_tfdiff.models.training import NonFiniteLossError, Trainer, TrainerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context_filters=8", "--dilations=1,2", "--upsample_filters=8,4",
@@ -110,8 +110,8 @@ def test_trainer_config_validation():
 def test_config_overrides_for_your_own_camera():
     from absl import app
 
-    from smlm_tfdiff.config import SimulationConfig
-    from smlm_tfdiff.trainer_flags import apply_overrides
+    from smlm_tfdiff.simulation.config import SimulationConfig
+    from smlm_tfdiff.flags import apply_overrides
 
     base = SimulationConfig.preset("paper")
     cfg = apply_overrides(base, ["gain=2.5", "offset=400", "readout_var=9",

@@ -41,10 +41,11 @@ def load_model(name):
 
 
 def evaluate_preset(model, preset, num_frames, seed, tolerance_hr):
-    from smlm_tfdiff.localization import detect, localization_metrics, oracle_metrics
-    from smlm_tfdiff.phi_training import predict
-    from smlm_tfdiff.physics.fisher import crlb
-    from smlm_tfdiff.simulate import simulate
+    from smlm_tfdiff.localization.detection import detect
+    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
+    from smlm_tfdiff.models.phi_training import predict
+    from smlm_tfdiff.simulation.physics.fisher import crlb
+    from smlm_tfdiff.simulation.simulate import simulate
 
     # The held-out scene; camera, optics and detection settings are those phi was trained for.
     config = model.scene_config(preset)

@@ -70,12 +70,13 @@ def figure(data, post, path, num=2, num_samples=3):
 
 def main(argv):
     del argv
-    from smlm_tfdiff.localization import detect, localization_metrics
+    from smlm_tfdiff.localization.detection import detect
+    from smlm_tfdiff.localization.metrics import localization_metrics
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
-    from smlm_tfdiff.simulate import simulate
-    from smlm_tfdiff.calibration import std_map_agreement
-    from smlm_tfdiff.projection import project_samples
+    from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
+    from smlm_tfdiff.simulation.simulate import simulate
+    from smlm_tfdiff.uncertainty.calibration import std_map_agreement
+    from smlm_tfdiff.diffusion.projection import project_samples
 
     models = load_phi_source(FLAGS.model)
     if models.psi is None:

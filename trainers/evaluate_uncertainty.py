@@ -15,7 +15,7 @@ section) and PNG figures (std_maps.png, reliability.png, z_hist.png, recipes.png
   4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout: a phi
                  trained with dropout (--mc_dropout_model), dropout on at inference, scored as psi
                  is (std maps against MCMC, coverage, z-scores of its own localizations).
-Statistics: smlm_tfdiff/calibration.py.
+Statistics: smlm_tfdiff/uncertainty/calibration.py.
 """
 
 import json
@@ -101,7 +101,7 @@ def _plt():
 
 def mcmc_std_maps(frames, config, beta, seed):
     """HMC posterior of each isolated frame -> KDE std maps [B, H, W], mean maps, summaries."""
-    from smlm_tfdiff.mcmc import kde_posterior, mcmc_posterior_batch
+    from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
     res = mcmc_posterior_batch(frames[..., 0], config, FLAGS.mcmc_results, FLAGS.mcmc_burnin,
                                seed=seed, kernel="hmc", num_chains=FLAGS.mcmc_chains, beta=beta,
                                warn=False)
@@ -121,14 +121,15 @@ def mcmc_std_maps(frames, config, beta, seed):
 
 def main(argv):
     del argv
-    from smlm_tfdiff import calibration as cal
-    from smlm_tfdiff.localization import detect, match
-    from smlm_tfdiff.phi_training import predict
-    from smlm_tfdiff.physics.fisher import crlb
+    from smlm_tfdiff.uncertainty import calibration as cal
+    from smlm_tfdiff.localization.detection import detect
+    from smlm_tfdiff.localization.metrics import match
+    from smlm_tfdiff.models.phi_training import predict
+    from smlm_tfdiff.simulation.physics.fisher import crlb
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.sampler import PosteriorSampler, default_recipe
-    from smlm_tfdiff.simulate import simulate
-    from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty
+    from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
+    from smlm_tfdiff.simulation.simulate import simulate
+    from smlm_tfdiff.uncertainty.per_localization import localization_errors, localization_uncertainty
 
     t_all = time.perf_counter()
     models = load_phi_source(FLAGS.model)
@@ -370,10 +371,10 @@ def mc_dropout_baseline(iso, dense, mcmc, tol):
     """The MC-dropout phi scored like psi: std maps against MCMC (isolated), per-pixel coverage
     (dense) and per-localization z-scores (its own localizations, detected on its y_hat).
     Returns (summary dict, {"dense": z, "isolated": z})."""
-    from smlm_tfdiff import calibration as cal
-    from smlm_tfdiff.mc_dropout import dropout_layers, mc_dropout_posterior
+    from smlm_tfdiff.uncertainty import calibration as cal
+    from smlm_tfdiff.uncertainty.mc_dropout import dropout_layers, mc_dropout_posterior
     from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.uncertainty import localization_errors, localization_uncertainty
+    from smlm_tfdiff.uncertainty.per_localization import localization_errors, localization_uncertainty
 
     mcd = load_phi_source(FLAGS.mc_dropout_model)
     out = {"available": True, "model": FLAGS.mc_dropout_model, "source": mcd.source,

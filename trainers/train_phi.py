@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from smlm_tfdiff.trainer_flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
+from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
                                        trainer_config_from_flags)
 
 define_trainer_flags(steps=10000, batch_size=64, learning_rate=2e-3)
@@ -24,7 +24,7 @@ flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation ra
 flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resize-convs.")
 flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
 flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling block (> 0 "
-                   "makes an MC-dropout model, smlm_tfdiff.mc_dropout).")
+                   "makes an MC-dropout model, smlm_tfdiff.uncertainty.mc_dropout).")
 flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a run "
                     "folder; fine-tuning): same widths required, dropout may differ. Ignored on "
                     "resume.")
@@ -35,10 +35,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
-    from smlm_tfdiff.training import Trainer, make_strategy
+    from smlm_tfdiff.models.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas)
     from smlm_tfdiff.models.phi import PhiConfig, build_phi
-    from smlm_tfdiff.phi_training import PhiValidation, phi_dataset, phi_loss
+    from smlm_tfdiff.models.phi_training import PhiValidation, phi_dataset, phi_loss
 
     cfg = trainer_config_from_flags()
     sim_config = sim_config_from_flags()

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from smlm_tfdiff.trainer_flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
+from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
                                        trainer_config_from_flags)
 
 define_trainer_flags(steps=20000, batch_size=32, learning_rate=1e-3, ema_decay=0.999)
@@ -61,12 +61,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
-    from smlm_tfdiff.training import Trainer, make_strategy
+    from smlm_tfdiff.models.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas)
-    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi
     from smlm_tfdiff.pretrained import load_phi_source, save_models
-    from smlm_tfdiff.psi_training import PsiLoss, PsiValidation, psi_dataset
+    from smlm_tfdiff.models.psi_training import PsiLoss, PsiValidation, psi_dataset
 
     cfg = trainer_config_from_flags()
     with strategy.scope():

@@ -5,7 +5,7 @@
 
 The recipe of train_psi.py (frozen phi, the paper schedule, the SNR-weighted loss, AdamW with
 warm-up and cosine decay, EMA weights exported), with the batches simulated inside the jitted step
-(smlm_tfdiff/simulation_jax.py). --time_budget_s sizes the cosine schedule to the wall clock the
+(smlm_tfdiff/simulation/simulate_jax.py). --time_budget_s sizes the cosine schedule to the wall clock the
 measured speed allows, so the run ends validated and saved within it. The EMA weights and the model
 folder (phi's files, psi.weights.h5, psi_config.json, diffusion.json, train_log.json) are written
 every --checkpoint_every_s seconds and at the end; `st.load_models(out_dir)` reads them under
@@ -69,10 +69,10 @@ def main(argv):
         raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
                              f"{keras.backend.backend()!r}); trainers/train_psi.py trains with "
                              "TensorFlow")
-    from smlm_tfdiff.diffusion import NoiseSchedule
+    from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
-    from smlm_tfdiff.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
+    from smlm_tfdiff.models.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
 
     phi_dir = FLAGS.phi if os.path.isdir(FLAGS.phi) else os.path.join(WEIGHTS_DIR, FLAGS.phi)
     if not os.path.isdir(phi_dir):

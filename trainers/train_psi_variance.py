@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from smlm_tfdiff.trainer_flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
+from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
                                        trainer_config_from_flags)
 
 define_trainer_flags(steps=2000, batch_size=32, learning_rate=5e-4, ema_decay=0.998)
@@ -34,11 +34,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from smlm_tfdiff.training import Trainer, make_strategy
+    from smlm_tfdiff.models.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas)
     from smlm_tfdiff.pretrained import load_phi_source, save_models
-    from smlm_tfdiff.psi_training import psi_dataset
-    from smlm_tfdiff.reverse_variance import VarianceLoss, VarianceValidation, build_variance_net
+    from smlm_tfdiff.models.psi_training import psi_dataset
+    from smlm_tfdiff.experimental.reverse_variance import VarianceLoss, VarianceValidation, build_variance_net
 
     cfg = trainer_config_from_flags()
     with strategy.scope():

@@ -25,7 +25,7 @@ class PhiConfig:
     prediction_blocks: int = 3
     photon_scale: float = 20.0  # Photons -> network input: (x - offset) / gain / photon_scale.
     # Dropout after every context and upsampling block (0: none). A phi trained with dropout is
-    # the MC-dropout baseline of the uncertainty evaluation (smlm_tfdiff.mc_dropout).
+    # the MC-dropout baseline of the uncertainty evaluation (smlm_tfdiff.uncertainty.mc_dropout).
     dropout: float = 0.0
 
     def __post_init__(self):

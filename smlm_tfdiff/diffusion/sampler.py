@@ -20,7 +20,7 @@ empty pixels: README, the sampling paragraph of "psi"). A KDE is a sum of kernel
 no free offset, so the sampler draws its noise orthogonal to the constant image instead.
 
 Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
-match the forward process: DESIGN.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
+match the forward process: docs/CONVENTIONS.md, "Known traps"); "guided" draws z_{t*} ~ q(z_{t*} | 2 y_hat - 1),
 the seeds' guided start from phi's estimate.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.diffusion import NoiseSchedule, from_diffusion_space, to_diffusion_space
-from smlm_tfdiff.projection import project_samples
-from smlm_tfdiff.reverse_variance import x0_variance_term
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space, to_diffusion_space
+from smlm_tfdiff.diffusion.projection import project_samples
+from smlm_tfdiff.experimental.reverse_variance import x0_variance_term
 
 METHODS = {"ddpm": 1.0, "ddim": 0.0}
 STARTS = ("guided", "noise")

@@ -9,11 +9,11 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.diffusion import (BUCKETS, T_MIN, buckets_for, diffusion_loss_weights,  # noqa: F401
+from smlm_tfdiff.diffusion.schedule import (BUCKETS, T_MIN, buckets_for, diffusion_loss_weights,  # noqa: F401
                                    per_example_loss, q_sample, sample_training_noise_level,
                                    to_diffusion_space)
 from smlm_tfdiff.models.psi import PREDICTIONS
-from smlm_tfdiff.simulate import make_dataset, simulate
+from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
 
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
@@ -101,7 +101,7 @@ class PsiValidation:
         self.t_start, self.num_steps = t_start, num_steps
 
     def __call__(self, trainer, step):
-        from smlm_tfdiff.sampler import PosteriorSampler
+        from smlm_tfdiff.diffusion.sampler import PosteriorSampler
         model = trainer.model
         y_t = q_sample(to_diffusion_space(self.data["kde"]), self.gamma, self.eps).numpy()
         eps_pred = np.concatenate([

@@ -1,8 +1,8 @@
 """MCMC reference posterior p(theta | x) for an isolated emitter, and its KDE mean / std maps.
 
-theta = (x, y, N0[, b]): position in LR pixels (DESIGN.md convention), photons per emitter and
+theta = (x, y, N0[, b]): position in LR pixels (docs/CONVENTIONS.md convention), photons per emitter and
 optionally a uniform background in photons per pixel. The likelihood is the Poisson approximation on
-offset-corrected data (seeds eq. 10, DESIGN.md): x' = (x - offset) / gain + readout_var / gain^2 ~
+offset-corrected data (seeds eq. 10, docs/CONVENTIONS.md): x' = (x - offset) / gain + readout_var / gain^2 ~
 Poisson(omega'), omega' = N0 dEx dEy + background + readout_var / gain^2.
 
 Prior (flat, proper): x ~ U(0, W), y ~ U(0, H) (the frame), N0 ~ U(0, photons_max),
@@ -45,9 +45,9 @@ import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import unnest
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.physics.kde import render_kde_batch
-from smlm_tfdiff.physics.likelihood import corrected_counts, readout_term
-from smlm_tfdiff.physics.psf import pixel_integrals
+from smlm_tfdiff.simulation.physics.kde import render_kde_batch
+from smlm_tfdiff.simulation.physics.likelihood import corrected_counts, readout_term
+from smlm_tfdiff.simulation.physics.psf import pixel_integrals
 from smlm_tfdiff.validation import as_numpy, check_config
 
 tfb = tfp.bijectors

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.simulate import make_dataset, simulate
+from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
 
 def phi_dataset(sim_config, batch_size, seed, start_step):
@@ -69,7 +69,8 @@ class PhiValidation:
 
     def localization(self, pred):
         try:
-            from smlm_tfdiff.localization import detect, localization_metrics
+            from smlm_tfdiff.localization.detection import detect
+            from smlm_tfdiff.localization.metrics import localization_metrics
         except ImportError:  # Localization is optional for the trainer itself.
             return {}
         found = detect(pred, self.config)

@@ -30,8 +30,8 @@ import keras
 import numpy as np
 from absl import logging
 
-from smlm_tfdiff import simulation_jax
-from smlm_tfdiff.diffusion import (T_MIN, buckets_for, loss_weight_table, per_example_loss,
+from smlm_tfdiff.simulation import simulate_jax as simulation_jax
+from smlm_tfdiff.diffusion.schedule import (T_MIN, buckets_for, loss_weight_table, per_example_loss,
                                    q_sample, to_diffusion_space)
 
 

@@ -1,6 +1,6 @@
 """Simulation configuration: camera, optics, scene and KDE grid, with named presets.
 
-Units (see DESIGN.md): positions in low-resolution (LR) pixels, PSF width in LR pixels, KDE width in
+Units (see docs/CONVENTIONS.md): positions in low-resolution (LR) pixels, PSF width in LR pixels, KDE width in
 high-resolution (HR) pixels, photons per emitter, background in photons per pixel, gain in ADU per
 photon, offset in ADU, readout variance in ADU^2. Gain, offset, readout variance and background may be
 per-pixel [H, W] maps (sCMOS cameras) as well as scalars.
@@ -64,7 +64,7 @@ class SimulationConfig:
     # KDE target grid.
     upsample: int = 4
     kde_sigma: float = 3.0  # HR pixels.
-    # Detection on the KDE (LoG + sub-pixel refinement); see smlm_tfdiff.localization.
+    # Detection on the KDE (LoG + sub-pixel refinement); see smlm_tfdiff.localization.detection.
     detect_threshold: float = 0.2  # Scale-normalised LoG response, KDE units (~0.43 per emitter).
     detect_min_sigma: float = 2.0  # LoG scales in HR pixels; one scale by default (the KDE kernel
     detect_max_sigma: float = 2.0  # width is known; a scale search lets merged pairs suppress

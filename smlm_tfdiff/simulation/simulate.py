@@ -10,9 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.physics.camera import sample_frames
-from smlm_tfdiff.physics.kde import render_kde_batch
-from smlm_tfdiff.physics.psf import expected_counts_batch
+from smlm_tfdiff.simulation.physics.camera import sample_frames
+from smlm_tfdiff.simulation.physics.kde import render_kde_batch
+from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 from smlm_tfdiff.validation import as_positions, check_config
 
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")

@@ -8,7 +8,8 @@ fraction of samples in which it appears (a detection-confidence score).
 
 import numpy as np
 
-from smlm_tfdiff.localization import detect, match
+from smlm_tfdiff.localization.detection import detect
+from smlm_tfdiff.localization.metrics import match
 
 
 def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, reference=None,

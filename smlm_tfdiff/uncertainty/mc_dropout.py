@@ -70,7 +70,7 @@ def mc_dropout_posterior(phi, frames, num_samples=100, seed=0, return_samples=Fa
     units, as PosteriorSampler returns: y_hat (phi without dropout), mean, std (ddof 0)
     [B, 4H, 4W, 1], samples [B, S, 4H, 4W, 1] if return_samples. The same seed (and max_images,
     the images per call) gives the same samples."""
-    from smlm_tfdiff.sampler import _check_frames
+    from smlm_tfdiff.diffusion.sampler import _check_frames
 
     frames = _check_frames(frames)
     num_samples = int(num_samples)

@@ -29,7 +29,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from smlm_tfdiff.diffusion import q_sample, to_diffusion_space
+from smlm_tfdiff.diffusion.schedule import q_sample, to_diffusion_space
 
 # Starting value of k: about psi's mean squared eps error over the paper schedule.
 INITIAL_K = 0.01
@@ -86,8 +86,8 @@ class VarianceValidation:
     frames of the Pearson r of k with r^2 over pixels (how well k locates the error)."""
 
     def __init__(self, sim_config, phi, psi, schedule, num_frames, seed):
-        from smlm_tfdiff.diffusion import buckets_for
-        from smlm_tfdiff.simulate import simulate
+        from smlm_tfdiff.diffusion.schedule import buckets_for
+        from smlm_tfdiff.simulation.simulate import simulate
         data = simulate(sim_config, num_frames, seed)
         rng = np.random.default_rng(seed)
         self.t = 1 + (np.arange(num_frames) * schedule.T) // num_frames  # Every bucket covered.

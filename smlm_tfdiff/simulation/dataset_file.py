@@ -10,8 +10,8 @@ import tempfile
 import numpy as np
 import tifffile
 
-from smlm_tfdiff.config import SimulationConfig
-from smlm_tfdiff.simulate import ELEMENT_KEYS
+from smlm_tfdiff.simulation.config import SimulationConfig
+from smlm_tfdiff.simulation.simulate import ELEMENT_KEYS
 
 
 def _atomic_write(path, write):

@@ -15,7 +15,8 @@ emitter count, none of amplitude.
 
 import numpy as np
 
-from smlm_tfdiff.localization import detect, true_kde
+from smlm_tfdiff.localization.detection import detect
+from smlm_tfdiff.localization.metrics import true_kde
 from smlm_tfdiff.validation import as_numpy
 
 

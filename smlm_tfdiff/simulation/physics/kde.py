@@ -1,4 +1,4 @@
-"""KDE targets (seeds eq. 4) on the upsampled grid with the fixed scale of DESIGN.md.
+"""KDE targets (seeds eq. 4) on the upsampled grid with the fixed scale of docs/CONVENTIONS.md.
 
 y_k = 2 pi sigma_y^2 * sum_n dEx(k, n) dEy(k, n), dE in HR pixel units: an isolated emitter peaks
 near 1 and sum(y) / (2 pi sigma_y^2) is the emitter count away from borders.
@@ -6,7 +6,7 @@ near 1 and sum(y) / (2 pi sigma_y^2) is the emitter count away from borders.
 
 import tensorflow as tf
 
-from smlm_tfdiff.physics.psf import psf_images
+from smlm_tfdiff.simulation.physics.psf import psf_images
 
 
 def render_kde_batch(positions, config, mask=None, dtype=tf.float32, fused=False):

@@ -8,10 +8,10 @@ psi is conditioned on the continuous noise level sqrt(gamma) (WaveGrad / SR3), n
 draws t, then sqrt(gamma) uniformly between sqrt(gamma_t) and sqrt(gamma_{t-1}); samplers may use
 any sub-sequence of the schedule (`NoiseSchedule.timesteps_for`).
 
-Diffusion works on z = 2*y - 1 for KDE y (DESIGN.md); `to_diffusion_space` / `from_diffusion_space`.
+Diffusion works on z = 2*y - 1 for KDE y (docs/CONVENTIONS.md); `to_diffusion_space` / `from_diffusion_space`.
 
 The schedule is NumPy (float64) so samplers, exporters and tests share it without a framework; the
-training draw uses tf.random.stateless_* (seeded, DESIGN.md); noising and the loss use keras.ops.
+training draw uses tf.random.stateless_* (seeded, docs/CONVENTIONS.md); noising and the loss use keras.ops.
 """
 
 import math
@@ -36,7 +36,7 @@ class NoiseSchedule:
 
     The seeds' "paper" schedule (`linear()` with its defaults, T = 100) ends at gamma_T ~ 0.60
     (SNR_T ~ 1.5): y_T is NOT pure noise, so a reverse process started from N(0, I) does not match
-    the forward process (DESIGN.md, "Known traps"). `cosine()`, `named("linear")` and
+    the forward process (docs/CONVENTIONS.md, "Known traps"). `cosine()`, `named("linear")` and
     `paper_extended()` (the seeds' 100 steps, then 40 more to noise) reach noise.
     """
 

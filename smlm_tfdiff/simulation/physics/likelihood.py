@@ -7,7 +7,7 @@ omega' = omega + background + readout_var / gain^2 (Huang et al. 2013, sCMOS).
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from smlm_tfdiff.physics.camera import camera_constants
+from smlm_tfdiff.simulation.physics.camera import camera_constants
 
 
 def readout_term(config, dtype=tf.float32):

@@ -8,8 +8,8 @@ import os
 
 from absl import app, flags
 
-from smlm_tfdiff.config import PRESETS
-from smlm_tfdiff.training import STRATEGIES, TrainerConfig, worker_out_dir
+from smlm_tfdiff.simulation.config import PRESETS
+from smlm_tfdiff.models.training import STRATEGIES, TrainerConfig, worker_out_dir
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +39,7 @@ def apply_overrides(config, assignments):
 
 def sim_config_from_flags(base=None):
     """The training SimulationConfig: --sim_config file, else `base`, else --preset; then --set."""
-    from smlm_tfdiff.config import SimulationConfig
+    from smlm_tfdiff.simulation.config import SimulationConfig
 
     if FLAGS.sim_config:
         if not os.path.exists(FLAGS.sim_config):

@@ -1,10 +1,10 @@
 """The simulator in JAX: scenes, the camera model and KDE targets, for training on a JAX device.
 
-The same model as `smlm_tfdiff.simulate` and `smlm_tfdiff.physics` (pixel-integrated Gaussian PSF,
+The same model as `smlm_tfdiff.simulation.simulate` and `smlm_tfdiff.simulation.physics` (pixel-integrated Gaussian PSF,
 x = gain * Poisson(omega + background) + Normal(offset, readout_var) in ADU, the KDE of the seeds'
 eq. 4 with the fixed 2 pi sigma_y^2 scale), written in jax.numpy so that a machine without
 TensorFlow simulates its own training data inside one jitted training step
-(trainers/train_psi_jax.py). The deterministic parts agree with `smlm_tfdiff.physics` to float32
+(trainers/train_psi_jax.py). The deterministic parts agree with `smlm_tfdiff.simulation.physics` to float32
 precision and the frames have its moments (tests/test_simulation_jax.py); the random draws are
 JAX's own (jax.random keys), so the numbers differ from the TensorFlow simulator's.
 

@@ -7,8 +7,8 @@ approximation; derivatives by automatic differentiation of the same PSF model th
 import numpy as np
 import tensorflow as tf
 
-from smlm_tfdiff.physics.likelihood import readout_term
-from smlm_tfdiff.physics.psf import expected_counts_batch
+from smlm_tfdiff.simulation.physics.likelihood import readout_term
+from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 
 
 def fisher_information(positions, config, photons=None, estimate_photons=False,

@@ -1,0 +1,1 @@
+"""The diffusion model's sampling side: noise schedule and loss weights, the sampler, projection."""

@@ -1,0 +1,1 @@
+"""Files and frames: TIFF stacks in, localization tables out, tiling, photometry."""

@@ -1,0 +1,1 @@
+"""Localization: detection and sub-pixel fitting in KDEs (detection), scoring against the truth (metrics)."""

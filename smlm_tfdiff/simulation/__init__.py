@@ -1,0 +1,1 @@
+"""Simulation: configuration, the physical forward model, the simulators and dataset files."""

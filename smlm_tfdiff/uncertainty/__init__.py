@@ -1,0 +1,1 @@
+"""Uncertainty: per-localization summaries, the MCMC reference posterior, calibration statistics."""
