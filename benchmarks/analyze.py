@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 import tifffile  # noqa: E402
 
 from smlm_tfdiff import SimulationConfig
-from smlm_tfdiff.simulation import simulate
+from smlm_tfdiff import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend  # noqa: E402
 
 flags.DEFINE_string("model", "paper", "Bundled model, SavedModel folder or run folder.")
