@@ -298,7 +298,7 @@ def posterior_localization_z(post, data, config, tolerance, num_frames=None, num
     n = len(data["frames"]) if num_frames is None else min(num_frames, len(data["frames"]))
     s = post["samples"].shape[1] if num_samples is None else num_samples
     locs = localization_uncertainty(post["samples"][:n, :s], post["y_hat"][:n], config)
-    truth = [p[m] for p, m in zip(data["positions"][:n], data["mask"][:n])]
+    truth = truth_positions(data["positions"][:n], data["mask"][:n])
     scores, arrays = localization_z(locs, truth, config, tolerance)
     return scores, arrays, locs
 
@@ -325,11 +325,8 @@ def score_localization_table(pred, uncertainty_nm, crlb_nm, positions, mask, con
       arrays  pred, truth (per frame), err_nm [TP, 2], crlb_nm [TP], unc_nm [TP] (uncertainty_xy),
               z [TP, 2] of the matched localizations
     """
-    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
-
-    truth = [p[m] for p, m in zip(positions, mask)]
-    m = localization_metrics(pred, truth, config)
-    oracle = oracle_metrics(positions, mask, config)
+    truth = truth_positions(positions, mask)
+    m, oracle, recall_over_oracle = localization_with_oracle(pred, positions, mask, config)
     matches = m["matches"]
     err_nm = m["errors"] * config.pixel_size_nm  # [TP, 2]
     u = np.array([uncertainty_nm[f][p] for f, p, _ in matches]).reshape(-1, 2)
@@ -345,7 +342,7 @@ def score_localization_table(pred, uncertainty_nm, crlb_nm, positions, mask, con
         "localization": {
             "analyze": {k: m[k] for k in LOCALIZATION_KEYS},
             "oracle": {k: oracle[k] for k in LOCALIZATION_KEYS},
-            "recall_over_oracle": m["recall"] / oracle["recall"] if oracle["recall"] else None,
+            "recall_over_oracle": recall_over_oracle,
             "tolerance_nm": m["tolerance_nm"], "localizations": int(counts.sum())},
         "uncertainty": {
             "num_matched": int(len(matches)), "z": cal.z_summary(z),
@@ -356,6 +353,60 @@ def score_localization_table(pred, uncertainty_nm, crlb_nm, positions, mask, con
             else float("nan"),
             "rms_error_per_axis_nm": rms_err, "rms_error_over_crlb": rms_err / rms_crlb},
     }, {"pred": pred, "truth": truth, "err_nm": err_nm, "crlb_nm": b, "unc_nm": uxy, "z": z}
+
+
+# ------------------------------------------------------------------------------ accuracy
+def truth_positions(positions, mask):
+    """Per frame, the true (x, y) LR px of the valid emitters: positions [N, K, 2], mask [N, K]
+    -> list of N arrays [K_i, 2]."""
+    return [p[m] for p, m in zip(positions, mask)]
+
+
+def localization_with_oracle(pred, positions, mask, config, tolerance_hr=5.0):
+    """Localizations scored against the truth beside the oracle (detection on the true KDE).
+
+    pred: per frame, [M, 2] (x, y) LR px; positions [N, K, 2] LR px and mask [N, K] the truth;
+    tolerance_hr: matching radius, HR px. Returns (`localization_metrics` dict with errors and
+    matches, the oracle's dict, recall / oracle recall or None when the oracle recalls nothing).
+    """
+    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
+
+    m = localization_metrics(pred, truth_positions(positions, mask), config, tolerance_hr)
+    oracle = oracle_metrics(positions, mask, config, tolerance_hr=tolerance_hr)
+    return m, oracle, (m["recall"] / oracle["recall"] if oracle["recall"] else None)
+
+
+ACCURACY_KEYS = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral")
+
+
+def kde_accuracy(kde, true_kde, truth, config, tolerance_hr=5.0) -> dict:
+    """A KDE estimate scored against the truth: "kde_mse" (mean squared difference from the true
+    KDE, KDE units squared) and the ACCURACY_KEYS of `localization_metrics` for detect() on it.
+    kde, true_kde: [B, uH, uW, 1]; truth: per frame, [K, 2] LR px; tolerance_hr: HR px."""
+    from smlm_tfdiff.localization.detection import detect
+    from smlm_tfdiff.localization.metrics import localization_metrics
+
+    m = localization_metrics(detect(kde, config), truth, config, tolerance_hr)
+    return {"kde_mse": float(np.mean((kde - true_kde) ** 2)),
+            **{k: float(m[k]) for k in ACCURACY_KEYS}}
+
+
+def recipe_agreement(outputs, true_kde, references) -> dict:
+    """Sampler outputs of the same frames under several recipes, compared.
+
+    outputs: {name: PosteriorSampler output (mean, std [n, uH, uW, 1], nfe_per_frame)};
+    true_kde [n, uH, uW, 1]; references: {key: name of an output} whose std maps every recipe is
+    compared with. Returns {name: {nfe_per_frame, kde_mse_mean (of the posterior mean),
+    std_mean, key: `calibration.std_map_agreement` with that reference, ...}}.
+    """
+    rows = {}
+    for name, res in outputs.items():
+        rows[name] = {"nfe_per_frame": res["nfe_per_frame"],
+                      "kde_mse_mean": float(np.mean((res["mean"] - true_kde) ** 2)),
+                      "std_mean": float(res["std"].mean()),
+                      **{key: cal.std_map_agreement(res["std"], outputs[ref]["std"])
+                         for key, ref in references.items()}}
+    return rows
 
 
 # ------------------------------------------------------------------------------------ baselines
