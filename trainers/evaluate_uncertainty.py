@@ -146,7 +146,7 @@ def main(argv):
     metrics["recipes"] = ev.recipe_comparison(sampler, iso["frames"][:n], FLAGS.num_samples,
                                               recipe, t_starts, mcmc,
                                               default_std=post["std"][:n, ..., 0], seed=3)
-    for key, row in metrics["recipes"]["rows"].items():
+    for row in metrics["recipes"]["rows"].values():
         logging.info("recipe t_start=%d steps=%d: %s", row["t_start"], row["num_steps"], row)
     metrics["timing_s"]["recipes"] = time.perf_counter() - t0
     save(metrics, FLAGS.out_dir)
