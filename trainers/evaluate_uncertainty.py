@@ -15,7 +15,8 @@ section) and PNG figures (std_maps.png, reliability.png, z_hist.png, recipes.png
   4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout: a phi
                  trained with dropout (--mc_dropout_model), dropout on at inference, scored as psi
                  is (std maps against MCMC, coverage, z-scores of its own localizations).
-Statistics: smlm_tfdiff/uncertainty/calibration.py.
+Scores and targets: smlm_tfdiff/uncertainty/evaluation.py; statistics:
+smlm_tfdiff/uncertainty/calibration.py.
 """
 
 import json

@@ -1,23 +1,28 @@
-"""Evaluation of psi's uncertainty: the MCMC reference maps, scores against the truth, the targets.
+"""Evaluation against the truth and the MCMC posterior: reference maps, scores, the targets.
 
-Every function takes its settings as arguments; the demo (smlm_tfdiff.demo),
-trainers/evaluate_uncertainty.py and the sampler benchmarks call them with their own.
+Every function takes its settings as arguments; the demo (smlm_tfdiff.demo), the scripts
+trainers/evaluate_uncertainty.py, evaluate_psi.py, evaluate_phi.py and the sampler benchmarks
+call them with their own.
 
-  targets                R_MIN, RATIO, Z_RANGE, COV_POINTS and `within`: what a calibrated psi meets.
+  targets                R_MIN, RATIO, Z_RANGE, COV_POINTS, their text and `within`: what a
+                         calibrated psi meets.
   MCMC reference         `mcmc_reference`: HMC posterior of isolated-emitter frames rendered to
-                         per-pixel KDE mean and std maps; `mcmc_diagnostics`; `std_map_scores` and
-                         `mcmc_comparison`: psi's maps against them.
+                         per-pixel KDE mean and std maps; `mcmc_diagnostics`; psi's maps against
+                         them: `std_map_scores`, `mcmc_comparison` (the demo's), `psi_vs_mcmc`
+                         (evaluate_uncertainty's), `recipe_comparison` (per guided start).
   per-pixel intervals    `coverage_mask`, `pixel_coverage`: central credible intervals of the
                          samples against the true KDE.
-  per localization       `localization_z` (psi's samples around phi's localizations), and
-                         `score_localization_table` (an analyze table with its uncertainty and CRLB
-                         columns): z = error / reported std, std(z) with its 95% interval, the
-                         fractions within 1 and 2 std (coverage), Spearman's rho (sharpness).
+  per localization       `localization_z`, `posterior_localization_z` (posterior samples around
+                         phi's localizations) and `score_localization_table` (an analyze table with
+                         its uncertainty and CRLB columns): z = error / reported std, std(z) with
+                         its 95% interval, the fractions within 1 and 2 std (coverage), Spearman's
+                         rho of |error| with the std (sharpness).
+  accuracy               `localization_with_oracle`, `kde_accuracy`, `recipe_agreement`.
   baselines              `crlb_baseline` (z = error / sqrt(CRLB)), `mc_dropout_scores`.
 
-Units (docs/CONVENTIONS.md): positions in LR pixels; frames [B, H, W, 1] ADU; KDE maps
-[B, uH, uW] (HR grid, KDE units); per-localization errors and stds in nm. The statistics
-themselves are in smlm_tfdiff/uncertainty/calibration.py.
+Units: positions (x, y) in LR pixels (pixel j covers [j, j + 1) px); frames [B, H, W, 1] ADU;
+KDE maps [B, uH, uW] (HR grid, KDE units); per-localization errors and stds in nm. The
+statistics themselves are in smlm_tfdiff/uncertainty/calibration.py.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ import numpy as np
 from smlm_tfdiff.uncertainty import calibration as cal
 
 # ------------------------------------------------------------------------------------- targets
-# The targets of the uncertainty (docs/CONVENTIONS.md): the demo's report and
-# trainers/evaluate_uncertainty.py hold psi to these.
+# The targets of the uncertainty: the demo's report and trainers/evaluate_uncertainty.py hold
+# psi to these.
 R_MIN = 0.9             # Pearson r of psi's and MCMC's std maps (isolated, beta = 1), at least.
 RATIO = (0.8, 1.25)     # psi / MCMC mean std (and MCMC xy std / sqrt(CRLB)), within.
 Z_RANGE = (0.8, 1.25)   # std(z), z = error / reported std per axis, within.
