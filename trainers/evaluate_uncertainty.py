@@ -132,8 +132,9 @@ def main(argv):
                                     FLAGS.mcmc_burnin, seed=2 + i, num_chains=FLAGS.mcmc_chains,
                                     beta=b, kde_samples=FLAGS.mcmc_kde_samples)
     sec1 = ev.psi_vs_mcmc(post, iso, mcmc, iso_cfg, FLAGS.threshold)
-    for key, agree in sec1["mcmc"].items():
-        logging.info("psi vs MCMC %s: r=%.3f (median %.3f) ratio=%.3f", key,
+    for b in mcmc:
+        agree = sec1["mcmc"][f"beta_{b:g}"]
+        logging.info("psi vs MCMC beta=%g: r=%.3f (median %.3f) ratio=%.3f", b,
                      agree["pearson_r"], agree["pearson_r_median"], agree["mean_ratio"])
     metrics["psi_vs_mcmc"] = sec1
     metrics["timing_s"]["psi_vs_mcmc"] = time.perf_counter() - t0
