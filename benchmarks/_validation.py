@@ -1,10 +1,8 @@
 """The validation frames and MCMC reference shared by the sampler benchmarks (sampler_options.py,
 calibration_recipes.py): never the evaluation seeds of trainers/evaluate_uncertainty.py."""
 
-import numpy as np
-
-from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
 from smlm_tfdiff.simulation.simulate import simulate
+from smlm_tfdiff.uncertainty import evaluation
 
 ISO_SEED, DENSE_SEED = 778, 777
 
@@ -17,9 +15,8 @@ def validation_frames(models, iso_frames, dense_frames):
 
 
 def mcmc_reference(iso, icfg):
-    """HMC (beta = 1, 4 chains x 5000 draws after 1000 burn-in) of each isolated frame -> (its
-    MCMCResults, KDE std maps [B, H, W] of every 5th draw)."""
-    res = mcmc_posterior_batch(iso["frames"][..., 0], icfg, 5000, 1000, seed=5, kernel="hmc",
-                               num_chains=4, warn=False)
-    return res, np.array([kde_posterior(r.chains[::5, :, :2].reshape(-1, 2), icfg)[1]
-                          for r in res])
+    """HMC (beta = 1, 4 chains x 5000 draws after 1000 burn-in, seed 5) of each isolated frame ->
+    evaluation.ReferenceMaps (its MCMCResults, KDE mean and std maps [B, uH, uW] of every 5th
+    draw)."""
+    return evaluation.mcmc_reference(iso["frames"], icfg, 5000, 1000, seed=5, num_chains=4,
+                                     kde_samples=4000)

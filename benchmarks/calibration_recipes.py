@@ -27,12 +27,12 @@ from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _validation import mcmc_reference, validation_frames  # noqa: E402
-from smlm_tfdiff.uncertainty import calibration as cal
+from smlm_tfdiff.uncertainty import calibration as cal  # noqa: E402
+from smlm_tfdiff.uncertainty import evaluation  # noqa: E402
 from smlm_tfdiff.localization.detection import detect  # noqa: E402
 from smlm_tfdiff.localization.metrics import match  # noqa: E402
 from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe  # noqa: E402
-from smlm_tfdiff.uncertainty.per_localization import localization_errors, localization_uncertainty  # noqa: E402
 
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
@@ -46,16 +46,6 @@ flags.DEFINE_integer("restarts", 1, "Restart sweeps, each from the previous samp
 flags.DEFINE_integer("iso_frames", 12, "Isolated-emitter frames (validation seed 778).")
 flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
 FLAGS = flags.FLAGS
-
-
-def _z(locs, data, config):
-    """(std of z = (phi's position - truth) / the samples' std, x and y pooled; Spearman's rank
-    correlation of |error| with the std)."""
-    truth = [pos[mask] for pos, mask in zip(data["positions"], data["mask"])]
-    tol = 5.0 / config.upsample  # evaluate_uncertainty's matching radius (5 HR px).
-    err, _, sd = localization_errors(locs, truth, config, tol)
-    return (float(np.nanstd(cal.z_scores(err, sd))),
-            cal.sharpness(err, sd)["spearman_abs_error_vs_std"])
 
 
 def _missed(y_hat, data, config):
@@ -73,8 +63,7 @@ def main(argv):
     del argv
     icfg, iso, dcfg, dense = validation_frames(load_phi_source(FLAGS.models[0]),
                                                FLAGS.iso_frames, FLAGS.dense_frames)
-    res, mstd = mcmc_reference(iso, icfg)
-    mcmc_xy_nm = np.array([r.std[:2] * icfg.pixel_size_nm for r in res])
+    ref = mcmc_reference(iso, icfg)
     truth = dense["kde"][..., 0]
     rows = []
     for name in FLAGS.models:
@@ -86,31 +75,35 @@ def main(argv):
             kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True,
                       restart_t=FLAGS.restart_t, restarts=FLAGS.restarts)
             ip = sampler(iso["frames"], 100, seed=1, **kw)
-            agree = cal.std_map_agreement(ip["std"][..., 0], mstd)
-            ilocs = localization_uncertainty(ip["samples"][:, :50], ip["y_hat"], icfg)
-            loc_ratio = [loc["std_nm"][0] / m for loc, m in zip(ilocs, mcmc_xy_nm)
-                         if len(loc["xy"]) == 1]
+            agree = cal.std_map_agreement(ip["std"][..., 0], ref.std)
+            # Matching radius 5 HR px, as evaluate_uncertainty's.
+            _, iso_arrays, ilocs = evaluation.posterior_localization_z(
+                ip, iso, icfg, 5.0 / icfg.upsample, num_samples=50)
+            loc_ratio = evaluation.single_emitter_std_ratios(ilocs, ref.results,
+                                                             icfg.pixel_size_nm)
             dp = sampler(dense["frames"], 48, seed=2, **kw)
             samples = dp["samples"][..., 0]
-            mask = (truth > 0.05) | (dp["mean"][..., 0] > 0.05)
+            mask = evaluation.coverage_mask(truth, dp["mean"][..., 0], 0.05)
             u = cal.pit(samples, truth, axis=1)[mask]
             above_all = (truth > samples.max(axis=1))[mask]
-            dlocs = localization_uncertainty(dp["samples"][:, :32], dp["y_hat"], dcfg)
             phi_missed = _missed(dp["y_hat"], dense, dcfg)
-            dense_z = _z(dlocs, dense, dcfg)
+            dense_z, dense_arrays, _ = evaluation.posterior_localization_z(
+                dp, dense, dcfg, 5.0 / dcfg.upsample, num_samples=32)
             row = {"model": name, "method": FLAGS.method, "restart_t": FLAGS.restart_t,
                    "restarts": FLAGS.restarts if FLAGS.restart_t else 0,
                    "reverse_variance": sampler.reverse_variance, "t_start": t_start,
                    "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
                    "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
-                   "iso_std_z": _z(ilocs, iso, icfg)[0],
+                   # std(z) here with ddof 0 (z_summary's std has ddof 1).
+                   "iso_std_z": float(np.nanstd(iso_arrays["z"])),
                    "dense_coverage_50_90": cal.coverage(samples, truth, [0.5, 0.9], mask=mask,
                                                         axis=1).tolist(),
                    "dense_pit_top_tenth": float(np.mean(u > 0.9)),
                    "dense_truth_above_all": float(np.mean(above_all)),
                    "dense_phi_missed": phi_missed,
-                   "dense_std_z": dense_z[0], "dense_spearman": dense_z[1],
+                   "dense_std_z": float(np.nanstd(dense_arrays["z"])),
+                   "dense_spearman": dense_z["sharpness_nm"]["spearman_abs_error_vs_std"],
                    "dense_mean_mse": float(np.mean((dp["mean"][..., 0] - truth) ** 2))}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -39,7 +39,7 @@ def main(argv):
     models = load_phi_source(FLAGS.model)
     icfg, iso, dcfg, dense = validation_frames(models, FLAGS.iso_frames, FLAGS.dense_frames)
     t0 = time.perf_counter()
-    _, mstd = mcmc_reference(iso, icfg)
+    mstd = mcmc_reference(iso, icfg).std
     empty = mstd < 1e-4
     results = {"model": FLAGS.model, "iso_frames": FLAGS.iso_frames,
                "dense_frames": FLAGS.dense_frames, "mcmc_seconds": time.perf_counter() - t0,

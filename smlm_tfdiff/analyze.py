@@ -92,6 +92,11 @@ class KerasBackend:
         self.recipe = {"restart_t": None if restart_t is None else int(restart_t),
                        "restarts": int(restarts) if restart_t is not None else 0}
 
+    @property
+    def sampler(self):
+        """The PosteriorSampler behind `posterior` (other recipes on the same compiled psi)."""
+        return self._sampler
+
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, method=self.method,
                              return_samples=True, restart_t=self.recipe["restart_t"],

@@ -30,11 +30,12 @@ import numpy as np
 
 from smlm_tfdiff.simulation.physics.fisher import crlb
 
-FLAGS = flags.FLAGS
-
 # --quick: a much smaller run (tests); explicit flags still win.
 QUICK = dict(num_frames=2, num_samples=4, num_steps=2, mcmc_frames=2, map_samples=8,
              mcmc_results=300, coverage_frames=2)
+# run_demo's keyword arguments, each given by the flag of the same name.
+SETTINGS = ("model", "num_frames", "seed", "num_samples", "num_steps", "mcmc_frames",
+            "mcmc_results", "map_samples", "coverage_frames", "project", "quick")
 HEADLINE = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral",
             "oracle_recall", "std_z", "uncertainty_over_crlb_median", "std_map_pearson_r",
             "std_map_mean_ratio", "mcmc_xy_std_over_sqrt_crlb", "coverage_50", "coverage_90",
@@ -132,108 +133,47 @@ def read_localizations(path, num_frames, pixel_size_nm):
 
 
 # ---------------------------------------------------------------------------------- stages
-def score_analysis(csv_path, data, config):
-    """Localization metrics, oracle and per-localization z-scores of an analyze CSV."""
+def score_analysis(csv_path, data, config, num_samples):
+    """An analyze CSV scored against the truth of `data` (evaluation.score_localization_table):
+    localization metrics, the oracle and per-localization z-scores. num_samples: the posterior
+    samples per frame analyze drew. Returns (scores, arrays)."""
+    from smlm_tfdiff.uncertainty.evaluation import score_localization_table
+
+    pred, unc, bound = read_localizations(csv_path, len(data["frames"]), config.pixel_size_nm)
+    return score_localization_table(pred, unc, bound, data["positions"], data["mask"], config,
+                                    num_samples)
+
+
+def mcmc_vs_psi(sampler, iso, config, recipe, mcmc_results, map_samples, seed):
+    """HMC (beta = 1, 4 chains of mcmc_results draws after 500 burn-in, ~2000 KDEs per frame;
+    seed) and psi (map_samples samples per frame; seed + 1; recipe: the sampler's keyword
+    arguments) on isolated frames -> (evaluation.mcmc_comparison's numbers, MCMC std maps
+    [B, uH, uW], psi's posterior dict with samples)."""
+    from smlm_tfdiff.uncertainty.evaluation import mcmc_comparison, mcmc_reference
+
+    ref = mcmc_reference(iso["frames"], config, mcmc_results, 500, seed=seed, num_chains=4,
+                         beta=1.0, kde_samples=2000)
+    post = sampler(iso["frames"], map_samples, seed=seed + 1, return_samples=True, **recipe)
+    agree = mcmc_comparison(post, ref, iso["positions"][:, 0], iso["photons"][:, 0], config)
+    return agree, ref.std, post
+
+
+def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05):
+    """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames).
+    post, post_iso: posterior dicts with samples [B, S, uH, uW, 1]; kde, kde_iso: [B, uH, uW]
+    true KDEs; num_samples: S (for the quantile intervals' expected coverage)."""
     from smlm_tfdiff.uncertainty import calibration as cal
-    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
-
-    n = len(data["frames"])
-    pred, unc, bound = read_localizations(csv_path, n, config.pixel_size_nm)
-    truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
-    m = localization_metrics(pred, truth, config)
-    oracle = oracle_metrics(data["positions"], data["mask"], config)
-    keys = ("TP", "FP", "FN", "precision", "recall", "jaccard", "rmse_lateral_nm",
-            "efficiency_lateral")
-    matches = m["matches"]
-    err_nm = m["errors"] * config.pixel_size_nm  # [TP, 2]
-    u = np.array([unc[f][p] for f, p, _ in matches]).reshape(-1, 2)
-    b = np.array([bound[f][p] for f, p, _ in matches]).reshape(-1)
-    uxy = np.sqrt(np.mean(u ** 2, axis=1))
-    z = cal.z_scores(err_nm, u)
-    counts = np.array([len(p) for p in pred])
-    s = FLAGS.num_samples
-    ok = np.isfinite(b) & np.isfinite(uxy)
-    rms_err = float(np.sqrt(np.mean(err_nm ** 2))) if len(err_nm) else float("nan")
-    rms_crlb = float(np.sqrt(np.nanmean(b ** 2))) if np.isfinite(b).any() else float("nan")
-    return {
-        "localization": {
-            "analyze": {k: m[k] for k in keys}, "oracle": {k: oracle[k] for k in keys},
-            "recall_over_oracle": m["recall"] / oracle["recall"] if oracle["recall"] else None,
-            "tolerance_nm": m["tolerance_nm"], "localizations": int(counts.sum())},
-        "uncertainty": {
-            "num_matched": int(len(matches)), "z": cal.z_summary(z),
-            # A calibrated std estimated from S samples (ddof 1) gives Student-t z: std
-            # sqrt((S - 1) / (S - 3)), not 1.
-            "z_expected_calibrated": math.sqrt((s - 1) / (s - 3)) if s > 3 else None,
-            "uncertainty_median_nm": float(np.nanmedian(uxy)) if uxy.size else float("nan"),
-            "crlb_median_nm": float(np.nanmedian(b)) if np.isfinite(b).any() else float("nan"),
-            "uncertainty_over_crlb_median": float(np.median(uxy[ok] / b[ok])) if ok.any()
-            else float("nan"),
-            "rms_error_per_axis_nm": rms_err, "rms_error_over_crlb": rms_err / rms_crlb},
-    }, {"pred": pred, "truth": truth, "err_nm": err_nm, "crlb_nm": b, "unc_nm": uxy, "z": z}
-
-
-def mcmc_vs_psi(sampler, iso, config, recipe):
-    """HMC (beta = 1) and psi on isolated frames -> (agreement and MCMC-vs-CRLB numbers, MCMC
-    std maps [B, uH, uW], psi's posterior dict with samples)."""
-    from smlm_tfdiff.uncertainty import calibration as cal
-    from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
-    from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
-
-    res = mcmc_posterior_batch(iso["frames"][..., 0], config, FLAGS.mcmc_results, 500,
-                               seed=FLAGS.seed + 2, kernel="hmc", num_chains=4, beta=1.0,
-                               warn=False)
-    means, stds = [], []
-    for r in res:
-        step = max(1, r.chains.shape[0] * r.chains.shape[1] // 2000)  # ~2000 KDEs per frame.
-        mean, std = kde_posterior(r.chains[::step, :, :2].reshape(-1, 2), config)
-        means.append(mean)
-        stds.append(std)
-    mcmc_mean, mcmc_std = np.array(means), np.array(stds)
-    post = sampler(iso["frames"], FLAGS.map_samples, seed=FLAGS.seed + 3, return_samples=True,
-                   **recipe)
-    psi_std = post["std"][..., 0]
-    agree = cal.std_map_agreement(psi_std, mcmc_std)
-    agree["mean_map_r"] = cal.pearson_r(post["mean"][..., 0], mcmc_mean)
-    # The pooled mean includes empty pixels, where the posterior std is ~0 but psi's is not; the
-    # emitter's own region (MCMC std above 10% of its peak) is scored separately.
-    signal = mcmc_std > 0.1 * mcmc_std.max(axis=(1, 2), keepdims=True)
-    sig = cal.std_map_agreement(psi_std, mcmc_std, mask=signal)
-    agree["signal_region"] = {k: sig[k] for k in ("pearson_r", "mean_ratio", "num_pixels")}
-    agree["background_psi_std"] = float(psi_std[~signal].mean())
-    agree["peak_ratio"] = float(np.mean(psi_std.max(axis=(1, 2)) / mcmc_std.max(axis=(1, 2))))
-    truth = iso["positions"][:, 0]
-    bounds = crlb(truth, config, photons=iso["photons"][:, 0], estimate_photons=True)[:, :2]
-    xy_std = np.array([r.std[:2] for r in res])
-    nm = config.pixel_size_nm
-    agree["mcmc_xy_std_nm"] = float(xy_std.mean() * nm)
-    agree["sqrt_crlb_nm"] = float(bounds.mean() * nm)
-    agree["mcmc_xy_std_over_sqrt_crlb"] = float(np.mean(xy_std / bounds))
-    locs = localization_uncertainty(post["samples"], post["y_hat"], config)
-    ratios = [loc["std_nm"][0] / (r.std[:2] * nm) for loc, r in zip(locs, res)
-              if len(loc["xy"]) == 1]
-    agree["psi_loc_std_over_mcmc_median"] = (float(np.nanmedian(ratios)) if len(ratios)
-                                             else float("nan"))
-    agree["mcmc"] = {"converged_fraction": float(np.mean([r.converged for r in res])),
-                     "rhat_max": float(np.nanmax([r.rhat.max() for r in res])),
-                     "ess_min": float(np.min([r.ess.min() for r in res])),
-                     "acceptance": float(np.mean([r.acceptance for r in res]))}
-    return agree, mcmc_std, post
-
-
-def coverage(post, kde, post_iso, kde_iso, threshold=0.05):
-    """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames)."""
-    from smlm_tfdiff.uncertainty import calibration as cal
+    from smlm_tfdiff.uncertainty.evaluation import coverage_mask
 
     out = {"threshold": threshold, "num_frames": int(len(kde))}
     for name, p, t in (("dense", post, kde), ("isolated", post_iso, kde_iso)):
-        mask = (t > threshold) | (p["mean"][..., 0] > threshold)
+        mask = coverage_mask(t, p["mean"][..., 0], threshold)
         out[name] = cal.reliability(p["samples"][..., 0], t, mask=mask, axis=1)
     lv = out["dense"]["levels"]
     out["coverage_50"] = out["dense"]["coverage_quantile"][lv.index(0.5)]
     out["coverage_90"] = out["dense"]["coverage_quantile"][lv.index(0.9)]
     out["expected_50"], out["expected_90"] = cal.expected_quantile_coverage(
-        [0.5, 0.9], FLAGS.map_samples).tolist()
+        [0.5, 0.9], num_samples).tolist()
     return out
 
 
@@ -247,8 +187,11 @@ def _json(v):
     return float(v)
 
 
-def run_demo(out):
-    """Everything above; returns the summary dict (also written to <out>/summary.json)."""
+def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_steps=None,
+             mcmc_frames=4, mcmc_results=2000, map_samples=48, coverage_frames=4, project=True,
+             quick=False):
+    """Everything above into the folder `out`; returns the summary dict (also written to
+    <out>/summary.json). The arguments are the flags of the same names (define_flags)."""
     from smlm_tfdiff import report
     from smlm_tfdiff.analyze import Camera, KerasBackend, StackAnalyzer
     from smlm_tfdiff.pretrained import load_phi_source
@@ -264,18 +207,18 @@ def run_demo(out):
         tic = time.perf_counter()
 
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
-    models = load_phi_source(FLAGS.model)
+    models = load_phi_source(model)
     if models.psi is None:
-        raise app.UsageError(f"--model {FLAGS.model!r} has phi but no psi; pass a psi run folder")
+        raise app.UsageError(f"--model {model!r} has phi but no psi; pass a psi run folder")
     backend = KerasBackend(models)  # analyze's backend; its sampler is reused below.
-    sampler = backend._sampler
-    num_steps = FLAGS.num_steps or backend.num_steps
-    recipe = dict(num_steps=num_steps, method=backend.method, project=FLAGS.project)
+    sampler = backend.sampler
+    num_steps = num_steps or backend.num_steps
+    recipe = dict(num_steps=num_steps, method=backend.method, project=project)
     cfg, iso_cfg = models.scene_config("paper"), models.scene_config("isolated")
     lap("load_models")
 
     # 1. Data.
-    data = simulate(cfg, FLAGS.num_frames, FLAGS.seed)
+    data = simulate(cfg, num_frames, seed)
     tif, gt_csv, gt_npz = write_stack(out, data, cfg)
     physics = summarize(data, cfg)
     lap("simulate")
@@ -285,25 +228,27 @@ def run_demo(out):
                     readout_noise_adu=float(np.sqrt(cfg.readout_var)),
                     pixel_size_nm=cfg.pixel_size_nm)
     # The demo owns <out>: a rerun replaces its earlier analysis folder whole.
-    analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, num_steps,
-                             batch_frames=8, seed=FLAGS.seed + 1, progress=not FLAGS.quick,
+    analyzer = StackAnalyzer(backend, camera, num_samples, num_steps,
+                             batch_frames=8, seed=seed + 1, progress=not quick,
                              overwrite=True)
     an_dir = os.path.join(out, "analysis", "paper_stack")
     an = analyzer.analyze(tif, an_dir)
     lap("analyze")
-    scores, arrays = score_analysis(os.path.join(an_dir, "paper_stack.csv"), data, cfg)
+    scores, arrays = score_analysis(os.path.join(an_dir, "paper_stack.csv"), data, cfg,
+                                    num_samples)
     scores["localization"]["frames_per_second"] = an["frames_per_second"]
     scores["localization"]["tiles_per_frame"] = an["tiles_per_frame"]
     lap("score")
 
     # 3. psi against MCMC on isolated frames; per-pixel coverage on the first demo frames.
-    iso = simulate(iso_cfg, FLAGS.mcmc_frames, FLAGS.seed + 4)
-    agree, mcmc_std, iso_post = mcmc_vs_psi(sampler, iso, iso_cfg, recipe)
+    iso = simulate(iso_cfg, mcmc_frames, seed + 4)
+    agree, mcmc_std, iso_post = mcmc_vs_psi(sampler, iso, iso_cfg, recipe, mcmc_results,
+                                            map_samples, seed + 2)
     lap("mcmc_vs_psi")
-    nc = min(FLAGS.coverage_frames, FLAGS.num_frames)
-    dense = sampler(data["frames"][:nc], FLAGS.map_samples, seed=FLAGS.seed + 5,
-                    return_samples=True, **recipe)
-    cov = coverage(dense, data["kde"][:nc, ..., 0], iso_post, iso["kde"][..., 0])
+    nc = min(coverage_frames, num_frames)
+    dense = sampler(data["frames"][:nc], map_samples, seed=seed + 5, return_samples=True,
+                    **recipe)
+    cov = coverage(dense, data["kde"][:nc, ..., 0], iso_post, iso["kde"][..., 0], map_samples)
     lap("coverage")
 
     # 4. Figures and report.
@@ -342,12 +287,12 @@ def run_demo(out):
     files.append(("summary.json", "every number of this report"))
 
     timing["total"] = round(time.perf_counter() - t_all, 2)
-    s = {"settings": {"model": FLAGS.model, "num_frames": FLAGS.num_frames, "seed": FLAGS.seed,
-                      "num_samples": FLAGS.num_samples, "num_steps": num_steps,
-                      "method": backend.method, "mcmc_frames": FLAGS.mcmc_frames,
-                      "mcmc_results": FLAGS.mcmc_results, "mcmc_chains": 4,
-                      "map_samples": FLAGS.map_samples, "coverage_frames": nc,
-                      "project": FLAGS.project, "quick": FLAGS.quick},
+    s = {"settings": {"model": model, "num_frames": num_frames, "seed": seed,
+                      "num_samples": num_samples, "num_steps": num_steps,
+                      "method": backend.method, "mcmc_frames": mcmc_frames,
+                      "mcmc_results": mcmc_results, "mcmc_chains": 4,
+                      "map_samples": map_samples, "coverage_frames": nc,
+                      "project": project, "quick": quick},
          "physics": physics, **scores, "psi_vs_mcmc": agree, "coverage": cov,
          "files": files, "timing_s": timing}
     s["headline"] = headline(s)
@@ -376,6 +321,7 @@ def headline(s):
 
 
 def main(argv):
+    FLAGS = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.quick:
@@ -387,7 +333,7 @@ def main(argv):
         value = FLAGS[name].value  # num_steps may be None: the model's default.
         if value is not None and value < (2 if name in ("num_samples", "map_samples") else 1):
             raise app.UsageError(f"--{name} must be >= 1 (>= 2 for sample counts)")
-    s = run_demo(FLAGS.out)
+    s = run_demo(FLAGS.out, **{name: FLAGS[name].value for name in SETTINGS})
     h = s["headline"]
     print(f"\nReport: {s['report']}  (figures in {os.path.join(FLAGS.out, 'figures')}, numbers "
           f"in {os.path.join(FLAGS.out, 'summary.json')})")

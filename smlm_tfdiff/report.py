@@ -15,11 +15,9 @@ import os
 
 import numpy as np
 
-# Targets of the uncertainty (docs/CONVENTIONS.md / trainers/evaluate_uncertainty.py).
-R_MIN = 0.9
-RATIO = (0.8, 1.25)
-Z_RANGE = (0.8, 1.25)
-COV_POINTS = 0.05
+# The targets of the uncertainty, shared with trainers/evaluate_uncertainty.py.
+from smlm_tfdiff.uncertainty.evaluation import (COV_POINTS, R_MIN, R_TEXT, RATIO, RATIO_TEXT,
+                                                Z_RANGE, Z_TEXT, coverage_text, within as _within)
 
 FIGURES = {
     "fig1_kde.png": "Frames, phi's KDE estimate and the true KDE (seeds' Figure 1)",
@@ -238,33 +236,27 @@ def _verdict(ok):
     return "n/a" if ok is None else ("pass" if ok else "**FAIL**")
 
 
-def _within(v, lo, hi):
-    if v is None or not math.isfinite(float(v)):
-        return None
-    return bool(lo <= float(v) <= hi)
-
-
 def targets(s):
     """Rows (quantity, measured, target, pass) of the summary dict `s` (demo.run_demo)."""
     loc, unc, mc, cov = s["localization"], s["uncertainty"], s["psi_vs_mcmc"], s["coverage"]
     rows = [
-        ("psi / MCMC mean std ratio (isolated, beta = 1)", mc["mean_ratio"], "[0.8, 1.25]",
+        ("psi / MCMC mean std ratio (isolated, beta = 1)", mc["mean_ratio"], RATIO_TEXT,
          _within(mc["mean_ratio"], *RATIO)),
-        ("Pearson r of psi and MCMC std maps (pooled)", mc["pearson_r"], ">= 0.9",
+        ("Pearson r of psi and MCMC std maps (pooled)", mc["pearson_r"], R_TEXT,
          _within(mc["pearson_r"], R_MIN, math.inf)),
         ("psi / MCMC mean std ratio where MCMC std > 10% of its peak",
-         mc["signal_region"]["mean_ratio"], "[0.8, 1.25]",
+         mc["signal_region"]["mean_ratio"], RATIO_TEXT,
          _within(mc["signal_region"]["mean_ratio"], *RATIO)),
-        ("std(z), z = error / psi std per axis (analyze)", unc["z"]["std"], "[0.8, 1.25]",
+        ("std(z), z = error / psi std per axis (analyze)", unc["z"]["std"], Z_TEXT,
          _within(unc["z"]["std"], *Z_RANGE)),
         ("median psi uncertainty_xy / sqrt(CRLB) (analyze)", unc["uncertainty_over_crlb_median"],
          ">= 0.8 (~1 for an isolated emitter)",
          _within(unc["uncertainty_over_crlb_median"], 0.8, math.inf)),
         ("MCMC xy std / sqrt(CRLB) (physics check)", mc["mcmc_xy_std_over_sqrt_crlb"],
-         "[0.8, 1.25]", _within(mc["mcmc_xy_std_over_sqrt_crlb"], *RATIO)),
-        ("coverage of 50% intervals (dense frames)", cov["coverage_50"], "0.45..0.55",
+         RATIO_TEXT, _within(mc["mcmc_xy_std_over_sqrt_crlb"], *RATIO)),
+        ("coverage of 50% intervals (dense frames)", cov["coverage_50"], coverage_text(0.5),
          _within(cov["coverage_50"], 0.5 - COV_POINTS, 0.5 + COV_POINTS)),
-        ("coverage of 90% intervals (dense frames)", cov["coverage_90"], "0.85..0.95",
+        ("coverage of 90% intervals (dense frames)", cov["coverage_90"], coverage_text(0.9),
          _within(cov["coverage_90"], 0.9 - COV_POINTS, 0.9 + COV_POINTS)),
         ("precision (analyze)", loc["analyze"]["precision"], ">= 0.99",
          _within(loc["analyze"]["precision"], 0.99, math.inf)),
@@ -452,9 +444,9 @@ def _honest_text(s):
     if fin(ratio) and _within(ratio, *RATIO) is False:
         side = "wider" if ratio > 1 else "narrower"
         out.append(f"Averaged over all pixels, psi's per-pixel std maps are {ratio:.2f}x {side} "
-                   f"than the MCMC posterior's at beta = 1 (target 0.8-1.25; Pearson r = {r:.2f}): "
-                   "psi's per-pixel uncertainty is miscalibrated (a known issue of the bundled "
-                   "psi).")
+                   f"than the MCMC posterior's at beta = 1 (target {RATIO[0]:g}-{RATIO[1]:g}; "
+                   f"Pearson r = {r:.2f}): psi's per-pixel uncertainty is miscalibrated (a "
+                   "known issue of the bundled psi).")
         if fin(inner) and (inner < 1) != (ratio < 1):
             out.append(f"The average hides two errors of opposite sign: on empty pixels psi "
                        f"reports a std of ~{mc['background_psi_std']:.4f} where the posterior "

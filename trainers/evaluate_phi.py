@@ -42,10 +42,10 @@ def load_model(name):
 
 def evaluate_preset(model, preset, num_frames, seed, tolerance_hr):
     from smlm_tfdiff.localization.detection import detect
-    from smlm_tfdiff.localization.metrics import localization_metrics, oracle_metrics
     from smlm_tfdiff.models.phi_training import predict
     from smlm_tfdiff.simulation.physics.fisher import crlb
     from smlm_tfdiff.simulation.simulate import simulate
+    from smlm_tfdiff.uncertainty.evaluation import localization_with_oracle, truth_positions
 
     # The held-out scene; camera, optics and detection settings are those phi was trained for.
     config = model.scene_config(preset)
@@ -54,9 +54,9 @@ def evaluate_preset(model, preset, num_frames, seed, tolerance_hr):
     pred = predict(model.phi, data["frames"])
     phi_seconds = time.perf_counter() - t0
     found = detect(pred, config)
-    truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
-    phi_m = localization_metrics(found, truth, config, tolerance_hr)
-    oracle = oracle_metrics(data["positions"], data["mask"], config, tolerance_hr=tolerance_hr)
+    truth = truth_positions(data["positions"], data["mask"])
+    phi_m, oracle, recall_over_oracle = localization_with_oracle(
+        found, data["positions"], data["mask"], config, tolerance_hr)
     # CRLB at every matched true position (the bound for an isolated emitter there).
     matched_truth = np.array([truth[f][t] for f, _, t in phi_m["matches"]]).reshape(-1, 2)
     bounds = crlb(matched_truth, config) if len(matched_truth) else np.zeros((0, 2))
@@ -65,7 +65,7 @@ def evaluate_preset(model, preset, num_frames, seed, tolerance_hr):
     out = {
         "phi": {k: phi_m[k] for k in KEYS},
         "oracle": {k: oracle[k] for k in KEYS},
-        "recall_over_oracle": phi_m["recall"] / oracle["recall"] if oracle["recall"] else None,
+        "recall_over_oracle": recall_over_oracle,
         "crlb_lateral_rms_nm": crlb_rms_nm,
         "rmse_over_crlb": phi_m["rmse_lateral_nm"] / crlb_rms_nm,
         "phi_frames_per_second_eval": num_frames / phi_seconds,

@@ -37,9 +37,6 @@ flags.DEFINE_float("tolerance_hr", 5.0, "Matching radius in HR pixels (the seeds
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
-KEYS = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral")
-
-
 def figure(data, post, path, num=2, num_samples=3):
     import matplotlib
     matplotlib.use("Agg")
@@ -70,13 +67,11 @@ def figure(data, post, path, num=2, num_samples=3):
 
 def main(argv):
     del argv
-    from smlm_tfdiff.localization.detection import detect
-    from smlm_tfdiff.localization.metrics import localization_metrics
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulation.simulate import simulate
-    from smlm_tfdiff.uncertainty.calibration import std_map_agreement
     from smlm_tfdiff.diffusion.projection import project_samples
+    from smlm_tfdiff.uncertainty import evaluation as ev
 
     models = load_phi_source(FLAGS.model)
     if models.psi is None:
@@ -89,18 +84,16 @@ def main(argv):
     recipe = dict(num_steps=FLAGS.num_steps or default_recipe(models)[1], method=FLAGS.method,
                   start="guided")
     post = sampler(data["frames"], FLAGS.num_samples, seed=0, return_samples=True, **recipe)
-    truth = [p[m] for p, m in zip(data["positions"], data["mask"])]
+    truth = ev.truth_positions(data["positions"], data["mask"])
     acc = {}
     # The same samples projected onto KDEs of the emitters detected in them (projection.py).
     projected_mean = project_samples(post["samples"], config)["samples"].mean(axis=1)
     for name, kde in (("y_hat", post["y_hat"]), ("posterior_mean", post["mean"]),
                       ("projected_posterior_mean", projected_mean)):
-        m = localization_metrics(detect(kde, config), truth, config, FLAGS.tolerance_hr)
-        acc[name] = {"kde_mse": float(np.mean((kde - data["kde"]) ** 2)),
-                     **{k: float(m[k]) for k in KEYS}}
+        acc[name] = a = ev.kde_accuracy(kde, data["kde"], truth, config, FLAGS.tolerance_hr)
         logging.info("%s: KDE MSE %.3e, P=%.4f R=%.4f JAC=%.4f RMSE=%.2f nm", name,
-                     acc[name]["kde_mse"], m["precision"], m["recall"], m["jaccard"],
-                     m["rmse_lateral_nm"])
+                     a["kde_mse"], a["precision"], a["recall"], a["jaccard"],
+                     a["rmse_lateral_nm"])
     metrics = {"model": FLAGS.model, "num_frames": FLAGS.num_frames, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "t_start": models.t_start, **recipe,
                "weighting": models.weighting, "accuracy": acc,
@@ -116,16 +109,11 @@ def main(argv):
                    "default": recipe}
         out = {name: sampler(frames, FLAGS.recipe_samples, seed=1, **kw)
                for name, kw in recipes.items()}
-        rows = {}
-        for name, res in out.items():
-            rows[name] = {"nfe_per_frame": res["nfe_per_frame"],
-                          "kde_mse_mean": float(np.mean((res["mean"] - data["kde"][:n]) ** 2)),
-                          "std_mean": float(res["std"].mean()),
-                          "vs_seeds": std_map_agreement(res["std"],
-                                                        out["seeds_noise_ddpm100"]["std"]),
-                          "vs_guided_full": std_map_agreement(res["std"],
-                                                              out["guided_full_ddpm"]["std"])}
-            logging.info("%s: %s", name, rows[name])
+        rows = ev.recipe_agreement(out, data["kde"][:n],
+                                   {"vs_seeds": "seeds_noise_ddpm100",
+                                    "vs_guided_full": "guided_full_ddpm"})
+        for name, row in rows.items():
+            logging.info("%s: %s", name, row)
         metrics["recipes"] = {"num_frames": n, "num_samples": FLAGS.recipe_samples,
                               "kde_mse_y_hat":
                               float(np.mean((out["default"]["y_hat"] - data["kde"][:n]) ** 2)),

@@ -15,7 +15,8 @@ section) and PNG figures (std_maps.png, reliability.png, z_hist.png, recipes.png
   4 baselines    (a) z = error / sqrt(CRLB) of phi's localizations; (b) MC dropout: a phi
                  trained with dropout (--mc_dropout_model), dropout on at inference, scored as psi
                  is (std maps against MCMC, coverage, z-scores of its own localizations).
-Statistics: smlm_tfdiff/uncertainty/calibration.py.
+Scores and targets: smlm_tfdiff/uncertainty/evaluation.py; statistics:
+smlm_tfdiff/uncertainty/calibration.py.
 """
 
 import json
@@ -68,8 +69,6 @@ flags.DEFINE_float("tolerance_hr", 5.0, "Matching radius to the truth, HR pixels
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
-R_MIN, RATIO, Z_RANGE, COV_POINTS = 0.9, (0.8, 1.25), (0.8, 1.25), 0.05
-
 
 def save(metrics, out_dir):
     path = os.path.join(out_dir, "metrics.json")
@@ -99,37 +98,13 @@ def _plt():
     return plt
 
 
-def mcmc_std_maps(frames, config, beta, seed):
-    """HMC posterior of each isolated frame -> KDE std maps [B, H, W], mean maps, summaries."""
-    from smlm_tfdiff.uncertainty.mcmc import kde_posterior, mcmc_posterior_batch
-    res = mcmc_posterior_batch(frames[..., 0], config, FLAGS.mcmc_results, FLAGS.mcmc_burnin,
-                               seed=seed, kernel="hmc", num_chains=FLAGS.mcmc_chains, beta=beta,
-                               warn=False)
-    means, stds = [], []
-    for r in res:
-        step = max(1, r.chains.shape[0] * r.chains.shape[1] // FLAGS.mcmc_kde_samples)
-        pos = r.chains[::step, :, :2].reshape(-1, 2)
-        m, s = kde_posterior(pos, config)
-        means.append(m)
-        stds.append(s)
-    summary = {"beta": beta, "converged_fraction": float(np.mean([r.converged for r in res])),
-               "rhat_max": float(np.nanmax([r.rhat.max() for r in res])),
-               "ess_min": float(np.min([r.ess.min() for r in res])),
-               "wall_time_s": res[0].wall_time_s}
-    return np.array(means), np.array(stds), res, summary
-
-
 def main(argv):
     del argv
     from smlm_tfdiff.uncertainty import calibration as cal
-    from smlm_tfdiff.localization.detection import detect
-    from smlm_tfdiff.localization.metrics import match
-    from smlm_tfdiff.models.phi_training import predict
-    from smlm_tfdiff.simulation.physics.fisher import crlb
+    from smlm_tfdiff.uncertainty import evaluation as ev
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
     from smlm_tfdiff.simulation.simulate import simulate
-    from smlm_tfdiff.uncertainty.per_localization import localization_errors, localization_uncertainty
 
     t_all = time.perf_counter()
     models = load_phi_source(FLAGS.model)
@@ -145,38 +120,22 @@ def main(argv):
                "reverse_variance": sampler.reverse_variance,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
                "flags": {k: FLAGS[k].value for k in FLAG_NAMES}}
-    plt = _plt()
 
     # ---------------------------------------------------------------- 1. psi vs MCMC, isolated
     t0 = time.perf_counter()
     iso_cfg = models.scene_config("isolated")
     iso = simulate(iso_cfg, FLAGS.iso_frames, FLAGS.seed)
     post = sampler(iso["frames"], FLAGS.num_samples, seed=1, return_samples=True, **recipe)
-    psi_std = post["std"][..., 0]
     mcmc = {}
     for i, b in enumerate(float(v) for v in FLAGS.mcmc_betas):
-        mcmc[b] = mcmc_std_maps(iso["frames"], iso_cfg, b, seed=2 + i)
-    sec1 = {"num_frames": FLAGS.iso_frames, "mcmc": {}}
-    for b, (mmean, mstd, res, summ) in mcmc.items():
-        agree = cal.std_map_agreement(psi_std, mstd)
-        agree["mean_map_r"] = cal.pearson_r(post["mean"][..., 0], mmean)
-        agree["mcmc"] = summ
-        agree["mcmc_xy_std_nm_mean"] = float(np.mean([r.std[:2] for r in res])
-                                             * iso_cfg.pixel_size_nm)
-        if b == 1.0:
-            agree["targets"] = {
-                "pearson_r>=0.9": bool(agree["pearson_r"] >= R_MIN),
-                "pearson_r_median>=0.9": bool(agree["pearson_r_median"] >= R_MIN),
-                "ratio_in_[0.8,1.25]": cal.within(agree["mean_ratio"], *RATIO)}
-        sec1["mcmc"][f"beta_{b:g}"] = agree
+        mcmc[b] = ev.mcmc_reference(iso["frames"], iso_cfg, FLAGS.mcmc_results,
+                                    FLAGS.mcmc_burnin, seed=2 + i, num_chains=FLAGS.mcmc_chains,
+                                    beta=b, kde_samples=FLAGS.mcmc_kde_samples)
+    sec1 = ev.psi_vs_mcmc(post, iso, mcmc, iso_cfg, FLAGS.threshold)
+    for b in mcmc:
+        agree = sec1["mcmc"][f"beta_{b:g}"]
         logging.info("psi vs MCMC beta=%g: r=%.3f (median %.3f) ratio=%.3f", b,
                      agree["pearson_r"], agree["pearson_r_median"], agree["mean_ratio"])
-    sec1["kde_mse_psi_mean"] = float(np.mean((post["mean"] - iso["kde"]) ** 2))
-    sec1["kde_mse_y_hat"] = float(np.mean((post["y_hat"] - iso["kde"]) ** 2))
-    # Coverage of the truth on isolated frames (same statistic as section 2).
-    mask = (iso["kde"][..., 0] > FLAGS.threshold) | (post["mean"][..., 0] > FLAGS.threshold)
-    sec1["coverage_vs_truth"] = cal.reliability(post["samples"][..., 0], iso["kde"][..., 0],
-                                                mask=mask, axis=1)
     metrics["psi_vs_mcmc"] = sec1
     metrics["timing_s"]["psi_vs_mcmc"] = time.perf_counter() - t0
     save(metrics, FLAGS.out_dir)
@@ -184,31 +143,97 @@ def main(argv):
     # Recipes.
     t0 = time.perf_counter()
     n = min(FLAGS.recipe_frames, FLAGS.iso_frames)
-    rows = {}
     t_starts = sorted({int(v) for v in FLAGS.recipe_t_starts if int(v) <= models.schedule.T}
                       | {t_default})  # The default recipe's start always among them.
-    for t in t_starts:
-        steps = int(min(t, max(2, round(recipe["num_steps"] * t / t_default))))
-        if t == t_default and steps == recipe["num_steps"] and recipe["restart_t"] is None:
-            std = psi_std[:n]
-        else:
-            std = sampler(iso["frames"][:n], FLAGS.num_samples, num_steps=steps,
-                          method=FLAGS.method, start="guided", t_start=t, seed=3,
-                          project=FLAGS.project)["std"][..., 0]
-        row = {"t_start": t, "num_steps": steps, "psi_std_mean": float(std.mean())}
-        for b, (_, mstd, _, _) in mcmc.items():
-            a = cal.std_map_agreement(std, mstd[:n])
-            row[f"beta_{b:g}"] = {k: a[k] for k in ("pearson_r", "pearson_r_median",
-                                                    "mean_ratio")}
-        rows[f"t{t}_s{steps}"] = row
-        logging.info("recipe t_start=%d steps=%d: %s", t, steps, row)
-    best = min(rows, key=lambda k: abs(np.log(rows[k]["beta_1"]["mean_ratio"])))
-    metrics["recipes"] = {"num_frames": n, "rows": rows, "best_by_ratio_beta_1": best}
+    metrics["recipes"] = ev.recipe_comparison(sampler, iso["frames"][:n], FLAGS.num_samples,
+                                              recipe, t_starts, mcmc,
+                                              default_std=post["std"][:n, ..., 0], seed=3)
+    for row in metrics["recipes"]["rows"].values():
+        logging.info("recipe t_start=%d steps=%d: %s", row["t_start"], row["num_steps"], row)
     metrics["timing_s"]["recipes"] = time.perf_counter() - t0
     save(metrics, FLAGS.out_dir)
+    recipes_figure(metrics["recipes"]["rows"], list(mcmc),
+                   os.path.join(FLAGS.out_dir, "recipes.png"))
+    std_maps_figure(iso, post, mcmc, os.path.join(FLAGS.out_dir, "std_maps.png"))
+
+    # ------------------------------------------------------------- 2. coverage, dense frames
+    t0 = time.perf_counter()
+    cfg = models.scene_config("paper")
+    dense = simulate(cfg, FLAGS.dense_frames, FLAGS.seed + 1)
+    dpost = sampler(dense["frames"], FLAGS.num_samples, seed=4, return_samples=True, **recipe)
+    metrics["coverage"] = ev.pixel_coverage(dpost["samples"][..., 0], dense["kde"][..., 0],
+                                            dpost["mean"][..., 0], FLAGS.threshold)
+    metrics["timing_s"]["coverage"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+    reliability_figure(metrics["coverage"]["reliability"], sec1["coverage_vs_truth"],
+                       os.path.join(FLAGS.out_dir, "reliability.png"))
+
+    # ------------------------------------------------ 3. per-localization z-scores
+    t0 = time.perf_counter()
+    tol = FLAGS.tolerance_hr / cfg.upsample
+    nl, sl = min(FLAGS.loc_frames, FLAGS.dense_frames), min(FLAGS.loc_samples, FLAGS.num_samples)
+    scores, dense_z, _ = ev.posterior_localization_z(dpost, dense, cfg, tol, nl, sl)
+    sec3 = {"dense": {"num_frames": nl, "num_samples": sl, **scores,
+                      "rmse_phi_nm": float(np.sqrt(np.mean(dense_z["errors"] ** 2)))}}
+    si = min(FLAGS.iso_loc_samples, FLAGS.num_samples)
+    scores, iso_z, ilocs = ev.posterior_localization_z(post, iso, iso_cfg, tol, num_samples=si)
+    # psi's per-localization std against MCMC's posterior std of (x, y) on the same frames.
+    ratios = (ev.single_emitter_std_ratios(ilocs, mcmc[1.0].results, iso_cfg.pixel_size_nm)
+              if 1.0 in mcmc else np.zeros((0, 2)))
+    sec3["isolated"] = {"num_frames": FLAGS.iso_frames, "num_samples": si, **scores,
+                        "loc_std_over_mcmc_xy_std_median": float(np.nanmedian(ratios))
+                        if ratios.size else None}
+    sec3["target_std_z_in_[0.8,1.25]"] = ev.within(sec3["dense"]["z_phi_xy"]["std"],
+                                                   *ev.Z_RANGE)
+    metrics["localization_z"] = sec3
+    metrics["timing_s"]["localization_z"] = time.perf_counter() - t0
+    save(metrics, FLAGS.out_dir)
+
+    # ----------------------------------------------------------------------- 4. baselines
+    t0 = time.perf_counter()
+    base = {"crlb": {}}
+    z_crlb = {}
+    for i, preset in enumerate(("isolated", "paper")):
+        c = models.scene_config(preset)
+        d = simulate(c, FLAGS.crlb_frames, FLAGS.seed + 10 + i)
+        z_crlb[preset], bounds = ev.crlb_baseline(models.phi, d, c, tol)
+        base["crlb"][preset] = {"num_frames": FLAGS.crlb_frames,
+                                "z": cal.z_summary(z_crlb[preset]),
+                                "sqrt_crlb_nm_median": float(np.median(bounds) * c.pixel_size_nm)}
+    if FLAGS.mc_dropout_model:
+        mcd = load_phi_source(FLAGS.mc_dropout_model)
+        scores, z_mcd = ev.mc_dropout_scores(
+            mcd, iso, dense, mcmc.get(1.0), FLAGS.num_samples, FLAGS.threshold, tol,
+            FLAGS.loc_frames, FLAGS.loc_samples, FLAGS.iso_loc_samples)
+        base["mc_dropout"] = {"available": True, "model": FLAGS.mc_dropout_model,
+                              "source": mcd.source, **scores}
+        logging.info("MC dropout: coverage %.3f / %.3f, std(z) dense %.3f isolated %.3f",
+                     scores["coverage_50"], scores["coverage_90"], scores["z_dense"]["std"],
+                     scores["z_isolated"]["std"])
+    else:
+        base["mc_dropout"] = {"available": False, "reason": "--mc_dropout_model not set"}
+        z_mcd = {}
+    metrics["baselines"] = base
+    metrics["timing_s"]["baselines"] = time.perf_counter() - t0
+    z_hist_figure((("psi, dense (phi xy)", dense_z["z"]), ("psi, isolated", iso_z["z"]),
+                   ("CRLB, dense", z_crlb["paper"]), ("CRLB, isolated", z_crlb["isolated"]),
+                   *((f"MC dropout, {k}", v) for k, v in z_mcd.items())),
+                  os.path.join(FLAGS.out_dir, "z_hist.png"))
+
+    metrics["timing_s"]["total"] = time.perf_counter() - t_all
+    save(metrics, FLAGS.out_dir)
+    summary(metrics)
+    print(json.dumps(metrics, indent=1, default=_json))
+
+
+# ------------------------------------------------------------------------------------ figures
+def recipes_figure(rows, betas, path):
+    """Mean std ratio and Pearson r against MCMC per guided start (ev.recipe_comparison rows)."""
+    from smlm_tfdiff.uncertainty.evaluation import R_MIN, RATIO
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     ts = [r["t_start"] for r in rows.values()]
-    for b in mcmc:
+    for b in betas:
         axes[0].plot(ts, [r[f"beta_{b:g}"]["mean_ratio"] for r in rows.values()], "o-",
                      label=f"MCMC beta={b:g}")
         axes[1].plot(ts, [r[f"beta_{b:g}"]["pearson_r"] for r in rows.values()], "o-",
@@ -221,18 +246,23 @@ def main(argv):
         ax.set_xlabel("t_start")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _savefig(fig, os.path.join(FLAGS.out_dir, "recipes.png"))
+    _savefig(fig, path)
     plt.close(fig)
 
-    # Figure (seeds' Figures 2/4): frame, y_hat, posterior mean, psi std, MCMC std.
-    k = min(3, FLAGS.iso_frames)
+
+def std_maps_figure(iso, post, mcmc, path):
+    """(seeds' Figures 2/4) per isolated frame: frame, y_hat, posterior mean, psi std, MCMC std
+    at each beta (mcmc: {beta: ReferenceMaps})."""
+    plt = _plt()
+    psi_std = post["std"][..., 0]
+    k = min(3, len(iso["frames"]))
     cols = ["frame", "y_hat (phi)", "posterior mean", "psi std"] + \
         [f"MCMC std beta={b:g}" for b in mcmc]
     fig, axes = plt.subplots(k, len(cols), figsize=(2.4 * len(cols), 2.4 * k), squeeze=False)
     for r in range(k):
-        vmax = max(psi_std[r].max(), mcmc.get(1.0, next(iter(mcmc.values())))[1][r].max())
+        vmax = max(psi_std[r].max(), mcmc.get(1.0, next(iter(mcmc.values()))).std[r].max())
         imgs = [iso["frames"][r, ..., 0], post["y_hat"][r, ..., 0], post["mean"][r, ..., 0],
-                psi_std[r]] + [m[1][r] for m in mcmc.values()]
+                psi_std[r]] + [m.std[r] for m in mcmc.values()]
         for c, im in enumerate(imgs):
             kw = dict(cmap="gray") if c == 0 else (dict(cmap="magma") if c < 3 else
                                                   dict(cmap="viridis", vmin=0, vmax=vmax))
@@ -243,114 +273,35 @@ def main(argv):
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
     fig.tight_layout()
-    _savefig(fig, os.path.join(FLAGS.out_dir, "std_maps.png"))
+    _savefig(fig, path)
     plt.close(fig)
 
-    # ------------------------------------------------------------- 2. coverage, dense frames
-    t0 = time.perf_counter()
-    cfg = models.scene_config("paper")
-    dense = simulate(cfg, FLAGS.dense_frames, FLAGS.seed + 1)
-    dpost = sampler(dense["frames"], FLAGS.num_samples, seed=4, return_samples=True, **recipe)
-    truth_kde = dense["kde"][..., 0]
-    mask = (truth_kde > FLAGS.threshold) | (dpost["mean"][..., 0] > FLAGS.threshold)
-    rel = cal.reliability(dpost["samples"][..., 0], truth_kde, mask=mask, axis=1)
-    cov = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1)
-    cov_rank = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1,
-                            method="rank")
-    metrics["coverage"] = {
-        "num_frames": FLAGS.dense_frames, "threshold": FLAGS.threshold,
-        "coverage_50": float(cov[0]), "coverage_90": float(cov[1]),
-        "coverage_rank_50": float(cov_rank[0]), "coverage_rank_90": float(cov_rank[1]),
-        "expected_quantile_50_90": cal.expected_quantile_coverage([0.5, 0.9],
-                                                                  FLAGS.num_samples).tolist(),
-        "reliability": rel,
-        "pit_histogram": cal.pit_histogram(cal.pit(dpost["samples"][..., 0], truth_kde, axis=1)[mask]),
-        "target_within_5_points": cal.coverage_within(cov, [0.5, 0.9], COV_POINTS)}
-    metrics["timing_s"]["coverage"] = time.perf_counter() - t0
-    save(metrics, FLAGS.out_dir)
+
+def reliability_figure(rel, rel_isolated, path):
+    """Reliability diagram: dense frames (quantile and rank coverage) and isolated frames."""
+    from smlm_tfdiff.uncertainty.evaluation import COV_POINTS
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
     lv = np.array(rel["levels"])
     ax.fill_between(lv, lv - COV_POINTS, lv + COV_POINTS, color="g", alpha=0.15, label="+-5 pts")
     ax.plot(lv, rel["coverage_quantile"], "o-", label="dense (sample quantiles)")
     ax.plot(lv, rel["coverage_rank"], "s-", label="dense (rank / PIT)")
-    ax.plot(lv, sec1["coverage_vs_truth"]["coverage_quantile"], "^-", label="isolated")
+    ax.plot(lv, rel_isolated["coverage_quantile"], "^-", label="isolated")
     ax.set_xlabel("nominal level")
     ax.set_ylabel("empirical coverage")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _savefig(fig, os.path.join(FLAGS.out_dir, "reliability.png"))
+    _savefig(fig, path)
     plt.close(fig)
 
-    # ------------------------------------------------ 3. per-localization z-scores
-    t0 = time.perf_counter()
-    tol = FLAGS.tolerance_hr / cfg.upsample
-    nl, sl = min(FLAGS.loc_frames, FLAGS.dense_frames), min(FLAGS.loc_samples, FLAGS.num_samples)
-    locs = localization_uncertainty(dpost["samples"][:nl, :sl], dpost["y_hat"][:nl], cfg)
-    truth = [p[m] for p, m in zip(dense["positions"][:nl], dense["mask"][:nl])]
-    e_phi, e_mean, sd = localization_errors(locs, truth, cfg, tol)
-    z_dense = cal.z_scores(e_phi, sd)
-    sec3 = {"dense": {"num_frames": nl, "num_samples": sl,
-                      "z_phi_xy": cal.z_summary(z_dense),
-                      "z_posterior_mean": cal.z_summary(cal.z_scores(e_mean, sd)),
-                      "sharpness_nm": cal.sharpness(e_phi, sd),
-                      "median_std_nm": float(np.nanmedian(sd)),
-                      "rmse_phi_nm": float(np.sqrt(np.mean(e_phi ** 2)))}}
-    si = min(FLAGS.iso_loc_samples, FLAGS.num_samples)
-    ilocs = localization_uncertainty(post["samples"][:, :si], post["y_hat"], iso_cfg)
-    itruth = [p[m] for p, m in zip(iso["positions"], iso["mask"])]
-    ie_phi, ie_mean, isd = localization_errors(ilocs, itruth, iso_cfg, tol)
-    z_iso = cal.z_scores(ie_phi, isd)
-    # psi's per-localization std against MCMC's posterior std of (x, y) on the same frames.
-    ratios = []
-    if 1.0 in mcmc:
-        for loc, r in zip(ilocs, mcmc[1.0][2]):
-            if len(loc["xy"]) == 1:
-                ratios.append(loc["std_nm"][0] / (r.std[:2] * iso_cfg.pixel_size_nm))
-    ratios = np.array(ratios).reshape(-1, 2)
-    sec3["isolated"] = {"num_frames": FLAGS.iso_frames, "num_samples": si,
-                        "z_phi_xy": cal.z_summary(z_iso),
-                        "z_posterior_mean": cal.z_summary(cal.z_scores(ie_mean, isd)),
-                        "sharpness_nm": cal.sharpness(ie_phi, isd),
-                        "median_std_nm": float(np.nanmedian(isd)),
-                        "loc_std_over_mcmc_xy_std_median": float(np.nanmedian(ratios))
-                        if ratios.size else None}
-    sec3["target_std_z_in_[0.8,1.25]"] = cal.within(sec3["dense"]["z_phi_xy"]["std"], *Z_RANGE)
-    metrics["localization_z"] = sec3
-    metrics["timing_s"]["localization_z"] = time.perf_counter() - t0
-    save(metrics, FLAGS.out_dir)
 
-    # ----------------------------------------------------------------------- 4. baselines
-    t0 = time.perf_counter()
-    base = {"crlb": {}}
-    z_crlb = {}
-    for i, preset in enumerate(("isolated", "paper")):
-        c = models.scene_config(preset)
-        d = simulate(c, FLAGS.crlb_frames, FLAGS.seed + 10 + i)
-        found = detect(predict(models.phi, d["frames"]), c)
-        errs, bounds = [], []
-        for f, p, m in zip(found, d["positions"], d["mask"]):
-            a, b = match(f, p[m], tol)
-            if len(a):
-                errs.append(f[a] - p[m][b])
-                bounds.append(crlb(f[a], c, photons=c.photons, estimate_photons=True)[:, :2])
-        errs, bounds = np.concatenate(errs), np.concatenate(bounds)
-        z_crlb[preset] = cal.z_scores(errs, bounds)
-        base["crlb"][preset] = {"num_frames": FLAGS.crlb_frames,
-                                "z": cal.z_summary(z_crlb[preset]),
-                                "sqrt_crlb_nm_median": float(np.median(bounds) * c.pixel_size_nm)}
-    if FLAGS.mc_dropout_model:
-        base["mc_dropout"], z_mcd = mc_dropout_baseline(iso, dense, mcmc, tol)
-    else:
-        base["mc_dropout"] = {"available": False, "reason": "--mc_dropout_model not set"}
-        z_mcd = {}
-    metrics["baselines"] = base
-    metrics["timing_s"]["baselines"] = time.perf_counter() - t0
+def z_hist_figure(named_z, path):
+    """Histograms of z = error / reported std, (name, z) pairs, against N(0, 1)."""
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.8))
     bins = np.linspace(-5, 5, 51)
-    for name, z in (("psi, dense (phi xy)", z_dense), ("psi, isolated", z_iso),
-                    ("CRLB, dense", z_crlb["paper"]), ("CRLB, isolated", z_crlb["isolated"]),
-                    *((f"MC dropout, {k}", v) for k, v in z_mcd.items())):
+    for name, z in named_z:
         z = z[np.isfinite(z)]
         ax.hist(z.ravel(), bins, density=True, histtype="step",
                 label=f"{name}: std {np.std(z):.2f}")
@@ -358,59 +309,14 @@ def main(argv):
     ax.set_xlabel("z = error / reported std")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _savefig(fig, os.path.join(FLAGS.out_dir, "z_hist.png"))
+    _savefig(fig, path)
     plt.close(fig)
-
-    metrics["timing_s"]["total"] = time.perf_counter() - t_all
-    save(metrics, FLAGS.out_dir)
-    summary(metrics)
-    print(json.dumps(metrics, indent=1, default=_json))
-
-
-def mc_dropout_baseline(iso, dense, mcmc, tol):
-    """The MC-dropout phi scored like psi: std maps against MCMC (isolated), per-pixel coverage
-    (dense) and per-localization z-scores (its own localizations, detected on its y_hat).
-    Returns (summary dict, {"dense": z, "isolated": z})."""
-    from smlm_tfdiff.uncertainty import calibration as cal
-    from smlm_tfdiff.uncertainty.mc_dropout import dropout_layers, mc_dropout_posterior
-    from smlm_tfdiff.pretrained import load_phi_source
-    from smlm_tfdiff.uncertainty.per_localization import localization_errors, localization_uncertainty
-
-    mcd = load_phi_source(FLAGS.mc_dropout_model)
-    out = {"available": True, "model": FLAGS.mc_dropout_model, "source": mcd.source,
-           "dropout": mcd.phi_config.dropout, "phi_dropout_layers": dropout_layers(mcd.phi),
-           "num_samples": FLAGS.num_samples}
-    zs = {}
-    iso_cfg, cfg = mcd.scene_config("isolated"), mcd.scene_config("paper")
-    ipost = mc_dropout_posterior(mcd.phi, iso["frames"], FLAGS.num_samples, seed=5,
-                                 return_samples=True)
-    if 1.0 in mcmc:
-        a = cal.std_map_agreement(ipost["std"][..., 0], mcmc[1.0][1])
-        out["vs_mcmc_beta_1"] = {k: a[k] for k in ("pearson_r", "pearson_r_median", "mean_ratio")}
-    dpost = mc_dropout_posterior(mcd.phi, dense["frames"], FLAGS.num_samples, seed=6,
-                                 return_samples=True)
-    truth_kde = dense["kde"][..., 0]
-    mask = (truth_kde > FLAGS.threshold) | (dpost["mean"][..., 0] > FLAGS.threshold)
-    cov = cal.coverage(dpost["samples"][..., 0], truth_kde, [0.5, 0.9], mask=mask, axis=1)
-    out["coverage_50"], out["coverage_90"] = float(cov[0]), float(cov[1])
-    for name, d, post, c, n, s in (
-            ("dense", dense, dpost, cfg, FLAGS.loc_frames, FLAGS.loc_samples),
-            ("isolated", iso, ipost, iso_cfg, FLAGS.iso_frames, FLAGS.iso_loc_samples)):
-        n, s = min(n, len(d["frames"])), min(s, FLAGS.num_samples)
-        locs = localization_uncertainty(post["samples"][:n, :s], post["y_hat"][:n], c)
-        truth = [p[m] for p, m in zip(d["positions"][:n], d["mask"][:n])]
-        e_phi, _, sd = localization_errors(locs, truth, c, tol)
-        z = cal.z_scores(e_phi, sd)
-        zs[name] = z
-        out[f"z_{name}"] = cal.z_summary(z)
-        out[f"median_std_nm_{name}"] = float(np.nanmedian(sd))
-    logging.info("MC dropout: coverage %.3f / %.3f, std(z) dense %.3f isolated %.3f",
-                 out["coverage_50"], out["coverage_90"], out["z_dense"]["std"],
-                 out["z_isolated"]["std"])
-    return out, zs
 
 
 def summary(m):
+    """Print the table of the main numbers of metrics dict m against their targets."""
+    from smlm_tfdiff.uncertainty.evaluation import R_TEXT, RATIO_TEXT, Z_TEXT, coverage_text
+
     b1 = m["psi_vs_mcmc"]["mcmc"].get("beta_1", {})
     lines = ["", "=== uncertainty calibration summary ===",
              f"{'quantity':48s} {'value':>10s}  target"]
@@ -418,25 +324,25 @@ def summary(m):
     def row(name, v, target=""):
         lines.append(f"{name:48s} {v:10.3f}  {target}")
     for key, a in m["psi_vs_mcmc"]["mcmc"].items():
-        row(f"psi vs MCMC {key}: pooled r", a["pearson_r"], ">= 0.9" if key == "beta_1" else "")
+        row(f"psi vs MCMC {key}: pooled r", a["pearson_r"], R_TEXT if key == "beta_1" else "")
         row(f"psi vs MCMC {key}: median per-frame r", a["pearson_r_median"],
-            ">= 0.9" if key == "beta_1" else "")
+            R_TEXT if key == "beta_1" else "")
         row(f"psi vs MCMC {key}: mean std ratio", a["mean_ratio"],
-            "[0.8, 1.25]" if key == "beta_1" else "")
+            RATIO_TEXT if key == "beta_1" else "")
     for k, r in m["recipes"]["rows"].items():
         row(f"recipe {k}: ratio / r (beta 1)", r["beta_1"]["mean_ratio"],
             f"r = {r['beta_1']['pearson_r']:.3f}")
     lines.append(f"best-calibrated recipe (ratio, beta 1): {m['recipes']['best_by_ratio_beta_1']}")
     c = m["coverage"]
-    row("dense coverage 50% (quantile)", c["coverage_50"], "0.45..0.55")
-    row("dense coverage 90% (quantile)", c["coverage_90"], "0.85..0.95")
+    row("dense coverage 50% (quantile)", c["coverage_50"], coverage_text(0.5))
+    row("dense coverage 90% (quantile)", c["coverage_90"], coverage_text(0.9))
     row("dense coverage 50% / 90% (rank)", c["coverage_rank_50"], f"{c['coverage_rank_90']:.3f}")
     z = m["localization_z"]
     for part in ("dense", "isolated"):
         zs = z[part]["z_phi_xy"]
         lo, hi = zs["std_ci95"]
         row(f"std(z) {part}, phi xy / psi std", zs["std"],
-            f"[0.8, 1.25]; 95% CI {lo:.2f}-{hi:.2f}, n = {zs['n']}")
+            f"{Z_TEXT}; 95% CI {lo:.2f}-{hi:.2f}, n = {zs['n']}")
         sh = z[part].get("sharpness_nm")
         if sh:
             row(f"Spearman |error| vs reported std, {part}", sh["spearman_abs_error_vs_std"],

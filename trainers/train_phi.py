@@ -36,7 +36,7 @@ def main(argv):
     del argv
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
     from smlm_tfdiff.models.training import Trainer, make_strategy
-    strategy = make_strategy(FLAGS.num_replicas)
+    strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
     from smlm_tfdiff.models.phi import PhiConfig, build_phi
     from smlm_tfdiff.models.phi_training import PhiValidation, phi_dataset, phi_loss
 

@@ -62,7 +62,7 @@ def main(argv):
     del argv
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
     from smlm_tfdiff.models.training import Trainer, make_strategy
-    strategy = make_strategy(FLAGS.num_replicas)
+    strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi
     from smlm_tfdiff.pretrained import load_phi_source, save_models

@@ -35,7 +35,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from smlm_tfdiff.models.training import Trainer, make_strategy
-    strategy = make_strategy(FLAGS.num_replicas)
+    strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
     from smlm_tfdiff.pretrained import load_phi_source, save_models
     from smlm_tfdiff.models.psi_training import psi_dataset
     from smlm_tfdiff.experimental.reverse_variance import VarianceLoss, VarianceValidation, build_variance_net

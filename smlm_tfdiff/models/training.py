@@ -82,18 +82,10 @@ def tf_config_workers() -> int:
     return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
 
 
-def _strategy_flag() -> str:
-    """--strategy of the training scripts (trainer_flags) when it is defined and parsed."""
-    from absl import flags
-    if "strategy" in flags.FLAGS and flags.FLAGS.is_parsed():
-        return flags.FLAGS.strategy
-    return "auto"
-
-
 def make_strategy(num_replicas: int = 0, kind: Optional[str] = None):
     """The one strategy for the run; call it before any other TensorFlow op.
 
-    kind: "auto" (None: the --strategy flag when defined, else "auto") is "multi_worker" when
+    kind: "auto" (also None; the training scripts pass their --strategy) is "multi_worker" when
     TF_CONFIG names more than one worker, else what num_replicas asks for:
       num_replicas 0: all GPUs (MirroredStrategy), or the default strategy on a CPU-only machine;
       num_replicas n >= 1: MirroredStrategy over n devices; on a CPU-only machine the CPU is split
@@ -104,7 +96,7 @@ def make_strategy(num_replicas: int = 0, kind: Optional[str] = None):
     worker's gRPC server, so it must precede every other TensorFlow op.
     """
     global _STRATEGY
-    kind = kind or _strategy_flag()
+    kind = kind or "auto"
     if kind not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES} (got {kind!r})")
     if kind == "auto":
