@@ -19,13 +19,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
-from smlm_tfdiff import flags as shared_flags
 import numpy as np
 import tensorflow as tf
 import tifffile
 
-from smlm_tfdiff import SimulationConfig
-from smlm_tfdiff.simulation import simulate
+from smlm_tfdiff import flags as shared_flags
+from smlm_tfdiff import SimulationConfig, simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 
 shared_flags.define_model_flag(savedmodel=True)

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from smlm_tfdiff import SimulationConfig, localization_metrics, oracle_metrics
-from smlm_tfdiff.simulation import simulate
+from smlm_tfdiff import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import (EXTRA_COLUMNS, THUNDERSTORM_COLUMNS, StackError, TiffStack,

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from smlm_tfdiff import SimulationConfig
-from smlm_tfdiff.simulation import simulate
+from smlm_tfdiff import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 from smlm_tfdiff.io.stacks import (OutputError, OutputSet, StackError, TiffStack,
                                   output_folders)
