@@ -763,5 +763,10 @@ def run(argv=None):
     define_flags()
     for module in (__name__, "smlm_tfdiff.flags"):
         for flag in flags.FLAGS.get_flags_for_module(module):
-            flags.FLAGS.register_key_flag_for_module(argv[0], flag)
+            # absl's --help lists the key flags of the module named sys.argv[0].
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
