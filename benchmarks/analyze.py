@@ -18,20 +18,19 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tifffile  # noqa: E402
+from absl import app, flags
+import numpy as np
+import tensorflow as tf
+import tifffile
 
-from smlm_tfdiff import SimulationConfig
-from smlm_tfdiff import simulate
-from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend  # noqa: E402
+from smlm_tfdiff import flags as shared_flags
+from smlm_tfdiff import SimulationConfig, simulate
+from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 
-flags.DEFINE_string("model", "paper", "Bundled model, SavedModel folder or run folder.")
+shared_flags.define_model_flag(savedmodel=True)
+shared_flags.define_sampling_flags(num_samples=16, method=None)
 flags.DEFINE_list("sizes", ["20x20", "64x64"], "Frame sizes HxW in camera pixels.")
 flags.DEFINE_integer("num_frames", 16, "Frames per stack.")
-flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame.")
-flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
 flags.DEFINE_integer("batch_frames", 8, "Frames per batch.")
 FLAGS = flags.FLAGS
 

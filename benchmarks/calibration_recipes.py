@@ -23,16 +23,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags
+import numpy as np
 
-from _validation import mcmc_reference, validation_frames  # noqa: E402
-from smlm_tfdiff.uncertainty import calibration as cal  # noqa: E402
-from smlm_tfdiff.uncertainty import evaluation  # noqa: E402
-from smlm_tfdiff.localization.detection import detect  # noqa: E402
-from smlm_tfdiff.localization.metrics import match  # noqa: E402
-from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe  # noqa: E402
+from _validation import mcmc_reference, validation_frames
+from smlm_tfdiff.uncertainty import calibration as cal
+from smlm_tfdiff.uncertainty import evaluation
+from smlm_tfdiff.localization.detection import detect
+from smlm_tfdiff.localization.metrics import match
+from smlm_tfdiff.pretrained import load_phi_source
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
 
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")

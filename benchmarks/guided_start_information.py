@@ -22,21 +22,21 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
 
-from _validation import validation_frames  # noqa: E402
-from smlm_tfdiff.simulation.physics.fisher import crlb  # noqa: E402
-from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
-from smlm_tfdiff.simulation.simulate import render_kde  # noqa: E402
-from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty  # noqa: E402
+from _validation import validation_frames
+from smlm_tfdiff.simulation.physics.fisher import crlb
+from smlm_tfdiff.pretrained import load_phi_source
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+from smlm_tfdiff.simulation.simulate import render_kde
+from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
-flags.DEFINE_string("model", "paper", "Bundled model name or a model folder with psi.")
+shared_flags.define_model_flag()
+shared_flags.define_sampling_flags(num_samples=48, num_steps=10, method=None)
 flags.DEFINE_list("t_starts", ["100", "50", "30"], "Guided-start steps t* to measure.")
 flags.DEFINE_integer("frames", 12, "Isolated validation frames (seed 778).")
-flags.DEFINE_integer("num_samples", 48, "Posterior samples per frame.")
-flags.DEFINE_integer("num_steps", 10, "Reverse steps (at most t*).")
 FLAGS = flags.FLAGS
 
 

@@ -21,14 +21,14 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_probability as tfp  # noqa: E402
+from absl import app, flags
+import numpy as np
+from scipy import stats
+import tensorflow as tf
+import tensorflow_probability as tfp
 
-import smlm_tfdiff as st  # noqa: E402
-from smlm_tfdiff.uncertainty.mcmc import mcmc_posterior, mcmc_posterior_batch  # noqa: E402
+import smlm_tfdiff as st
+from smlm_tfdiff.uncertainty.mcmc import mcmc_posterior, mcmc_posterior_batch
 
 flags.DEFINE_string("kernels", "rwm,hmc,nuts", "Kernels to time.")
 flags.DEFINE_string("xla", "1,0", "XLA settings to time (1: jit_compile=True, 0: graph only).")

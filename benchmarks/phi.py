@@ -13,14 +13,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags
+import keras
+import tensorflow as tf
 
-import smlm_tfdiff as st  # noqa: E402
-from smlm_tfdiff.models.phi import PhiConfig, build_phi  # noqa: E402
-from smlm_tfdiff.models.phi_training import inference_fn, phi_loss, predict  # noqa: E402
+import smlm_tfdiff as st
+from smlm_tfdiff.models.phi import PhiConfig, build_phi
+from smlm_tfdiff.models.phi_training import inference_fn, phi_loss, predict
 
 flags.DEFINE_string("model", "", "Bundled model name or run folder (default: a fresh default phi; "
                     "speed does not depend on the weights).")

@@ -17,16 +17,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
+import tensorflow as tf
 
-import smlm_tfdiff as st  # noqa: E402
-from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
-from smlm_tfdiff.uncertainty.calibration import std_map_agreement  # noqa: E402
+import smlm_tfdiff as st
+from smlm_tfdiff.pretrained import load_phi_source
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+from smlm_tfdiff.uncertainty.calibration import std_map_agreement
 
-flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
+shared_flags.define_model_flag()
 flags.DEFINE_integer("num_frames", 2, "Held-out paper-preset frames (seed 30000).")
 flags.DEFINE_integer("num_samples", 100, "Posterior samples per frame.")
 flags.DEFINE_list("recipes", ["seeds:noise:ddpm:100", "guided_full:guided:ddpm:100:100",

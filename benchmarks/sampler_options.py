@@ -17,16 +17,17 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
+from absl import app, flags
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
 
-from _validation import mcmc_reference, validation_frames  # noqa: E402
+from _validation import mcmc_reference, validation_frames
 from smlm_tfdiff.uncertainty import calibration as cal
-from smlm_tfdiff.pretrained import load_phi_source  # noqa: E402
-from smlm_tfdiff.diffusion.projection import project_samples  # noqa: E402
-from smlm_tfdiff.diffusion.sampler import PosteriorSampler  # noqa: E402
+from smlm_tfdiff.pretrained import load_phi_source
+from smlm_tfdiff.diffusion.projection import project_samples
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
-flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with psi.")
+shared_flags.define_model_flag()
 flags.DEFINE_integer("iso_frames", 20, "Isolated-emitter frames (validation seed 778).")
 flags.DEFINE_integer("dense_frames", 12, "Paper-preset frames (validation seed 777).")
 flags.DEFINE_list("samplers", ["each:0", "each:1", "final:0", "final:1"],

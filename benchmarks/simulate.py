@@ -12,12 +12,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.special import erf  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from absl import app, flags
+import numpy as np
+from scipy.special import erf
+import tensorflow as tf
 
-import smlm_tfdiff as st  # noqa: E402
+import smlm_tfdiff as st
 
 flags.DEFINE_string("preset", "paper", "Simulation preset.")
 flags.DEFINE_float("seconds", 10.0, "Measuring time per variant.")

@@ -12,12 +12,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from smlm_tfdiff import flags as shared_flags
 
-from absl import app, flags, logging  # noqa: E402
-
-flags.DEFINE_string("model", "paper", "A bundled model name (e.g. 'paper') or a run / model folder "
-                    "with phi and psi (read with smlm_tfdiff.load_models).")
+shared_flags.define_model_flag()
 flags.DEFINE_string("export_dir", None, "Model base path; the SavedModel goes to "
                     "<export_dir>/<version>/.")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Reverse sampler: ddpm (ancestral, eta 1) "

@@ -13,6 +13,7 @@ import sys
 import types
 
 _EXPORTS = {
+    "DetectionConfig": "localization.config",
     "PRESETS": "simulation.config",
     "SimulationConfig": "simulation.config",
     "load_dataset": "simulation.dataset_file",

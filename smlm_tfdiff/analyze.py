@@ -79,6 +79,7 @@ class KerasBackend:
         from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
 
         self.config = models.config
+        self.detection = models.detection
         self.source = models.source
         self._sampler = PosteriorSampler(models)
         self.method = method
@@ -111,6 +112,7 @@ class SavedModelBackend:
 
         self._served = load_savedmodel(path)
         self.config = self._served.sim_config
+        self.detection = self._served.detection
         self.source = str(path)
         self.num_steps = self._served.num_steps  # The export's default.
         self.recipe = {"restart_t": None, "restarts": 0}
@@ -172,7 +174,10 @@ def load_backend(model="paper", method="ddpm", restart_t=None, restarts=1):
 
 def _crlb_nm(xy, intensity, background, config):
     """sqrt of the isolated-emitter CRLB (x, y averaged, N0 unknown) at the fitted photometry, nm;
-    NaN where the photometry failed. A physics reference beside the posterior uncertainty."""
+    NaN where the photometry failed. A physics reference beside the posterior uncertainty.
+
+    xy: [M, 2] LR px in the frame of `config`; intensity, background: [M] photons (per pixel for
+    the background). One batched Fisher-information call for all M."""
     from smlm_tfdiff.simulation.physics.fisher import crlb
 
     out = np.full(len(xy), np.nan)
@@ -180,10 +185,10 @@ def _crlb_nm(xy, intensity, background, config):
     inside = ((xy[:, 0] >= 0) & (xy[:, 0] < config.frame_width) & (xy[:, 1] >= 0)
               & (xy[:, 1] < config.frame_height))
     ok &= inside
-    for i in np.flatnonzero(ok):
-        scene = config.replace(background=max(float(background[i]), 0.0))
-        bound = crlb(xy[i], scene, photons=float(intensity[i]), estimate_photons=True)
-        out[i] = np.sqrt(np.mean(bound[:2] ** 2)) * config.pixel_size_nm
+    if ok.any():
+        bound = crlb(xy[ok], config, photons=intensity[ok], estimate_photons=True,
+                     background=np.maximum(background[ok], 0.0))
+        out[ok] = np.sqrt(np.mean(bound[:, :2] ** 2, axis=1)) * config.pixel_size_nm
     return out
 
 
@@ -526,7 +531,8 @@ class StackAnalyzer:
                 writers["posterior_std"].write(std)
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            found = detect(mean if self.localize_on == "mean" else y_hat, frame_config)
+            found = detect(mean if self.localize_on == "mean" else y_hat, frame_config,
+                           detection=self.backend.detection)
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -565,23 +571,25 @@ class StackAnalyzer:
     def _table(self, found, samples, photons, grid, tile_config, lo, next_id):
         """Localizations of a batch -> ThunderSTORM columns (dict of arrays)."""
         n_tiles = len(grid)
-        cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS}
+        cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS
+                if k != "crlb_xy [nm]"}
+        crlb_in = []  # (local xy [m, 2], intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
         for b, xy in enumerate(found):
             std = np.full((len(xy), 2), np.nan)
             fraction = np.zeros(len(xy))
             owner = grid.owner(xy)
             phot = photometry(photons[b], xy, self.model_config.psf_sigma)
-            bound = np.full(len(xy), np.nan)
+            local = np.zeros_like(xy)  # Positions in their owner tile, for the tile's CRLB.
             for k in np.unique(owner):
                 sel = owner == k
-                local = grid.to_tile(xy[sel], k)
+                local[sel] = grid.to_tile(xy[sel], k)
                 res = localization_uncertainty(samples[b * n_tiles + k], None, tile_config,
-                                               reference=local)
+                                               reference=local[sel],
+                                               detection=self.backend.detection)
                 std[sel] = res["std_nm"]
                 fraction[sel] = res["fraction"]
-                bound[sel] = _crlb_nm(local, phot["intensity"][sel], phot["background"][sel],
-                                      tile_config)
+            crlb_in.append((local, phot["intensity"], phot["background"]))
             m = len(xy)
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
             cols["frame"].append(np.full(m, lo + b + 1))
@@ -595,8 +603,12 @@ class StackAnalyzer:
             cols["uncertainty_x [nm]"].append(std[:, 0])
             cols["uncertainty_y [nm]"].append(std[:, 1])
             cols["detection_fraction"].append(fraction)
-            cols["crlb_xy [nm]"].append(bound)
-        return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+        table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+        # One batched CRLB for every localization of the batch.
+        local, intensity, background = ((np.concatenate(v) for v in zip(*crlb_in)) if crlb_in
+                                        else (np.zeros((0, 2)), np.zeros(0), np.zeros(0)))
+        table["crlb_xy [nm]"] = _crlb_nm(local, intensity, background, tile_config)
+        return table
 
     def _picasso(self, table):
         locs = np.zeros(len(table["id"]), stack_io.PICASSO_DTYPE)
@@ -633,10 +645,11 @@ class StackAnalyzer:
 def define_flags():
     from absl import flags
 
+    from smlm_tfdiff import flags as shared_flags
+
     flags.DEFINE_multi_string("input", None, "TIFF stack(s) or folder(s) of them (repeatable).")
     flags.DEFINE_string("out", "smlm_results", "Output folder; one subfolder per stack.")
-    flags.DEFINE_string("model", "paper", "'paper' (bundled), a SavedModel folder, or a model / "
-                        "training-run folder with phi and psi.")
+    shared_flags.define_model_flag(savedmodel=True)
     flags.DEFINE_float("offset_adu", None, "Camera baseline (offset), ADU.")
     flags.DEFINE_float("gain_adu_per_photon", None, "ADU per detected photon (or give "
                        "--electrons_per_adu).")
@@ -647,22 +660,19 @@ def define_flags():
                        "model's camera).")
     flags.DEFINE_float("pixel_size_nm", None, "Camera pixel size in the sample plane, nm "
                        "(default: the model's).")
-    flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame.")
-    flags.DEFINE_integer("num_steps", None, "Reverse diffusion steps per sample (default: the "
-                         "model's, 10 for the bundled one).")
+    shared_flags.define_sampling_flags(num_samples=16)
     flags.DEFINE_integer("restart_t", None, "Restart sweeps of the sampler from this step "
                          "(with --restarts): the calibrated recipe of --model paper_wide is "
-                         "--restart_t 100 --restarts 2 (README); off by default.")
+                         "--restart_t 100 --restarts 2 (docs/calibration.md); off by default.")
     flags.DEFINE_integer("restarts", 2, "Restart sweeps (with --restart_t), each from the "
                          "previous samples.")
     flags.DEFINE_integer("batch_frames", 8, "Frames per batch (memory is bounded by this).")
     flags.DEFINE_integer("overlap", None, "Tile overlap in camera pixels (default: enough that "
                          "every pixel is within the model's trained region of a tile centre).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same output).")
+    shared_flags.define_seed_flag(0, "Sampling seed (same seed, same output).")
     flags.DEFINE_enum("localize_on", "kde_estimate", ["kde_estimate", "mean"], "Detect on phi's "
                       "KDE estimate (the default: with the bundled models it localizes better "
-                      "than the posterior mean, README) or on psi's posterior mean.")
-    flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler (bundled models).")
+                      "than the posterior mean, docs/sampler.md) or on psi's posterior mean.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -691,7 +701,8 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, terminated)
     if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}; pass stacks with --input")
+        raise SystemExit(f"unexpected arguments {argv[1:]}; pass stacks with --input (the only "
+                         "subcommand is `analyze`, which may also be left out)")
     if not FLAGS.input:
         raise SystemExit("error: no input; pass --input movie.tif (repeatable, or a folder)")
     if FLAGS.offset_adu is None:
@@ -743,12 +754,23 @@ def main(argv):
         raise SystemExit(2) from None
 
 
-def run():
-    """Console-script entry point."""
-    from absl import app
+def run(argv=None):
+    """Console-script entry point: `smlm-tfdiff [analyze] --input ... [flags]`.
 
+    The word `analyze` after the command is accepted (and dropped), so that both spellings work.
+    `--help` lists this command's flags (absl lists the flags of the entry script, which defines
+    none, so they are registered for it here); `--helpfull` adds TensorFlow's and absl's."""
+    from absl import app, flags
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "analyze":
+        del argv[1]
     define_flags()
-    app.run(main)
+    for module in (__name__, "smlm_tfdiff.flags"):
+        for flag in flags.FLAGS.get_flags_for_module(module):
+            # absl's --help lists the key flags of the module named sys.argv[0].
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

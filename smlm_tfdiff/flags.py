@@ -1,6 +1,8 @@
-"""absl flags shared by the training scripts, defined in one place (none required here).
+"""absl flags shared by the scripts (analyze, demo, trainers/, export/, benchmarks/), defined once.
 
-Scripts call `define_trainer_flags()` and mark what they require with `flags.mark_flag_as_required`.
+Training scripts call `define_trainer_flags()`; scripts that load a model and sample its posterior
+call `define_model_flag()`, `define_sampling_flags()` and `define_seed_flag()` with their own
+defaults. None is required here: scripts mark what they require with `flags.mark_flag_as_required`.
 """
 
 import json
@@ -9,9 +11,34 @@ import os
 from absl import app, flags
 
 from smlm_tfdiff.simulation.config import PRESETS
-from smlm_tfdiff.models.training import STRATEGIES, TrainerConfig, worker_out_dir
 
 FLAGS = flags.FLAGS
+METHODS = ("ddpm", "ddim")
+
+
+def define_model_flag(default="paper", savedmodel=False, needs_psi=True):
+    """--model: a bundled model name or a folder (and a SavedModel folder where `savedmodel`)."""
+    what = "phi and psi" if needs_psi else "phi"
+    flags.DEFINE_string(
+        "model", default, "A bundled model name (smlm_tfdiff.pretrained.available(): 'paper', "
+        f"'paper_wide', ...) or a model / training-run folder with {what}"
+        + (", or a SavedModel folder (export/export_savedmodel.py)" if savedmodel else "") + ".")
+
+
+def define_sampling_flags(num_samples=16, num_steps=None, method="ddpm"):
+    """--num_samples, --num_steps and --method of psi's posterior sampler. num_steps=None: the
+    model's own default (diffusion.json); method=None leaves --method out."""
+    flags.DEFINE_integer("num_samples", num_samples, "Posterior samples per frame.")
+    flags.DEFINE_integer("num_steps", num_steps, "Reverse diffusion steps per sample"
+                         + (" (default: the model's, from its diffusion.json)."
+                            if num_steps is None else "."))
+    if method is not None:
+        flags.DEFINE_enum("method", method, list(METHODS), "Reverse sampler: ddpm (ancestral, "
+                          "eta 1; the bundled models' recipe) or ddim (deterministic, eta 0).")
+
+
+def define_seed_flag(default, help_text="Seed (same seed, same output)."):
+    flags.DEFINE_integer("seed", default, help_text)
 
 
 def apply_overrides(config, assignments):
@@ -52,6 +79,8 @@ def sim_config_from_flags(base=None):
 
 
 def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_decay=None):
+    from smlm_tfdiff.models.training import STRATEGIES
+
     flags.DEFINE_string("out_dir", None, "Run folder: checkpoints, TensorBoard events, weights.")
     flags.DEFINE_enum("preset", "paper", sorted(PRESETS), "Simulation preset to train on.")
     flags.DEFINE_string("sim_config", None, "A SimulationConfig JSON file (your camera, optics and "
@@ -67,7 +96,7 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
     flags.DEFINE_float("weight_decay", 0.0, "AdamW weight decay.")
     flags.DEFINE_float("clipnorm", 1.0, "Gradient norm clip (0 disables).")
     flags.DEFINE_float("ema_decay", ema_decay, "EMA decay of the weights (unset: no EMA).")
-    flags.DEFINE_integer("seed", 0, "Training-data seed.")
+    define_seed_flag(0, "Training-data seed.")
     flags.DEFINE_integer("val_seed", 10_000, "Seed of the fixed validation set.")
     flags.DEFINE_integer("val_frames", 256, "Frames in the fixed validation set.")
     flags.DEFINE_integer("num_replicas", 0, "0: all GPUs or the default strategy on a CPU; n: "
@@ -84,13 +113,15 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
 
 
-def trainer_config_from_flags() -> TrainerConfig:
+def trainer_config_from_flags():
     """The TrainerConfig the flags ask for; with --noresume an --out_dir that already holds
     checkpoints is a usage error.
 
     Call it after make_strategy: on a non-chief worker of a multi-worker run, out_dir is that
     worker's scratch folder (so what the script writes at the end never clashes with the chief's
-    files) and run_dir the shared --out_dir."""
+    files) and run_dir the shared --out_dir. Returns a models.training.TrainerConfig."""
+    from smlm_tfdiff.models.training import TrainerConfig, worker_out_dir
+
     f = flags.FLAGS
     out_dir = worker_out_dir(f.out_dir)
     ckpt_dir = os.path.join(f.out_dir, "checkpoints")

@@ -11,8 +11,9 @@ import os
 import warnings
 from typing import Any, Optional
 
-from smlm_tfdiff.simulation.config import SimulationConfig
+from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
+from smlm_tfdiff.simulation.config import SimulationConfig
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -30,9 +31,12 @@ class Pretrained:
     t_start: Optional[int] = None  # Default guided-start step of the sampler.
     num_steps: Optional[int] = None  # Default number of reverse steps from t_start.
     psi_var: Optional[Any] = None  # psi's learned per-pixel residual variance (reverse_variance.py).
+    # Detection in phi's and psi's KDEs: detection.json, or the detect_* keys of an older
+    # sim_config.json, else the defaults.
+    detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
 
     def scene_config(self, preset: str) -> SimulationConfig:
-        """The model's config (camera, optics, KDE grid, detection) with the scene of `preset`
+        """The model's config (camera, optics, KDE grid) with the scene of `preset`
         (emitter count, region, photons, background): held-out data the model is meant for."""
         scene = SimulationConfig.preset(preset)
         return self.config.replace(**{k: getattr(scene, k) for k in SCENE_FIELDS})
@@ -55,7 +59,9 @@ def load_phi(run_dir):
             f"{run_dir!r} lacks {missing}; train phi with `python trainers/train_phi.py "
             f"--out_dir {run_dir}` (it writes these files when it finishes)")
     with open(os.path.join(run_dir, "sim_config.json")) as f:
-        config = SimulationConfig.from_json(f.read())
+        sim_dict = json.load(f)
+    config = SimulationConfig.from_dict(sim_dict)
+    detection = _load_detection(run_dir, sim_dict)
     with open(os.path.join(run_dir, "phi_config.json")) as f:
         phi_config = PhiConfig.from_json(f.read())
     phi = build_phi(config, phi_config)
@@ -72,7 +78,17 @@ def load_phi(run_dir):
         for layer in phi.layers:
             if layer.weights:
                 layer.set_weights(legacy.get_layer(layer.name).get_weights())
-    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=run_dir)
+    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=run_dir,
+                      detection=detection)
+
+
+def _load_detection(run_dir, sim_dict):
+    """detection.json of a model folder, else the detect_* keys of its sim_config.json dict."""
+    path = os.path.join(run_dir, "detection.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return DetectionConfig.from_json(f.read())
+    return DetectionConfig.from_legacy(sim_dict)
 
 
 def _load_phi_checkpoint(run_dir):
@@ -84,7 +100,8 @@ def _load_phi_checkpoint(run_dir):
     latest = _latest_checkpoint(run_dir)
     phi = build_phi(config, phi_config)
     tf.train.Checkpoint(model=phi).restore(latest).expect_partial()
-    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=latest)
+    return Pretrained(phi=phi, config=config, phi_config=phi_config, source=latest,
+                      detection=DetectionConfig.from_legacy(info["sim_config"]))
 
 
 def load_models(run_dir):
@@ -207,6 +224,7 @@ def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None, psi_
     write("phi.weights.h5", models.phi.save_weights)
     write("phi_config.json", text(models.phi_config.to_json()))
     write("sim_config.json", text(models.config.to_json()))
+    write("detection.json", text(models.detection.to_json()))
     if psi is not None:
         write("psi.weights.h5", psi.save_weights)
         write("psi_config.json", text(psi_config.to_json()))

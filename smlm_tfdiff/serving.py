@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
+from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space
 from smlm_tfdiff.diffusion.sampler import METHODS, default_recipe, make_sample_loop
@@ -130,7 +131,9 @@ class SamplerModule(tf.Module):
                      "method": method, "eta": self._eta, "start": "guided",
                      "max_images_per_request": self._max_images,
                      "reverse_variance": "fixed" if self.psi_var is None else "learned"}
-        texts = {"sim_config.json": sim_config.to_json(),
+        # The detection settings ride in sim_config.json under their pre-split keys.
+        texts = {"sim_config.json": json.dumps({**sim_config.to_dict(),
+                                                **models.detection.to_legacy()}, sort_keys=True),
                  "psi_config.json": models.psi_config.to_json(),
                  "diffusion.json": json.dumps(diffusion, sort_keys=True)}
         # Plain attributes readable after tf.saved_model.load (.numpy()). Non-trainable variables,
@@ -341,7 +344,9 @@ class ServedSampler:
             raise FileNotFoundError(f"no SavedModel at {path!r} (no saved_model.pb){hint}")
         self.path = path
         self.loaded = tf.saved_model.load(path)
-        self.sim_config = SimulationConfig.from_json(self.loaded.sim_config_json.numpy().decode())
+        sim_dict = json.loads(self.loaded.sim_config_json.numpy().decode())
+        self.sim_config = SimulationConfig.from_dict(sim_dict)
+        self.detection = DetectionConfig.from_legacy(sim_dict)
         self.psi_config_json = self.loaded.psi_config_json.numpy().decode()
         self.diffusion_json = self.loaded.diffusion_json.numpy().decode()
         diffusion = json.loads(self.diffusion_json)

@@ -409,3 +409,20 @@ def test_command_line_killed_runs_resume(tmp_path):
         assert ((tmp_path / "out" / "movie" / name).read_bytes()
                 == (tmp_path / "whole" / "movie" / name).read_bytes()), name
     assert sorted(os.listdir(tmp_path / "out")) == ["movie"]
+
+
+def test_command_accepts_the_analyze_subcommand_and_help_lists_its_flags():
+    """`smlm-tfdiff analyze --help` (the console script's entry point, in its own process: the
+    flags are parsed once per process) lists the command's flags without --helpfull."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    code = "import sys; from smlm_tfdiff.analyze import run; run(['smlm-tfdiff'] + sys.argv[1:])"
+    res = subprocess.run([sys.executable, "-c", code, "analyze", "--help"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode in (0, 1), res.stderr[-2000:]  # absl's --help exits with 1.
+    assert "Traceback" not in res.stderr
+    for flag in ("--input", "--offset_adu", "--model", "--num_samples", "--num_steps", "--seed",
+                 "--method", "--restart_t", "--[no]allow_partial"):
+        assert flag in res.stdout, flag
+    res = subprocess.run([sys.executable, "-c", code, "analyse", "--input", "x.tif"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0 and "the only subcommand is `analyze`" in res.stderr

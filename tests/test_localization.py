@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from scipy import ndimage
 
 import smlm_tfdiff as st
 from smlm_tfdiff.localization import detection
+from smlm_tfdiff.localization.config import DetectionConfig
 
 NM = 108.3  # LR pixel size of the paper preset.
 
@@ -277,29 +279,51 @@ def test_detect_rejects_bad_options(paper):
 
 
 @pytest.mark.parametrize("changes, field", [
-    (dict(detect_threshold=0.0), "detect_threshold"),
-    (dict(detect_threshold=float("nan")), "detect_threshold"),
-    (dict(detect_min_sigma=-1.0), "detect_min_sigma"),
-    (dict(detect_max_sigma=1.0), "detect_max_sigma"),  # Below detect_min_sigma.
-    (dict(detect_num_sigma=0), "detect_num_sigma"),
-    (dict(detect_num_sigma=2.5), "detect_num_sigma"),
+    (dict(threshold=0.0), "threshold"),
+    (dict(threshold=float("nan")), "threshold"),
+    (dict(min_sigma=-1.0), "min_sigma"),
+    (dict(max_sigma=1.0), "max_sigma"),  # Below min_sigma.
+    (dict(num_sigma=0), "num_sigma"),
+    (dict(num_sigma=2.5), "num_sigma"),
     (dict(refine_radius=0), "refine_radius"),
+    (dict(threshold="0.2"), "threshold"),
 ])
 def test_bad_detection_config_names_the_field(changes, field):
-    with pytest.raises(ValueError, match=rf"SimulationConfig\.{field}"):
-        st.SimulationConfig.preset("paper", **changes)
+    with pytest.raises(ValueError, match=rf"DetectionConfig\.{field}"):
+        DetectionConfig(**changes)
 
 
 def test_detection_config_round_trips_and_drives_detect(paper):
-    c = paper.replace(detect_threshold=0.3, detect_min_sigma=1.5, detect_max_sigma=3.0,
-                      detect_num_sigma=2, refine_radius=4)
-    assert st.SimulationConfig.from_json(c.to_json()) == c
-    assert c.to_dict()["refine_radius"] == 4
+    c = DetectionConfig(threshold=0.3, min_sigma=1.5, max_sigma=3.0, num_sigma=2, refine_radius=4)
+    assert DetectionConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="unknown DetectionConfig fields"):
+        DetectionConfig.from_dict({"threshold": 0.3, "thresold": 0.2})
     # A threshold above the response of one emitter (~0.43) finds nothing.
     kde = st.render_kde([[10.2, 9.7]], paper)
-    assert st.detect(kde, paper.replace(detect_threshold=0.5)).shape == (0, 2)
+    assert st.detect(kde, paper, detection=DetectionConfig(threshold=0.5)).shape == (0, 2)
     assert st.detect(kde, paper, threshold=0.5).shape == (0, 2)
-    np.testing.assert_allclose(st.detect(kde, c), [[10.2, 9.7]], atol=1e-6)
+    np.testing.assert_allclose(st.detect(kde, paper, detection=c), [[10.2, 9.7]], atol=1e-6)
+    with pytest.raises(TypeError, match="DetectionConfig"):
+        st.detect(kde, paper, detection={"threshold": 0.5})
+
+
+def test_pre_split_sim_config_files_still_load_with_their_detection_settings(tmp_path):
+    """sim_config.json files written before DetectionConfig held detect_* and refine_radius."""
+    old = {**st.SimulationConfig.preset("paper").to_dict(), "detect_threshold": 0.35,
+           "detect_min_sigma": 2.0, "detect_max_sigma": 2.0, "detect_num_sigma": 1,
+           "refine_radius": 4}
+    assert st.SimulationConfig.from_dict(old) == st.SimulationConfig.preset("paper")
+    det = DetectionConfig.from_legacy(old)
+    assert det == DetectionConfig(threshold=0.35, refine_radius=4)
+    assert DetectionConfig.from_legacy(det.to_legacy()) == det
+    # A model folder: detection.json wins over the legacy keys; without it the legacy keys count.
+    from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi
+    for name in ("phi.weights.h5", "phi_config.json"):
+        (tmp_path / name).write_bytes((pathlib.Path(WEIGHTS_DIR) / "paper" / name).read_bytes())
+    (tmp_path / "sim_config.json").write_text(json.dumps(old))
+    assert load_phi(str(tmp_path)).detection == det
+    (tmp_path / "detection.json").write_text(DetectionConfig(threshold=0.25).to_json())
+    assert load_phi(str(tmp_path)).detection == DetectionConfig(threshold=0.25)
 
 
 def test_true_kde_matches_render_kde_and_checks_input(paper):

@@ -156,3 +156,34 @@ def test_crlb_paper_value_and_scaling(paper):
         st.crlb([10.0], paper)
     with pytest.raises(ValueError, match="photons"):
         st.crlb([10.0, 10.0], paper, photons=-1.0)
+
+
+def test_crlb_per_emitter_background_equals_one_config_per_emitter(paper):
+    """The batched CRLB (one background per emitter, as analyze's crlb_xy column uses it) against
+    one call per emitter with that background in the config."""
+    pos = np.array([[10.0, 10.0], [3.3, 15.2], [0.4, 19.7]])
+    photons = np.array([200.0, 1500.0, 80.0])
+    background = np.array([0.0, 12.5, 40.0])
+    batch = st.crlb(pos, paper, photons=photons, estimate_photons=True, background=background)
+    for k in range(len(pos)):
+        one = st.crlb(pos[k], paper.replace(background=background[k]), photons=photons[k],
+                      estimate_photons=True)
+        np.testing.assert_allclose(batch[k], one, rtol=1e-12)
+    # More background, wider bound.
+    assert st.crlb(pos[0], paper, background=10.0)[0] > st.crlb(pos[0], paper)[0]
+    with pytest.raises(ValueError, match="background"):
+        st.crlb(pos, paper, background=[0.0, -1.0, 0.0])
+
+
+def test_numpy_pixel_integrals_equal_the_tensorflow_ones():
+    from smlm_tfdiff.simulation.physics.psf import pixel_integrals, pixel_integrals_numpy
+
+    coord = np.array([-0.7, 0.0, 3.25, 9.999, 12.5])
+    ref = pixel_integrals(coord, 12, 0.92, dtype=tf.float64).numpy()
+    values, slope = pixel_integrals_numpy(coord, 12, 0.92, with_derivative=True)
+    np.testing.assert_allclose(values, ref, rtol=0, atol=1e-15)
+    # The derivative against central differences of the integrals themselves.
+    h = 1e-6
+    numeric = (pixel_integrals_numpy(coord + h, 12, 0.92) - pixel_integrals_numpy(coord - h, 12,
+                                                                                  0.92)) / (2 * h)
+    np.testing.assert_allclose(slope, numeric, atol=1e-8)

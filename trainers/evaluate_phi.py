@@ -9,15 +9,13 @@
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
 
-from absl import app, flags, logging  # noqa: E402
-import numpy as np  # noqa: E402
-
-flags.DEFINE_string("model", "paper", "Bundled model name or a run folder with phi.weights.h5.")
+shared_flags.define_model_flag(needs_psi=False)
 flags.DEFINE_string("out_dir", None, "Where metrics.json and the figure go.")
 flags.DEFINE_list("presets", ["paper", "isolated", "bright"], "Held-out presets to evaluate.")
 flags.DEFINE_integer("num_frames", 1000, "Frames per held-out set.")

@@ -15,20 +15,15 @@ posterior.png (frame, y_hat, truth, posterior samples, mean and std: the seeds' 
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
 
-from absl import app, flags, logging  # noqa: E402
-import numpy as np  # noqa: E402
-
-flags.DEFINE_string("model", "paper", "Bundled model name or a psi run folder.")
+shared_flags.define_model_flag()
+shared_flags.define_sampling_flags(num_samples=32)
 flags.DEFINE_string("out_dir", None, "Where metrics.json and the figure go.")
 flags.DEFINE_integer("num_frames", 100, "Held-out frames for the accuracy comparison.")
-flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame for the accuracy comparison.")
-flags.DEFINE_integer("num_steps", None, "Reverse steps of the default recipe (default: the "
-                     "model's).")
-flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
 flags.DEFINE_integer("recipe_frames", 2, "Frames for the recipe comparison (the seeds' recipe "
                      "costs 10,000 network evaluations per frame).")
 flags.DEFINE_integer("recipe_samples", 100, "Samples per frame in the recipe comparison.")

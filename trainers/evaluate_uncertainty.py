@@ -21,22 +21,17 @@ smlm_tfdiff/uncertainty/calibration.py.
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from smlm_tfdiff import flags as shared_flags
+import numpy as np
 
-from absl import app, flags, logging  # noqa: E402
-import numpy as np  # noqa: E402
-
-flags.DEFINE_string("model", "paper", "Bundled model name or a psi run folder.")
+shared_flags.define_model_flag()
+shared_flags.define_sampling_flags(num_samples=100)
 flags.DEFINE_string("out_dir", None, "Where metrics.json and the figures go.")
 flags.DEFINE_integer("seed", 20_000, "Seed of the held-out frames (never used for training).")
 flags.DEFINE_integer("iso_frames", 15, "Isolated-emitter frames for the MCMC comparison.")
-flags.DEFINE_integer("num_samples", 100, "Posterior samples per frame.")
-flags.DEFINE_integer("num_steps", None, "Reverse steps of the default recipe (default: the "
-                     "model's for its own t_start, else t_start).")
-flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Sampler of the default recipe.")
 flags.DEFINE_integer("t_start", None, "Guided start step (default: the model's).")
 flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (PosteriorSampler "
                      "restart_t; default: none).")

@@ -11,12 +11,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
-                                       trainer_config_from_flags)
+from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,
+                               trainer_config_from_flags)
 
 define_trainer_flags(steps=10000, batch_size=64, learning_rate=2e-3)
 flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")

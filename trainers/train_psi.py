@@ -16,12 +16,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,  # noqa: E402
-                                       trainer_config_from_flags)
+from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,
+                               trainer_config_from_flags)
 
 define_trainer_flags(steps=20000, batch_size=32, learning_rate=1e-3, ema_decay=0.999)
 flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a phi run folder.")

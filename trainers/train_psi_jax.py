@@ -18,9 +18,7 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 flags.DEFINE_string("out_dir", None, "Model folder to write (load_models reads it).")
 flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a model folder.")

@@ -7,12 +7,8 @@ rms residual of that fit in the window. Units: photons, photons per pixel.
 """
 
 import numpy as np
-from scipy.special import erf
 
-
-def _integrated_1d(edges_lo, centre, sigma):
-    s = np.sqrt(2.0) * sigma
-    return 0.5 * (erf((edges_lo + 1.0 - centre) / s) - erf((edges_lo - centre) / s))
+from smlm_tfdiff.simulation.physics.psf import pixel_integrals_numpy
 
 
 def photometry(photon_frame, xy, psf_sigma, radius=3):
@@ -58,8 +54,10 @@ def photometry(photon_frame, xy, psf_sigma, radius=3):
         mask = np.zeros(yy.shape, bool)
         for r, c in zip(rows, cols):
             mask |= (np.abs(yy - r) <= radius) & (np.abs(xx - c) <= radius)
-        design = [(_integrated_1d(xx[mask], x, psf_sigma) * _integrated_1d(yy[mask], y, psf_sigma))
-                  for x, y in pts]
+        # PSF of each localization on the window: dE_x(col) * dE_y(row), window coordinates.
+        ex = pixel_integrals_numpy(pts[:, 0] - c0, c1 - c0, psf_sigma)  # [M, w]
+        ey = pixel_integrals_numpy(pts[:, 1] - r0, r1 - r0, psf_sigma)  # [M, h]
+        design = [ey[k][yy[mask] - r0] * ex[k][xx[mask] - c0] for k in range(len(pts))]
         design.append(np.ones(mask.sum()))
         a = np.stack(design, axis=1)
         data = image[r0:r1, c0:c1][mask]

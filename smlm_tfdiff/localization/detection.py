@@ -7,7 +7,7 @@ KDEs are [H, W] arrays on the HR grid (u = ``config.upsample`` times finer), ind
     detect(kde, config)                  -> [M, 2] positions (or a list of them for a batch)
 
 Detection: maxima of the scale-normalised Laplacian of Gaussian (``skimage.feature.blob_log``,
-scales detect_min_sigma..detect_max_sigma HR px) above ``config.detect_threshold``: HR pixels.
+scales min_sigma..max_sigma HR px of a DetectionConfig) above its ``threshold``: HR pixels.
 The KDE kernel has one known width, so the defaults use one LoG scale, 2 HR px: it separates close
 emitters better than scales >= kde_sigma, and a scale search lets the coarse scales of merged pairs
 suppress the fine ones (oracle recall 0.82 at 2 HR px vs 0.72 at 2..4 before deblending). An
@@ -41,9 +41,10 @@ from typing import Tuple
 import numpy as np
 from scipy import spatial
 from scipy.sparse.csgraph import connected_components
-from scipy.special import erf
 from skimage.feature import blob_log
 
+from smlm_tfdiff.localization.config import DetectionConfig
+from smlm_tfdiff.simulation.physics.psf import pixel_integrals_numpy
 from smlm_tfdiff.validation import as_numpy, check_config
 
 REFINE_MODES = ("gaussian", "centroid", "none")
@@ -94,10 +95,7 @@ def log_peaks(image, threshold, min_sigma, max_sigma, num_sigma, overlap=0.5) ->
 
 def _pixel_integrals(coord, num, sigma):
     """dE [M, num] and d(dE)/d(coord) [M, num] of N(coord, sigma^2) over unit pixels [j, j+1)."""
-    edges = np.arange(num + 1, dtype=np.float64)[None, :] - np.asarray(coord)[:, None]
-    cdf = 0.5 * erf(edges / (_SQRT2 * sigma))
-    pdf = np.exp(-0.5 * (edges / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
-    return cdf[:, 1:] - cdf[:, :-1], pdf[:, :-1] - pdf[:, 1:]
+    return pixel_integrals_numpy(coord, num, sigma, with_derivative=True)
 
 
 def _refine_none(image, peaks):
@@ -363,15 +361,16 @@ def _merge_close(xy, amp, merge_distance):
     return xy[alive], amp[alive]
 
 
-def detect(kde, config, threshold=None, refine="gaussian", *, min_sigma=None, max_sigma=None,
-           num_sigma=None, refine_radius=None, deblend=True, overlap=0.5, merge_distance=1.0,
-           return_amplitude=False):
+def detect(kde, config, threshold=None, refine="gaussian", *, detection=None, min_sigma=None,
+           max_sigma=None, num_sigma=None, refine_radius=None, deblend=True, overlap=0.5,
+           merge_distance=1.0, return_amplitude=False):
     """Emitter positions from KDE image(s).
 
-    kde: [H, W], [H, W, 1], [B, H, W] or [B, H, W, 1] (NumPy or tf), HR grid of ``config``.
-    threshold, min_sigma, max_sigma, num_sigma, refine_radius: override the config's
-        detect_threshold (scale-normalised LoG response), detect_*_sigma (HR px) and refine_radius
-        (HR px).
+    kde: [H, W], [H, W, 1], [B, H, W] or [B, H, W, 1] (NumPy or tf), HR grid of ``config`` (a
+        SimulationConfig: upsample, kde_sigma).
+    detection: a DetectionConfig (None: its defaults). threshold, min_sigma, max_sigma, num_sigma,
+        refine_radius override its fields: scale-normalised LoG response, LoG scales (HR px) and
+        refinement half-width (HR px).
     refine: "gaussian" (joint pixel-integrated Gaussian fit), "centroid" or "none" (module doc).
     deblend: "gaussian" only: True splits peaks whose fitted amplitude says they hold several
         emitters, adds emitters found in the fit residual and drops fits below half an emitter
@@ -386,11 +385,15 @@ def detect(kde, config, threshold=None, refine="gaussian", *, min_sigma=None, ma
     images, batched = _kde_batch(kde)
     if refine not in REFINE_MODES:
         raise ValueError(f"refine must be one of {REFINE_MODES} (got {refine!r})")
-    threshold = config.detect_threshold if threshold is None else float(threshold)
-    min_sigma = config.detect_min_sigma if min_sigma is None else float(min_sigma)
-    max_sigma = config.detect_max_sigma if max_sigma is None else float(max_sigma)
-    num_sigma = config.detect_num_sigma if num_sigma is None else int(num_sigma)
-    radius = config.refine_radius if refine_radius is None else int(refine_radius)
+    if detection is None:
+        detection = DetectionConfig()
+    elif not isinstance(detection, DetectionConfig):
+        raise TypeError(f"detection must be a DetectionConfig (got {type(detection).__name__})")
+    threshold = detection.threshold if threshold is None else float(threshold)
+    min_sigma = detection.min_sigma if min_sigma is None else float(min_sigma)
+    max_sigma = detection.max_sigma if max_sigma is None else float(max_sigma)
+    num_sigma = detection.num_sigma if num_sigma is None else int(num_sigma)
+    radius = detection.refine_radius if refine_radius is None else int(refine_radius)
     if not (np.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a finite number > 0 (got {threshold!r})")
     if not (0 < min_sigma <= max_sigma and np.isfinite(max_sigma)):

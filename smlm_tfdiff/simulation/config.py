@@ -21,6 +21,9 @@ ScalarOrMap = Union[float, int, np.ndarray]
 _MAP_FIELDS = ("gain", "offset", "readout_var", "background")
 _COUNT_MODES = ("fixed", "poisson")
 _REGIONS = ("disc", "frame")
+# Detection settings that sim_config.json held before localization.config.DetectionConfig.
+_LEGACY_DETECTION_KEYS = ("detect_threshold", "detect_min_sigma", "detect_max_sigma",
+                          "detect_num_sigma", "refine_radius")
 
 
 def _is_number(value) -> bool:
@@ -64,12 +67,6 @@ class SimulationConfig:
     # KDE target grid.
     upsample: int = 4
     kde_sigma: float = 3.0  # HR pixels.
-    # Detection on the KDE (LoG + sub-pixel refinement); see smlm_tfdiff.localization.detection.
-    detect_threshold: float = 0.2  # Scale-normalised LoG response, KDE units (~0.43 per emitter).
-    detect_min_sigma: float = 2.0  # LoG scales in HR pixels; one scale by default (the KDE kernel
-    detect_max_sigma: float = 2.0  # width is known; a scale search lets merged pairs suppress
-    detect_num_sigma: int = 1  # resolved ones).
-    refine_radius: int = 3  # Half-width of the sub-pixel refinement window, HR pixels.
 
     def __post_init__(self):
         self._check_types()
@@ -185,7 +182,6 @@ class SimulationConfig:
                 fail("margin", f"must be >= 0 LR pixels (got {self.margin!r})")
             if 2 * self.margin >= min(h, w):
                 fail("margin", f"{self.margin} px on each side leaves no room in a {w}x{h} frame")
-        self._validate_detection(fail)
         for field in _MAP_FIELDS:
             value = getattr(self, field)
             arr = np.asarray(value, dtype=np.float64)
@@ -199,21 +195,6 @@ class SimulationConfig:
                 fail(field, "must be > 0 ADU per photon everywhere")
             if field in ("readout_var", "background") and np.any(arr < 0):
                 fail(field, "must be >= 0 everywhere")
-
-    def _validate_detection(self, fail) -> None:
-        for field in ("detect_num_sigma", "refine_radius"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                fail(field, f"must be an integer (got {value!r})")
-            if value < 1:
-                fail(field, f"must be >= 1 (got {value})")
-        if not (np.isfinite(self.detect_threshold) and self.detect_threshold > 0):
-            fail("detect_threshold", f"must be a finite number > 0 (got {self.detect_threshold!r})")
-        lo, hi = self.detect_min_sigma, self.detect_max_sigma
-        if not (np.isfinite(lo) and lo > 0):
-            fail("detect_min_sigma", f"must be a finite number > 0 HR pixels (got {lo!r})")
-        if not (np.isfinite(hi) and hi >= lo):
-            fail("detect_max_sigma", f"must be finite and >= detect_min_sigma {lo} (got {hi!r})")
 
     # ------------------------------------------------------------ derived values
     @property
@@ -269,7 +250,11 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SimulationConfig":
+        """From to_dict()'s dict. The detection settings that files written before the split into
+        DetectionConfig carry (detect_*, refine_radius) are skipped here: DetectionConfig.from_legacy
+        reads them."""
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in _LEGACY_DETECTION_KEYS}
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown SimulationConfig fields {sorted(unknown)}")

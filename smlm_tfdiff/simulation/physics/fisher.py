@@ -12,8 +12,9 @@ from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 
 
 def fisher_information(positions, config, photons=None, estimate_photons=False,
-                       dtype=tf.float64):
-    """positions: [B, 2] LR pixels; photons: [B] or None (config.photons).
+                       dtype=tf.float64, background=None):
+    """positions: [B, 2] LR pixels; photons: [B] or None (config.photons); background: [B]
+    photons per pixel, one per emitter, or None (config.background, scalar or [H, W] map).
 
     Returns [B, P, P] with P = 2 (x, y) or 3 (x, y, N0) when estimate_photons.
     """
@@ -29,7 +30,9 @@ def fisher_information(positions, config, photons=None, estimate_photons=False,
         tangent = tf.one_hot(tf.fill([batch], p), 3, dtype=dtype)
         with tf.autodiff.ForwardAccumulator(theta, tangent) as acc:
             omega = expected_counts_batch(theta[:, None, :2], theta[:, None, 2], config,
-                                          dtype=dtype)
+                                          include_background=background is None, dtype=dtype)
+            if background is not None:
+                omega = omega + tf.reshape(tf.cast(background, dtype), [-1, 1, 1])
             flat = tf.reshape(omega, [batch, -1])
         columns.append(acc.jvp(flat))
     jac = tf.stack(columns, axis=-1)  # [B, HW, P]
@@ -38,11 +41,12 @@ def fisher_information(positions, config, photons=None, estimate_photons=False,
     return tf.einsum("bki,bkj->bij", jac / omega_prime[..., None], jac)
 
 
-def crlb(position, config, photons=None, estimate_photons=False):
+def crlb(position, config, photons=None, estimate_photons=False, background=None):
     """sqrt of the CRLB diagonal for (x, y) [and N0], in LR pixels (photons for N0).
 
-    position: [2] or [B, 2] (x, y) in LR pixels. With estimate_photons the x, y bounds account for
-    N0 being unknown too. Returns a NumPy array [P] or [B, P].
+    position: [2] or [B, 2] (x, y) in LR pixels; photons: scalar or [B] (None: config.photons);
+    background: scalar or [B] photons per pixel (None: config.background). With estimate_photons
+    the x, y bounds account for N0 being unknown too. Returns a NumPy array [P] or [B, P].
     """
     pos = np.asarray(position, dtype=np.float64)
     if pos.shape[-1:] != (2,) or pos.ndim not in (1, 2):
@@ -55,7 +59,12 @@ def crlb(position, config, photons=None, estimate_photons=False):
         photons = np.broadcast_to(np.asarray(photons, np.float64), pos.shape[:1])
         if np.any(~np.isfinite(photons)) or np.any(photons <= 0):
             raise ValueError("photons must be finite and > 0")
-    info = fisher_information(pos, config, photons, estimate_photons).numpy()
+    if background is not None:
+        background = np.broadcast_to(np.asarray(background, np.float64), pos.shape[:1])
+        if np.any(~np.isfinite(background)) or np.any(background < 0):
+            raise ValueError("background must be finite and >= 0 photons per pixel")
+    info = fisher_information(pos, config, photons, estimate_photons,
+                              background=background).numpy()
     bound = np.sqrt(np.diagonal(np.linalg.inv(info), axis1=-2, axis2=-1))
     return bound[0] if single else bound
 

@@ -1,8 +1,16 @@
-"""Pixel-integrated isotropic Gaussian PSF (seeds eq. 2 / A.3) and expected photon counts."""
+"""Pixel-integrated isotropic Gaussian PSF (seeds eq. 2 / A.3) and expected photon counts.
+
+The one pixel-integrated Gaussian of the package, in two array libraries: `pixel_integrals` (tf,
+inside the simulator's and the likelihood's graphs) and `pixel_integrals_numpy` (the small eager
+fits of detection and photometry, where a TensorFlow call per iteration would cost more than the
+arithmetic). Both evaluate the same erf differences; tests check that they agree.
+"""
 
 import math
 
+import numpy as np
 import tensorflow as tf
+from scipy.special import erf
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -18,6 +26,21 @@ def pixel_integrals(coord, num_pixels: int, sigma, dtype=tf.float32):
     sigma = tf.constant(sigma, dtype) if isinstance(sigma, (int, float)) else tf.cast(sigma, dtype)
     cdf = 0.5 * tf.math.erf((edges - coord[..., None]) / (_SQRT2 * sigma))
     return cdf[..., 1:] - cdf[..., :-1]
+
+
+def pixel_integrals_numpy(coord, num_pixels: int, sigma, with_derivative=False):
+    """NumPy twin of `pixel_integrals` in float64: coord [M] pixel units -> dE [M, num_pixels].
+
+    with_derivative=True also returns d(dE)/d(coord) [M, num_pixels] (for Gauss-Newton fits).
+    """
+    edges = np.arange(num_pixels + 1, dtype=np.float64)[None, :] - np.asarray(
+        coord, np.float64).reshape(-1)[:, None]
+    cdf = 0.5 * erf(edges / (_SQRT2 * sigma))
+    integrals = cdf[:, 1:] - cdf[:, :-1]
+    if not with_derivative:
+        return integrals
+    pdf = np.exp(-0.5 * (edges / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
+    return integrals, pdf[:, :-1] - pdf[:, 1:]
 
 
 def psf_images(positions, shape, sigma, weights, dtype=tf.float32, fused=False):
