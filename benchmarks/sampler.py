@@ -35,7 +35,7 @@ flags.DEFINE_list("recipes", ["seeds:noise:ddpm:100", "guided_full:guided:ddpm:1
                               "guided_ddpm10:guided:ddpm:10:100",
                               "fast_t30_ddpm5:guided:ddpm:5:30"],
                   "Recipes name:start:method:steps[:t_start]; guided_ddpm10 is the bundled "
-                  "model's default, fast_t30_ddpm5 the earlier fast one (README: calibration).")
+                  "model's default, fast_t30_ddpm5 the earlier fast one (docs/calibration.md).")
 flags.DEFINE_string("reference", "guided_full", "Recipe the others are compared with (besides "
                     "the first, the seeds').")
 flags.DEFINE_bool("jit_compile", True, "XLA for the sampling loop.")

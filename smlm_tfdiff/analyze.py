@@ -5,7 +5,7 @@
 
 Per stack (written to <out>/<stack name>/, all at once when the stack is done; stacks with the same
 name get their parent folders' names in front; existing results are refused unless --overwrite,
-which replaces the folder whole; a killed run resumes from its last checkpoint, README "analyze"):
+which replaces the folder whole; a killed run resumes from its last checkpoint, docs/analyze.md):
   <name>.csv            ThunderSTORM localizations (frames 1-based, nm, photons, uncertainty_xy
                         = the posterior std of the localization, from psi's samples)
   <name>_locs.hdf5/.yaml  Picasso localizations (--picasso)
@@ -85,7 +85,7 @@ class KerasBackend:
         self.method = method
         self.num_steps = default_recipe(models)[1]  # The model's default.
         # Restart sweeps (PosteriorSampler restart_t, restarts): the calibrated recipe of the
-        # paper_wide model (README, "A 4x psi trained on a GPU"); off by default.
+        # paper_wide model (docs/calibration.md, "A 4x psi trained on a GPU"); off by default.
         if restart_t is not None and not 1 <= int(restart_t) <= models.schedule.T:
             raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
         if int(restarts) < 1:

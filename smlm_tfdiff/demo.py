@@ -28,6 +28,7 @@ import time
 from absl import app, flags
 import numpy as np
 
+from smlm_tfdiff import flags as shared_flags
 from smlm_tfdiff.simulation.physics.fisher import crlb
 
 # --quick: a much smaller run (tests); explicit flags still win.
@@ -44,22 +45,19 @@ HEADLINE = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lat
 
 def define_flags():
     flags.DEFINE_string("out", "demo_output", "Output folder (data, analysis, figures, report).")
-    flags.DEFINE_string("model", "paper", "Bundled model name or a psi training-run folder "
-                        "(phi and psi), e.g. runs/reproduce/psi_paper.")
+    shared_flags.define_model_flag()
     flags.DEFINE_integer("num_frames", 8, "Paper-preset frames in the demo stack.")
-    flags.DEFINE_integer("seed", 50_000, "Seed of the demo data (held out: training uses seeds "
-                         "0.., validation 10000).")
-    flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame in analyze.")
-    flags.DEFINE_integer("num_steps", None, "Reverse diffusion steps per sample (all psi runs; "
-                         "default: the model's, 10 for the bundled one).")
+    shared_flags.define_seed_flag(50_000, "Seed of the demo data (held out: training uses seeds "
+                                  "0.., validation 10000).")
+    shared_flags.define_sampling_flags(num_samples=16, method=None)
     flags.DEFINE_integer("mcmc_frames", 4, "Isolated-emitter frames for MCMC against psi.")
     flags.DEFINE_integer("mcmc_results", 2000, "HMC draws per chain (500 burn-in steps before).")
     flags.DEFINE_integer("map_samples", 48, "psi samples per frame for the per-pixel std maps "
                          "and the coverage.")
     flags.DEFINE_integer("coverage_frames", 4, "Demo frames for the per-pixel coverage.")
     flags.DEFINE_bool("project", True, "Std maps and coverage from projected samples (each "
-                      "sample replaced by the KDE of the emitters detected in it; README, "
-                      "\"Calibration\"); --noproject for psi's raw samples.")
+                      "sample replaced by the KDE of the emitters detected in it; "
+                      "docs/calibration.md); --noproject for psi's raw samples.")
     flags.DEFINE_bool("quick", False, "A much smaller run (for tests): " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()) + ".")
 

@@ -56,7 +56,7 @@ def test_bundled_psi_samples_a_posterior_around_phi():
     truth = data["kde"]
     # The posterior mean stays as close to the truth as phi's estimate: its MSE less the Monte
     # Carlo part (mean sample variance / (S - 1)) is within 15% of phi's (measured: 1.09x; from
-    # t* = T psi's mean is not better than y_hat, README "psi results").
+    # t* = T psi's mean is not better than y_hat, docs/sampler.md, "psi results").
     mse_mean = np.mean((post["mean"] - truth) ** 2) - np.mean(post["std"] ** 2) / 15
     mse_phi = np.mean((post["y_hat"] - truth) ** 2)
     assert mse_mean < 1.15 * mse_phi

@@ -350,7 +350,7 @@ def test_restart_noises_the_first_pass_samples_and_runs_the_chain_again():
     chain from there: with the exact denoiser its output variance is exactly the strided chain's
     propagation of the start variance g_r V1 + 1 - g_r, and the mean stays mu. (In this linear
     Gaussian case the 10-step chain itself is too narrow, 0.81 S, and a restart does not change
-    that: the coarse steps, not the start, lose the spread; README, "Calibration".)"""
+    that: the coarse steps, not the start, lose the spread; docs/calibration.md.)"""
     schedule = NoiseSchedule.named("paper")
     sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none",
                                dc_free=False)

@@ -44,7 +44,7 @@ flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting: the se
                   "eq. 8 or the uniform 'simple' loss.")
 flags.DEFINE_integer("sample_t_start", None, "Guided-start step t* of the validation sampler and "
                      "the default of the exported model (default: T, the forward marginal; the "
-                     "README's calibration table shows what a smaller t* costs).")
+                     "calibration tables of docs/calibration.md show what a smaller t* costs).")
 flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sampler and the default "
                      "of the exported model.")
 flags.DEFINE_string("mix_preset", None, "A second scene preset (e.g. isolated) mixed into every "

@@ -3,7 +3,7 @@
 The target y is the KDE of a set of emitters (seeds eq. 4): each emitter adds one kernel of fixed
 scale at its position, and nothing else is ever in y. psi's samples are close to such images but
 not on them: their peaks vary in height (8.7 % of an isolated emitter's mass from sample to
-sample, README "Calibration") and empty pixels keep a little noise. The projection keeps what a
+sample, docs/calibration.md) and empty pixels keep a little noise. The projection keeps what a
 sample says about the emitters, namely how many and where, and renders exactly that:
 
     sample -> detect(sample) = {theta_k} -> KDE({theta_k})

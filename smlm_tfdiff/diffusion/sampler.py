@@ -16,7 +16,7 @@ real and kept).
 Frame-mean-free noise (dc_free, the default): every noise draw has its mean over the image removed.
 psi cannot see that one direction of the noise (1/80 of a pixel's noise on an 80x80 KDE), so it is
 never denoised and ends up as a random constant offset on each sample (88 % of psi's variance on
-empty pixels: README, the sampling paragraph of "psi"). A KDE is a sum of kernels on zero and has
+empty pixels: docs/sampler.md, "Sampling"). A KDE is a sum of kernels on zero and has
 no free offset, so the sampler draws its noise orthogonal to the constant image instead.
 
 Starts: "noise" draws z ~ N(0, I) at t = T (with the seeds' schedule g_T ~ 0.60, so this does not
@@ -72,7 +72,7 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
     clip: the predicted z_0 is clipped at -1 (a KDE is >= 0) and eps made consistent with it, as
       DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
-      pedestal of ~0.01 (README, psi sampling); the loop clips once, at the end.
+      pedestal of ~0.01 (docs/sampler.md, "Sampling"); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
     psi_var: optional network of psi's per-pixel residual variance (reverse_variance.py); its
       Var(z_0 | z_t) enters the step's noise (x0_variance_term), which the eta step leaves out.
@@ -179,13 +179,13 @@ class PosteriorSampler:
         restart_t: optional restart (off by default): each sample of the first pass is noised to
           q(y_t | sample) at t = restart_t and the reverse chain runs again, conditioned on the same
           y_hat, in restart_steps steps (default: num_steps scaled by restart_t / t_start). The
-          guided start lacks the spread of y around y_hat; the restart's start has it (README,
+          guided start lacks the spread of y around y_hat; the restart's start has it (docs/calibration.md,
           "Calibration"). Costs (1 + restarts * restart_steps / num_steps) times the network
           evaluations.
         restarts: how many times the restart is repeated, each from the previous pass's samples.
           Noising a sample to t and denoising it given y_hat is one sweep of a Gibbs sampler of
           p(y_0, y_t | y_hat), whose y_0-marginal is the posterior whatever the first pass gave;
-          each sweep moves the spread towards it (README, "A 4x psi trained on a GPU").
+          each sweep moves the spread towards it (docs/calibration.md, "A 4x psi trained on a GPU").
         project: each sample is replaced by the KDE of the emitters detected in it (projection.py):
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.

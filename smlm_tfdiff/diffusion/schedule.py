@@ -91,7 +91,7 @@ class NoiseSchedule:
         KDE has ~110 units of energy in diffusion space against a noise variance of 0.67 per
         pixel), so the seeds' schedule freezes the emitter count of its start. A psi trained on the
         seeds' schedule is fine-tuned on this one (with PsiConfig.prediction "v_residual") and then
-        samples from noise; measured, that did not widen its dense posterior (README, Calibration).
+        samples from noise; measured, that did not widen its dense posterior (docs/calibration.md).
         """
         paper_T = _check_T(paper_T)
         extra_steps = int(round(0.4 * paper_T)) if extra_steps is None else int(extra_steps)

@@ -53,7 +53,7 @@ _SQRT2 = math.sqrt(2.0)
 # peaks with a fitted amplitude >= trigger are tried as two (_deblend, max_splits tries per group);
 # residual bumps the LoG missed are tried as new emitters (_add_from_residual, max_adds tries per
 # image); fits below keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the
-# evaluation seeds): README, "Results so far".
+# evaluation seeds): docs/method.md, "Localization results of phi".
 DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32,
                         max_adds=16, add_min_amplitude=0.6, keep_amplitude=0.5)
 
