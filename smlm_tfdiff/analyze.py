@@ -464,10 +464,6 @@ class StackAnalyzer:
         u = cfg.upsample
         grid = TileGrid((stack.height, stack.width), cfg.lr_shape, self.overlap, u, self.pad)
         tile_config = cfg.replace(pixel_size_nm=self.pixel_size_nm)
-        # For detection on the whole frame: the emitters lie anywhere in it (not in the training
-        # disc), so frames smaller than the disc are fine too.
-        frame_config = tile_config.replace(frame_height=stack.height, frame_width=stack.width,
-                                           region="frame", margin=0.0)
         def track(make):  # A writer, cut back to the checkpoint when resuming.
             return outputs.track(make(outputs.writer_state(len(outputs._open))))
 
@@ -531,7 +527,9 @@ class StackAnalyzer:
                 writers["posterior_std"].write(std)
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            found = detect(mean if self.localize_on == "mean" else y_hat, frame_config,
+            # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
+            # stitched whole-frame KDE needs no config of the frame's own size.
+            found = detect(mean if self.localize_on == "mean" else y_hat, tile_config,
                            detection=self.backend.detection)
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
