@@ -25,7 +25,7 @@ class Pretrained:
     these fields; psi, psi_config and recipe are None for a phi-only folder."""
 
     phi: Any  # keras.Model: frames [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1] (KDE units).
-    config: Optional[SimulationConfig] = None  # What phi was trained for (camera, optics, KDE grid).
+    config: Optional[SimulationConfig] = None  # What phi was trained for (camera, optics, KDE).
     phi_config: Optional[PhiConfig] = None
     psi: Optional[Any] = None  # keras.Model {y_t, y_hat, noise_level} -> eps [B, 4H, 4W, 1].
     source: str = ""  # The folder (or checkpoint) the models were read from.

@@ -89,7 +89,7 @@ class Recipe:
         """A copy with some fields changed (resolved again)."""
         return dataclasses.replace(self, **changes)
 
-    # JSON ------------------------------------------------------------------------------------------
+    # JSON -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """diffusion.json as a dict; restart_t and restarts only when the recipe has sweeps."""
         out = {"schedule": self.schedule.get_config(), "weighting": self.weighting,
@@ -110,9 +110,10 @@ class Recipe:
             config.pop(key, None)
         unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
         if unknown or "schedule" not in config:
-            raise ValueError(f"a diffusion recipe holds schedule, weighting, t_start, num_steps, "
-                             f"method, restart_t and restarts (got unknown keys "
-                             f"{sorted(unknown)}, schedule {'present' if 'schedule' in config else 'missing'})")
+            raise ValueError(f"a diffusion recipe holds a schedule and optionally weighting, "
+                             f"t_start, num_steps, method, restart_t and restarts (got unknown "
+                             f"keys {sorted(unknown)}, schedule "
+                             f"{'present' if 'schedule' in config else 'missing'})")
         config["schedule"] = NoiseSchedule.from_config(config["schedule"])
         config.setdefault("weighting", "")
         return cls(**config)

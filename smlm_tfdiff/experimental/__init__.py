@@ -1,7 +1,7 @@
 """Options that were measured and did not pay off, and are in no bundled model; kept working for
 the runs that use them and for reproducing the measurements in docs/.
 
-  schedules.py         the "paper_extended" noise schedule (the seeds' 100 steps, then more to noise)
+  schedules.py         the "paper_extended" noise schedule (the seeds' 100 steps, then to noise)
   prediction.py        psi outputs v or v_residual instead of eps (PsiConfig.prediction)
   reverse_variance.py  psi_var, a learned per-pixel Var(z_0 | z_t) added to each reverse step
 

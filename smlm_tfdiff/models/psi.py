@@ -50,7 +50,7 @@ class PsiConfig:
     num_heads: int = 1  # Self-attention heads; must divide the channels where attention is.
     embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
     noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
-    prediction: str = "eps"  # What the network outputs: "eps", or an experimental "v", "v_residual".
+    prediction: str = "eps"  # Network output: "eps", or an experimental "v" or "v_residual".
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
