@@ -72,26 +72,36 @@ class Camera:
         return cls(offset_adu, em_gain / electrons_per_adu, **kwargs)
 
 
-class KerasBackend:
-    """phi and psi in this process (pretrained() or load_models(run_dir))."""
+def _sweeps(recipe):
+    """The restart sweeps of a diffusion.Recipe as analyze records them (summary, resume key)."""
+    return {"restart_t": recipe.restart_t, "restarts": recipe.restarts}
 
-    def __init__(self, models, method="ddpm", restart_t=None, restarts=1):
-        from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
+
+class KerasBackend:
+    """phi and psi in this process (pretrained() or load_models(run_dir)), sampled with the
+    models' recipe (diffusion.Recipe) with method and restart sweeps as given (None: the
+    recipe's)."""
+
+    def __init__(self, models, method=None, restart_t=None, restarts=None):
+        from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
         self.config = models.config
         self.detection = models.detection
         self.source = models.source
-        self._sampler = PosteriorSampler(models)
-        self.method = method
-        self.num_steps = default_recipe(models)[1]  # The model's default.
-        # Restart sweeps (PosteriorSampler restart_t, restarts): the calibrated recipe of the
-        # paper_wide model (docs/calibration.md, "A 4x psi trained on a GPU"); off by default.
-        if restart_t is not None and not 1 <= int(restart_t) <= models.schedule.T:
-            raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
-        if int(restarts) < 1:
-            raise ValueError(f"restarts must be >= 1 (got {restarts})")
-        self.recipe = {"restart_t": None if restart_t is None else int(restart_t),
-                       "restarts": int(restarts) if restart_t is not None else 0}
+        changes = {} if method is None else {"method": method}
+        if restart_t is not None:
+            # Restart sweeps: the calibrated recipe of the paper_wide model (docs/calibration.md, "A 4x psi
+            # trained on a GPU"); off in the bundled recipes.
+            if not 1 <= int(restart_t) <= models.schedule.T:
+                raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
+            if restarts is not None and int(restarts) < 1:
+                raise ValueError(f"restarts must be >= 1 (got {restarts})")
+            changes.update(restart_t=int(restart_t), restarts=restarts)
+        self.sampling = models.recipe.replace(**changes)  # The recipe every posterior uses.
+        self._sampler = PosteriorSampler(models, recipe=self.sampling)
+        self.method = self.sampling.method
+        self.num_steps = self.sampling.num_steps  # The default.
+        self.recipe = _sweeps(self.sampling)
 
     @property
     def sampler(self):
@@ -99,9 +109,7 @@ class KerasBackend:
         return self._sampler
 
     def posterior(self, frames, num_samples, num_steps, seed):
-        return self._sampler(frames, num_samples, num_steps, seed=seed, method=self.method,
-                             return_samples=True, restart_t=self.recipe["restart_t"],
-                             restarts=max(1, self.recipe["restarts"]))
+        return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True)
 
 
 class SavedModelBackend:
@@ -114,8 +122,9 @@ class SavedModelBackend:
         self.config = self._served.sim_config
         self.detection = self._served.detection
         self.source = str(path)
-        self.num_steps = self._served.num_steps  # The export's default.
-        self.recipe = {"restart_t": None, "restarts": 0}
+        self.sampling = self._served.recipe  # Fixed at export, without restart sweeps.
+        self.num_steps = self.sampling.num_steps  # The export's default.
+        self.recipe = _sweeps(self.sampling)
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
@@ -142,10 +151,11 @@ def _fold(seed, data):
     return seeds.fold_in(seed, data).numpy()
 
 
-def load_backend(model="paper", method="ddpm", restart_t=None, restarts=1):
+def load_backend(model="paper", method=None, restart_t=None, restarts=None):
     """'paper' (bundled weights), a SavedModel folder (or its base folder of versions), or a
-    model / training-run folder with phi and psi. restart_t, restarts: restart sweeps of the
-    in-package sampler (not for a SavedModel, whose recipe is fixed at export)."""
+    model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
+    recipe (None: keep it; restarts default 1 with restart_t) for the in-package sampler (not for
+    a SavedModel, whose recipe is fixed at export)."""
     from smlm_tfdiff.pretrained import available, load_models, pretrained
 
     if model in available():

@@ -1,15 +1,15 @@
-"""Bundled trained models: `pretrained("paper")` -> .phi, .psi (Keras), .config (SimulationConfig).
+"""Bundled trained models: `pretrained("paper")` -> a `Pretrained` (phi, psi, config, recipe).
 
 A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
-also psi.weights.h5, psi_config.json and diffusion.json (noise schedule, loss weighting, the
-sampler's default guided-start step t_start and number of reverse steps num_steps), and optionally
-psi_var.weights.h5 (the learned reverse variance, reverse_variance.py; the sampler uses it)."""
+also psi.weights.h5, psi_config.json and diffusion.json (the diffusion.Recipe: noise schedule, loss
+weighting and the sampler's defaults), and optionally psi_var.weights.h5 (the experimental learned
+reverse variance, experimental/reverse_variance.py; the sampler then uses it)."""
 
 import dataclasses
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
@@ -20,20 +20,47 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 
 @dataclasses.dataclass
 class Pretrained:
-    phi: Any  # keras.Model: frames [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1].
-    config: SimulationConfig  # What phi was trained for (camera, optics, KDE grid).
-    phi_config: PhiConfig
-    psi: Optional[Any] = None  # The diffusion model: {y_t, y_hat, noise_level} -> eps.
-    source: str = ""
-    psi_config: Optional[Any] = None  # PsiConfig.
-    schedule: Optional[Any] = None  # diffusion.NoiseSchedule psi was trained with.
-    weighting: str = ""  # Loss weighting psi was trained with ("snr" or "simple").
-    t_start: Optional[int] = None  # Default guided-start step of the sampler.
-    num_steps: Optional[int] = None  # Default number of reverse steps from t_start.
-    psi_var: Optional[Any] = None  # psi's learned per-pixel residual variance (reverse_variance.py).
+    """The models of one folder: phi, and psi with its recipe once trained.
+
+    The sampler (diffusion.sampler.PosteriorSampler), the export (serving.py) and analyze read
+    these fields; psi, psi_config and recipe are None for a phi-only folder."""
+
+    phi: Any  # keras.Model: frames [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1] (KDE units).
+    config: Optional[SimulationConfig] = None  # What phi was trained for (camera, optics, KDE).
+    phi_config: Optional[PhiConfig] = None
+    psi: Optional[Any] = None  # keras.Model {y_t, y_hat, noise_level} -> eps [B, 4H, 4W, 1].
+    source: str = ""  # The folder (or checkpoint) the models were read from.
+    psi_config: Optional[Any] = None  # models.psi.PsiConfig.
+    recipe: Optional[Any] = None  # diffusion.recipe.Recipe: diffusion.json.
+    # Experimental: the sampler's extra step variance (diffusion.sampler.X0Variance), e.g.
+    # experimental.reverse_variance.LearnedX0Variance of a psi_var.weights.h5; None for the bundled.
+    x0_variance: Optional[Callable] = None
     # Detection in phi's and psi's KDEs: detection.json, or the detect_* keys of an older
     # sim_config.json, else the defaults.
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    # The PosteriorSampler that sample_posterior compiled for these models (kept for later calls).
+    sampler: Optional[Any] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    # The recipe's fields, read-only (None without psi).
+    @property
+    def schedule(self):
+        """diffusion.NoiseSchedule psi was trained with."""
+        return None if self.recipe is None else self.recipe.schedule
+
+    @property
+    def weighting(self) -> str:
+        """Loss weighting psi was trained with ("snr" or "simple")."""
+        return "" if self.recipe is None else self.recipe.weighting
+
+    @property
+    def t_start(self) -> Optional[int]:
+        """Default guided-start step of the sampler."""
+        return None if self.recipe is None else self.recipe.t_start
+
+    @property
+    def num_steps(self) -> Optional[int]:
+        """Default number of reverse steps from t_start."""
+        return None if self.recipe is None else self.recipe.num_steps
 
     def scene_config(self, preset: str) -> SimulationConfig:
         """The model's config (camera, optics, KDE grid) with the scene of `preset`
@@ -107,7 +134,8 @@ def _load_phi_checkpoint(run_dir):
 def load_models(run_dir):
     """phi and, when the folder has one, psi (see the module docstring for the files). A psi
     training run still in progress loads its phi and the EMA weights of its latest checkpoint; a
-    psi_var run (train_psi_variance.py) in progress, its psi and the latest psi_var."""
+    psi_var run (the experimental train_psi_variance.py) in progress, its psi and the latest
+    psi_var."""
     info = _run_info(run_dir)
     if "psi" in info and not os.path.exists(os.path.join(run_dir, "psi_var.weights.h5")):
         return _load_psi_var_checkpoint(run_dir, info)
@@ -124,27 +152,24 @@ def load_models(run_dir):
                                 "whole output folder of trainers/train_psi.py")
     with open(os.path.join(run_dir, "psi_config.json")) as f:
         psi_config = PsiConfig.from_json(f.read())
+    from smlm_tfdiff.diffusion.recipe import Recipe
     with open(os.path.join(run_dir, "diffusion.json")) as f:
-        _attach_psi(models, psi_config, json.load(f))
+        models = _with_psi(models, psi_config, Recipe.from_json(f.read()))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
     var_path = os.path.join(run_dir, "psi_var.weights.h5")
     if os.path.exists(var_path):
-        from smlm_tfdiff.experimental.reverse_variance import build_variance_net
-        models.psi_var = build_variance_net(psi_config)
-        models.psi_var.load_weights(var_path)
+        from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
+        x0_variance = LearnedX0Variance.build(psi_config)
+        x0_variance.net.load_weights(var_path)
+        models = dataclasses.replace(models, x0_variance=x0_variance)
     return models
 
 
-def _attach_psi(models, psi_config, diffusion):
-    """Build an untrained psi on `models` with its schedule, weighting and t_start."""
-    from smlm_tfdiff.diffusion.schedule import NoiseSchedule
+def _with_psi(models, psi_config, recipe):
+    """`models` with an untrained psi of psi_config and the recipe (diffusion.Recipe)."""
     from smlm_tfdiff.models.psi import build_psi
-    models.psi_config = psi_config
-    models.psi = build_psi(psi_config)
-    models.schedule = NoiseSchedule.from_config(diffusion["schedule"])
-    models.weighting = diffusion.get("weighting", "")
-    models.t_start = diffusion.get("t_start")
-    models.num_steps = diffusion.get("num_steps")
+    return dataclasses.replace(models, psi=build_psi(psi_config), psi_config=psi_config,
+                               recipe=recipe)
 
 
 def _run_info(run_dir):
@@ -156,13 +181,13 @@ def _run_info(run_dir):
 
 
 def _load_psi_checkpoint(run_dir, info):
+    from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.models.psi import PsiConfig
     latest = _latest_checkpoint(run_dir, "psi")
-    models = load_phi_source(info["phi"])
-    _attach_psi(models, PsiConfig(**info["psi_config"]), info["diffusion"])
+    models = _with_psi(load_phi_source(info["phi"]), PsiConfig(**info["psi_config"]),
+                       Recipe.from_dict(info["diffusion"]))
     _restore_ema(models.psi, latest, info)
-    models.source = latest
-    return models
+    return dataclasses.replace(models, source=latest)
 
 
 def _latest_checkpoint(run_dir, what=""):
@@ -189,13 +214,12 @@ def _restore_ema(model, checkpoint, info):
 
 
 def _load_psi_var_checkpoint(run_dir, info):
-    from smlm_tfdiff.experimental.reverse_variance import build_variance_net
+    from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
     latest = _latest_checkpoint(run_dir, "psi_var")
     models = load_phi_source(info["psi"])
-    models.psi_var = build_variance_net(models.psi_config)
-    _restore_ema(models.psi_var, latest, info)
-    models.source = latest
-    return models
+    x0_variance = LearnedX0Variance.build(models.psi_config)
+    _restore_ema(x0_variance.net, latest, info)
+    return dataclasses.replace(models, x0_variance=x0_variance, source=latest)
 
 
 def load_phi_source(source):
@@ -205,9 +229,11 @@ def load_phi_source(source):
     return pretrained(source)
 
 
-def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None, psi_var=None):
-    """Write phi (from `models`) and optionally psi into out_dir so `load_models(out_dir)` reads
-    them back. Each file is written under a temporary name and renamed when complete."""
+def save_models(out_dir, models, psi=None, psi_config=None, recipe=None, psi_var=None):
+    """Write phi (from `models`) and optionally psi (with its psi_config and recipe, a
+    diffusion.Recipe written as diffusion.json) into out_dir so `load_models(out_dir)` reads them
+    back; psi_var: the experimental learned reverse variance's network. Each file is written under
+    a temporary name and renamed when complete."""
     os.makedirs(out_dir, exist_ok=True)
 
     def write(name, writer):
@@ -228,7 +254,7 @@ def save_models(out_dir, models, psi=None, psi_config=None, diffusion=None, psi_
     if psi is not None:
         write("psi.weights.h5", psi.save_weights)
         write("psi_config.json", text(psi_config.to_json()))
-        write("diffusion.json", text(json.dumps(diffusion, indent=2)))
+        write("diffusion.json", text(recipe.to_json()))
     if psi_var is not None:
         write("psi_var.weights.h5", psi_var.save_weights)
 

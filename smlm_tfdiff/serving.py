@@ -13,11 +13,14 @@ Signatures (no XLA inside, docs/CONVENTIONS.md "Stack facts"; frames float32 in 
   estimate(frames) -> kde_estimate (phi only)
   config() -> sim_config_json, psi_config_json, diffusion_json (string scalars)
 
-The sampler method ("ddpm" or "ddim") and the guided start t_start are fixed at export; num_steps
-(1..t_start) is chosen per request, and the visited noise levels are computed in graph exactly as
-`NoiseSchedule.timesteps_for` + `sampler.noise_levels` do. The same seed gives the same output as
-`PosteriorSampler(models, jit_compile=False)(frames, S, num_steps, seed, method, t_start=t_start)`
-(with the models' learned reverse variance psi_var when they have one)
+The sampler method ("ddpm" or "ddim") and the guided start t_start are fixed at export (default:
+the models' recipe, diffusion.Recipe); num_steps (1..t_start) is chosen per request (default
+the recipe's), and the visited noise levels are computed in graph exactly as
+`NoiseSchedule.timesteps_for` + `sampler.noise_levels` do. The export's diffusion.json is the
+recipe's with the export-only keys recipe.EXPORT_KEYS; restart sweeps are not exported (one pass).
+The same seed gives the same output as
+`PosteriorSampler(models, jit_compile=False)(frames, S, num_steps, seed, method, t_start=t_start,
+restarts=0)` (with the models' x0_variance when they have one)
 when all frames fit in one chunk of it (B <= max(1, max_images // S)).
 
 Memory: one request runs psi on B * num_samples images of 4H x 4W at once. Each export has a
@@ -40,8 +43,9 @@ import tensorflow as tf
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.simulation.config import SimulationConfig
-from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space
-from smlm_tfdiff.diffusion.sampler import METHODS, default_recipe, make_sample_loop
+from smlm_tfdiff.diffusion.recipe import METHODS, Recipe
+from smlm_tfdiff.diffusion.schedule import from_diffusion_space
+from smlm_tfdiff.diffusion.sampler import make_sample_loop
 
 SIGNATURES = ("serving_default", "sample", "estimate", "config")
 POSTERIOR_INPUTS = ("frames", "num_samples", "num_steps", "seed")
@@ -83,35 +87,39 @@ def _assert(condition, template, *values):
 
 
 class SamplerModule(tf.Module):
-    """phi and psi of a models object (`pretrained("paper")`, `load_models(run_dir)`) with the
+    """phi and psi of a `Pretrained` (`pretrained("paper")`, `load_models(run_dir)`) with the
     serving signatures (module docstring). method "ddpm" (eta 1) or "ddim" (eta 0) and the guided
-    start t_start (default models.t_start) are fixed here."""
+    start t_start (default: the models' recipe's) are fixed here."""
 
-    def __init__(self, models, method="ddpm", t_start=None, name="smlm_sampler",
+    def __init__(self, models, method=None, t_start=None, name="smlm_sampler",
                  max_images=DEFAULT_MAX_IMAGES):
         super().__init__(name=name)
         if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) \
                 or max_images < 1:
             raise ValueError(f"max_images must be an integer >= 1 (got {max_images!r})")
         self._max_images = int(max_images)
-        if getattr(models, "psi", None) is None:
+        if models.psi is None:
             raise ValueError("these models have no diffusion model psi: export a trained psi "
                              "(smlm_tfdiff.load_models(run_dir)) or pretrained('paper')")
+        method = models.recipe.method if method is None else method
         if method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)} (got {method!r})")
-        schedule = models.schedule
-        t_start, default_steps = default_recipe(models, t_start)
-        if not 1 <= t_start <= schedule.T:
+        schedule = models.recipe.schedule
+        if t_start is not None and not 1 <= t_start <= schedule.T:
             raise ValueError(f"t_start must lie in 1..T = 1..{schedule.T} (got {t_start})")
+        t_start, default_steps = models.recipe.steps_for(t_start)
+        # The exported recipe: one pass, no restart sweeps.
+        recipe = models.recipe.replace(t_start=t_start, num_steps=default_steps, method=method,
+                                       restart_t=None, restarts=None)
         self.phi = models.phi
         self.psi = models.psi
-        # The learned reverse variance travels with psi when the models have one (sampler.py).
-        self.psi_var = getattr(models, "psi_var", None)
+        # The experimental x0_variance travels with psi when the models have one (sampler.py).
+        self.x0_variance = models.x0_variance
         self._method_name = method
         self._t_start_value = t_start
-        self._eta = float(METHODS[method])
+        self._eta = float(recipe.eta)
         self._gamma = tf.constant(schedule.gamma, tf.float64)
-        self._loop = make_sample_loop(models.psi, jit_compile=False, psi_var=self.psi_var)
+        self._loop = make_sample_loop(models.psi, jit_compile=False, x0_variance=self.x0_variance)
 
         sim_config = models.config
         psi_factor = models.psi_config.downsample_factor
@@ -125,12 +133,10 @@ class SamplerModule(tf.Module):
             f"{self._size_multiple} (the model was trained on {sim_config.frame_height}x"
             f"{sim_config.frame_width} frames)")
 
-        diffusion = {"schedule": schedule.get_config(),
-                     "weighting": getattr(models, "weighting", ""), "t_start": t_start,
-                     "num_steps": default_steps,
-                     "method": method, "eta": self._eta, "start": "guided",
+        # The recipe and the export-only keys (recipe.EXPORT_KEYS).
+        diffusion = {**recipe.to_dict(), "eta": self._eta, "start": "guided",
                      "max_images_per_request": self._max_images,
-                     "reverse_variance": "fixed" if self.psi_var is None else "learned"}
+                     "reverse_variance": "fixed" if self.x0_variance is None else "learned"}
         # The detection settings ride in sim_config.json under their pre-split keys.
         texts = {"sim_config.json": json.dumps({**sim_config.to_dict(),
                                                 **models.detection.to_legacy()}, sort_keys=True),
@@ -256,9 +262,10 @@ class SamplerModule(tf.Module):
                 "diffusion_json": tf.identity(self.diffusion_json)}
 
 
-def export_savedmodel(models, export_dir, method="ddpm", t_start=None, overwrite=False,
+def export_savedmodel(models, export_dir, method=None, t_start=None, overwrite=False,
                       max_images=DEFAULT_MAX_IMAGES):
     """Write the SamplerModule of `models` as a SavedModel to export_dir and return export_dir.
+    method, t_start: default the models' recipe's (module docstring).
     max_images: the most frames x samples one request may ask for (module docstring).
 
     Atomic: saved to a temporary folder next to export_dir, then renamed. An existing non-empty
@@ -350,10 +357,11 @@ class ServedSampler:
         self.psi_config_json = self.loaded.psi_config_json.numpy().decode()
         self.diffusion_json = self.loaded.diffusion_json.numpy().decode()
         diffusion = json.loads(self.diffusion_json)
-        self.schedule = NoiseSchedule.from_config(diffusion["schedule"])
-        self.method = diffusion["method"]
-        self.t_start = int(diffusion["t_start"])
-        self.num_steps = int(diffusion.get("num_steps") or self.t_start)  # Default per request.
+        self.recipe = Recipe.from_dict(diffusion)  # The export-only keys are read below.
+        self.schedule = self.recipe.schedule
+        self.method = self.recipe.method
+        self.t_start = self.recipe.t_start
+        self.num_steps = self.recipe.num_steps  # Default per request.
         # frames x samples per request; None for exports made before the limit existed.
         self.max_images = diffusion.get("max_images_per_request")
 

@@ -40,9 +40,9 @@ def test_paper_extended_keeps_the_seeds_levels_and_reaches_noise():
     assert 5e-4 < ext.gamma_T < 7e-4  # sqrt(gamma_T) = 0.024: y_T is noise.
     assert NoiseSchedule.named("paper_extended", 50).T == 70
     with pytest.raises(ValueError, match="beta_end"):
-        NoiseSchedule.paper_extended(beta_end=0.005)
+        NoiseSchedule.from_config({"name": "paper_extended", "beta_end": 0.005})
     with pytest.raises(ValueError, match="extra_steps"):
-        NoiseSchedule.paper_extended(extra_steps=0)
+        NoiseSchedule.from_config({"name": "paper_extended", "extra_steps": 0})
 
 
 @pytest.mark.parametrize("name", NAMES)

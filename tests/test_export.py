@@ -362,11 +362,11 @@ def test_module_takes_the_learned_reverse_variance_along(models, frames):
     sampler does (checked on the module without saving)."""
     import dataclasses
 
-    from smlm_tfdiff.experimental.reverse_variance import build_variance_net
+    from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance, build_variance_net
     psi_var = build_variance_net(models.psi_config, models.psi)
     kernel, bias = psi_var.get_layer("eps").get_weights()
     psi_var.get_layer("eps").set_weights([kernel, np.full_like(bias, np.log(0.05))])
-    with_var = dataclasses.replace(models, psi_var=psi_var)
+    with_var = dataclasses.replace(models, x0_variance=LearnedX0Variance(psi_var))
     module = SamplerModule(with_var, t_start=10)
     assert json.loads(module.diffusion_json.numpy())["reverse_variance"] == "learned"
     out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))

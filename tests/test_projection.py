@@ -1,6 +1,5 @@
 """Projection of KDE samples onto KDEs of emitter sets (smlm_tfdiff/diffusion/projection.py)."""
 
-import types
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.localization.metrics import true_kde
 from smlm_tfdiff.diffusion.projection import project_samples
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+from smlm_tfdiff.pretrained import Pretrained
 
 CONFIG = SimulationConfig()
 POSITIONS = np.array([[5.3, 7.6], [12.2, 9.9]])  # (x, y) LR px, resolved (> 6 LR px apart).
@@ -83,6 +83,6 @@ def test_sampler_projection_gives_kdes_of_the_sampled_emitters():
         assert len(pos) >= 1
         np.testing.assert_allclose(sample, _kde(pos), atol=1e-5)
     np.testing.assert_allclose(out["mean"], out["samples"].mean(axis=1), atol=1e-6)
-    toy = types.SimpleNamespace(phi=models.phi, psi=models.psi, schedule=models.schedule)
+    toy = Pretrained(phi=models.phi, psi=models.psi, recipe=models.recipe)  # No config.
     with pytest.raises(ValueError, match="SimulationConfig"):
         PosteriorSampler(toy)(iso["frames"], num_samples=2, num_steps=2, project=True)

@@ -94,7 +94,7 @@ def test_train_psi_mirrored_resume_tensorboard_and_load(tmp_path):
     assert [s for s, _ in _scalars(os.path.join(out, "train"), "loss")][-1] == 6
     models = st.load_models(out)
     frames = st.simulate(models.config, 2, seed=1)["frames"]
-    post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0)
+    post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0, method="ddim")
     assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
     assert np.all(np.isfinite(post["mean"]))
     # Fine-tuning: starts from the run's psi (one step at a negligible rate leaves it in place)

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 import smlm_tfdiff as st
+from smlm_tfdiff.diffusion.recipe import Recipe
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule
 from smlm_tfdiff.models.psi import PsiConfig, build_psi
 from smlm_tfdiff.pretrained import save_models
@@ -75,9 +76,8 @@ def test_loss_is_the_gaussian_nll_of_psi_s_residual(paper):
 def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path):
     src = str(tmp_path / "psi")
     base = st.pretrained("paper")
-    diffusion = {"schedule": NoiseSchedule.named("paper").get_config(), "weighting": "snr",
-                 "t_start": 10, "num_steps": 2}
-    save_models(src, base, psi=build_psi(SMALL), psi_config=SMALL, diffusion=diffusion)
+    recipe = Recipe(NoiseSchedule.named("paper"), "snr", t_start=10, num_steps=2)
+    save_models(src, base, psi=build_psi(SMALL), psi_config=SMALL, recipe=recipe)
     out = str(tmp_path / "var")
 
     def train(steps, *extra, ok=True):
@@ -96,14 +96,14 @@ def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path):
         for key in ("nll", "k_ratio", "k_r"):
             assert [s for s, _ in _scalars(os.path.join(out, "val"), f"{key}_t{lo}-{hi}")] == [2]
     # A run in progress (no psi_var.weights.h5 yet) loads the EMA weights of its checkpoint.
-    final = st.load_models(out).psi_var.get_weights()
+    final = st.load_models(out).x0_variance.net.get_weights()
     os.remove(os.path.join(out, "psi_var.weights.h5"))
-    for a, b in zip(st.load_models(out).psi_var.get_weights(), final):
+    for a, b in zip(st.load_models(out).x0_variance.net.get_weights(), final):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     log = train(4)
     assert "at step 2" in log
     models = st.load_models(out)
-    assert models.psi_var is not None and models.t_start == 10
+    assert models.x0_variance is not None and models.t_start == 10
     for a, b in zip(models.psi.get_weights(), st.load_models(src).psi.get_weights()):
         np.testing.assert_array_equal(a, b)  # psi itself is unchanged.
     sampler = st.PosteriorSampler(models, jit_compile=False)

@@ -5,7 +5,6 @@ E[eps | z_t] = sqrt(1 - g) (z_t - sqrt(g) mu) / (g s^2 + 1 - g). With it, a corr
 samples of mean mu and std s (diffusion space), i.e. mean y_hat and std s / 2 in KDE units.
 """
 
-import types
 
 import keras
 import numpy as np
@@ -13,7 +12,10 @@ import pytest
 from keras import ops
 
 import smlm_tfdiff as st
+from smlm_tfdiff.diffusion.recipe import Recipe
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule
+from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
+from smlm_tfdiff.pretrained import Pretrained
 from smlm_tfdiff.diffusion.sampler import METHODS as sampler_eta
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler, noise_levels
 
@@ -65,9 +67,10 @@ def _propagate_var(schedule, num_steps, eta, t_start, var, learned=False):
 
 
 def _models(schedule, t_start=None, psi_var=None):
+    """psi_var: a log k network for the experimental learned reverse variance."""
     phi = keras.Sequential([keras.Input((20, 20, 1)), keras.layers.UpSampling2D(4)])
-    return types.SimpleNamespace(phi=phi, psi=GaussianPsi(), schedule=schedule, t_start=t_start,
-                                 psi_var=psi_var)
+    return Pretrained(phi=phi, psi=GaussianPsi(), recipe=Recipe(schedule, t_start=t_start),
+                      x0_variance=None if psi_var is None else LearnedX0Variance(psi_var))
 
 
 def _y_hat(n=2):
@@ -131,11 +134,11 @@ def test_learned_reverse_variance_makes_a_few_steps_exact(method, num_steps, sta
 def test_reverse_variance_option():
     models = _models(NoiseSchedule.cosine(100))
     assert PosteriorSampler(models, jit_compile=False).reverse_variance == "fixed"
-    with pytest.raises(ValueError, match="psi_var network"):
+    with pytest.raises(ValueError, match="x0_variance"):
         PosteriorSampler(models, jit_compile=False, reverse_variance="learned")
     with pytest.raises(ValueError, match="reverse_variance must be one of"):
         PosteriorSampler(models, jit_compile=False, reverse_variance="analytic")
-    models.psi_var = GaussianVar()
+    models.x0_variance = LearnedX0Variance(GaussianVar())
     assert PosteriorSampler(models, jit_compile=False,
                             reverse_variance="fixed").reverse_variance == "fixed"
 
@@ -250,7 +253,7 @@ def test_runs_phi_once_and_chunks_frames():
     models = _models(NoiseSchedule.named("paper"), t_start=10)
     frames = np.random.default_rng(0).uniform(100, 120, (3, 20, 20, 1)).astype(np.float32)
     sampler = PosteriorSampler(models, jit_compile=False, max_images=8)  # 2 frames per call.
-    out = sampler(frames, 4, 3, seed=0, return_samples=True)
+    out = sampler(frames, 4, 3, seed=0, method="ddim", return_samples=True)
     np.testing.assert_allclose(out["y_hat"], models.phi(frames).numpy())
     assert out["samples"].shape == (3, 4, 80, 80, 1)
     np.testing.assert_allclose(out["mean"], out["samples"].mean(axis=1), atol=1e-6)
@@ -285,7 +288,7 @@ def test_bad_frames():
 
 
 def test_models_without_psi_are_refused():
-    models = types.SimpleNamespace(phi=None, psi=None, schedule=None)
+    models = Pretrained(phi=None)
     with pytest.raises(ValueError, match="no diffusion model"):
         st.sample_posterior(models, FRAMES)
 

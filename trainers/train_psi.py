@@ -61,6 +61,7 @@ def main(argv):
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
     from smlm_tfdiff.models.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
+    from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi
     from smlm_tfdiff.pretrained import load_phi_source, save_models
@@ -74,8 +75,8 @@ def main(argv):
     # phi's camera and optics with the scene of --preset (or --sim_config), then --set.
     sim_config = sim_config_from_flags(phi_models.scene_config(FLAGS.preset))
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
-    t_start = FLAGS.sample_t_start or schedule.T
-    num_steps = min(FLAGS.sample_steps, t_start)
+    # diffusion.json: the schedule, the weighting and the sampler's defaults (t_start None: T).
+    recipe = Recipe(schedule, FLAGS.weighting, FLAGS.sample_t_start or None, FLAGS.sample_steps)
     psi_config = PsiConfig(
         base_channels=FLAGS.base_channels,
         channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
@@ -83,8 +84,6 @@ def main(argv):
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=sim_config.hr_shape[0], dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
-    diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
-                 "t_start": t_start, "num_steps": num_steps}
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_weights = None
     if FLAGS.init_psi:
@@ -112,17 +111,16 @@ def main(argv):
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
                                              FLAGS.mix_fraction),
-        eval_fn=PsiValidation(sim_config, phi, schedule, FLAGS.val_frames, FLAGS.val_seed,
-                              t_start=t_start, num_steps=num_steps),
+        eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,
                   "mix_preset": FLAGS.mix_preset,
                   "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0, "sim_config": sim_config.to_dict(),
-                  "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
+                  "psi_config": json.loads(psi_config.to_json()), "diffusion": recipe.to_dict(),
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
     trainer.fit()
     trainer.swap_ema()  # Export the EMA weights when there are any.
     save_models(cfg.out_dir, phi_models, psi=trainer.model, psi_config=psi_config,
-                diffusion=diffusion)
+                recipe=recipe)
     logging.info("Wrote %s", os.path.join(cfg.out_dir, "psi.weights.h5"))
 
 

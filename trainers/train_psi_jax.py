@@ -67,6 +67,7 @@ def main(argv):
         raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
                              f"{keras.backend.backend()!r}); trainers/train_psi.py trains with "
                              "TensorFlow")
+    from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
@@ -99,11 +100,11 @@ def main(argv):
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
                                  f"{psi_config}: set the psi flags to match it")
         psi.set_weights(init.psi.get_weights())
-    diffusion = {"schedule": schedule.get_config(), "weighting": FLAGS.weighting,
-                 "t_start": schedule.T, "num_steps": min(FLAGS.sample_steps, schedule.T)}
+    # diffusion.json: the schedule, the weighting and the sampler's defaults (guided start at T).
+    recipe = Recipe(schedule, FLAGS.weighting, num_steps=FLAGS.sample_steps)
 
     def save(out_dir, model):
-        save_models(out_dir, phi_models, psi=model, psi_config=psi_config, diffusion=diffusion)
+        save_models(out_dir, phi_models, psi=model, psi_config=psi_config, recipe=recipe)
         # phi's own file, byte for byte (save_models would re-serialise it).
         shutil.copyfile(os.path.join(phi_dir, "phi.weights.h5"),
                         os.path.join(out_dir, "phi.weights.h5"))
@@ -118,7 +119,7 @@ def main(argv):
                 "init_psi": FLAGS.init_psi,
                 "mix_preset": FLAGS.mix_preset or None,
                 "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0,
-                "psi_config": json.loads(psi_config.to_json()), "diffusion": diffusion,
+                "psi_config": json.loads(psi_config.to_json()), "diffusion": recipe.to_dict(),
                 "psi_parameters": int(psi.count_params())}
     logging.info("psi %s: %d parameters", psi_config, run_info["psi_parameters"])
     trainer = JaxPsiTrainer(config, phi, psi, sim_config, schedule, FLAGS.weighting, save,

@@ -1,4 +1,5 @@
-"""Train psi_var, the learned per-pixel reverse variance of a trained psi (reverse_variance.py).
+"""Train psi_var, the experimental learned per-pixel reverse variance of a trained psi
+(smlm_tfdiff/experimental/reverse_variance.py; measured as no gain, in no bundled model).
 
     python trainers/train_psi_variance.py --out_dir runs/psi_var --psi paper --steps 2000
 
@@ -46,8 +47,6 @@ def main(argv):
     models.phi.trainable = models.psi.trainable = False
     sim_config = sim_config_from_flags(models.scene_config(FLAGS.preset))
     mix_config = models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
-    diffusion = {"schedule": models.schedule.get_config(), "weighting": models.weighting,
-                 "t_start": models.t_start, "num_steps": models.num_steps}
     logging.info("Training psi_var for psi of %s on %d replica(s), %s", FLAGS.psi,
                  strategy.num_replicas_in_sync, models.schedule)
     trainer = Trainer(
@@ -62,12 +61,12 @@ def main(argv):
         run_info={"preset": FLAGS.preset, "psi": FLAGS.psi, "mix_preset": FLAGS.mix_preset,
                   "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0,
                   "sim_config": sim_config.to_dict(),
-                  "psi_config": json.loads(models.psi_config.to_json()), "diffusion": diffusion,
+                  "psi_config": json.loads(models.psi_config.to_json()), "diffusion": models.recipe.to_dict(),
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})
     trainer.fit()
     trainer.swap_ema()
     save_models(cfg.out_dir, models, psi=models.psi, psi_config=models.psi_config,
-                diffusion=diffusion, psi_var=trainer.model)
+                recipe=models.recipe, psi_var=trainer.model)
     logging.info("Wrote %s", os.path.join(cfg.out_dir, "psi_var.weights.h5"))
 
 

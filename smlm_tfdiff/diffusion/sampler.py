@@ -24,28 +24,31 @@ match the forward process: docs/CONVENTIONS.md, "Known traps"); "guided" draws z
 the seeds' guided start from phi's estimate.
 """
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space, to_diffusion_space
 from smlm_tfdiff.diffusion.projection import project_samples
-from smlm_tfdiff.experimental.reverse_variance import x0_variance_term
+from smlm_tfdiff.diffusion.recipe import METHODS, Recipe
+from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space, to_diffusion_space
 
-METHODS = {"ddpm": 1.0, "ddim": 0.0}
+if TYPE_CHECKING:
+    from smlm_tfdiff.pretrained import Pretrained
+
 STARTS = ("guided", "noise")
+
+# x0_variance(psi's inputs, g_t, g_s, sigma^2) -> the variance [N, H, W, 1] a reverse step adds to
+# its eta step's sigma^2, for a predicted z_0 that is itself uncertain (the hook of the
+# experimental learned reverse variance, experimental/reverse_variance.py); None adds nothing.
+X0Variance = Callable[[dict, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def default_recipe(models, t_start=None):
-    """(t_start, num_steps) ints of the guided start: for t_start None (or the model's own) the
-    model's diffusion.json values (t* = T and every level without them); for another t_start,
-    every level from it."""
-    model_t = int(getattr(models, "t_start", None) or models.schedule.T)
-    if t_start is not None and int(t_start) != model_t:
-        return int(t_start), int(t_start)
-    return model_t, min(int(getattr(models, "num_steps", None) or model_t), model_t)
+    """(t_start, num_steps) ints of the guided start of `models` (Pretrained): its Recipe's for
+    t_start None (or the recipe's own), every level from another t_start (Recipe.steps_for)."""
+    return models.recipe.steps_for(t_start)
 
 
 def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] = None):
@@ -66,7 +69,8 @@ def standard_noise(shape, seed, dc_free):
     return noise
 
 
-def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False, psi_var=None):
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False,
+                  x0_variance=None):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
@@ -74,8 +78,7 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
       DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
       pedestal of ~0.01 (docs/sampler.md, "Sampling"); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
-    psi_var: optional network of psi's per-pixel residual variance (reverse_variance.py); its
-      Var(z_0 | z_t) enters the step's noise (x0_variance_term), which the eta step leaves out.
+    x0_variance: optional X0Variance callable; its output is added to the step's noise variance.
     Returns z_s [N, H, W, 1].
     """
     n = tf.shape(z_t)[0]
@@ -90,20 +93,20 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
     noise = standard_noise(tf.shape(z_t), seed, dc_free)
     extra = 0.0
-    if psi_var is not None:
-        extra = x0_variance_term(psi_var(inputs, training=False), g_t, g_s, var)
+    if x0_variance is not None:
+        extra = x0_variance(inputs, g_t, g_s, var)
     return (tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps
             + tf.sqrt(var + extra) * noise)
 
 
-def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, psi_var=None):
+def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_variance=None):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
     seed [2] int32[, y_start]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
     y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier samples).
     clip: "final" clips z_0 at -1 (KDE >= 0) after the last step, "each" clips the predicted z_0
       in every step (generate_step), "none" never (targets that may be negative).
     dc_free: frame-mean-free noise in the start and every step (module docstring).
-    psi_var: the learned Var(z_0 | z_t) network added to every step's variance (generate_step)."""
+    x0_variance: optional X0Variance added to every step's variance (generate_step)."""
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {CLIPS} (got {clip!r})")
 
@@ -121,7 +124,7 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, psi_var=
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
-                                        clip == "each", dc_free, psi_var)
+                                        clip == "each", dc_free, x0_variance)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return tf.maximum(z, -1.0) if clip == "final" else z
@@ -130,70 +133,78 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, psi_var=
 
 
 class PosteriorSampler:
-    """phi -> psi posterior sampler for one (phi, psi, schedule) triple; compiles once per shape.
+    """phi -> psi posterior sampler for one models object; compiles once per shape.
 
-    models: an object with .phi, .psi, .schedule (`pretrained()` or `load_models(run_dir)`).
+    models: a `Pretrained` with psi (`pretrained("paper")` or `load_models(run_dir)`); its recipe
+      (diffusion.Recipe, the model's diffusion.json) gives every default of a call.
+    recipe: another Recipe for these models (e.g. models.recipe.replace(method="ddim")).
     clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
       "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
     dc_free: frame-mean-free noise (default; module docstring).
     reverse_variance: "fixed", each step's variance is the eta step's (DDPM / DDIM); "learned",
-      plus c^2 Var(z_0 | z_t) from the models' psi_var network (reverse_variance.py); "auto"
-      (default): "learned" when the models have a psi_var, else "fixed".
+      plus the models' x0_variance (the experimental learned reverse variance); "auto" (default):
+      "learned" when the models have an x0_variance, else "fixed".
     """
 
-    def __init__(self, models, jit_compile=True, max_images=512, clip="final", dc_free=True,
-                 reverse_variance="auto"):
-        if getattr(models, "psi", None) is None:
+    def __init__(self, models: "Pretrained", jit_compile=True, max_images=512, clip="final",
+                 dc_free=True, reverse_variance="auto", recipe: Optional[Recipe] = None):
+        if models.psi is None:
             raise ValueError("these models have no diffusion model psi: load a trained psi with "
                              "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
         if reverse_variance not in REVERSE_VARIANCES:
             raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES} (got "
                              f"{reverse_variance!r})")
-        psi_var = getattr(models, "psi_var", None)
-        if reverse_variance == "learned" and psi_var is None:
-            raise ValueError("reverse_variance='learned' needs a psi_var network: train one with "
-                             "trainers/train_psi_variance.py and load its folder with "
-                             "load_models, or use reverse_variance='fixed'")
+        x0_variance = models.x0_variance
+        if reverse_variance == "learned" and x0_variance is None:
+            raise ValueError("reverse_variance='learned' needs models with an x0_variance (a "
+                             "psi_var network: trainers/train_psi_variance.py, loaded with "
+                             "load_models), or use reverse_variance='fixed'")
         if reverse_variance == "fixed":
-            psi_var = None
+            x0_variance = None
         self.models = models
-        self.schedule = models.schedule
+        self.recipe = models.recipe if recipe is None else recipe
+        self.schedule = self.recipe.schedule
         self.max_images = int(max_images)
-        self.reverse_variance = "fixed" if psi_var is None else "learned"
-        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free, psi_var)
+        self.reverse_variance = "fixed" if x0_variance is None else "learned"
+        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free, x0_variance)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
 
-    def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
+    def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method=None,
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
-                 restart_steps=None, project=False, restarts=1):
+                 restart_steps=None, project=False, restarts=None):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
 
-        method: "ddim" (eta 0), "ddpm" (ancestral, eta 1) or a float eta in [0, 1].
-        start: "guided" from q(y_t* | y_hat) at t* = t_start (default: the model's), or "noise"
-          from N(0, I) at t = T. num_steps: reverse steps (default: the model's num_steps for its
-          own t_start, otherwise t_start steps, i.e. every level; see default_recipe).
+        Every None argument is the recipe's (self.recipe, the model's diffusion.json).
+        method: "ddpm" (ancestral, eta 1; the bundled models'), "ddim" (eta 0) or a float eta in
+          [0, 1]; default the recipe's.
+        start: "guided" from q(y_t* | y_hat) at t* = t_start (default: the recipe's), or "noise"
+          from N(0, I) at t = T. num_steps: reverse steps (default: the recipe's num_steps for its
+          own t_start, otherwise t_start steps, i.e. every level; see Recipe.steps_for).
         seed: int or [2] int32; the same seed gives the same samples.
-        restart_t: optional restart (off by default): each sample of the first pass is noised to
-          q(y_t | sample) at t = restart_t and the reverse chain runs again, conditioned on the same
-          y_hat, in restart_steps steps (default: num_steps scaled by restart_t / t_start). The
-          guided start lacks the spread of y around y_hat; the restart's start has it (docs/calibration.md,
-          "Calibration"). Costs (1 + restarts * restart_steps / num_steps) times the network
-          evaluations.
-        restarts: how many times the restart is repeated, each from the previous pass's samples.
-          Noising a sample to t and denoising it given y_hat is one sweep of a Gibbs sampler of
-          p(y_0, y_t | y_hat), whose y_0-marginal is the posterior whatever the first pass gave;
-          each sweep moves the spread towards it (docs/calibration.md, "A 4x psi trained on a GPU").
+        restart_t: restart sweeps (default the recipe's; none in the bundled models): each sample
+          of the first pass is noised to q(y_t | sample) at t = restart_t and the reverse chain
+          runs again, conditioned on the same y_hat, in restart_steps steps (default: num_steps
+          scaled by restart_t / t_start). The guided start lacks the spread of y around y_hat;
+          the restart's start has it (docs/calibration.md). Costs (1 + restarts *
+          restart_steps / num_steps) times the network evaluations.
+        restarts: how many times the restart is repeated, each from the previous pass's samples
+          (default: 1 with a restart_t given here, else the recipe's; 0 turns the recipe's sweeps
+          off). Noising a sample to t and denoising it given y_hat is one sweep of a Gibbs sampler
+          of p(y_0, y_t | y_hat), whose y_0-marginal is the posterior whatever the first pass
+          gave; each sweep moves the spread towards it (docs/calibration.md, "A 4x psi trained on a GPU").
         project: each sample is replaced by the KDE of the emitters detected in it (projection.py):
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
         """
         frames = _check_frames(frames)
-        if project and getattr(self.models, "config", None) is None:
+        if project and self.models.config is None:
             raise ValueError("project=True needs the models' SimulationConfig (models.config), "
                              "for the detection and the KDE")
+        recipe = self.recipe
+        method = recipe.method if method is None else method
         eta = METHODS.get(method, method) if isinstance(method, str) else method
         if isinstance(eta, str) or not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"method must be one of {sorted(METHODS)} or an eta in [0, 1] "
@@ -206,11 +217,18 @@ class PosteriorSampler:
         if start == "noise":
             t_start = default_steps = self.schedule.T
         else:
-            t_start, default_steps = default_recipe(self.models, t_start)
+            t_start, default_steps = recipe.steps_for(t_start)
         num_steps = default_steps if num_steps is None else int(num_steps)
         gammas, steps = noise_levels(self.schedule, num_steps, t_start)
         gammas = tf.constant(gammas, tf.float32)
         seed = seeds_lib.as_seed(seed)
+        if restart_t is None:
+            restart_t = recipe.restart_t
+            restarts = recipe.restarts if restarts is None else int(restarts)
+            if restarts == 0:
+                restart_t = None
+        elif restarts is None:
+            restarts = 1
         restart_gammas, restart_nfe = None, 0
         if restart_t is not None:
             restart_t = int(restart_t)
@@ -277,20 +295,16 @@ def _check_frames(frames):
     return frames
 
 
-def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, method="ddim",
+def sample_posterior(models, frames, num_samples=100, num_steps=None, seed=0, method=None,
                      start="guided", t_start=None, return_samples=False, restart_t=None,
                      project=False):
     """Posterior samples, mean and per-pixel std of the KDE for camera frames (PosteriorSampler).
 
     models: `pretrained("paper")` or `load_models(run_dir)`. frames [B, H, W, 1] ADU.
+    Every None argument is the models' recipe's (method "ddpm" for the bundled models).
     Returns a dict of NumPy arrays in KDE units (see PosteriorSampler.__call__).
     """
-    sampler = getattr(models, "_sampler", None)
-    if sampler is None:
-        sampler = PosteriorSampler(models)
-        try:
-            models._sampler = sampler  # Keep the compiled loop for later calls.
-        except AttributeError:
-            pass
-    return sampler(frames, num_samples, num_steps, seed, method, start, t_start, return_samples,
-                   restart_t=restart_t, project=project)
+    if models.sampler is None:
+        models.sampler = PosteriorSampler(models)  # Keeps the compiled loop for later calls.
+    return models.sampler(frames, num_samples, num_steps, seed, method, start, t_start,
+                          return_samples, restart_t=restart_t, project=project)

@@ -20,7 +20,9 @@ import numpy as np
 from keras import ops
 
 WEIGHTINGS = ("snr", "simple")
-SCHEDULE_NAMES = ("paper", "paper_extended", "linear", "cosine")
+# The core schedules; smlm_tfdiff.experimental.SCHEDULES adds "paper_extended" (the seeds' steps,
+# then more to noise: experimental/schedules.py), which every constructor here also accepts.
+SCHEDULE_NAMES = ("paper", "linear", "cosine")
 # Smallest t each weighting is defined for: the SNR weight is infinite at t = 1 (gamma_0 = 1).
 T_MIN = {"snr": 2, "simple": 1}
 
@@ -36,8 +38,8 @@ class NoiseSchedule:
 
     The seeds' "paper" schedule (`linear()` with its defaults, T = 100) ends at gamma_T ~ 0.60
     (SNR_T ~ 1.5): y_T is NOT pure noise, so a reverse process started from N(0, I) does not match
-    the forward process (docs/CONVENTIONS.md, "Known traps"). `cosine()`, `named("linear")` and
-    `paper_extended()` (the seeds' 100 steps, then 40 more to noise) reach noise.
+    the forward process (docs/CONVENTIONS.md, "Known traps"). `cosine()` and `named("linear")`
+    reach noise (and the experimental "paper_extended": the seeds' 100 steps, then 40 more).
     """
 
     def __init__(self, betas, name="custom", params=None):
@@ -82,37 +84,13 @@ class NoiseSchedule:
         return cls(betas, "cosine", params)
 
     @classmethod
-    def paper_extended(cls, paper_T=100, extra_steps=None, beta_end=0.3):
-        """The seeds' schedule (linear 1e-4..1e-2 over paper_T steps), then extra_steps (default
-        0.4 paper_T) more with beta rising linearly on to beta_end, so that y_T is noise (gamma_T
-        ~ 5.8e-4 with the defaults, T = 140) while steps 1..paper_T keep the seeds' levels exactly.
-
-        Why: from gamma = 0.60 a sampler cannot decide whether an emitter is there (an emitter's
-        KDE has ~110 units of energy in diffusion space against a noise variance of 0.67 per
-        pixel), so the seeds' schedule freezes the emitter count of its start. A psi trained on the
-        seeds' schedule is fine-tuned on this one (with PsiConfig.prediction "v_residual") and then
-        samples from noise; measured, that did not widen its dense posterior (docs/calibration.md).
-        """
-        paper_T = _check_T(paper_T)
-        extra_steps = int(round(0.4 * paper_T)) if extra_steps is None else int(extra_steps)
-        if extra_steps < 1:
-            raise ValueError(f"extra_steps must be >= 1 (got {extra_steps})")
-        beta_paper_end = 1e-2
-        if not beta_paper_end < beta_end < 1:
-            raise ValueError(f"beta_end must lie in ({beta_paper_end}, 1) (got {beta_end})")
-        step = (beta_paper_end - 1e-4) / max(paper_T - 1, 1)
-        extra = np.linspace(beta_paper_end + step, beta_end, extra_steps)
-        betas = np.concatenate([np.linspace(1e-4, beta_paper_end, paper_T), extra])
-        params = {"paper_T": paper_T, "extra_steps": extra_steps, "beta_end": float(beta_end)}
-        return cls(betas, "paper_extended", params)
-
-    @classmethod
     def named(cls, name, T=100):
         """"paper": the seeds' linear 1e-4..1e-2 (gamma_T ~ 0.60 at T = 100);
-        "paper_extended": `paper_extended(T)`, the seeds' T steps then 0.4 T more to noise;
         "linear": Ho et al.'s DDPM linear 1e-4..0.02 at T = 1000, rescaled to T steps
           (beta from 0.1/T to 20/T; gamma_T ~ 4e-5 at T = 100), which reaches noise;
-        "cosine": `cosine(T)`."""
+        "cosine": `cosine(T)`;
+        an experimental name (smlm_tfdiff.experimental.SCHEDULES), e.g. "paper_extended": the
+          seeds' T steps then 0.4 T more to noise (experimental/schedules.py)."""
         T = _check_T(T)
         if name == "paper":
             schedule = cls.linear(T, 1e-4, 1e-2)
@@ -120,10 +98,8 @@ class NoiseSchedule:
             schedule = cls.linear(T, 0.1 / T, 20.0 / T)
         elif name == "cosine":
             schedule = cls.cosine(T)
-        elif name == "paper_extended":
-            schedule = cls.paper_extended(T)
         else:
-            raise ValueError(f"unknown schedule name {name!r}: use one of {SCHEDULE_NAMES}")
+            return cls._experimental(name, T=T)
         schedule.name = name
         return schedule
 
@@ -141,11 +117,25 @@ class NoiseSchedule:
             return cls(config["betas"])
         if name == "paper":
             return cls.named("paper", config["T"])
-        constructor = {"linear": cls.linear, "cosine": cls.cosine,
-                       "paper_extended": cls.paper_extended}.get(name)
+        constructor = {"linear": cls.linear, "cosine": cls.cosine}.get(name)
         if constructor is None:
-            raise ValueError(f"unknown schedule name {name!r}")
+            return cls._experimental(name, config)
         return constructor(**config)
+
+    @classmethod
+    def _experimental(cls, name, config=None, T=None):
+        """An experimental schedule (experimental/schedules.py) by name, from its T (named) or
+        from its get_config params."""
+        from smlm_tfdiff import experimental
+
+        if name not in experimental.SCHEDULES:
+            raise ValueError(f"unknown schedule name {name!r}: use one of "
+                             f"{SCHEDULE_NAMES + experimental.SCHEDULES}")
+        from smlm_tfdiff.experimental import schedules
+
+        betas, params = (schedules.NAMED[name](T) if config is None
+                         else schedules.FROM_CONFIG[name](**config))
+        return cls(betas, name, params)
 
     # Queries --------------------------------------------------------------------------------------
     @property
@@ -212,7 +202,7 @@ def _check_T(T):
 
 
 # Noise-level buckets (in t) of the paper schedule for the per-bucket validation loss; a longer
-# schedule (paper_extended) adds one bucket for its steps beyond 100.
+# schedule (e.g. the experimental paper_extended) adds one bucket for its steps beyond 100.
 BUCKETS = ((1, 5), (6, 20), (21, 50), (51, 100))
 
 

@@ -22,6 +22,11 @@ includes psi's own error (the "imperfect mean" of NPR-DPM), which a sample's spr
 the scale that stays of one order over the whole schedule: near the data (g -> 1) it is the eps
 residual, near noise (g -> 0) Var(z_0 | y_hat, noise) itself, while E[r^2] there falls like g
 (psi_var trained to output log E[r^2] failed at t > 110 of the extended schedule: 1e-7 targets).
+
+The sampler sees psi_var only as its `x0_variance` hook (diffusion.sampler.X0Variance), through
+`LearnedX0Variance`, the `x0_variance` field of the models that pretrained.load_models reads from
+a folder with psi_var.weights.h5. Measured, it did not calibrate the bundled psi (docs/calibration.md,
+Calibration), so no bundled model has one.
 """
 
 import dataclasses
@@ -55,6 +60,24 @@ def x0_variance_term(log_k, g_t, g_s, var):
     sigma^2."""
     c = tf.sqrt(g_s) - tf.sqrt(tf.maximum(1.0 - g_s - var, 0.0)) * tf.sqrt(g_t / (1.0 - g_t))
     return tf.square(c) * (1.0 - g_t) * tf.exp(log_k)
+
+
+class LearnedX0Variance(tf.Module):
+    """The sampler's x0_variance hook for a psi_var network `net`: (psi's inputs, g_t, g_s,
+    sigma^2) -> c^2 Var(z_0 | z_t) [N, H, W, 1] (x0_variance_term). A tf.Module, so that an export
+    (serving.py) tracks the network's variables."""
+
+    def __init__(self, net, name="x0_variance"):
+        super().__init__(name=name)
+        self.net = net
+
+    @classmethod
+    def build(cls, psi_config, psi=None):
+        """An untrained one (build_variance_net), for loading weights or training from psi."""
+        return cls(build_variance_net(psi_config, psi))
+
+    def __call__(self, inputs, g_t, g_s, var):
+        return x0_variance_term(self.net(inputs, training=False), g_t, g_s, var)
 
 
 class VarianceLoss:

@@ -4,15 +4,10 @@ eps_pred = psi(y_t, y_hat, sqrt(gamma)): the noise in y_t = sqrt(gamma) z_0 + sq
 given phi's KDE estimate y_hat (seeds' section 3.2 and appendix A.6; architecture after DDPM / SR3,
 conditioning on the continuous noise level as WaveGrad / SR3 do, so samplers may use any schedule).
 
-The network's own output is eps (PsiConfig.prediction "eps", the seeds'), v = sqrt(gamma) eps -
-sqrt(1 - gamma) z_0 ("v", Salimans & Ho 2022) or the v of the residual z_0 - mu about phi's
-estimate mu = 2 y_hat - 1 ("v_residual"); the model turns v into eps = sqrt(gamma) v + sqrt(1 -
-gamma) u with u = y_t ("v") or u = y_t - sqrt(gamma) mu ("v_residual", the noisy residual), so
-every caller sees eps. With eps, the predicted z_0 = (y_t - sqrt(1 - gamma) eps) / sqrt(gamma)
-amplifies the network's error by 1 / sqrt(gamma) (40x at the end of a schedule that reaches noise);
-with v, z_0 = sqrt(gamma) y_t - sqrt(1 - gamma) v is as good as the network at every level, which
-sampling from noise needs; with v_residual, a network output of 0 already predicts z_0 = mu near
-noise, so the network only learns how the truth departs from phi's estimate.
+The network's own output is eps (PsiConfig.prediction "eps", the seeds' and the bundled models').
+The experimental predictions "v" and "v_residual" (smlm_tfdiff.experimental.PREDICTIONS) read the
+same network's output as a v and turn it into eps inside the model (experimental/prediction.py), so
+every caller sees eps whatever the prediction.
 
 Layout (DDPM): conv_in -> per level [num_res_blocks x (res block, attention where configured)],
 stride-2 conv down between levels -> middle (res, attention, res) -> mirrored up path with skip
@@ -29,7 +24,9 @@ import keras
 from keras import layers, ops
 
 
-PREDICTIONS = ("eps", "v", "v_residual")
+from smlm_tfdiff.experimental import PREDICTIONS as _EXPERIMENTAL_PREDICTIONS
+
+PREDICTIONS = ("eps",) + _EXPERIMENTAL_PREDICTIONS
 
 
 @dataclasses.dataclass
@@ -53,7 +50,7 @@ class PsiConfig:
     num_heads: int = 1  # Self-attention heads; must divide the channels where attention is.
     embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
     noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
-    prediction: str = "eps"  # What the network outputs: "eps", "v", "v_residual" (module doc).
+    prediction: str = "eps"  # Network output: "eps", or an experimental "v" or "v_residual".
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
@@ -170,22 +167,6 @@ class ToDiffusionSpace(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
-class EpsFromV(layers.Layer):
-    """[v, y_t, noise_level(, mu)] -> eps = sqrt(gamma) v + sqrt(1 - gamma) u, u = y_t, or with mu
-    the noisy residual u = y_t - sqrt(gamma) mu; sqrt(gamma) is the noise level ([B] or [B, 1]),
-    v, y_t, mu [B, H, W, 1] (diffusion space)."""
-
-    def call(self, inputs):
-        v, y_t, noise_level = inputs[:3]
-        level = ops.reshape(ops.cast(noise_level, v.dtype), (-1, 1, 1, 1))
-        u = y_t - level * inputs[3] if len(inputs) > 3 else y_t
-        return level * v + ops.sqrt(ops.maximum(1.0 - level * level, 0.0)) * u
-
-    def compute_output_shape(self, input_shape):
-        return input_shape[0]
-
-
-@keras.saving.register_keras_serializable(package="smlm_tfdiff")
 class SelfAttention2D(layers.Layer):
     """x + proj(attention(GroupNorm(x))) over all H*W positions: [B, H, W, C] -> [B, H, W, C].
 
@@ -260,9 +241,7 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     image_size: None (any H, W divisible by 2^(levels-1), checked by the caller with
       `check_input_size`), an int or (h, w) for a static input shape (checked here).
     The output conv is zero-initialised: before training eps_pred is exactly 0 for any input
-    (prediction "eps"), sqrt(1 - gamma) y_t ("v": v = 0, i.e. z_0 = sqrt(gamma) y_t) or
-    sqrt(1 - gamma) (y_t - sqrt(gamma) mu) ("v_residual": z_0 = mu + sqrt(gamma) (y_t -
-    sqrt(gamma) mu), which is mu at noise).
+    (prediction "eps"; the experimental v predictions start from v = 0, experimental/prediction.py).
     """
     config = psi_config or PsiConfig()
     if image_size is None:
@@ -322,8 +301,7 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     # Named "eps" in both parametrizations, so that the weights of either load into the other.
     eps = layers.Conv2D(1, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
                         name="eps")(x)
-    if config.prediction == "v":
-        eps = EpsFromV(name="eps_from_v")([eps, y_t, noise_level])
-    elif config.prediction == "v_residual":
-        eps = EpsFromV(name="eps_from_v")([eps, y_t, noise_level, cond])
+    if config.prediction != "eps":
+        from smlm_tfdiff.experimental.prediction import eps_output
+        eps = eps_output(config.prediction, eps, y_t, noise_level, cond)
     return keras.Model({"y_t": y_t, "y_hat": y_hat, "noise_level": noise_level}, eps, name=name)

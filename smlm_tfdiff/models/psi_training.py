@@ -57,10 +57,8 @@ class PsiLoss:
 
     weighting "snr": the seeds' eq. 8 weight (normalised to mean 1 over t = 2..T; t = 1 never
     drawn), "simple": uniform (diffusion.diffusion_loss_weights).
-    prediction "v" or "v_residual" (PsiConfig.prediction): the loss is w(t) ||v - v_psi||^2 =
-    w(t) / gamma ||eps - eps_psi||^2 (eps_psi = sqrt(gamma) v_psi + sqrt(1 - gamma) u), the same as
-    the eps loss at low noise, while near noise it scores the predicted z_0 (v -> -z_0, or -(z_0 -
-    mu) for the residual) instead of eps."""
+    prediction: PsiConfig.prediction; an experimental v prediction scores v instead of eps
+    (experimental/prediction.py, loss_weights)."""
 
     def __init__(self, phi, schedule, weighting, prediction="eps"):
         if prediction not in PREDICTIONS:
@@ -76,7 +74,8 @@ class PsiLoss:
                          training=training)
         weights = diffusion_loss_weights(self.schedule, batch["t"], self.weighting)
         if self.prediction != "eps":
-            weights = weights / gamma
+            from smlm_tfdiff.experimental.prediction import loss_weights
+            weights = loss_weights(weights, gamma)
         return per_example_loss(batch["eps"], eps_pred, weights)
 
 
@@ -85,11 +84,14 @@ class PsiValidation:
 
     Scalars: mse_t{lo}-{hi} (unweighted eps MSE, noise fixed by the seed), kde_mse_phi and
     kde_mse_posterior_mean (against the true KDE, on the sampled frames), posterior_std_mean.
+
+    recipe: the run's diffusion.Recipe (schedule, and the sampler's t_start, num_steps, method).
     """
 
-    def __init__(self, sim_config, phi, schedule, num_frames, seed, num_sample_frames=8,
-                 num_samples=16, t_start=None, num_steps=None):
-        self.config, self.phi, self.schedule = sim_config, phi, schedule
+    def __init__(self, sim_config, phi, recipe, num_frames, seed, num_sample_frames=8,
+                 num_samples=16):
+        schedule = recipe.schedule
+        self.config, self.phi, self.recipe, self.schedule = sim_config, phi, recipe, schedule
         self.data = simulate(sim_config, num_frames, seed)
         self.y_hat = np.concatenate([phi(self.data["frames"][i:i + 256], training=False).numpy()
                                      for i in range(0, num_frames, 256)])
@@ -98,10 +100,10 @@ class PsiValidation:
         self.gamma = schedule.gamma_between(self.t, rng.uniform(size=num_frames)).astype(np.float32)
         self.eps = rng.standard_normal(self.data["kde"].shape).astype(np.float32)
         self.num_sample_frames, self.num_samples = num_sample_frames, num_samples
-        self.t_start, self.num_steps = t_start, num_steps
 
     def __call__(self, trainer, step):
         from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+        from smlm_tfdiff.pretrained import Pretrained
         model = trainer.model
         y_t = q_sample(to_diffusion_space(self.data["kde"]), self.gamma, self.eps).numpy()
         eps_pred = np.concatenate([
@@ -116,10 +118,10 @@ class PsiValidation:
             if sel.any():
                 metrics[f"mse_t{lo}-{hi}"] = float(sq[sel].mean())
         n = self.num_sample_frames
-        models = _Models(self.phi, model, self.schedule, self.t_start)
+        models = Pretrained(phi=self.phi, psi=model, config=self.config, recipe=self.recipe)
         post = PosteriorSampler(models, jit_compile=False)(
-            self.data["frames"][:n], self.num_samples, self.num_steps, seed=step, method="ddpm",
-            return_samples=True, y_hat=self.y_hat[:n])
+            self.data["frames"][:n], self.num_samples, seed=step, return_samples=True,
+            y_hat=self.y_hat[:n])
         truth = self.data["kde"][:n]
         metrics["kde_mse_phi"] = float(np.mean((self.y_hat[:n] - truth) ** 2))
         metrics["kde_mse_posterior_mean"] = float(np.mean((post["mean"] - truth) ** 2))
@@ -135,7 +137,3 @@ class PsiValidation:
             tf.summary.image("posterior_std", post["std"][:k] / smax, step, k)
         return metrics
 
-
-class _Models:
-    def __init__(self, phi, psi, schedule, t_start):
-        self.phi, self.psi, self.schedule, self.t_start = phi, psi, schedule, t_start

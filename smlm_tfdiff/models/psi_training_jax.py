@@ -146,8 +146,9 @@ class JaxPsiTrainer:
         eps = jax.random.normal(eps_key, kde.shape)
         y_t = q_sample(to_diffusion_space(kde), gamma, eps)
         w = self.weights[t]
-        if self.prediction != "eps":  # psi_training.PsiLoss: w(t) ||v - v_psi||^2.
-            w = w / gamma
+        if self.prediction != "eps":  # As psi_training.PsiLoss (experimental/prediction.py).
+            from smlm_tfdiff.experimental.prediction import loss_weights
+            w = loss_weights(w, gamma)
 
         def loss_fn(p):
             eps_pred, nt = self.psi.stateless_call(

@@ -215,6 +215,16 @@ class Trainer:
                 clipnorm=config.clipnorm)
             self.optimizer.build(self.model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            # A hand-made EMA, not Keras's optimizer(use_ema=True, ema_momentum=...). Tried under
+            # MirroredStrategy, Keras's EMA updates, checkpoints, resumes and rolls back (its
+            # averages are optimizer variables) and finalize_variable_values writes it into the
+            # model, but: (1) it has no public handle on the averages, so `evaluate` could not swap
+            # the EMA weights in and back out mid-run (finalize is one way) without the private
+            # optimizer._model_variables_moving_average; (2) the checkpoint would keep them as
+            # optimizer/_variables/<index> instead of "ema", so pretrained._restore_ema would have
+            # to rebuild this exact optimizer to read a run in progress, and runs checkpointed
+            # before would resume with zero averages; (3) it starts from the weights after the
+            # first step, this one from the initial weights, so training figures would move.
             self.ema = None
             if config.ema_decay is not None:
                 self.ema = [tf.Variable(v, trainable=False, name=f"ema_{i}")
