@@ -1,14 +1,8 @@
-"""Input checks shared by the public functions: clear errors that name the problem."""
+"""Input checks shared by the public functions: clear errors that name the problem.
+
+Array checks only (no package imports); a config is checked by simulation.config.check_config."""
 
 import numpy as np
-
-from smlm_tfdiff.simulation.config import SimulationConfig
-
-
-def check_config(config):
-    if not isinstance(config, SimulationConfig):
-        raise TypeError(f"config must be a SimulationConfig (got {type(config).__name__}); "
-                        "use SimulationConfig.preset('paper') or SimulationConfig(...)")
 
 
 def as_numpy(value, name):

@@ -45,7 +45,8 @@ from skimage.feature import blob_log
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.simulation.physics.psf import pixel_integrals_numpy
-from smlm_tfdiff.validation import as_numpy, check_config
+from smlm_tfdiff.simulation.config import check_config
+from smlm_tfdiff.validation import as_numpy
 
 REFINE_MODES = ("gaussian", "centroid", "none")
 _SQRT2 = math.sqrt(2.0)

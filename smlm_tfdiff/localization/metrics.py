@@ -18,7 +18,8 @@ from scipy import optimize, spatial
 
 from smlm_tfdiff.localization.detection import detect
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch
-from smlm_tfdiff.validation import as_numpy, as_positions, check_config
+from smlm_tfdiff.simulation.config import check_config
+from smlm_tfdiff.validation import as_numpy, as_positions
 
 # --------------------------------------------------------------------------------- matching
 def match(pred, truth, tolerance) -> Tuple[np.ndarray, np.ndarray]:

@@ -270,6 +270,13 @@ class SimulationConfig:
     __hash__ = None
 
 
+def check_config(config) -> None:
+    """TypeError naming the fix unless `config` is a SimulationConfig."""
+    if not isinstance(config, SimulationConfig):
+        raise TypeError(f"config must be a SimulationConfig (got {type(config).__name__}); "
+                        "use SimulationConfig.preset('paper') or SimulationConfig(...)")
+
+
 PRESETS = {
     # The seeds' section 4, camera values from the authors' code.
     "paper": dict(),

@@ -13,7 +13,8 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.simulation.physics.camera import sample_frames
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch
 from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
-from smlm_tfdiff.validation import as_positions, check_config
+from smlm_tfdiff.simulation.config import check_config
+from smlm_tfdiff.validation import as_positions
 
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.

@@ -48,7 +48,8 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch
 from smlm_tfdiff.simulation.physics.likelihood import corrected_counts, readout_term
 from smlm_tfdiff.simulation.physics.psf import pixel_integrals
-from smlm_tfdiff.validation import as_numpy, check_config
+from smlm_tfdiff.simulation.config import check_config
+from smlm_tfdiff.validation import as_numpy
 
 tfb = tfp.bijectors
 
