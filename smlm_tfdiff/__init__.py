@@ -36,6 +36,7 @@ _EXPORTS = {
     "load_phi": "pretrained",
     "pretrained": "pretrained",
     "PosteriorSampler": "diffusion.sampler",
+    "Recipe": "diffusion.recipe",
     "sample_posterior": "diffusion.sampler",
     "expected_counts": "simulation.simulate",
     "make_dataset": "simulation.simulate",
