@@ -16,6 +16,15 @@ FLAGS = flags.FLAGS
 METHODS = ("ddpm", "ddim")
 
 
+def _key_flags(*names):
+    """List the flags in the script's --help (absl lists the key flags of the module named
+    sys.argv[0]; flags defined here would otherwise only show under --helpfull)."""
+    import sys
+
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
 def define_model_flag(default="paper", savedmodel=False, needs_psi=True):
     """--model: a bundled model name or a folder (and a SavedModel folder where `savedmodel`)."""
     what = "phi and psi" if needs_psi else "phi"
@@ -23,6 +32,7 @@ def define_model_flag(default="paper", savedmodel=False, needs_psi=True):
         "model", default, "A bundled model name (smlm_tfdiff.pretrained.available(): 'paper', "
         f"'paper_wide', ...) or a model / training-run folder with {what}"
         + (", or a SavedModel folder (export/export_savedmodel.py)" if savedmodel else "") + ".")
+    _key_flags("model")
 
 
 def define_sampling_flags(num_samples=16, num_steps=None, method="ddpm"):
@@ -32,13 +42,16 @@ def define_sampling_flags(num_samples=16, num_steps=None, method="ddpm"):
     flags.DEFINE_integer("num_steps", num_steps, "Reverse diffusion steps per sample"
                          + (" (default: the model's, from its diffusion.json)."
                             if num_steps is None else "."))
+    _key_flags("num_samples", "num_steps")
     if method is not None:
         flags.DEFINE_enum("method", method, list(METHODS), "Reverse sampler: ddpm (ancestral, "
                           "eta 1; the bundled models' recipe) or ddim (deterministic, eta 0).")
+        _key_flags("method")
 
 
 def define_seed_flag(default, help_text="Seed (same seed, same output)."):
     flags.DEFINE_integer("seed", default, help_text)
+    _key_flags("seed")
 
 
 def apply_overrides(config, assignments):
@@ -111,6 +124,10 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
                       "--noresume an --out_dir that already holds checkpoints is an error.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
+    _key_flags("out_dir", "preset", "sim_config", "set", "steps", "batch_size", "learning_rate",
+               "schedule", "warmup_steps", "weight_decay", "clipnorm", "ema_decay", "val_seed",
+               "val_frames", "num_replicas", "strategy", "log_every", "eval_every",
+               "checkpoint_every", "resume", "progress", "jit_compile")
 
 
 def trainer_config_from_flags():
