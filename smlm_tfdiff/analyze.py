@@ -90,8 +90,8 @@ class KerasBackend:
         self.source = models.source
         changes = {} if method is None else {"method": method}
         if restart_t is not None:
-            # Restart sweeps: the calibrated recipe of the paper_wide model (docs/calibration.md, "A 4x psi
-            # trained on a GPU"); off in the bundled recipes.
+            # Restart sweeps: the calibrated recipe of the paper_wide model (docs/calibration.md,
+            # "A 4x psi trained on a GPU"); off in the bundled recipes.
             if not 1 <= int(restart_t) <= models.schedule.T:
                 raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
             if restarts is not None and int(restarts) < 1:

@@ -194,7 +194,8 @@ class PosteriorSampler:
           (default: 1 with a restart_t given here, else the recipe's; 0 turns the recipe's sweeps
           off). Noising a sample to t and denoising it given y_hat is one sweep of a Gibbs sampler
           of p(y_0, y_t | y_hat), whose y_0-marginal is the posterior whatever the first pass
-          gave; each sweep moves the spread towards it (docs/calibration.md, "A 4x psi trained on a GPU").
+          gave; each sweep moves the spread towards it (docs/calibration.md, "A 4x psi trained on
+          a GPU").
         project: each sample is replaced by the KDE of the emitters detected in it (projection.py):
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
