@@ -131,7 +131,8 @@ def _isolated_flags():
 def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...) or "analyze"
-    (python -m smlm_tfdiff.analyze). Returns its exit status (SystemExit and app.UsageError
+    (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
+    cached_load_backend). Returns its exit status (SystemExit and app.UsageError
     handled as app.run does: a message on stderr, status 1), stdout, and stderr with the absl /
     TensorFlow log records (INFO and up) appended."""
     from absl import app
@@ -152,10 +153,12 @@ def run_cli(program, *args):
     code = 0
     try:
         with _isolated_flags() as FLAGS, contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            if program == "analyze":
+                contextlib.redirect_stderr(err), contextlib.ExitStack() as stack:
+            if program == "analyze":  # With the session's backend of a bundled model.
                 from smlm_tfdiff import analyze
                 analyze.define_flags()
+                stack.callback(setattr, analyze, "load_backend", analyze.load_backend)
+                analyze.load_backend = cached_load_backend
                 main = analyze.main
             else:
                 main = _load_script(program).main
@@ -164,6 +167,8 @@ def run_cli(program, *args):
                     rest = FLAGS(argv)
                 except flags_error() as e:
                     raise app.UsageError(str(e)) from None
+                if FLAGS["verbosity"].using_default_value:
+                    FLAGS.verbosity = 0  # INFO, as under app.run.
                 main(rest)
             except app.UsageError as e:
                 print(e, file=sys.stderr)
@@ -189,10 +194,7 @@ def flags_error():
     return flags.Error
 
 
-@pytest.fixture
-def cli(monkeypatch):
-    """cli(program, *args) -> CliResult: a command-line program run in this process (run_cli);
-    `analyze` gets the session's backend of a bundled model (cached_load_backend)."""
-    from smlm_tfdiff import analyze
-    monkeypatch.setattr(analyze, "load_backend", cached_load_backend)
+@pytest.fixture(scope="session")
+def cli():
+    """cli(program, *args) -> CliResult: a command-line program run in this process (run_cli)."""
     return run_cli
