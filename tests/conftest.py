@@ -130,9 +130,9 @@ def _isolated_flags():
 
 def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
-    argv [program, *args]: program is a script path (trainers/..., export/...) or "analyze"
+    argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
     (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
-    cached_load_backend). Returns its exit status (SystemExit and app.UsageError
+    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo"). Returns its exit status (SystemExit and app.UsageError
     handled as app.run does: a message on stderr, status 1), stdout, and stderr with the absl /
     TensorFlow log records (INFO and up) appended."""
     from absl import app
@@ -160,8 +160,12 @@ def run_cli(program, *args):
                 stack.callback(setattr, analyze, "load_backend", analyze.load_backend)
                 analyze.load_backend = cached_load_backend
                 main = analyze.main
-            else:
+            elif program.endswith(".py"):
                 main = _load_script(program).main
+            else:  # A module of the package (python -m smlm_tfdiff.demo) with define_flags().
+                module = importlib.import_module(program)
+                module.define_flags()
+                main = module.main
             try:
                 try:
                     rest = FLAGS(argv)
