@@ -37,11 +37,6 @@ import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.analyze import load_backend as _load_backend  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: takes more than ~15 s on a 2-core CPU (deselect with -m 'not slow')")
-
-
 # ------------------------------------------------------------------------------ shared objects
 @pytest.fixture
 def paper():

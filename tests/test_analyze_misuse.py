@@ -356,7 +356,10 @@ def test_interrupted_run_resumes_to_byte_identical_results(tmp_path, backend):
         other.analyze(stack, tmp_path / "res2")
 
 
-def test_command_line_killed_runs_resume(tmp_path):
+@pytest.mark.slow
+def test_command_line_killed_runs_resume(tmp_path, cli):
+    """Processes killed by SIGTERM and SIGKILL (the process boundary is what is tested here), then
+    the resume to the end and the uninterrupted reference run in this process."""
     import signal
     import time
 
@@ -385,8 +388,7 @@ def test_command_line_killed_runs_resume(tmp_path):
         return code, proc.stderr.read()
 
     def whole(out):
-        return subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, env=env,
-                              timeout=600)
+        return cli("analyze", *base[3:], "--out", out)
 
     code, err = killed_at(2, signal.SIGTERM)
     assert code == 130 and "run the same command again to resume" in err, err

@@ -15,7 +15,8 @@ from smlm_tfdiff.experimental.reverse_variance import (INITIAL_K, VarianceLoss, 
                                           x0_variance_term)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = PsiConfig(base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(40,),
+# Without self-attention (tested in test_psi_model.py), which costs a third of a training run.
+SMALL = PsiConfig(base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(),
                   embedding_dim=16)
 
 
@@ -88,6 +89,7 @@ def test_loss_is_the_gaussian_nll_of_psi_s_residual(paper):
     assert nll[1.0] < min(nll[0.5], nll[2.0])
 
 
+@pytest.mark.slow
 def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path, cli, scalars,
                                                           paper_models):
     src = str(tmp_path / "psi")
@@ -129,4 +131,4 @@ def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path, cli, scala
         frames, num_samples=4, seed=0, method="ddpm")
     assert np.all(np.isfinite(learned["std"]))
     assert not np.allclose(learned["std"], fixed["std"])
-    assert "has no psi" in train(1, "--psi=paper_mcdropout", ok=False)
+    assert "has no psi" in train(1, "--psi=paper_mcdropout", "--num_replicas=0", ok=False)

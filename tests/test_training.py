@@ -26,6 +26,7 @@ def _train(cli, out_dir, steps):
     return res.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_training_checkpoints_resume_and_tensorboard(tmp_path, cli, scalars):
     out = str(tmp_path / "run")
     log = _train(cli, out, 40)
