@@ -1,8 +1,9 @@
 """Shared fixtures and helpers of the test suite (no test module imports another).
 
 The CPU is split into two logical devices before any TensorFlow op runs, as
-`make_strategy(num_replicas=2)` does at the start of a training script: the trainers' MirroredStrategy
-over 2 CPU replicas then runs in this process (`run_cli`) instead of a fresh Python per call.
+`make_strategy(num_replicas=2)` does at the start of a training script: the trainers'
+MirroredStrategy over 2 CPU replicas then runs in this process (`run_cli`) instead of a fresh
+Python per call. Tests keep a subprocess only where the process boundary is what they test.
 """
 
 import contextlib
@@ -73,7 +74,7 @@ def backend():
 
 @pytest.fixture(scope="session")
 def scalars():
-    """scalars(folder, tag) -> [(step, value)] of a TensorBoard event folder ([] without the tag)."""
+    """scalars(folder, tag) -> [(step, value)] of a TensorBoard event folder ([] without tag)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def read(folder, tag):
@@ -127,9 +128,10 @@ def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
     (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
-    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo"). Returns its exit status (SystemExit and app.UsageError
-    handled as app.run does: a message on stderr, status 1), stdout, and stderr with the absl /
-    TensorFlow log records (INFO and up) appended."""
+    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo").
+    Returns its exit status (SystemExit and app.UsageError handled as app.run does: a message on
+    stderr, status 1; absl's verbosity INFO unless given), stdout, and stderr with the absl /
+    TensorFlow log records (INFO and up) appended. An uncaught exception propagates."""
     from absl import app
 
     argv = [str(program), *map(str, args)]
