@@ -36,6 +36,21 @@ _split_cpu()
 
 import smlm_tfdiff as st  # noqa: E402
 from smlm_tfdiff.analyze import load_backend as _load_backend  # noqa: E402
+from smlm_tfdiff.models import training as _training  # noqa: E402
+
+_make_strategy = _training.make_strategy
+_STRATEGIES = {}
+
+
+def shared_make_strategy(num_replicas=0, kind=None):
+    """make_strategy, one strategy per (num_replicas, kind) for the session, as one program has:
+    a second MirroredStrategy in a process restarts the collective instance keys, so its
+    all-reduces clash with the first one's ("Shape mismatch in the collective instance")."""
+    key = (num_replicas, kind or _training._strategy_flag())
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = _make_strategy(num_replicas, kind)
+    _training._STRATEGY = _STRATEGIES[key]
+    return _training._STRATEGY
 
 
 # ------------------------------------------------------------------------------ shared objects
@@ -128,7 +143,8 @@ def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
     (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
-    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo").
+    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo");
+    the scripts' make_strategy is shared_make_strategy.
     Returns its exit status (SystemExit and app.UsageError handled as app.run does: a message on
     stderr, status 1; absl's verbosity INFO unless given), stdout, and stderr with the absl /
     TensorFlow log records (INFO and up) appended. An uncaught exception propagates."""
@@ -151,6 +167,8 @@ def run_cli(program, *args):
     try:
         with _isolated_flags() as FLAGS, contextlib.redirect_stdout(out), \
                 contextlib.redirect_stderr(err), contextlib.ExitStack() as stack:
+            stack.callback(setattr, _training, "make_strategy", _training.make_strategy)
+            _training.make_strategy = shared_make_strategy
             if program == "analyze":  # With the session's backend of a bundled model.
                 from smlm_tfdiff import analyze
                 analyze.define_flags()

@@ -18,6 +18,9 @@ from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 
 
 # ------------------------------------------------------------------------------------ tiling
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("frame, pad", [((20, 20), 0), ((36, 44), 3), ((13, 27), 3),
                                         ((50, 21), 0)])
 def test_tiles_cover_and_stitch_exactly(frame, pad):

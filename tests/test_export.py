@@ -210,6 +210,7 @@ BAD_REQUESTS = {  # case -> what the error message must say.
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_request_raises_invalid_argument(served, frames, case):
     request = _request(frames)

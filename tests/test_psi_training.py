@@ -93,7 +93,7 @@ def test_train_psi_mirrored_tensorboard_load_and_fine_tune(tmp_path, cli, scalar
     replicas in test_training.py.)"""
     out = str(tmp_path / "psi")
     log = _train(cli, out, 4)
-    assert "MirroredStrategy" in log and "CPU:1" in log
+    assert "Training psi on 2 replica(s) (MirroredStrategy)" in log
     assert [s for s, _ in scalars(os.path.join(out, "train"), "loss")] == [2, 4]
     for lo, hi in BUCKETS:
         assert [s for s, _ in scalars(os.path.join(out, "val"), f"mse_t{lo}-{hi}")] == [4]

@@ -108,7 +108,7 @@ def test_train_psi_variance_resumes_and_the_sampler_uses_it(tmp_path, cli, scala
         return res.stderr
 
     log = train(2)
-    assert "MirroredStrategy" in log
+    assert "on 2 replica(s)" in log
     for lo, hi in ((1, 5), (51, 100)):
         for key in ("nll", "k_ratio", "k_r"):
             assert [s for s, _ in scalars(os.path.join(out, "val"), f"{key}_t{lo}-{hi}")] == [2]
