@@ -3,15 +3,13 @@ localizations match the simulation's ground truth."""
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 
 from smlm_tfdiff import SimulationConfig, localization_metrics, oracle_metrics
-from smlm_tfdiff import simulate
+from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import (EXTRA_COLUMNS, THUNDERSTORM_COLUMNS, StackError, TiffStack,
@@ -20,6 +18,9 @@ from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 
 
 # ------------------------------------------------------------------------------------ tiling
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("frame, pad", [((20, 20), 0), ((36, 44), 3), ((13, 27), 3),
                                         ((50, 21), 0)])
 def test_tiles_cover_and_stitch_exactly(frame, pad):
@@ -130,11 +131,6 @@ def test_tiff_stack_bad_files(tmp_path, case, message):
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def backend():
-    return load_backend("paper")
-
-
 def _frames_from_csv(path, num_frames, pixel_size_nm):
     with open(path) as f:
         rows = list(csv.DictReader(f))
@@ -219,14 +215,12 @@ def test_camera_and_settings_are_checked(backend):
         load_backend("no-such-model")
 
 
-def test_command_line_errors_exit_nonzero(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "smlm_tfdiff.analyze", "--out", str(tmp_path / "o"),
-           "--offset_adu", "100", "--gain_adu_per_photon", "1", "--noprogress",
-           "--input", str(tmp_path / "missing.tif")]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def test_command_line_errors_exit_nonzero(tmp_path, cli):
+    args = ["--out", tmp_path / "o", "--offset_adu", "100", "--gain_adu_per_photon", "1",
+            "--noprogress", "--input", tmp_path / "missing.tif"]
+    res = cli("analyze", *args)
     assert res.returncode != 0 and "no such file" in res.stderr
-    res = subprocess.run(cmd[:7] + cmd[9:], capture_output=True, text=True, env=env, timeout=300)
+    res = cli("analyze", *args[:5], *args[7:])  # Without --gain_adu_per_photon.
     assert res.returncode != 0 and "gain_adu_per_photon" in res.stderr
     assert not (tmp_path / "o").exists()
 

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from smlm_tfdiff import SimulationConfig
-from smlm_tfdiff import simulate
-from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+from smlm_tfdiff.simulation.simulate import simulate
+from smlm_tfdiff.analyze import Camera, StackAnalyzer
 from smlm_tfdiff.io.stacks import (OutputError, OutputSet, StackError, TiffStack,
                                   output_folders)
 
@@ -32,6 +32,8 @@ def _truncated(path, kind, frames=FRAMES, fraction=0.5):
 
 
 # ------------------------------------------------------------------- every frame, or an error
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_truncated_stack_is_refused_naming_file_and_counts(tmp_path, kind):
     path = _truncated(tmp_path / f"{kind}.tif", kind)
@@ -134,11 +136,6 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- with the model
-@pytest.fixture(scope="module")
-def backend():
-    return load_backend("paper")
-
-
 def _movie(path, frames=5, seed=3):
     data = simulate(SimulationConfig.preset("paper"), frames, seed=seed)
     tifffile.imwrite(path, np.round(data["frames"][..., 0]).astype(np.uint16),
@@ -174,15 +171,13 @@ def test_small_frames_are_analyzed_or_named_clearly(tmp_path, backend):
     assert not (tmp_path / "o2").exists()
 
 
-def _cli(args, tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "smlm_tfdiff.analyze", "--offset_adu", "100",
-           "--gain_adu_per_photon", "1", "--noprogress", "--num_samples", "2", "--num_steps",
-           "1", "--nomaps"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+def _cli(cli, *args):
+    return cli("analyze", "--offset_adu", "100", "--gain_adu_per_photon", "1", "--noprogress",
+               "--num_samples", "2", "--num_steps", "1", "--nomaps", *args)
 
 
-def test_command_line_damaged_input_and_existing_results(tmp_path):
+def test_command_line_damaged_input_and_existing_results(tmp_path, cli):
+    # In this process: an uncaught exception (a traceback) would propagate out of cli().
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     _movie(tmp_path / "a" / "movie.tif", frames=2)
@@ -192,13 +187,13 @@ def test_command_line_damaged_input_and_existing_results(tmp_path):
     out = tmp_path / "out"
     args = ["--out", str(out), "--input", str(tmp_path / "a" / "movie.tif"), "--input",
             str(tmp_path / "b" / "movie.tif")]
-    res = _cli(args, tmp_path)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = _cli(cli, *args)
+    assert res.returncode == 2
     assert "truncated or damaged" in res.stderr and "declares 6 frames" in res.stderr
     assert not (out / "b_movie").exists()
-    res = _cli(args + ["--allow_partial"], tmp_path)
+    res = _cli(cli, *args, "--allow_partial")
     assert res.returncode == 2 and "already holds results" in res.stderr  # a_movie, from run 1.
-    res = _cli(args + ["--allow_partial", "--overwrite"], tmp_path)
+    res = _cli(cli, *args, "--allow_partial", "--overwrite")
     assert res.returncode == 0, res.stderr
     assert "warning:" in res.stderr and "readable of 6 declared frames" in res.stderr
     summary = json.loads((out / "b_movie" / "movie_summary.json").read_text())
@@ -208,9 +203,8 @@ def test_command_line_damaged_input_and_existing_results(tmp_path):
     assert a["frames"] == 2 and "input_loss" not in a
     assert sorted(os.listdir(out)) == ["a_movie", "b_movie"]
     (tmp_path / "file").write_text("x")
-    res = _cli(["--out", str(tmp_path / "file" / "o"), "--input",
-                str(tmp_path / "a" / "movie.tif")], tmp_path)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = _cli(cli, "--out", tmp_path / "file" / "o", "--input", tmp_path / "a" / "movie.tif")
+    assert res.returncode == 2
     assert "cannot write to the output folder" in res.stderr
 
 
@@ -364,7 +358,10 @@ def test_interrupted_run_resumes_to_byte_identical_results(tmp_path, backend):
         other.analyze(stack, tmp_path / "res2")
 
 
-def test_command_line_killed_runs_resume(tmp_path):
+@pytest.mark.slow
+def test_command_line_killed_runs_resume(tmp_path, cli):
+    """Processes killed by SIGTERM and SIGKILL (the process boundary is what is tested here), then
+    the resume to the end and the uninterrupted reference run in this process."""
     import signal
     import time
 
@@ -393,8 +390,7 @@ def test_command_line_killed_runs_resume(tmp_path):
         return code, proc.stderr.read()
 
     def whole(out):
-        return subprocess.run(base + ["--out", str(out)], capture_output=True, text=True, env=env,
-                              timeout=600)
+        return cli("analyze", *base[3:], "--out", out)
 
     code, err = killed_at(2, signal.SIGTERM)
     assert code == 130 and "run the same command again to resume" in err, err

@@ -44,8 +44,8 @@ def _numpy(outputs):
 
 
 @pytest.fixture(scope="module")
-def models():
-    return st.pretrained("paper")
+def models(paper_models):
+    return paper_models
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def frames():
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """The script's export of the bundled paper model: (base dir, version dir, script stderr)."""
+def export(tmp_path_factory, cli):
+    """The script's export of the bundled paper model (run in this process): (base dir, version
+    dir, script stderr)."""
     base = str(tmp_path_factory.mktemp("serving") / "smlm")
-    result = _run([sys.executable, SCRIPT, "--export_dir", base])
+    result = cli(SCRIPT, "--export_dir", base)
     assert result.returncode == 0, result.stderr[-3000:]
     return base, os.path.join(base, "1"), result.stderr
 
@@ -101,7 +102,7 @@ def test_script_writes_version_folder_and_logs_signatures(export):
         assert f"signature '{name}'" in log
 
 
-def test_script_refuses_to_overwrite(export):
+def test_script_refuses_to_overwrite(export, cli):
     base, version_dir, _ = export
 
     def snapshot():
@@ -110,7 +111,7 @@ def test_script_refuses_to_overwrite(export):
         return digest, sorted(os.listdir(version_dir)), sorted(os.listdir(base))
 
     before = snapshot()
-    result = _run([sys.executable, SCRIPT, "--export_dir", base])
+    result = cli(SCRIPT, "--export_dir", base)
     assert result.returncode != 0
     assert "exists and is not empty" in result.stderr and "--overwrite" in result.stderr
     assert snapshot() == before
@@ -209,6 +210,7 @@ BAD_REQUESTS = {  # case -> what the error message must say.
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_request_raises_invalid_argument(served, frames, case):
     request = _request(frames)

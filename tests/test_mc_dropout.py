@@ -1,8 +1,6 @@
 """MC dropout baseline: a phi with dropout layers, kept on at inference, seeded."""
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -82,28 +80,25 @@ def test_mc_dropout_refuses_a_phi_without_dropout(small_phis):
         mc_dropout_posterior(drop, frames, num_samples=1)
 
 
-def test_train_phi_fine_tunes_with_dropout(tmp_path):
+def test_train_phi_fine_tunes_with_dropout(tmp_path, cli):
     """--init_phi copies a trained phi's weights into a phi with dropout, which then trains."""
     base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
     small = ["--context_filters=8", "--dilations=1,2", "--upsample_filters=8,4",
              "--prediction_filters=4"]
     common = ["--batch_size=8", "--log_every=2", "--eval_every=100", "--checkpoint_every=2",
               "--val_frames=4", "--warmup_steps=1", "--noprogress", *small]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     script = os.path.join(ROOT, "trainers", "train_phi.py")
     for args in ([f"--out_dir={base}", "--steps=2"],
                  [f"--out_dir={tuned}", "--steps=2", f"--init_phi={base}", "--dropout=0.1"]):
-        proc = subprocess.run([sys.executable, script, *args, *common], capture_output=True,
-                              text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = cli(script, *args, *common)
+        assert res.returncode == 0, res.stderr[-3000:]
     models = st.load_phi(tuned)
     assert models.phi_config.dropout == 0.1 and dropout_layers(models.phi)
     # Mismatched widths are refused with the fix in the message.
-    proc = subprocess.run([sys.executable, script, f"--out_dir={tmp_path / 'bad'}", "--steps=1",
-                           f"--init_phi={base}", *common[:-4], "--context_filters=16",
-                           "--dilations=1,2", "--upsample_filters=8,4", "--prediction_filters=4"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode != 0 and "set the phi flags to match it" in proc.stderr
+    res = cli(script, f"--out_dir={tmp_path / 'bad'}", "--steps=1", f"--init_phi={base}",
+              *common[:-4], "--context_filters=16", "--dilations=1,2", "--upsample_filters=8,4",
+              "--prediction_filters=4")
+    assert res.returncode != 0 and "set the phi flags to match it" in res.stderr
 
 
 def test_bundled_mc_dropout_phi():

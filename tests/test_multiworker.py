@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -75,6 +76,7 @@ def _leftovers(out_dir):
     return [p for p in os.listdir(out_dir) if p.startswith(".")]
 
 
+@pytest.mark.slow
 def test_two_workers_train_checkpoint_and_resume(tmp_path):
     out = str(tmp_path / "run")
     chief, other = _train(out, 4, str(tmp_path))
@@ -126,6 +128,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_workers_shard_the_global_batch_and_average_over_it(tmp_path):
     """Each worker trains on its own half of the global batch that a single process draws with the
     same seed, and the step's loss is the mean over the whole global batch."""

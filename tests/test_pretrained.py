@@ -6,6 +6,7 @@ import pytest
 import smlm_tfdiff as st
 
 
+@pytest.mark.slow
 def test_bundled_phi_localizes_paper_frames():
     model = st.pretrained("paper")
     assert model.config == st.SimulationConfig.preset("paper")
@@ -45,6 +46,7 @@ def test_unknown_model_and_missing_files(tmp_path):
         st.load_phi(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_bundled_psi_samples_a_posterior_around_phi():
     models = st.pretrained("paper")
     assert models.psi is not None and models.schedule.name == "paper"

@@ -1,9 +1,8 @@
 """psi training: the data and loss pieces, and train_psi.py end to end on 2 logical CPUs."""
 
+import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,12 +10,16 @@ import tensorflow as tf
 
 import smlm_tfdiff as st
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule, loss_weight_table, to_diffusion_space
+from smlm_tfdiff.models.psi import PsiConfig, build_psi
 from smlm_tfdiff.models.psi_training import BUCKETS, PsiLoss, psi_dataset
-from test_training import _scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--base_channels=8", "--channel_multipliers=1,2", "--attention_resolutions=40",
+# A small psi without self-attention (attention at 40 x 40 costs a third of every training run on
+# 2 cores; its blocks are tested in test_psi_model.py).
+SMALL = ["--base_channels=8", "--channel_multipliers=1,2", "--attention_resolutions=",
          "--embedding_dim=16"]
+SMALL_PSI = PsiConfig(base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(),
+                      embedding_dim=16)
 
 
 def test_dataset_is_seeded_and_draws_t_from_2_for_snr(paper):
@@ -36,10 +39,10 @@ def test_dataset_is_seeded_and_draws_t_from_2_for_snr(paper):
     assert simple["t"].numpy().min() == 1
 
 
-def test_loss_is_weighted_noise_mse_given_phi(paper):
+def test_loss_is_weighted_noise_mse_given_phi(paper, paper_models):
     schedule = NoiseSchedule.named("paper")
     batch = next(iter(psi_dataset(paper, schedule, "snr", 4, seed=0, start_step=0)))
-    phi = st.pretrained("paper").phi
+    phi = paper_models.phi
     seen = {}
 
     def psi(inputs, training):
@@ -50,63 +53,69 @@ def test_loss_is_weighted_noise_mse_given_phi(paper):
     eps, gamma = batch["eps"].numpy(), batch["gamma"].numpy()
     weights = loss_weight_table(schedule, "snr")[batch["t"].numpy()]
     np.testing.assert_allclose(loss, weights * np.mean(eps ** 2, axis=(1, 2, 3)), rtol=1e-5)
-    np.testing.assert_allclose(seen["y_hat"].numpy(), phi(batch["frames"], training=False).numpy(),
-                               atol=1e-6)
+    y_hat = phi(batch["frames"], training=False).numpy()
+    np.testing.assert_allclose(seen["y_hat"].numpy(), y_hat, atol=1e-6)
     g = gamma[:, None, None, None]
-    expected = np.sqrt(g) * to_diffusion_space(batch["kde"].numpy()) + np.sqrt(1 - g) * eps
+    z_0 = to_diffusion_space(batch["kde"].numpy())
+    expected = np.sqrt(g) * z_0 + np.sqrt(1 - g) * eps
     np.testing.assert_allclose(seen["y_t"].numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(seen["noise_level"].numpy(), np.sqrt(gamma), rtol=1e-6)
-    # v-prediction: the same weighted MSE on v = sqrt(g) eps - sqrt(1 - g) z_0, i.e. the eps MSE
-    # divided by gamma.
-    for prediction in ("v", "v_residual"):
-        v_loss = PsiLoss(phi, schedule, "snr", prediction)(psi, batch, True).numpy()
-        np.testing.assert_allclose(v_loss, loss / gamma, rtol=1e-5)
+    # v-prediction, through a real v-psi whose network outputs the constant v_psi = 0.3: the loss
+    # is w(t) ||v - v_psi||^2 with v = sqrt(g) eps - sqrt(1 - g) z_0 ("v") or
+    # sqrt(g) eps - sqrt(1 - g) (z_0 - mu), mu = 2 y_hat - 1 ("v_residual").
+    mu = 2.0 * y_hat - 1.0
+    for prediction, target in (("v", z_0), ("v_residual", z_0 - mu)):
+        v_psi = build_psi(dataclasses.replace(SMALL_PSI, prediction=prediction))
+        kernel, bias = v_psi.get_layer("eps").get_weights()
+        v_psi.get_layer("eps").set_weights([np.zeros_like(kernel), np.full_like(bias, 0.3)])
+        v_loss = PsiLoss(phi, schedule, "snr", prediction)(v_psi, batch, False).numpy()
+        v = np.sqrt(g) * eps - np.sqrt(1 - g) * target
+        np.testing.assert_allclose(v_loss, weights * np.mean((v - 0.3) ** 2, axis=(1, 2, 3)),
+                                   rtol=1e-4, err_msg=prediction)
     with pytest.raises(ValueError, match="prediction"):
         PsiLoss(phi, schedule, "snr", "x0")
 
 
-def _train(out_dir, steps, *extra, ok=True):
-    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_psi.py"), f"--out_dir={out_dir}",
-           f"--steps={steps}", "--batch_size=8", "--num_replicas=2", "--log_every=2",
-           "--eval_every=4", "--checkpoint_every=2", "--val_frames=16", "--learning_rate=2e-3",
-           "--warmup_steps=2", "--sample_t_start=10", "--sample_steps=2", "--noprogress", *SMALL,
-           *extra]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
-    return proc.stderr
+def _train(cli, out_dir, steps, *extra, ok=True):
+    res = cli(os.path.join(ROOT, "trainers", "train_psi.py"), f"--out_dir={out_dir}",
+              f"--steps={steps}", "--batch_size=8", "--num_replicas=2", "--log_every=2",
+              "--eval_every=4", "--checkpoint_every=2", "--val_frames=16", "--learning_rate=2e-3",
+              "--warmup_steps=2", "--sample_t_start=10", "--sample_steps=2", "--noprogress",
+              *SMALL, *extra)
+    assert (res.returncode == 0) == ok, res.stderr[-3000:]
+    return res.stderr
 
 
-def test_train_psi_mirrored_resume_tensorboard_and_load(tmp_path):
+@pytest.mark.slow
+def test_train_psi_mirrored_tensorboard_load_and_fine_tune(tmp_path, cli, scalars):
+    """train_psi.py on 2 CPU replicas, then a fine-tuning run from it. (Resuming is the shared
+    Trainer's, tested with the EMA that psi runs keep in test_reverse_variance.py and on 2
+    replicas in test_training.py.)"""
     out = str(tmp_path / "psi")
-    log = _train(out, 4)
-    assert "MirroredStrategy" in log and "CPU:1" in log
-    assert [s for s, _ in _scalars(os.path.join(out, "train"), "loss")] == [2, 4]
+    log = _train(cli, out, 4)
+    assert "Training psi on 2 replica(s) (MirroredStrategy)" in log
+    assert [s for s, _ in scalars(os.path.join(out, "train"), "loss")] == [2, 4]
     for lo, hi in BUCKETS:
-        assert [s for s, _ in _scalars(os.path.join(out, "val"), f"mse_t{lo}-{hi}")] == [4]
-    assert _scalars(os.path.join(out, "val"), "kde_mse_posterior_mean")
+        assert [s for s, _ in scalars(os.path.join(out, "val"), f"mse_t{lo}-{hi}")] == [4]
+    assert scalars(os.path.join(out, "val"), "kde_mse_posterior_mean")
     models = st.load_models(out)
     assert models.psi is not None and models.schedule.name == "paper" and models.t_start == 10
     assert models.weighting == "snr" and models.psi_config.channel_multipliers == (1, 2)
-    # Extending the run resumes at step 4.
-    log = _train(out, 6)
-    assert "Resumed from" in log and "at step 4" in log
-    assert [s for s, _ in _scalars(os.path.join(out, "train"), "loss")][-1] == 6
-    models = st.load_models(out)
     frames = st.simulate(models.config, 2, seed=1)["frames"]
     post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0, method="ddim")
     assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
     assert np.all(np.isfinite(post["mean"]))
-    # Fine-tuning: starts from the run's psi (one step at a negligible rate leaves it in place)
-    # on a mixture with isolated-emitter frames.
+    # Fine-tuning (one replica): starts from the run's psi (one step at a negligible rate leaves
+    # it in place) on a mixture with isolated-emitter frames.
     tuned = str(tmp_path / "tuned")
-    _train(tuned, 1, f"--init_psi={out}", "--mix_preset=isolated", "--learning_rate=1e-9",
-           "--warmup_steps=0", "--weighting=simple", "--eval_every=100")
+    _train(cli, tuned, 1, f"--init_psi={out}", "--mix_preset=isolated", "--learning_rate=1e-9",
+           "--warmup_steps=0", "--weighting=simple", "--eval_every=100", "--num_replicas=0")
     info = json.load(open(os.path.join(tuned, "run_config.json")))
     assert info["init_psi"] == out and info["mix_preset"] == "isolated"
     for a, b in zip(st.load_models(tuned).psi.get_weights(), models.psi.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    log = _train(str(tmp_path / "bad"), 1, f"--init_psi={out}", "--base_channels=16", ok=False)
+    log = _train(cli, str(tmp_path / "bad"), 1, f"--init_psi={out}", "--base_channels=16",
+                 "--num_replicas=0", ok=False)
     assert "--init_psi" in log and "psi flags" in log
 
 

@@ -35,6 +35,8 @@ def _scene(config, seed=0, batch=3):
     return pos, photons, mask
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("background", [0.0, 7.5])
 def test_rate_and_kde_match_tf_physics(background):
     config = st.SimulationConfig.preset("paper", frame_height=16, frame_width=24,

@@ -2,13 +2,10 @@
 
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import smlm_tfdiff as st
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
@@ -20,41 +17,32 @@ SMALL = ["--context_filters=8", "--dilations=1,2", "--upsample_filters=8,4",
          "--prediction_filters=4"]
 
 
-def _scalars(folder, tag):
-    acc = EventAccumulator(folder, size_guidance={"tensors": 0})
-    acc.Reload()
-    if tag not in acc.Tags()["tensors"]:
-        return []
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+def _train(cli, out_dir, steps):
+    res = cli(os.path.join(ROOT, "trainers", "train_phi.py"), f"--out_dir={out_dir}",
+              f"--steps={steps}", "--batch_size=16", "--num_replicas=2", "--log_every=5",
+              "--eval_every=20", "--checkpoint_every=10", "--val_frames=16",
+              "--learning_rate=3e-3", "--warmup_steps=5", "--noprogress", *SMALL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stderr
 
 
-def _train(out_dir, steps):
-    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_phi.py"), f"--out_dir={out_dir}",
-           f"--steps={steps}", "--batch_size=16", "--num_replicas=2", "--log_every=5",
-           "--eval_every=20", "--checkpoint_every=10", "--val_frames=16", "--learning_rate=3e-3",
-           "--warmup_steps=5", "--noprogress", *SMALL]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
-
-
-def test_mirrored_training_checkpoints_resume_and_tensorboard(tmp_path):
+@pytest.mark.slow
+def test_mirrored_training_checkpoints_resume_and_tensorboard(tmp_path, cli, scalars):
     out = str(tmp_path / "run")
-    log = _train(out, 40)
-    assert "MirroredStrategy" in log and "CPU:1" in log
-    losses = _scalars(os.path.join(out, "train"), "loss")
+    log = _train(cli, out, 40)
+    assert "Training phi on 2 replica(s) (MirroredStrategy)" in log
+    losses = scalars(os.path.join(out, "train"), "loss")
     assert [s for s, _ in losses] == list(range(5, 45, 5))
     assert losses[-1][1] < 0.7 * losses[0][1]  # The loss fell.
     assert os.path.exists(os.path.join(out, "checkpoints", "ckpt-40.index"))
     for tag in ("learning_rate", "steps_per_second"):
-        assert len(_scalars(os.path.join(out, "train"), tag)) == 8
-    assert [s for s, _ in _scalars(os.path.join(out, "val"), "loss")] == [20, 40]
+        assert len(scalars(os.path.join(out, "train"), tag)) == 8
+    assert [s for s, _ in scalars(os.path.join(out, "val"), "loss")] == [20, 40]
     assert os.path.exists(os.path.join(out, "phi.weights.h5"))
     # Extending the finished run resumes at step 40 and continues the step count.
-    log = _train(out, 60)
+    log = _train(cli, out, 60)
     assert "Resumed from" in log and "at step 40" in log
-    steps = [s for s, _ in _scalars(os.path.join(out, "train"), "loss")]
+    steps = [s for s, _ in scalars(os.path.join(out, "train"), "loss")]
     assert steps[-4:] == [45, 50, 55, 60]
     assert os.path.exists(os.path.join(out, "checkpoints", "ckpt-60.index"))
     # The weights written at the end load into a fresh phi.
