@@ -4,9 +4,12 @@ I_ij = sum_k (1 / omega'_k) d omega'_k / d theta_i  d omega'_k / d theta_j under
 approximation; derivatives by automatic differentiation of the same PSF model the simulator uses.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
+from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.simulation.physics.likelihood import readout_term
 from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 
@@ -63,10 +66,27 @@ def crlb(position, config, photons=None, estimate_photons=False, background=None
         background = np.broadcast_to(np.asarray(background, np.float64), pos.shape[:1])
         if np.any(~np.isfinite(background)) or np.any(background < 0):
             raise ValueError("background must be finite and >= 0 photons per pixel")
-    info = fisher_information(pos, config, photons, estimate_photons,
-                              background=background).numpy()
+    if photons is None:
+        photons = np.full(pos.shape[:1], float(_default_photons(config)))
+    fisher = _compiled_fisher(config.to_json(), bool(estimate_photons), background is not None)
+    info = fisher(pos, photons, np.zeros(len(pos)) if background is None else background).numpy()
     bound = np.sqrt(np.diagonal(np.linalg.inv(info), axis1=-2, axis2=-1))
     return bound[0] if single else bound
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_fisher(config_json, estimate_photons, with_background):
+    """fisher_information compiled once per config and option (float64, any batch size): eager,
+    its forward-mode passes cost most of a crlb call (analyze's crlb_xy column)."""
+    config = SimulationConfig.from_json(config_json)
+    spec = tf.TensorSpec([None], tf.float64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float64), spec, spec])
+    def fisher(positions, photons, background):
+        return fisher_information(positions, config, photons, estimate_photons, tf.float64,
+                                  background if with_background else None)
+
+    return fisher
 
 
 def _default_photons(config):
