@@ -39,6 +39,11 @@ def test_presets_are_variations_of_paper():
     (dict(emitter_count="many"), "emitter_count"),
     (dict(region="square"), "region"),
     (dict(region="frame", margin=10.0), "margin"),
+    (dict(region="frame", margin=-4.0), "margin"),
+    (dict(emitter_count="poisson", density_range=(0.0, 0.1)), "density_range"),
+    (dict(density_range=(0.01, 0.1)), "density_range"),  # Needs Poisson counts.
+    (dict(background_range=(-1.0, 5.0)), "background_range"),
+    (dict(photons_range=(100.0, 500.0), photons_distribution="normal"), "photons_distribution"),
     (dict(max_emitters=5), "max_emitters"),
     (dict(upsample=0), "upsample"),
     (dict(frame_width=19.5), "frame_width"),
@@ -70,6 +75,7 @@ def test_poisson_padding():
     ('"psf_sigma": null', "psf_sigma"), ('"gain": "high"', "gain"),
     ('"background": [[1, 2], "x"]', "background"), ('"region": 1', "region"),
     ('"max_emitters": 2.5', "max_emitters"), ('"upsample": true', "upsample"),
+    ('"density_range": 0.1', "density_range"), ('"background_range": [1, null]', "background_range"),
 ])
 def test_json_config_of_a_wrong_type_names_the_field(entry, field):
     with pytest.raises(ValueError, match=rf"SimulationConfig\.{field}: must be"):

@@ -44,7 +44,8 @@ def test_same_seed_same_data_different_seed_independent(paper):
 
 def test_simulate_returns_numpy_with_element_keys(paper):
     data = st.simulate(paper, 1500, seed=1)  # Crosses the internal chunk boundary.
-    assert set(data) == {"frames", "kde", "positions", "mask", "photons"}
+    assert set(data) == {"frames", "kde", "positions", "mask", "photons", "frame_background"}
+    assert np.all(data["frame_background"] == 0)  # No background_range.
     assert all(isinstance(v, np.ndarray) for v in data.values())
     assert data["frames"].shape == (1500, 20, 20, 1) and data["kde"].shape == (1500, 80, 80, 1)
     assert not np.array_equal(data["positions"][:1024][:5], data["positions"][1024:][:5])
@@ -80,6 +81,49 @@ def test_frame_region_poisson_counts_photon_range():
     assert ph.mean() == pytest.approx(600.0, abs=5 * 600 / np.sqrt(12 * ph.size))
     # Masks are contiguous from the start (padding at the end).
     assert np.all(np.diff(on.astype(int), axis=1) <= 0)
+
+
+def test_density_range_photon_and_background_distributions():
+    """The whole-field scene: Poisson counts whose mean is log-uniform per frame, log-uniform N0,
+    a per-frame background ~ U(lo, hi), emitters up to |margin| px outside the frame."""
+    config = st.SimulationConfig.preset(
+        "wholefield", frame_height=12, frame_width=12, margin=-1.0, density_range=(0.02, 0.2),
+        photons_range=(100.0, 5000.0), background_range=(2.0, 30.0))
+    n = 4000
+    data = st.simulate(config, n, seed=11)
+    area = 14.0 * 14.0
+    assert config.region_area == area
+    counts = data["mask"].sum(1).astype(np.float64)
+    lo, hi = 0.02 * area, 0.2 * area
+    # count | mu ~ Poisson(mu), mu = area * d, d log-uniform: E mu = (hi - lo) / ln(hi / lo),
+    # E mu^2 = (hi^2 - lo^2) / (2 ln(hi / lo)); Var count = E mu + Var mu.
+    e_mu = (hi - lo) / np.log(hi / lo)
+    var = e_mu + (hi ** 2 - lo ** 2) / (2 * np.log(hi / lo)) - e_mu ** 2
+    assert counts.max() <= config.padded_emitters
+    assert counts.mean() == pytest.approx(e_mu, abs=5 * np.sqrt(var / n))
+    assert counts.var() > e_mu + 0.5 * (var - e_mu)  # Over-dispersed: the mean varies per frame.
+    on = data["mask"]
+    ph = data["photons"][on].astype(np.float64)
+    u = (np.log(ph) - np.log(100.0)) / (np.log(5000.0) - np.log(100.0))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    xy = data["positions"][on]
+    assert xy.min() >= -1.0 and xy.max() <= 13.0 and xy.min() < -0.9 and xy.max() > 12.9
+    assert stats.kstest((xy[:, 0] + 1.0) / 14.0, "uniform").pvalue > 1e-3
+    bg = data["frame_background"].astype(np.float64)
+    assert stats.kstest((bg - 2.0) / 28.0, "uniform").pvalue > 1e-3
+    # Per frame: sum(x - offset) ~ Poisson(sum omega + 144 bg) + Normal(0, 144 * 5).
+    omega = np.array([st.expected_counts(data["positions"][i][on[i]], data["photons"][i][on[i]],
+                                         config).sum() for i in range(200)])
+    rate = omega + 144.0 * bg[:200]
+    excess = data["frames"][:200, ..., 0].astype(np.float64).sum(axis=(1, 2)) - 100.0 * 144
+    z = (excess - rate) / np.sqrt(rate + 144 * 5.0)
+    assert abs(z.mean()) < 5 / np.sqrt(200) and 0.8 < z.std() < 1.2
+    # A config without the new fields draws what it drew before them: the same scene as one
+    # with a zero-width background range, whose frames differ only by that constant background.
+    plain = st.SimulationConfig.preset("dense")
+    a, b = st.simulate(plain, 8, 5), st.simulate(plain.replace(background_range=(0.0, 0.0)), 8, 5)
+    np.testing.assert_array_equal(a["positions"], b["positions"])
+    np.testing.assert_array_equal(a["frames"], b["frames"])
 
 
 def test_kde_targets_match_render_kde_and_count(paper):

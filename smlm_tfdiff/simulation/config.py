@@ -20,7 +20,11 @@ ScalarOrMap = Union[float, int, np.ndarray]
 
 _MAP_FIELDS = ("gain", "offset", "readout_var", "background")
 _COUNT_MODES = ("fixed", "poisson")
+_PHOTON_DISTRIBUTIONS = ("uniform", "log_uniform")
 _REGIONS = ("disc", "frame")
+_PAIR_UNITS = {"photons_range": "[low, high] photons", "disc_center": "[x, y] LR pixels",
+               "density_range": "[low, high] emitters per LR px^2",
+               "background_range": "[low, high] photons per pixel"}
 # Detection settings that sim_config.json held before localization.config.DetectionConfig.
 _LEGACY_DETECTION_KEYS = ("detect_threshold", "detect_min_sigma", "detect_max_sigma",
                           "detect_num_sigma", "refine_radius")
@@ -51,15 +55,23 @@ class SimulationConfig:
     psf_sigma: float = 0.92
     # Emitters.
     photons: float = 200.0  # N0 per emitter when photons_range is None.
-    photons_range: Optional[Tuple[float, float]] = None  # N0 ~ Uniform(lo, hi) when set.
+    photons_range: Optional[Tuple[float, float]] = None  # N0 ~ photons_distribution(lo, hi) when set.
+    photons_distribution: str = "uniform"  # Of N0 in photons_range: "uniform" or "log_uniform".
     num_emitters: int = 10  # Fixed count, or the Poisson mean when emitter_count == "poisson".
     emitter_count: str = "fixed"  # "fixed" or "poisson" (truncated at max_emitters).
     max_emitters: Optional[int] = None  # Padding size K; default num_emitters (fixed) or mean + 6 sd.
+    # Emitters per LR px^2 of the emitter region, log-uniform per frame (Poisson counts only): a
+    # training scene from sparse to dense. Set, it replaces num_emitters as the Poisson mean.
+    density_range: Optional[Tuple[float, float]] = None
     region: str = "disc"  # "disc": uniform on a disc; "frame": uniform over the frame minus a margin.
     disc_radius: float = 7.0  # LR pixels.
     disc_center: Optional[Tuple[float, float]] = None  # (x, y) LR pixels; default frame centre.
-    margin: float = 1.0  # LR pixels kept free at each border when region == "frame".
+    # LR pixels kept free at each border when region == "frame"; negative: emitters up to -margin
+    # px outside the frame, whose light reaches in (as on a camera chip, edges included).
+    margin: float = 1.0
     background: ScalarOrMap = 0.0  # Photons per pixel per frame.
+    # Per frame, a further background ~ Uniform(lo, hi) photons per pixel on top of `background`.
+    background_range: Optional[Tuple[float, float]] = None
     # Camera: x = gain * Poisson(omega + background) + Normal(offset, readout_var).
     gain: ScalarOrMap = 1.0  # ADU per photon.
     offset: ScalarOrMap = 100.0  # ADU.
@@ -74,10 +86,9 @@ class SimulationConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple, np.ndarray)):
                 setattr(self, name, np.asarray(value, dtype=np.float64))
-        if self.photons_range is not None:
-            self.photons_range = tuple(float(v) for v in self.photons_range)
-        if self.disc_center is not None:
-            self.disc_center = tuple(float(v) for v in self.disc_center)
+        for name in _PAIR_UNITS:
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
         self.validate()
 
     def _check_types(self) -> None:
@@ -96,8 +107,8 @@ class SimulationConfig:
                     ok = False
                 if not ok:
                     fail(name, f"must be a number or an [H, W] map of numbers (got {value!r})")
-            elif name in ("photons_range", "disc_center"):
-                pair = "[low, high] photons" if name == "photons_range" else "[x, y] LR pixels"
+            elif name in _PAIR_UNITS:
+                pair = _PAIR_UNITS[name]
                 if value is not None and (isinstance(value, (str, bytes, dict))
                                           or not hasattr(value, "__len__") or len(value) != 2
                                           or not all(_is_number(v) for v in value)):
@@ -117,7 +128,7 @@ class SimulationConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "SimulationConfig":
-        """Named presets: 'paper', 'isolated', 'bright', 'bright500', 'dense'."""
+        """Named presets: 'paper', 'isolated', 'bright', 'bright500', 'dense', 'wholefield'."""
         try:
             base = PRESETS[name]
         except KeyError:
@@ -156,6 +167,21 @@ class SimulationConfig:
             lo, hi = self.photons_range
             if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
                 fail("photons_range", f"needs 0 < low <= high photons (got {self.photons_range!r})")
+        if self.photons_distribution not in _PHOTON_DISTRIBUTIONS:
+            fail("photons_distribution", f"must be one of {_PHOTON_DISTRIBUTIONS} "
+                 f"(got {self.photons_distribution!r})")
+        if self.density_range is not None:
+            lo, hi = self.density_range
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+                fail("density_range", f"needs 0 < low <= high emitters per LR px^2 "
+                     f"(got {self.density_range!r})")
+            if self.emitter_count != "poisson":
+                fail("density_range", "draws Poisson counts: set emitter_count to 'poisson'")
+        if self.background_range is not None:
+            lo, hi = self.background_range
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
+                fail("background_range", f"needs 0 <= low <= high photons per pixel "
+                     f"(got {self.background_range!r})")
         if self.emitter_count not in _COUNT_MODES:
             fail("emitter_count", f"must be one of {_COUNT_MODES} (got {self.emitter_count!r})")
         if self.num_emitters < 0 or (self.emitter_count == "fixed" and self.num_emitters < 1):
@@ -178,8 +204,12 @@ class SimulationConfig:
                 fail("disc_radius", f"a disc of radius {self.disc_radius} about ({cx}, {cy}) "
                      f"does not fit in the {w}x{h} frame; shrink it or move disc_center")
         else:
-            if not (np.isfinite(self.margin) and self.margin >= 0):
-                fail("margin", f"must be >= 0 LR pixels (got {self.margin!r})")
+            if not np.isfinite(self.margin):
+                fail("margin", f"must be a finite number of LR pixels (got {self.margin!r})")
+            if self.margin < -4.0 * self.psf_sigma:
+                fail("margin", f"{self.margin} puts emitters more than 4 PSF widths outside the "
+                     f"frame, where none of their light reaches it; use >= "
+                     f"{-4.0 * self.psf_sigma:.2f}")
             if 2 * self.margin >= min(h, w):
                 fail("margin", f"{self.margin} px on each side leaves no room in a {w}x{h} frame")
         for field in _MAP_FIELDS:
@@ -213,13 +243,21 @@ class SimulationConfig:
         return (self.frame_width / 2.0, self.frame_height / 2.0)
 
     @property
+    def region_area(self) -> float:
+        """Area (LR px^2) over which emitters are drawn."""
+        if self.region == "disc":
+            return math.pi * self.disc_radius ** 2
+        return (self.frame_width - 2 * self.margin) * (self.frame_height - 2 * self.margin)
+
+    @property
     def padded_emitters(self) -> int:
         """K, the padded emitter axis of positions [B, K, 2]."""
         if self.max_emitters is not None:
             return int(self.max_emitters)
         if self.emitter_count == "fixed":
             return int(self.num_emitters)
-        mean = float(self.num_emitters)
+        mean = (float(self.num_emitters) if self.density_range is None
+                else self.density_range[1] * self.region_area)
         return max(1, int(math.ceil(mean + 6.0 * math.sqrt(mean) + 1)))
 
     @property
@@ -288,4 +326,11 @@ PRESETS = {
     # Poisson-distributed counts over the whole frame with a photon range: a training-style scene.
     "dense": dict(emitter_count="poisson", num_emitters=10, region="frame", margin=1.0,
                   photons_range=(100.0, 1000.0)),
+    # The whole-field models' training scene: the seeds' camera and optics, emitters anywhere in
+    # the frame and up to 1 px outside it, from sparse (1 per 400 px^2) to beyond the seeds' local
+    # density (1 per 15 px^2), N0 100-5000 photons log-uniform, background 0-30 photons per pixel.
+    "wholefield": dict(frame_height=32, frame_width=32, emitter_count="poisson", region="frame",
+                       margin=-1.0, density_range=(1.0 / 400.0, 1.0 / 12.0),
+                       photons_range=(100.0, 5000.0), photons_distribution="log_uniform",
+                       background_range=(0.0, 30.0)),
 }

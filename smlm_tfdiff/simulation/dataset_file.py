@@ -40,6 +40,7 @@ def save_dataset(path, data, config, write_tiff=True):
         raise ValueError(f"data is missing keys {missing}; expected {list(ELEMENT_KEYS)}")
     arrays = {k: np.asarray(data[k]) for k in ELEMENT_KEYS}
     n = arrays["frames"].shape[0]
+    arrays["frame_background"] = np.asarray(data.get("frame_background", np.zeros(n, np.float32)))
     bad = [k for k, v in arrays.items() if v.shape[0] != n]
     if bad:
         raise ValueError(f"arrays {bad} do not have {n} frames like 'frames'")
@@ -68,4 +69,7 @@ def load_dataset(path):
             raise ValueError(f"{path!r} is not an smlm_tfdiff dataset (no config_json entry)")
         config = SimulationConfig.from_json(str(f["config_json"]))
         data = {k: f[k] for k in ELEMENT_KEYS}
+        # Files written before per-frame backgrounds existed: none.
+        data["frame_background"] = (f["frame_background"] if "frame_background" in f
+                                    else np.zeros(len(data["frames"]), np.float32))
     return data, config

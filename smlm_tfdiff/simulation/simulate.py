@@ -1,7 +1,9 @@
 """The simulator: random scenes -> camera frames and KDE targets, batched and stateless.
 
 Elements: frames [B, H, W, 1] float32 ADU, kde [B, 4H, 4W, 1] float32, positions [B, K, 2]
-float32 LR pixels (x, y) padded with zeros, mask [B, K] bool, photons [B, K] float32 (0 where padded).
+float32 LR pixels (x, y) padded with zeros, mask [B, K] bool, photons [B, K] float32 (0 where padded),
+and frame_background [B] float32, the per-frame background (config.background_range) on top of
+config.background, photons per pixel (0 without a range).
 """
 
 import math
@@ -16,7 +18,8 @@ from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_positions
 
-ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")
+ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")  # Those a dataset file holds.
+_OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background",)
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
 
 
@@ -27,8 +30,14 @@ def sample_scene(config, batch_size, seed):
     if config.emitter_count == "fixed":
         counts = tf.fill([batch_size], config.num_emitters)
     else:
-        counts = tf.random.stateless_poisson([batch_size], count_seed,
-                                             tf.constant(float(config.num_emitters)), tf.int32)
+        if config.density_range is None:
+            mean = tf.constant(float(config.num_emitters))
+        else:  # Density log-uniform per frame; its own stream, so fixed-mean draws are unchanged.
+            lo, hi = (math.log(d) for d in config.density_range)
+            log_density = tf.random.stateless_uniform(
+                [batch_size], seeds_lib.fold_in(count_seed, 1), lo, hi)
+            mean = tf.exp(log_density) * config.region_area
+        counts = tf.random.stateless_poisson([batch_size], count_seed, mean, tf.int32)
         counts = tf.minimum(counts, k)  # Truncated at max_emitters.
     mask = tf.range(k)[None, :] < counts[:, None]
     u = tf.random.stateless_uniform([batch_size, k], r_seed)
@@ -44,6 +53,9 @@ def sample_scene(config, batch_size, seed):
                        m + (config.frame_height - 2 * m) * v], axis=-1)
     if config.photons_range is None:
         photons = tf.fill([batch_size, k], tf.constant(config.photons, tf.float32))
+    elif config.photons_distribution == "log_uniform":
+        lo, hi = (math.log(p) for p in config.photons_range)
+        photons = tf.exp(tf.random.stateless_uniform([batch_size, k], n_seed, lo, hi))
     else:
         lo, hi = config.photons_range
         photons = tf.random.stateless_uniform([batch_size, k], n_seed, lo, hi)
@@ -67,10 +79,25 @@ def _renderer(config):
     return _RENDERERS[key]
 
 
-def simulate_scene(positions, photons, mask, config, seed):
-    """Frames and KDE for given emitters: a dict of element tensors ([B, ...])."""
+def sample_background(config, batch_size, seed):
+    """Per-frame background [B] photons per pixel on top of config.background: Uniform over
+    config.background_range, zeros without one."""
+    if config.background_range is None:
+        return tf.zeros([batch_size], tf.float32)
+    lo, hi = config.background_range
+    return tf.random.stateless_uniform([batch_size], seed, lo, hi)
+
+
+def simulate_scene(positions, photons, mask, config, seed, frame_background=None):
+    """Frames and KDE for given emitters: a dict of element tensors ([B, ...]).
+
+    frame_background: [B] photons per pixel added to config.background (None: none)."""
     rate, kde = _renderer(config)(tf.cast(positions, tf.float32), tf.cast(photons, tf.float32),
                                   tf.cast(mask, tf.bool))
+    if frame_background is None:
+        frame_background = tf.zeros(tf.shape(rate)[:1], tf.float32)
+    frame_background = tf.cast(frame_background, tf.float32)
+    rate = rate + frame_background[:, None, None]
     frames = sample_frames(rate, config, seed)
     return {
         "frames": frames[..., None],
@@ -78,6 +105,7 @@ def simulate_scene(positions, photons, mask, config, seed):
         "positions": tf.cast(positions, tf.float32),
         "mask": tf.cast(mask, tf.bool),
         "photons": tf.cast(photons, tf.float32),
+        "frame_background": frame_background,
     }
 
 
@@ -85,7 +113,9 @@ def simulate_batch(config, batch_size, seed):
     """One vectorised batch of simulated frames and targets (tensors)."""
     scene_seed, camera_seed = seeds_lib.split(seed)
     positions, photons, mask = sample_scene(config, batch_size, scene_seed)
-    return simulate_scene(positions, photons, mask, config, camera_seed)
+    # Its own stream, so the scenes and frames of configs without a range are unchanged.
+    background = sample_background(config, batch_size, seeds_lib.fold_in(scene_seed, 2))
+    return simulate_scene(positions, photons, mask, config, camera_seed, background)
 
 
 def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):
@@ -119,7 +149,7 @@ def simulate(config, num_frames, seed):
     for chunk, start in enumerate(range(0, num_frames, _CHUNK)):
         n = min(_CHUNK, num_frames - start)
         parts.append({k: v.numpy() for k, v in step(seeds_lib.fold_in(seed, chunk), n).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in ELEMENT_KEYS}
+    return {k: np.concatenate([p[k] for p in parts]) for k in _OUTPUT_KEYS}
 
 
 # ----------------------------------------------------------------- single-frame helpers

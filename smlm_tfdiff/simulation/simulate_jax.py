@@ -59,7 +59,14 @@ def sample_scene(key, config, batch_size):
     if config.emitter_count == "fixed":
         counts = jnp.full([batch_size], config.num_emitters, jnp.int32)
     else:
-        counts = jax.random.poisson(count_key, float(config.num_emitters), [batch_size])
+        if config.density_range is None:
+            mean = float(config.num_emitters)
+        else:  # Density log-uniform per frame (its own stream, as in the TF simulator).
+            lo, hi = (math.log(d) for d in config.density_range)
+            log_density = jax.random.uniform(jax.random.fold_in(count_key, 1), [batch_size],
+                                             minval=lo, maxval=hi)
+            mean = jnp.exp(log_density) * config.region_area
+        counts = jax.random.poisson(count_key, mean, [batch_size])
         counts = jnp.minimum(counts, k).astype(jnp.int32)  # Truncated at max_emitters.
     mask = jnp.arange(k)[None, :] < counts[:, None]
     u = jax.random.uniform(u_key, [batch_size, k])
@@ -75,6 +82,9 @@ def sample_scene(key, config, batch_size):
                         m + (config.frame_height - 2 * m) * v], axis=-1)
     if config.photons_range is None:
         photons = jnp.full([batch_size, k], config.photons, jnp.float32)
+    elif config.photons_distribution == "log_uniform":
+        lo, hi = (math.log(p) for p in config.photons_range)
+        photons = jnp.exp(jax.random.uniform(n_key, [batch_size, k], minval=lo, maxval=hi))
     else:
         lo, hi = config.photons_range
         photons = jax.random.uniform(n_key, [batch_size, k], minval=lo, maxval=hi)
@@ -91,9 +101,18 @@ def sample_frames(key, rate, config):
 
 
 def simulate_batch(key, config, batch_size):
-    """One batch {frames [B, H, W, 1], kde [B, 4H, 4W, 1], positions, photons, mask}."""
+    """One batch {frames [B, H, W, 1], kde [B, 4H, 4W, 1], positions, photons, mask,
+    frame_background [B]} (see `simulate`)."""
     scene_key, camera_key = jax.random.split(key)
     positions, photons, mask = sample_scene(scene_key, config, batch_size)
-    frames = sample_frames(camera_key, expected_counts(positions, photons, mask, config), config)
+    if config.background_range is None:
+        background = jnp.zeros([batch_size], jnp.float32)
+    else:
+        lo, hi = config.background_range
+        background = jax.random.uniform(jax.random.fold_in(scene_key, 2), [batch_size],
+                                        minval=lo, maxval=hi)
+    rate = expected_counts(positions, photons, mask, config) + background[:, None, None]
+    frames = sample_frames(camera_key, rate, config)
     return {"frames": frames[..., None], "kde": render_kde(positions, mask, config)[..., None],
-            "positions": positions, "photons": photons, "mask": mask}
+            "positions": positions, "photons": photons, "mask": mask,
+            "frame_background": background}
