@@ -88,6 +88,12 @@ class KerasBackend:
         self.config = models.config
         self.detection = models.detection
         self.source = models.source
+        self._phi = models.phi
+        self._estimate = None
+        if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
+            self.sampling = self._sampler = self.method = None
+            self.num_steps, self.recipe = None, {}
+            return
         changes = {} if method is None else {"method": method}
         if restart_t is not None:
             # Restart sweeps: the calibrated recipe of the paper_wide model (docs/calibration.md,
@@ -108,6 +114,19 @@ class KerasBackend:
         """The PosteriorSampler behind `posterior` (other recipes on the same compiled psi)."""
         return self._sampler
 
+    @property
+    def has_posterior(self):
+        return self._sampler is not None
+
+    def estimate(self, frames):
+        """phi's KDE estimate of frames [B, H, W, 1] ADU -> [B, uH, uW, 1] float32."""
+        import tensorflow as tf
+
+        if self._estimate is None:
+            self._estimate = tf.function(lambda x: self._phi(x, training=False),
+                                         reduce_retracing=True)
+        return self._estimate(tf.constant(frames, tf.float32)).numpy()
+
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True)
 
@@ -125,6 +144,12 @@ class SavedModelBackend:
         self.sampling = self._served.recipe  # Fixed at export, without restart sweeps.
         self.num_steps = self.sampling.num_steps  # The export's default.
         self.recipe = _sweeps(self.sampling)
+
+    has_posterior = True
+
+    def estimate(self, frames):
+        """phi's KDE estimate (the export's `estimate` signature)."""
+        return self._served.estimate(frames)
 
     def posterior(self, frames, num_samples, num_steps, seed):
         out = {}
@@ -151,11 +176,12 @@ def _fold(seed, data):
     return seeds.fold_in(seed, data).numpy()
 
 
-def load_backend(model="paper", method=None, restart_t=None, restarts=None):
+def load_backend(model="paper", method=None, restart_t=None, restarts=None, need_psi=True):
     """'paper' (bundled weights), a SavedModel folder (or its base folder of versions), or a
     model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
     recipe (None: keep it; restarts default 1 with restart_t) for the in-package sampler (not for
-    a SavedModel, whose recipe is fixed at export)."""
+    a SavedModel, whose recipe is fixed at export). need_psi=False also accepts a folder with phi
+    only (for the phi-only analysis, num_samples 0)."""
     from smlm_tfdiff.pretrained import available, load_models, pretrained
 
     if model in available():
@@ -175,22 +201,24 @@ def load_backend(model="paper", method=None, restart_t=None, restarts=None):
                                  "export: drop --restart_t, or analyze with the model folder")
             return SavedModelBackend(saved)
         models = load_models(model)
-    if models.psi is None:  # A phi-only folder or bundle (e.g. the MC-dropout baseline).
+    if models.psi is None and need_psi:  # A phi-only folder (e.g. the MC-dropout baseline).
         raise FileNotFoundError(f"{model} holds phi but no trained psi; analyze needs both "
                                 "(--model paper, or train psi with trainers/train_psi.py --phi "
-                                + model + ")")
+                                + model + "), or --num_samples 0 for phi's localizations with "
+                                "the CRLB as their uncertainty")
     return KerasBackend(models, method, restart_t, restarts)
 
 
 def _crlb_nm(xy, intensity, background, config):
-    """sqrt of the isolated-emitter CRLB (x, y averaged, N0 unknown) at the fitted photometry, nm;
-    NaN where the photometry failed. A physics reference beside the posterior uncertainty.
+    """sqrt of the isolated-emitter CRLB (N0 unknown) at the fitted photometry, nm, per axis
+    [M, 2]; NaN where the photometry failed. A physics reference beside the posterior uncertainty
+    (and the uncertainty itself without psi, num_samples 0).
 
     xy: [M, 2] LR px in the frame of `config`; intensity, background: [M] photons (per pixel for
     the background). One batched Fisher-information call for all M."""
     from smlm_tfdiff.simulation.physics.fisher import crlb
 
-    out = np.full(len(xy), np.nan)
+    out = np.full((len(xy), 2), np.nan)
     ok = np.isfinite(intensity) & (intensity > 0) & np.isfinite(background)
     inside = ((xy[:, 0] >= 0) & (xy[:, 0] < config.frame_width) & (xy[:, 1] >= 0)
               & (xy[:, 1] < config.frame_height))
@@ -198,8 +226,13 @@ def _crlb_nm(xy, intensity, background, config):
     if ok.any():
         bound = crlb(xy[ok], config, photons=intensity[ok], estimate_photons=True,
                      background=np.maximum(background[ok], 0.0))
-        out[ok] = np.sqrt(np.mean(bound[:, :2] ** 2, axis=1)) * config.pixel_size_nm
+        out[ok] = bound[:, :2] * config.pixel_size_nm
     return out
+
+
+def _xy_average(std):
+    """[M, 2] per-axis std -> [M], sqrt of the mean variance (uncertainty_xy, crlb_xy)."""
+    return np.sqrt(np.mean(np.asarray(std) ** 2, axis=1))
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
@@ -330,19 +363,33 @@ class StackAnalyzer:
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None):
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 to estimate a posterior std (got "
+        if num_samples == 1 or num_samples < 0:
+            raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
+                             f"phi's localizations with the CRLB as uncertainty (got "
                              f"{num_samples})")
-        num_steps = backend.num_steps if num_steps is None else num_steps
-        if num_steps < 1 or batch_frames < 1:
-            raise ValueError(f"num_steps and batch_frames must be >= 1 (got {num_steps}, "
-                             f"{batch_frames})")
+        if num_samples and not backend.has_posterior:
+            raise ValueError(f"the model {backend.source} has no psi, so no posterior: pass "
+                             "num_samples 0 (phi's localizations, the CRLB as uncertainty) or a "
+                             "model with psi")
+        if num_samples == 0:
+            num_steps = None  # No sampling.
+        else:
+            num_steps = backend.num_steps if num_steps is None else num_steps
+            if num_steps < 1:
+                raise ValueError(f"num_steps must be >= 1 (got {num_steps})")
+        if batch_frames < 1:
+            raise ValueError(f"batch_frames must be >= 1 (got {batch_frames})")
         if localize_on not in ("mean", "kde_estimate"):
             raise ValueError(f"localize_on must be 'mean' or 'kde_estimate' (got {localize_on!r})")
+        if localize_on == "mean" and num_samples == 0:
+            raise ValueError("localize_on 'mean' needs psi's posterior mean: num_samples >= 2")
         self.backend = backend
         self.camera = camera
         self.model_config = backend.config
-        self.num_samples, self.num_steps = int(num_samples), int(num_steps)
+        self.num_samples = int(num_samples)
+        self.num_steps = None if num_steps is None else int(num_steps)
+        # Which uncertainty the tables hold: psi's posterior std, or without psi the CRLB.
+        self.uncertainty = "posterior" if self.num_samples else "crlb"
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
@@ -353,8 +400,14 @@ class StackAnalyzer:
         # much time has passed since the previous one (OutputSet; the arrays can be large).
         self.checkpoint_seconds = CHECKPOINT_SECONDS
         cfg = self.model_config
-        # Tiles: padded and overlapping so every pixel is near a tile centre (tiling module doc).
-        self.pad, auto_overlap = coverage_tiling(cfg)
+        # A model trained on emitters anywhere in its frame, edges included, sees a frame of any
+        # size whole; one trained on a central region (the paper preset's disc) sees tiles, padded
+        # and overlapping so every pixel is near a tile centre (tiling module doc).
+        self.whole_field = cfg.region == "frame" and cfg.margin <= 0
+        if self.whole_field:
+            self.pad, auto_overlap = 0, 0
+        else:
+            self.pad, auto_overlap = coverage_tiling(cfg)
         self.overlap = auto_overlap if overlap is None else int(overlap)
         self.model_gain = _scalar(cfg.gain, "gain")
         self.model_offset = _scalar(cfg.offset, "offset")
@@ -443,7 +496,7 @@ class StackAnalyzer:
                   "mtime_ns": info.st_mtime_ns, "frames": stack.num_frames,
                   "camera": dataclasses.asdict(self.camera), "model": self.backend.source,
                   "num_samples": self.num_samples, "num_steps": self.num_steps,
-                  "recipe": self.backend.recipe,
+                  "recipe": self.backend.recipe, "whole_field": self.whole_field,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
                   "allow_partial": self.allow_partial, "series": self.series,
@@ -472,7 +525,8 @@ class StackAnalyzer:
     def _run(self, stack, name, outputs):
         cfg = self.model_config
         u = cfg.upsample
-        grid = TileGrid((stack.height, stack.width), cfg.lr_shape, self.overlap, u, self.pad)
+        tile = (stack.height, stack.width) if self.whole_field else cfg.lr_shape
+        grid = TileGrid((stack.height, stack.width), tile, self.overlap, u, self.pad)
         tile_config = cfg.replace(pixel_size_nm=self.pixel_size_nm)
         def track(make):  # A writer, cut back to the checkpoint when resuming.
             return outputs.track(make(outputs.writer_state(len(outputs._open))))
@@ -495,8 +549,10 @@ class StackAnalyzer:
                                  "pad_px": self.pad, "batch_frames": self.batch_frames,
                                  "input": os.path.abspath(stack.path)}}, resume=r))
         writers = {}
+        posterior = self.num_samples > 0
         if self.maps:
-            for key in ("kde_estimate", "posterior_mean", "posterior_std"):
+            for key in (("kde_estimate", "posterior_mean", "posterior_std") if posterior
+                        else ("kde_estimate",)):
                 writers[key] = track(lambda r, key=key: stack_io.TiffStackWriter(
                     outputs.path(f"{name}_{key}.tif"), r))
         sr_sum = np.zeros((u * stack.height, u * stack.width))
@@ -523,18 +579,24 @@ class StackAnalyzer:
             tiles = grid.cut(model_frames)[..., None]
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            post = self._posterior(tiles, len(frames), lo)
+            if posterior:
+                post = self._posterior(tiles, len(frames), lo)
+            else:
+                post = {"y_hat": self.backend.estimate(tiles), "samples": None}
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             y_hat = grid.stitch(post["y_hat"][..., 0])
-            mean, var = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)
-            std = np.sqrt(var)
+            if posterior:
+                mean, var = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)
+                var_sum += var.sum(axis=0)
+            else:
+                mean = y_hat
             sr_sum += mean.sum(axis=0)
-            var_sum += var.sum(axis=0)
             if self.maps:
                 writers["kde_estimate"].write(y_hat)
-                writers["posterior_mean"].write(mean)
-                writers["posterior_std"].write(std)
+                if posterior:
+                    writers["posterior_mean"].write(mean)
+                    writers["posterior_std"].write(np.sqrt(var))
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
@@ -560,18 +622,20 @@ class StackAnalyzer:
                 rate = (done - start_frame) / (time.perf_counter() - t0)
                 progbar.update(lo + len(frames), [("frames/s", rate), ("locs", next_id - 1)])
             tic = time.perf_counter()
+        what = "posterior mean" if posterior else "phi's KDE estimate"
         stack_io.save_png(outputs.path(f"{name}_super_resolution.png"), sr_sum,
-                          f"{name}: posterior mean, sum of {stack.num_frames} frames",
+                          f"{name}: {what}, sum of {stack.num_frames} frames",
                           "KDE units (emitters x kernel peak)")
-        stack_io.save_png(outputs.path(f"{name}_uncertainty.png"), np.sqrt(var_sum),
-                          f"{name}: posterior std of that sum", "KDE units", cmap="viridis")
+        if posterior:
+            stack_io.save_png(outputs.path(f"{name}_uncertainty.png"), np.sqrt(var_sum),
+                              f"{name}: posterior std of that sum", "KDE units", cmap="viridis")
         return {
             "input": os.path.abspath(stack.path), "frames": stack.num_frames,
             "frame_size": [stack.height, stack.width], "tiles_per_frame": len(grid),
             "localizations": next_id - 1, "model": self.backend.source,
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
             "num_samples": self.num_samples, "num_steps": self.num_steps, **self.backend.recipe,
-            "seed": self.seed,
+            "uncertainty": self.uncertainty, "whole_field": self.whole_field, "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
@@ -580,23 +644,27 @@ class StackAnalyzer:
         """Localizations of a batch -> ThunderSTORM columns (dict of arrays)."""
         n_tiles = len(grid)
         cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS
-                if k != "crlb_xy [nm]"}
+                if k not in ("crlb_xy [nm]", "uncertainty_is_crlb")}
         crlb_in = []  # (local xy [m, 2], intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
+        stds = []
         for b, xy in enumerate(found):
             std = np.full((len(xy), 2), np.nan)
-            fraction = np.zeros(len(xy))
+            fraction = np.full(len(xy), np.nan if samples is None else 0.0)
             owner = grid.owner(xy)
             phot = photometry(photons[b], xy, self.model_config.psf_sigma)
             local = np.zeros_like(xy)  # Positions in their owner tile, for the tile's CRLB.
             for k in np.unique(owner):
                 sel = owner == k
                 local[sel] = grid.to_tile(xy[sel], k)
+                if samples is None:
+                    continue
                 res = localization_uncertainty(samples[b * n_tiles + k], None, tile_config,
                                                reference=local[sel],
                                                detection=self.backend.detection)
                 std[sel] = res["std_nm"]
                 fraction[sel] = res["fraction"]
+            stds.append(std)
             crlb_in.append((local, phot["intensity"], phot["background"]))
             m = len(xy)
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
@@ -607,15 +675,19 @@ class StackAnalyzer:
             cols["intensity [photon]"].append(phot["intensity"])
             cols["offset [photon]"].append(phot["background"])
             cols["bkgstd [photon]"].append(phot["bkgstd"])
-            cols["uncertainty_xy [nm]"].append(np.sqrt(np.mean(std ** 2, axis=1)))
-            cols["uncertainty_x [nm]"].append(std[:, 0])
-            cols["uncertainty_y [nm]"].append(std[:, 1])
             cols["detection_fraction"].append(fraction)
-        table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+        table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()
+                 if not k.startswith("uncertainty")}
         # One batched CRLB for every localization of the batch.
         local, intensity, background = ((np.concatenate(v) for v in zip(*crlb_in)) if crlb_in
                                         else (np.zeros((0, 2)), np.zeros(0), np.zeros(0)))
-        table["crlb_xy [nm]"] = _crlb_nm(local, intensity, background, tile_config)
+        bound = _crlb_nm(local, intensity, background, tile_config)
+        table["crlb_xy [nm]"] = _xy_average(bound)
+        # Without psi (num_samples 0) the uncertainty columns hold the CRLB, and say so.
+        std = bound if samples is None else (np.concatenate(stds) if stds else np.zeros((0, 2)))
+        table["uncertainty_xy [nm]"] = _xy_average(std)
+        table["uncertainty_x [nm]"], table["uncertainty_y [nm]"] = std[:, 0], std[:, 1]
+        table["uncertainty_is_crlb"] = np.full(len(std), 0.0 if samples is not None else 1.0)
         return table
 
     def _picasso(self, table):
@@ -631,11 +703,13 @@ class StackAnalyzer:
         # CRLB; without photometry, the PSF width (stack_io.PICASSO_FLAGS).
         lpx, lpy = table["uncertainty_x [nm]"] / nm, table["uncertainty_y [nm]"] / nm
         crlb = table["crlb_xy [nm]"] / nm
-        no_post = ~(np.isfinite(lpx) & np.isfinite(lpy))
-        no_crlb = no_post & ~np.isfinite(crlb)
+        finite = np.isfinite(lpx) & np.isfinite(lpy)
+        # Flag 1 also where the uncertainty columns are the CRLB (an analysis without psi).
+        no_post = ~finite | (table["uncertainty_is_crlb"] == 1)
+        no_crlb = ~finite & ~np.isfinite(crlb)
         fill = np.where(np.isfinite(crlb), crlb, table["sigma [nm]"] / nm)
-        locs["lpx"] = np.where(no_post, fill, lpx)
-        locs["lpy"] = np.where(no_post, fill, lpy)
+        locs["lpx"] = np.where(finite, lpx, fill)
+        locs["lpy"] = np.where(finite, lpy, fill)
         photons, bg = table["intensity [photon]"], table["offset [photon]"]
         no_phot = ~(np.isfinite(photons) & np.isfinite(bg))
         negative = ~no_phot & (photons < 0)
@@ -734,7 +808,8 @@ def main(argv):
                 for path, folder in stack_io.output_folders(stack_io.find_stacks(FLAGS.input))]
         for _, out_dir in jobs:
             stack_io.check_output_dir(out_dir, FLAGS.overwrite)
-        backend = load_backend(FLAGS.model, FLAGS.method, FLAGS.restart_t, FLAGS.restarts)
+        backend = load_backend(FLAGS.model, FLAGS.method, FLAGS.restart_t, FLAGS.restarts,
+                               need_psi=FLAGS.num_samples != 0)
         analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,

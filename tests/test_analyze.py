@@ -277,3 +277,80 @@ def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
         load_backend("paper", restart_t=101)
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         load_backend("paper", restart_t=50, restarts=0)
+
+
+def test_phi_only_mode_reports_the_crlb_and_says_so(tmp_path, backend):
+    """num_samples 0: phi's localizations (the same as with psi, which localizes on phi's KDE
+    estimate by default), the CRLB in the uncertainty columns, flagged in the CSV and summary."""
+    config = SimulationConfig.preset("paper", frame_height=24, frame_width=30, region="frame",
+                                     num_emitters=18)
+    data = simulate(config, 3, seed=12)
+    stack = tmp_path / "movie.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16),
+                     photometric="minisblack")
+    camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
+    quick = StackAnalyzer(backend, camera, num_samples=0, picasso=True, progress=False)
+    full = StackAnalyzer(backend, camera, num_samples=2, num_steps=1, progress=False)
+    summary = quick.analyze(stack, tmp_path / "quick")
+    full.analyze(stack, tmp_path / "full")
+    assert summary["uncertainty"] == "crlb" and summary["num_steps"] is None
+    assert sorted(os.listdir(tmp_path / "quick")) == sorted([
+        "movie.csv", "movie_locs.hdf5", "movie_locs.yaml", "movie_kde_estimate.tif",
+        "movie_super_resolution.png", "movie_summary.json"])
+    rows, pred = _frames_from_csv(tmp_path / "quick" / "movie.csv", 3, config.pixel_size_nm)
+    full_rows, full_pred = _frames_from_csv(tmp_path / "full" / "movie.csv", 3,
+                                            config.pixel_size_nm)
+    assert len(rows) == len(full_rows) > 20
+    for a, b in zip(pred, full_pred):  # phi compiled apart from the sampler's: float32 round-off.
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    column = lambda rs, key: np.array([float(r[key]) for r in rs])
+    assert np.all(column(rows, "uncertainty_is_crlb") == 1)
+    assert np.all(column(full_rows, "uncertainty_is_crlb") == 0)
+    np.testing.assert_allclose(column(rows, "uncertainty_xy [nm]"), column(rows, "crlb_xy [nm]"),
+                               rtol=1e-6)
+    np.testing.assert_allclose(column(rows, "crlb_xy [nm]"), column(full_rows, "crlb_xy [nm]"),
+                               rtol=1e-3)
+    # The CRLB of 200-photon emitters without background: about 10-20 nm.
+    assert 5 < np.nanmedian(column(rows, "uncertainty_x [nm]")) < 30
+    assert np.all(np.isnan(column(rows, "detection_fraction")))
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "quick" / "movie_kde_estimate.tif"),
+                               tifffile.imread(tmp_path / "full" / "movie_kde_estimate.tif"),
+                               atol=1e-5)
+    import h5py
+
+    with h5py.File(tmp_path / "quick" / "movie_locs.hdf5") as f:
+        locs = f["locs"][...]
+    assert np.all(locs["flags"] & 1)  # lpx / lpy are the CRLB.
+    np.testing.assert_allclose(locs["lpx"], column(rows, "uncertainty_x [nm]")
+                               / config.pixel_size_nm, rtol=1e-5)
+
+
+def test_phi_only_model_folder(tmp_path, paper_models):
+    """A folder with phi but no psi analyzes with num_samples 0 and is refused otherwise, with
+    the fix in the message."""
+    import shutil
+
+    from smlm_tfdiff.pretrained import WEIGHTS_DIR
+
+    folder = tmp_path / "phi_only"
+    folder.mkdir()
+    for name in ("phi.weights.h5", "phi_config.json", "sim_config.json"):
+        shutil.copy(os.path.join(WEIGHTS_DIR, "paper", name), folder / name)
+    with pytest.raises(FileNotFoundError, match="--num_samples 0"):
+        load_backend(str(folder))
+    phi_only = load_backend(str(folder), need_psi=False)
+    camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
+    with pytest.raises(ValueError, match="no psi"):
+        StackAnalyzer(phi_only, camera, num_samples=16, progress=False)
+    with pytest.raises(ValueError, match="localize_on 'mean'"):
+        StackAnalyzer(phi_only, camera, num_samples=0, localize_on="mean", progress=False)
+    with pytest.raises(ValueError, match="or 0 for"):
+        StackAnalyzer(phi_only, camera, num_samples=1, progress=False)
+    config = SimulationConfig.preset("paper")
+    data = simulate(config, 2, seed=13)
+    stack = tmp_path / "m.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16),
+                     photometric="minisblack")
+    summary = StackAnalyzer(phi_only, camera, num_samples=0, progress=False).analyze(
+        stack, tmp_path / "out")
+    assert summary["localizations"] >= 15 and summary["uncertainty"] == "crlb"

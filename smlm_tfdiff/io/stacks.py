@@ -18,7 +18,10 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 THUNDERSTORM_COLUMNS = ("id", "frame", "x [nm]", "y [nm]", "sigma [nm]", "intensity [photon]",
                         "offset [photon]", "bkgstd [photon]", "uncertainty_xy [nm]")
 # Extra columns after ThunderSTORM's (ThunderSTORM and most readers keep unknown columns).
-EXTRA_COLUMNS = ("uncertainty_x [nm]", "uncertainty_y [nm]", "detection_fraction", "crlb_xy [nm]")
+# uncertainty_is_crlb: 1 where uncertainty_* hold the CRLB (an analysis without psi,
+# num_samples 0), 0 where they hold psi's posterior std.
+EXTRA_COLUMNS = ("uncertainty_x [nm]", "uncertainty_y [nm]", "detection_fraction", "crlb_xy [nm]",
+                 "uncertainty_is_crlb")
 
 # Picasso's columns, then `flags` (bits, PICASSO_FLAGS). Picasso's load_locs drops, without a word,
 # rows with NaN anywhere, negative x, y, lpx, lpy, photons, sx, sy, and x >= Width, y >= Height
@@ -27,7 +30,8 @@ PICASSO_DTYPE = np.dtype([("frame", "u4"), ("x", "f4"), ("y", "f4"), ("photons",
                           ("sx", "f4"), ("sy", "f4"), ("bg", "f4"), ("lpx", "f4"), ("lpy", "f4"),
                           ("flags", "u1")])
 PICASSO_FLAGS = {
-    1: "lpx/lpy are the CRLB (crlb_xy): no posterior sample of psi held this localization",
+    1: "lpx/lpy are the CRLB (crlb_xy): no posterior sample of psi held this localization, or the "
+       "analysis ran without psi (num_samples 0)",
     2: "lpx/lpy are the PSF width (sx): no posterior sample held it and no CRLB could be "
        "computed (photometry failed or the position lies outside its tile)",
     4: "photons and bg are 0: the photometry failed (too few pixels around the localization)",
