@@ -1,18 +1,33 @@
-"""`analyze` throughput: frames per second from a TIFF stack to all outputs, per frame size, with
-the time split into reading, posterior sampling, localization (+ per-localization uncertainty and
-photometry) and writing.
+"""`analyze` on simulated movies: speed, memory and accuracy against the truth, per movie and mode.
 
-    python benchmarks/analyze.py [--sizes 20x20,64x64] [--num_frames 16] [--num_samples 16]
+    python benchmarks/analyze.py [--cases dense40_64,...] [--modes posterior,phi_only]
+        [--frames 100] [--posterior_frames 4] [--out benchmarks/results/analyze.json]
 
-Stacks are simulated at the paper preset's density (one emitter per 40 camera pixels, over the
-whole frame). The first stack is analyzed twice and the second run is timed (the first traces and
-compiles). Prints a readable table and one JSON line.
+Movies (the seeds' camera and optics, N0 = 200 photons unless said, emitters uniform over the
+whole frame, edges included; seed 123 + case index, never a training or validation seed):
+  dense40_64      64x64 px, 1 emitter per 40 px^2 (the paper frames' average density)
+  dense15_64      64x64 px, 1 emitter per 15 px^2 (the seeds' local density: 10 in a disc of r 7)
+  sparse_64       64x64 px, 1 emitter per 400 px^2
+  sparse_256      256x256 px, 1 emitter per 400 px^2
+  bright_64       64x64 px, 1 per 400 px^2, N0 1000-5000 photons
+Modes: `posterior` (psi's posterior uncertainty, the default analysis) and `phi_only`
+(--num_samples 0: phi's localizations, the CRLB as uncertainty). The posterior mode runs
+--posterior_frames frames (it is slow), phi_only --frames frames.
+
+Each (movie, mode) runs in its own process, so its peak memory (ru_maxrss) is its own; the time
+counts analyze() on the TIFF after a warm-up on 2 frames of the same size (tracing, compiling).
+Reported per case: localizations/s and frames/s, peak RSS, P / R / Jaccard / RMSE against the truth
+(tolerance 5 HR px, the seeds'), std(z) of z = (localization - truth) / reported uncertainty per
+axis (with its 95% interval from the chi-square distribution), and recall within 3 px of the frame
+edge against the centre. Prints a table and writes the JSON.
 """
 
 import json
 import os
 import platform
-import shutil
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -20,62 +35,161 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-import tensorflow as tf
-import tifffile
 
-from smlm_tfdiff import flags as shared_flags
-from smlm_tfdiff import SimulationConfig, simulate
-from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+CASES = {
+    "dense40_64": dict(size=(64, 64), per_px2=1 / 40),
+    "dense15_64": dict(size=(64, 64), per_px2=1 / 15),
+    "sparse_64": dict(size=(64, 64), per_px2=1 / 400),
+    "sparse_256": dict(size=(256, 256), per_px2=1 / 400),
+    "bright_64": dict(size=(64, 64), per_px2=1 / 400, photons_range=(1000.0, 5000.0)),
+}
+MODES = ("posterior", "phi_only")
+EDGE_PX = 3.0
 
-shared_flags.define_model_flag(savedmodel=True)
-shared_flags.define_sampling_flags(num_samples=16, method=None)
-flags.DEFINE_list("sizes", ["20x20", "64x64"], "Frame sizes HxW in camera pixels.")
-flags.DEFINE_integer("num_frames", 16, "Frames per stack.")
-flags.DEFINE_integer("batch_frames", 8, "Frames per batch.")
+flags.DEFINE_list("cases", list(CASES), f"Movies: {', '.join(CASES)}.")
+flags.DEFINE_list("modes", list(MODES), "posterior, phi_only.")
+flags.DEFINE_string("model", "paper", "Model (bundled name or folder).")
+flags.DEFINE_integer("frames", 100, "Frames per movie in phi_only mode.")
+flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.")
+flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
+flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
+flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
 FLAGS = flags.FLAGS
+
+
+def movie(name, num_frames):
+    """(frames [N, H, W] ADU, simulate() dict, config) of one case."""
+    from smlm_tfdiff import SimulationConfig
+    from smlm_tfdiff.simulation.simulate import simulate
+
+    case = CASES[name]
+    h, w = case["size"]
+    count = max(1, int(round(h * w * case["per_px2"])))
+    extra = {}
+    if "photons_range" in case:
+        extra = dict(photons_range=case["photons_range"])
+    config = SimulationConfig.preset("paper", frame_height=h, frame_width=w, region="frame",
+                                     margin=0.0, num_emitters=count, **extra)
+    data = simulate(config, num_frames, seed=123 + list(CASES).index(name))
+    return data["frames"][..., 0], data, config
+
+
+def _z_interval(z):
+    """std(z) and its 95% interval (chi-square with n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    z = z[np.isfinite(z)]
+    n = len(z)
+    if n < 3:
+        return float("nan"), [float("nan"), float("nan")]
+    s = float(np.std(z, ddof=1))
+    lo, hi = stats.chi2.ppf([0.975, 0.025], n - 1)
+    return s, [s * np.sqrt((n - 1) / lo), s * np.sqrt((n - 1) / hi)]
+
+
+def run_case(name, mode):
+    import csv
+
+    import tifffile
+
+    from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+    from smlm_tfdiff.localization.metrics import localization_metrics
+
+    num_frames = FLAGS.posterior_frames if mode == "posterior" else FLAGS.frames
+    frames, data, config = movie(name, num_frames)
+    samples = FLAGS.num_samples if mode == "posterior" else 0
+    backend = load_backend(FLAGS.model, need_psi=samples > 0)
+    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples, progress=False, maps=False)
+    work = tempfile.mkdtemp(prefix="bench-analyze-")
+    path = os.path.join(work, "movie.tif")
+    tifffile.imwrite(path, np.round(frames).astype(np.uint16), photometric="minisblack")
+    warm = os.path.join(work, "warm.tif")
+    tifffile.imwrite(warm, np.round(frames[:2]).astype(np.uint16), photometric="minisblack")
+    analyzer.analyze(warm, os.path.join(work, "warm_out"))
+    start = time.perf_counter()
+    summary = analyzer.analyze(path, os.path.join(work, "out"))
+    seconds = time.perf_counter() - start
+    with open(os.path.join(work, "out", "movie.csv")) as f:
+        rows = list(csv.DictReader(f))
+    nm = config.pixel_size_nm
+    frame_of = np.array([int(r["frame"]) - 1 for r in rows], np.int64)
+    xy = np.array([[float(r["x [nm]"]), float(r["y [nm]"])] for r in rows]).reshape(-1, 2) / nm
+    unc = np.array([[float(r["uncertainty_x [nm]"]), float(r["uncertainty_y [nm]"])]
+                    for r in rows]).reshape(-1, 2)
+    pred = [xy[frame_of == k] for k in range(num_frames)]
+    metrics = localization_metrics(pred, data, config)
+    matches, errors = metrics.pop("matches"), metrics.pop("errors")
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pred])])
+    rows_matched = offsets[matches[:, 0]] + matches[:, 1]
+    z = (errors * nm / unc[rows_matched]).ravel()
+    std_z, interval = _z_interval(z)
+    # Recall near the edge against the centre: the truth within EDGE_PX of the border.
+    h, w = config.lr_shape
+    truth = data["positions"][data["mask"]]
+    edge = ((truth[:, 0] < EDGE_PX) | (truth[:, 0] > w - EDGE_PX) | (truth[:, 1] < EDGE_PX)
+            | (truth[:, 1] > h - EDGE_PX))
+    found = np.zeros(len(truth), bool)
+    starts = np.concatenate([[0], np.cumsum(data["mask"].sum(1))])
+    found[starts[matches[:, 0]] + matches[:, 2]] = True
+    return {
+        "movie": name, "mode": mode, "frames": num_frames, "size": [h, w],
+        "emitters_per_frame": round(float(data["mask"].sum() / num_frames), 2),
+        "seconds": round(seconds, 2), "frames_per_second": round(num_frames / seconds, 4),
+        "localizations_per_second": round(len(rows) / seconds, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "precision": metrics["precision"], "recall": metrics["recall"],
+        "jaccard": metrics["jaccard"], "rmse_nm": metrics["rmse_lateral_nm"],
+        "std_z": std_z, "std_z_95": interval, "z_count": int(np.isfinite(z).sum()),
+        "recall_edge": float(found[edge].mean()) if edge.any() else float("nan"),
+        "recall_centre": float(found[~edge].mean()) if (~edge).any() else float("nan"),
+        "tiles_per_frame": summary["tiles_per_frame"], "timing_s": summary["timing"],
+    }
 
 
 def main(argv):
     del argv
-    backend = load_backend(FLAGS.model)
-    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), FLAGS.num_samples, FLAGS.num_steps,
-                             FLAGS.batch_frames, progress=False)
-    results = {"cpu_count": os.cpu_count(), "machine": platform.machine(),
-               "tensorflow": tf.__version__, "model": FLAGS.model,
-               "num_samples": FLAGS.num_samples, "num_steps": analyzer.num_steps,
-               "num_frames": FLAGS.num_frames, "sizes": {}}
-    work = tempfile.mkdtemp(prefix="bench-analyze-")
-    try:
-        for k, size in enumerate(FLAGS.sizes):
-            h, w = (int(v) for v in size.lower().split("x"))
-            config = SimulationConfig.preset("paper", frame_height=h, frame_width=w,
-                                             region="frame", num_emitters=max(1, h * w // 40))
-            data = simulate(config, FLAGS.num_frames, seed=123)
-            path = os.path.join(work, f"stack_{size}.tif")
-            tifffile.imwrite(path, np.round(data["frames"][..., 0]).astype(np.uint16),
-                            photometric="minisblack")
-            if k == 0:  # Warm-up: trace and compile.
-                analyzer.analyze(path, os.path.join(work, "warmup"))
-            start = time.perf_counter()
-            summary = analyzer.analyze(path, os.path.join(work, f"out_{size}"))
-            seconds = time.perf_counter() - start
-            results["sizes"][size] = {
-                "frames_per_second": round(FLAGS.num_frames / seconds, 3),
-                "seconds_per_frame": round(seconds / FLAGS.num_frames, 3),
-                "tiles_per_frame": summary["tiles_per_frame"],
-                "localizations_per_frame": round(summary["localizations"] / FLAGS.num_frames, 2),
-                **{k2: round(v / FLAGS.num_frames, 3) for k2, v in summary["timing"].items()},
-            }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"analyze, {FLAGS.num_samples} samples x {analyzer.num_steps} steps per tile, "
-          f"{os.cpu_count()} CPUs (seconds per frame)")
-    print(f"{'size':>8} {'tiles':>6} {'locs':>6} {'frames/s':>9} {'total':>7} {'posterior':>10} "
-          f"{'localize':>9} {'write':>6}")
-    for size, r in results["sizes"].items():
-        print(f"{size:>8} {r['tiles_per_frame']:>6} {r['localizations_per_frame']:>6} "
-              f"{r['frames_per_second']:>9} {r['seconds_per_frame']:>7} {r['posterior_s']:>10} "
-              f"{r['localize_s']:>9} {r['write_s']:>6}")
+    if FLAGS.case:
+        name, mode = FLAGS.case.split(":")
+        print("RESULT " + json.dumps(run_case(name, mode)))
+        return
+    unknown = [c for c in FLAGS.cases if c not in CASES] + [m for m in FLAGS.modes
+                                                            if m not in MODES]
+    if unknown:
+        raise app.UsageError(f"unknown cases or modes {unknown}; cases {list(CASES)}, modes "
+                             f"{list(MODES)}")
+    results = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "model": FLAGS.model,
+               "num_samples": FLAGS.num_samples, "runs": []}
+    for name in FLAGS.cases:
+        for mode in FLAGS.modes:
+            cmd = [sys.executable, os.path.abspath(__file__), f"--case={name}:{mode}",
+                   f"--model={FLAGS.model}", f"--frames={FLAGS.frames}",
+                   f"--posterior_frames={FLAGS.posterior_frames}",
+                   f"--num_samples={FLAGS.num_samples}"]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise SystemExit(f"{name}:{mode} failed (rc {out.returncode}):\n"
+                                 f"{out.stderr[-3000:]}")
+            result = json.loads(line[-1][len("RESULT "):])
+            results["runs"].append(result)
+            print(f"{name}:{mode} done in {result['seconds']} s", file=sys.stderr)
+    header = (f"{'movie':>11} {'mode':>9} {'frames':>6} {'locs/s':>8} {'frames/s':>8} "
+              f"{'RSS MB':>7} {'P':>5} {'R':>5} {'Jac':>5} {'RMSE':>5} {'std(z) [95%]':>18} "
+              f"{'R edge/centre':>13}")
+    print(f"analyze, model {FLAGS.model}, {os.cpu_count()} CPUs")
+    print(header)
+    for r in results["runs"]:
+        lo, hi = r["std_z_95"]
+        print(f"{r['movie']:>11} {r['mode']:>9} {r['frames']:>6} "
+              f"{r['localizations_per_second']:>8.1f} {r['frames_per_second']:>8.3f} "
+              f"{r['peak_rss_mb']:>7.0f} {r['precision']:>5.3f} {r['recall']:>5.3f} "
+              f"{r['jaccard']:>5.3f} {r['rmse_nm']:>5.1f} "
+              f"{r['std_z']:>5.2f} [{lo:.2f}, {hi:.2f}] "
+              f"{r['recall_edge']:>6.3f}/{r['recall_centre']:.3f}")
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=1)
     print(json.dumps(results))
 
 

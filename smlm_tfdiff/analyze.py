@@ -98,12 +98,9 @@ class KerasBackend:
         if restart_t is not None:
             # Restart sweeps: the calibrated recipe of the paper_wide model (docs/calibration.md,
             # "A 4x psi trained on a GPU"); off in the bundled recipes.
-            if not 1 <= int(restart_t) <= models.schedule.T:
-                raise ValueError(f"restart_t must lie in 1..{models.schedule.T} (got {restart_t})")
-            if restarts is not None and int(restarts) < 1:
-                raise ValueError(f"restarts must be >= 1 (got {restarts})")
             changes.update(restart_t=int(restart_t), restarts=restarts)
-        self.sampling = models.recipe.replace(**changes)  # The recipe every posterior uses.
+        # The recipe every posterior uses; Recipe checks restart_t and restarts.
+        self.sampling = models.recipe.replace(**changes)
         self._sampler = PosteriorSampler(models, recipe=self.sampling)
         self.method = self.sampling.method
         self.num_steps = self.sampling.num_steps  # The default.
@@ -125,7 +122,12 @@ class KerasBackend:
         if self._estimate is None:
             self._estimate = tf.function(lambda x: self._phi(x, training=False),
                                          reduce_retracing=True)
-        return self._estimate(tf.constant(frames, tf.float32)).numpy()
+        frames = np.asarray(frames, np.float32)
+        # Bounded memory: phi's HR activations of a call hold ~ESTIMATE_PIXELS pixels per channel.
+        u = self.config.upsample
+        chunk = max(1, ESTIMATE_PIXELS // (u * u * frames.shape[1] * frames.shape[2]))
+        return np.concatenate([self._estimate(tf.constant(frames[i:i + chunk])).numpy()
+                               for i in range(0, len(frames), chunk)])
 
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True)
@@ -236,6 +238,7 @@ def _xy_average(std):
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
+ESTIMATE_PIXELS = 2 ** 21  # HR pixels per phi call in KerasBackend.estimate (memory bound).
 CHECKPOINT_SECONDS = 10.0  # At most one resume checkpoint per this many seconds (StackAnalyzer).
 
 # Camera sanity (check_camera): margins beyond which the settings are called wrong.

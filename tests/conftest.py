@@ -68,13 +68,13 @@ def paper_models():
 _BACKENDS = {}
 
 
-def cached_load_backend(model="paper", method="ddpm", restart_t=None, restarts=1):
+def cached_load_backend(model="paper", method="ddpm", restart_t=None, restarts=1, need_psi=True):
     """analyze.load_backend, one backend per bundled model and recipe for the whole session (its
     sampler compiles once: ~25 s of a first analyze call on 2 cores). Folders load afresh."""
     from smlm_tfdiff.pretrained import available
 
     if model not in available():
-        return _load_backend(model, method, restart_t, restarts)
+        return _load_backend(model, method, restart_t, restarts, need_psi)
     key = (model, method, restart_t, restarts if restart_t is not None else None)
     if key not in _BACKENDS:
         _BACKENDS[key] = _load_backend(model, method, restart_t, restarts)

@@ -273,7 +273,7 @@ def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     assert summary["restart_t"] == 100 and summary["restarts"] == 2
     with open(next((tmp_path / "out").glob("*_summary.json"))) as f:
         assert json.load(f)["restarts"] == 2
-    with pytest.raises(ValueError, match="restart_t must lie in 1..100"):
+    with pytest.raises(ValueError, match=r"restart_t must lie in 1\.\.T = 1\.\.100"):
         load_backend("paper", restart_t=101)
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         load_backend("paper", restart_t=50, restarts=0)

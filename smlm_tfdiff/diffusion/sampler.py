@@ -232,18 +232,14 @@ class PosteriorSampler:
             restarts = 1
         restart_gammas, restart_nfe = None, 0
         if restart_t is not None:
-            restart_t = int(restart_t)
-            if not 1 <= restart_t <= self.schedule.T:
-                raise ValueError(f"restart_t must lie in 1..T = 1..{self.schedule.T} "
-                                 f"(got {restart_t})")
+            # The Recipe's checks (1 <= restart_t <= T, restarts >= 1), in one place.
+            checked = recipe.replace(restart_t=int(restart_t), restarts=int(restarts))
+            restart_t, restarts = checked.restart_t, checked.restarts
             if restart_steps is None:
                 restart_steps = max(1, round(num_steps * restart_t / int(steps[0])))
             restart_steps = min(int(restart_steps), restart_t)
             restart_gammas = tf.constant(noise_levels(self.schedule, restart_steps, restart_t)[0],
                                          tf.float32)
-            restarts = int(restarts)
-            if restarts < 1:
-                raise ValueError(f"restarts must be >= 1 with restart_t (got {restarts})")
             restart_nfe = restarts * restart_steps * num_samples
 
         if y_hat is None:
