@@ -248,14 +248,16 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
     upper = np.where(free, upper, np.concatenate([x0, y0, a0], 1))
 
     def kernels(coord, edges, idx, derivative):
-        """[G', P] coordinates -> pixel integrals (and derivatives) at pixel index idx [G', K]."""
-        z = edges[:, None, :] - coord[:, :, None]
+        """[G', P] coordinates -> pixel integrals (and derivatives) [G', K, P] at the pixels
+        whose box column (row) is idx [G', K]."""
+        z = edges[:, :, None] - coord[:, None, :]  # [G', box + 1, P]
+        rows_sel = np.arange(len(z))[:, None]
         cdf = 0.5 * erf(z / (_SQRT2 * sigma))
-        val = np.take_along_axis(cdf[:, :, 1:] - cdf[:, :, :-1], idx[:, None, :], 2)
+        val = (cdf[:, 1:] - cdf[:, :-1])[rows_sel, idx]
         if not derivative:
             return val, None
         pdf = np.exp(-0.5 * (z / sigma) ** 2) / (math.sqrt(2.0 * math.pi) * sigma)
-        return val, np.take_along_axis(pdf[:, :, :-1] - pdf[:, :, 1:], idx[:, None, :], 2)
+        return val, (pdf[:, :-1] - pdf[:, 1:])[rows_sel, idx]
 
     def pieces(par, sel, derivative=True):
         ex, dex = kernels(par[:, :p], col_edges[sel], ci[sel], derivative)
@@ -264,52 +266,53 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
         return a, ex, dex, ey, dey
 
     def residual(par, sel):
-        a, ex, _, ey, _ = pieces(par, sel, derivative=False)
-        model = norm * np.einsum("gp,gpk,gpk->gk", a, ey, ex)
-        return np.where(used[sel], model - data[sel], 0.0)
-
-    def normal(par, r, sel):
+        """Residual [G', K] at par and the kernels, from which the Jacobian there follows."""
         a, ex, dex, ey, dey = pieces(par, sel)
-        m = used[sel][:, None, :] & valid[sel][:, :, None]
+        model = norm * np.einsum("gp,gkp,gkp->gk", a, ey, ex)
+        return np.where(used[sel], model - data[sel], 0.0), (a, ex, dex, ey, dey, sel)
+
+    def normal(r, kern, pick):
+        """LM gradient and (scaled) normal matrix from the kernels of the rows `pick` of a
+        residual call: stored in grad, hess, dscale."""
+        a, ex, dex, ey, dey, sel = kern
+        if pick is not None:
+            a, ex, dex, ey, dey, sel, r = a[pick], ex[pick], dex[pick], ey[pick], dey[pick], \
+                sel[pick], r[pick]
+        m = used[sel][:, :, None] & valid[sel][:, None, :]
         basis = norm * np.where(m, ey, 0.0)
-        na = a[..., None] * basis
-        jt = np.concatenate([na * dex, (norm * a[..., None] * dey) * np.where(m, ex, 0.0),
-                             basis * ex], axis=1)  # [G', 3P, K]
-        grad = np.einsum("gpk,gk->gp", jt, r)
+        na = a[:, None, :] * basis
+        jac = np.concatenate([na * dex, (norm * a[:, None, :] * dey) * np.where(m, ex, 0.0),
+                              basis * ex], axis=2)  # [G', K, 3P]
+        grad[sel] = np.einsum("gkp,gk->gp", jac, r)
         # A contiguous transpose keeps matmul on one BLAS gemm per group; a strided view makes
         # it 10-100x slower.
-        hess = np.matmul(jt, np.ascontiguousarray(jt.transpose(0, 2, 1)))
-        return grad, hess
+        he = np.matmul(np.ascontiguousarray(jac.transpose(0, 2, 1)), jac)
+        hess[sel] = he
+        diag = np.diagonal(he, axis1=1, axis2=2).copy()
+        top = np.where(free[sel], diag, -np.inf).max(1)
+        diag = np.maximum(diag, 1e-12 * np.maximum(top, 1e-300)[:, None])
+        dscale[sel] = np.where(free[sel], diag, 1.0)
 
-    par = np.clip(np.concatenate([x0, y0, a0], 1), lower, upper)
-    r = residual(par, slice(None))
-    cost = np.einsum("gk,gk->g", r, r)
-    lam = np.full(g, 1e-3)
-    its = np.zeros(g, np.int64)
-    done = np.zeros(g, bool)
-    need = np.ones(g, bool)
     grad = np.zeros((g, 3 * p))
     hess = np.zeros((g, 3 * p, 3 * p))
     dscale = np.ones((g, 3 * p))
     eye = np.eye(3 * p)
+    par = np.clip(np.concatenate([x0, y0, a0], 1), lower, upper)
+    r, kern = residual(par, np.arange(g))
+    normal(r, kern, None)
+    cost = np.einsum("gk,gk->g", r, r)
+    lam = np.full(g, 1e-3)
+    its = np.zeros(g, np.int64)
+    done = np.zeros(g, bool)
     while not done.all():
         act = np.nonzero(~done)[0]
-        jac_rows = act[need[act]]
-        if len(jac_rows):
-            gr, he = normal(par[jac_rows], r[jac_rows], jac_rows)
-            grad[jac_rows], hess[jac_rows] = gr, he
-            diag = np.diagonal(he, axis1=1, axis2=2).copy()
-            top = np.where(free[jac_rows], diag, -np.inf).max(1)
-            diag = np.maximum(diag, 1e-12 * np.maximum(top, 1e-300)[:, None])
-            dscale[jac_rows] = np.where(free[jac_rows], diag, 1.0)
-            need[jac_rows] = False
         fr = free[act]
         mat = (hess[act] * (fr[:, :, None] & fr[:, None, :])
                + (lam[act, None] * dscale[act])[:, :, None] * eye + (~fr)[:, :, None] * eye)
         rhs = -np.where(fr, grad[act], 0.0)
         step = _solve(mat, rhs)
         new = np.clip(par[act] + step, lower[act], upper[act])
-        r_new = residual(new, act)
+        r_new, kern = residual(new, act)
         cost_new = np.einsum("gk,gk->g", r_new, r_new)
         ok = cost_new <= cost[act]
         acc, rej = act[ok], act[~ok]
@@ -318,9 +321,12 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
         par[acc], r[acc], cost[acc] = new[ok], r_new[ok], cost_new[ok]
         lam[acc] = np.maximum(lam[acc] / 10.0, 1e-12)
         its[acc] += 1
-        need[acc] = True
-        done[acc] = ((moved < 1e-9) | (cost[acc] < 1e-26)
-                     | ((moved < 1e-5) & (gain <= 1e-10 * cost[acc])) | (its[acc] >= _LM_MAX_ITER))
+        stop = ((moved < 1e-9) | (cost[acc] < 1e-26)
+                | ((moved < 1e-5) & (gain <= 1e-10 * cost[acc])) | (its[acc] >= _LM_MAX_ITER))
+        done[acc] = stop
+        go_on = np.nonzero(ok)[0][~stop]
+        if len(go_on):
+            normal(r_new, kern, None if len(go_on) == len(act) else go_on)
         lam[rej] *= 10.0
         done[rej] = lam[rej] > 1e10
     xy = np.stack([par[:, :p], par[:, p:2 * p]], -1)
@@ -582,9 +588,8 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
     stack, vectorized over the stack.
 
     images: [N, H, W] or [N, H, W, 1] KDE images (KDE units) on the HR grid of ``config``.
-    detection: a DetectionConfig (None: defaults); with several LoG scales (num_sigma > 1 and
-        min_sigma < max_sigma) every image goes through ``detect`` (the batched peak finder is
-        one-scale).
+    detection: a DetectionConfig (None: defaults); with several LoG scales (num_sigma > 1)
+        every image goes through ``detect`` (the batched peak finder is one-scale: min_sigma).
     deblend, merge_distance: as in ``detect``.
     Returns a list of N [M, 2] float64 (x, y) LR px, sorted by y then x; with
     return_amplitude=True a (positions, amplitudes) pair of lists (amplitudes [M] in emitters).
@@ -596,7 +601,7 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
     elif not isinstance(detection, DetectionConfig):
         raise TypeError(f"detection must be a DetectionConfig (got {type(detection).__name__})")
     split = _split_options(deblend)
-    if detection.num_sigma > 1 and detection.min_sigma < detection.max_sigma:
+    if detection.num_sigma > 1:
         return detect(stack, config, detection=detection, deblend=deblend if split else False,
                       merge_distance=merge_distance, return_amplitude=return_amplitude)
     n, h, w = stack.shape
