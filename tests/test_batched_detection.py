@@ -111,3 +111,12 @@ def test_uncertainty_matches_per_localization(paper):
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-9)
     assert np.all(np.isfinite(got["std_nm"])) and np.all(got["fraction"] > 0.5)
+    # Several frames in one call: the same dicts as frame by frame.
+    frames = localization_uncertainty_batched(np.stack([samples, samples[::-1]])[..., None],
+                                              [reference, reference[:2]], paper)
+    second = localization_uncertainty_batched(samples[::-1], reference[:2], paper)
+    for got_frame, want_frame in zip(frames, (got, second)):
+        for key in want_frame:
+            np.testing.assert_allclose(got_frame[key], want_frame[key], rtol=1e-12)
+    with pytest.raises(ValueError, match="list of B references"):
+        localization_uncertainty_batched(np.stack([samples, samples]), reference, paper)

@@ -701,22 +701,43 @@ def associate(found, reference, tolerance):
 
 def localization_uncertainty_batched(samples, reference, config, detection=None,
                                      tolerance_hr=4.0):
-    """Per-localization uncertainty of one frame from its posterior samples (as
+    """Per-localization uncertainty from posterior samples (as
     ``uncertainty.per_localization.localization_uncertainty`` with a reference), with the
-    detections of all samples by ``detect_batch`` and their association by ``associate``.
+    detections of all samples by one ``detect_batch`` call and their association by ``associate``.
 
-    samples: [S, H, W] or [S, H, W, 1] KDE samples (KDE units, HR grid of ``config``);
-    reference: [M, 2] (x, y) LR px, the localizations to score; detection: a DetectionConfig;
-    tolerance_hr: association radius, HR px.
-    Returns a dict: xy [M, 2] (LR px), mean_xy [M, 2] (LR px; NaN where never associated),
-    std_nm [M, 2] (nm, ddof 1; NaN with fewer than 2 associations), uncertainty_nm [M]
-    (sqrt((std_x^2 + std_y^2) / 2), nm), fraction [M] (share of samples with an association).
+    samples: [S, H, W] or [S, H, W, 1] KDE samples of one frame (KDE units, HR grid of
+        ``config``), with reference [M, 2] (x, y) LR px, the localizations to score; or several
+        frames at once, [B, S, H, W(, 1)] with a list of B references (one detect_batch over all
+        B * S images: larger stacks vectorize better).
+    detection: a DetectionConfig; tolerance_hr: association radius, HR px.
+    Returns (a list of B, for several frames) dicts: xy [M, 2] (LR px), mean_xy [M, 2] (LR px;
+    NaN where never associated), std_nm [M, 2] (nm, ddof 1; NaN with fewer than 2
+    associations), uncertainty_nm [M] (sqrt((std_x^2 + std_y^2) / 2), nm), fraction [M] (share
+    of samples with an association).
     """
+    check_config(config)
+    arr = as_numpy(samples, "samples")
+    frames = arr.ndim == 5 or (arr.ndim == 4 and arr.shape[-1] != 1)
+    if frames != isinstance(reference, (list, tuple)) or (frames and len(reference) != len(arr)):
+        raise ValueError(f"samples must be [S, H, W(, 1)] with reference [M, 2], or "
+                         f"[B, S, H, W(, 1)] with a list of B references (got samples "
+                         f"{arr.shape} and {type(reference).__name__} reference)")
+    if not frames:
+        return _uncertainty(detect_batch(arr, config, detection), reference, config,
+                            tolerance_hr)
+    refs = [as_positions(r, f"reference[{i}]", count="M") for i, r in enumerate(reference)]
+    s = arr.shape[1]
+    found = detect_batch(arr.reshape((-1,) + arr.shape[2:]), config, detection)
+    return [_uncertainty(found[i * s:(i + 1) * s], r, config, tolerance_hr)
+            for i, r in enumerate(refs)]
+
+
+def _uncertainty(found, reference, config, tolerance_hr):
+    """The uncertainty dict of one frame from its samples' detections (list of [M_s, 2] LR px)."""
     ref = as_positions(reference, "reference", count="M")
-    found = detect_batch(samples, config, detection)
     tolerance = float(tolerance_hr) / config.upsample
     s, f, r = associate(found, ref, tolerance)
-    flat = np.concatenate([np.zeros((0, 2))] + found)
+    flat = np.concatenate([np.zeros((0, 2))] + list(found))
     offset = np.concatenate([[0], np.cumsum([len(x) for x in found])[:-1]]).astype(np.int64)
     # Deviations from the reference position keep the variance sum well conditioned.
     d = flat[offset[s] + f] - ref[r] if len(s) else np.zeros((0, 2))
