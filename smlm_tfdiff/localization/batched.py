@@ -6,9 +6,9 @@ returned are (x, y) in LR pixels; internal fit coordinates are HR pixels (HR pix
 J + 1/2).
 
     detect_batch(images, config, detection)        -> list of N [M, 2] positions
-    associate(found, reference, tolerance)         -> (found_idx, reference_idx), one-to-one
+    associate(found, reference, tolerance)         -> (sample, found_idx, reference_idx)
     localization_uncertainty_batched(samples, reference, config, detection)
-                                                   -> per_localization's dict for one frame
+                                                   -> per_localization's dict (per frame)
 
 detect_batch runs the same steps as ``detect`` with the same acceptance rules, vectorized over the
 stack: LoG maxima of all images at once (skimage's blob_log / peak_local_max / _prune_blobs
@@ -158,7 +158,7 @@ def _integrals(coord, pixel, sigma):
 
 
 def _model_at(xy, amp, valid, rows, cols, sigma, norm):
-    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2] -> [B, K]."""
+    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2]: [B, K]."""
     ex, _ = _integrals(xy[:, :, None, 0], cols[:, None, :], sigma)
     ey, _ = _integrals(xy[:, :, None, 1], rows[:, None, :], sigma)
     a = np.where(valid, amp, 0.0)
@@ -181,19 +181,11 @@ def _window_pixels(xy, shape, radius):
     c = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, w - 1)
     r = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, h - 1)
     d = np.arange(-radius, radius + 1)
-    rows = (r[:, None, None] + d[None, :, None]) + 0 * d[None, None, :]
-    cols = (c[:, None, None] + d[None, None, :]) + 0 * d[None, :, None]
-    rows, cols = rows.reshape(len(xy), -1), cols.reshape(len(xy), -1)
+    shape_k = (len(xy), len(d), len(d))
+    rows = np.broadcast_to(r[:, None, None] + d[None, :, None], shape_k).reshape(len(xy), -1)
+    cols = np.broadcast_to(c[:, None, None] + d[None, None, :], shape_k).reshape(len(xy), -1)
     inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
     return np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1), inside
-
-
-def _window_sum_sq(images, img, xy, resid_fn, radius):
-    """Sum over the window of points xy [B, 2] of resid_fn(rows, cols)^2 (pixels outside
-    the image excluded)."""
-    rows, cols, inside = _window_pixels(xy, images.shape[1:], radius)
-    res = resid_fn(rows, cols)
-    return np.sum(np.where(inside, res, 0.0) ** 2, axis=1)
 
 
 # -------------------------------------------------------------------------------- batched LM
