@@ -41,6 +41,8 @@ from smlm_tfdiff.validation import as_numpy, as_positions
 
 _SQRT2 = math.sqrt(2.0)
 _LM_MAX_ITER = 100
+# An HR coordinate far outside any image: Gaussian kernels there are exactly 0.
+_FAR = 1e9
 
 
 # ------------------------------------------------------------------------------------ input
@@ -221,12 +223,16 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
     lin_c = np.where(used, lin, lin[:, :1])
     rows, cols = lin_c // w, lin_c % w
     # Kernels are evaluated on each group's bounding box and gathered at its pixels: one erf per
-    # box edge and peak instead of several per pixel and peak.
+    # box edge and peak instead of several per pixel and peak. Box cell wb + 1 (hb + 1) lies far
+    # outside, where every kernel is exactly 0: padding pixels point there, so model, residual
+    # and Jacobian vanish on them without masks.
     r0, c0 = rows.min(1), cols.min(1)
     ri, ci = rows - r0[:, None], cols - c0[:, None]
     hb, wb = int(ri.max()) + 1, int(ci.max()) + 1
-    col_edges = (c0[:, None] + np.arange(wb + 1)[None]).astype(np.float64)
-    row_edges = (r0[:, None] + np.arange(hb + 1)[None]).astype(np.float64)
+    ri, ci = np.where(used, ri, hb + 1), np.where(used, ci, wb + 1)
+    col_edges = (c0[:, None] + np.concatenate([np.arange(wb + 1), [_FAR, _FAR + 1]])[None])
+    row_edges = (r0[:, None] + np.concatenate([np.arange(hb + 1), [_FAR, _FAR + 1]])[None])
+    col_edges, row_edges = col_edges.astype(np.float64), row_edges.astype(np.float64)
     data = np.where(used, images.reshape(n_img, -1)[img[:, None], lin_c], 0.0)
     slack = radius + 0.5
     # Parameters [G, 3P]: x of every peak, then y, then amplitude (detect's order).
@@ -252,16 +258,19 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
         return val, (pdf[:, :-1] - pdf[:, 1:])[rows_sel, idx]
 
     def pieces(par, sel, derivative=True):
-        ex, dex = kernels(par[:, :p], col_edges[sel], ci[sel], derivative)
-        ey, dey = kernels(par[:, p:2 * p], row_edges[sel], ri[sel], derivative)
-        a = np.where(valid[sel], par[:, 2 * p:], 0.0)
+        # Padding peaks sit far away: their kernels are exactly 0.
+        v = valid[sel]
+        ex, dex = kernels(np.where(v, par[:, :p], -_FAR), col_edges[sel], ci[sel], derivative)
+        ey, dey = kernels(np.where(v, par[:, p:2 * p], -_FAR), row_edges[sel], ri[sel],
+                          derivative)
+        a = np.where(v, par[:, 2 * p:], 0.0)
         return a, ex, dex, ey, dey
 
     def residual(par, sel):
         """Residual [G', K] at par and the kernels, from which the Jacobian there follows."""
         a, ex, dex, ey, dey = pieces(par, sel)
         model = norm * np.einsum("gp,gkp,gkp->gk", a, ey, ex)
-        return np.where(used[sel], model - data[sel], 0.0), (a, ex, dex, ey, dey, sel)
+        return model - data[sel], (a, ex, dex, ey, dey, sel)
 
     def normal(r, kern, pick):
         """LM gradient and (scaled) normal matrix from the kernels of the rows `pick` of a
@@ -270,11 +279,11 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
         if pick is not None:
             a, ex, dex, ey, dey, sel, r = a[pick], ex[pick], dex[pick], ey[pick], dey[pick], \
                 sel[pick], r[pick]
-        m = used[sel][:, :, None] & valid[sel][:, None, :]
-        basis = norm * np.where(m, ey, 0.0)
-        na = a[:, None, :] * basis
-        jac = np.concatenate([na * dex, (norm * a[:, None, :] * dey) * np.where(m, ex, 0.0),
-                              basis * ex], axis=2)  # [G', K, 3P]
+        eyn = norm * ey
+        jac = np.empty(ey.shape[:2] + (3 * p,))  # [G', K, 3P]
+        np.multiply(eyn * a[:, None, :], dex, out=jac[:, :, :p])
+        np.multiply(dey * (norm * a)[:, None, :], ex, out=jac[:, :, p:2 * p])
+        np.multiply(eyn, ex, out=jac[:, :, 2 * p:])
         grad[sel] = np.einsum("gkp,gk->gp", jac, r)
         # A contiguous transpose keeps matmul on one BLAS gemm per group; a strided view makes
         # it 10-100x slower.
