@@ -7,8 +7,9 @@ from scipy import ndimage
 
 import smlm_tfdiff as st
 from smlm_tfdiff.localization.batched import (associate, detect_batch,
-                                              localization_uncertainty_batched)
+                                              localization_uncertainty_batched, log_peaks_batch)
 from smlm_tfdiff.localization.config import DetectionConfig
+from smlm_tfdiff.localization.detection import log_peaks
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.uncertainty.per_localization import _one
 
@@ -52,6 +53,18 @@ def test_matches_detect_on_noisy_kdes(paper, scenes):
     _assert_same(detect_batch(scenes[1:2], paper), reference[1:2])
     _assert_same(detect_batch(scenes[6:], paper), reference[6:])
     _assert_same(detect_batch(scenes[..., None], paper), reference)
+
+
+def test_log_peaks_match_blob_log_with_pruning():
+    # Smoothed noise: many maxima 2 px apart, so blob_log's overlap pruning (also in chains)
+    # decides which survive.
+    images = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((30, 40, 40)),
+                                     (0, 1.0, 1.0))
+    peaks, valid = log_peaks_batch(images, 0.01, 2.0)
+    unpruned = sum(len(log_peaks(im, 0.01, 2.0, 2.0, 1, overlap=1.0)) for im in images)
+    assert valid.sum() < unpruned
+    for im, p, v in zip(images, peaks, valid):
+        np.testing.assert_array_equal(p[v], log_peaks(im, 0.01, 2.0, 2.0, 1))
 
 
 def test_options_match_detect(paper, scenes):
