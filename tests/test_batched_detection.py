@@ -1,0 +1,135 @@
+"""detect_batch against detect (the per-image reference), associate against match, and the batched
+per-localization uncertainty against per_localization's."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import smlm_tfdiff as st
+from smlm_tfdiff.localization.batched import (associate, detect_batch,
+                                              localization_uncertainty_batched, log_peaks_batch)
+from smlm_tfdiff.localization.config import DetectionConfig
+from smlm_tfdiff.localization.detection import log_peaks
+from smlm_tfdiff.localization.metrics import match
+from smlm_tfdiff.uncertainty.per_localization import _one
+
+
+def _assert_same(batch, reference, atol=1e-8):
+    assert len(batch) == len(reference)
+    for got, want in zip(batch, reference):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=atol)
+
+
+def _noisy(kde, scale, seed):
+    return kde + scale * np.random.default_rng(seed).standard_normal(kde.shape)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """[8, H, W] noisy KDEs: isolated emitters, a merged pair, a smeared cluster, border
+    emitters, simulated frames, and empty images."""
+    paper = st.SimulationConfig.preset("paper")
+    pair = st.render_kde(np.array([[10.0, 10.0], [11.0, 10.3]]), paper)
+    cluster = ndimage.gaussian_filter(st.render_kde(
+        np.array([[8.5, 10.0], [10.5, 10.0], [12.5, 10.0], [10.5, 12.0]]), paper), 1.5)
+    border = st.render_kde(np.array([[0.05, 3.0], [19.9, 19.95], [10.0, 0.1], [0.2, 19.8]]),
+                           paper)
+    isolated = st.render_kde(np.array([[4.3, 4.6], [15.2, 6.1], [9.7, 15.4]]), paper)
+    sim = np.asarray(st.simulate(paper, 2, 11)["kde"])[..., 0]
+    empty = np.zeros_like(pair)
+    images = np.stack([isolated, pair, cluster, border, sim[0], sim[1], empty, empty])
+    noise = _noisy(np.zeros_like(images), 0.01, 0)
+    noise[6] = 0.0  # One exactly empty image, one of noise only.
+    return images + noise
+
+
+def test_matches_detect_on_noisy_kdes(paper, scenes):
+    reference = [st.detect(im, paper) for im in scenes]
+    assert len(reference[1]) == 2 and len(reference[2]) == 4  # Deblended and residual add.
+    assert len(reference[6]) == 0
+    _assert_same(detect_batch(scenes, paper), reference)
+    # One image, the empty ones alone, and [N, H, W, 1] input.
+    _assert_same(detect_batch(scenes[1:2], paper), reference[1:2])
+    _assert_same(detect_batch(scenes[6:], paper), reference[6:])
+    _assert_same(detect_batch(scenes[..., None], paper), reference)
+
+
+def test_log_peaks_match_blob_log_with_pruning():
+    # Smoothed noise: many maxima 2 px apart, so blob_log's overlap pruning (also in chains)
+    # decides which survive.
+    images = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((30, 40, 40)),
+                                     (0, 1.0, 1.0))
+    peaks, valid = log_peaks_batch(images, 0.01, 2.0)
+    unpruned = sum(len(log_peaks(im, 0.01, 2.0, 2.0, 1, overlap=1.0)) for im in images)
+    assert valid.sum() < unpruned
+    for im, p, v in zip(images, peaks, valid):
+        np.testing.assert_array_equal(p[v], log_peaks(im, 0.01, 2.0, 2.0, 1))
+
+
+def test_options_match_detect(paper, scenes):
+    det = DetectionConfig(threshold=0.25, refine_radius=2)
+    images = scenes[:4]
+    for kwargs in ({"deblend": False}, {"deblend": {"max_adds": 0}}):
+        reference = st.detect(images, paper, detection=det, return_amplitude=True, **kwargs)
+        got = detect_batch(images, paper, det, return_amplitude=True, **kwargs)
+        _assert_same(got[0], reference[0])
+        _assert_same(got[1], reference[1])
+    # Several LoG scales: the per-image detect.
+    multi = DetectionConfig(min_sigma=2.0, max_sigma=4.0, num_sigma=3)
+    _assert_same(detect_batch(images, paper, multi), st.detect(images, paper, detection=multi))
+
+
+def test_input_errors_name_the_problem(paper):
+    good = np.zeros((2, 80, 80))
+    with pytest.raises(ValueError, match=r"\[N, H, W\]"):
+        detect_batch(np.zeros((80, 80)), paper)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        detect_batch(np.full((1, 80, 80), np.nan), paper)
+    with pytest.raises(ValueError, match="at least 3x3"):
+        detect_batch(np.zeros((1, 2, 80)), paper)
+    with pytest.raises(TypeError, match="DetectionConfig"):
+        detect_batch(good, paper, {"threshold": 0.2})
+    with pytest.raises(ValueError, match="unknown deblend options"):
+        detect_batch(good, paper, deblend={"trigger_x": 1.0})
+    with pytest.raises(TypeError, match="list of"):
+        associate(np.zeros((3, 2)), np.zeros((2, 2)), 1.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        associate([np.zeros((3, 2))], np.zeros((2, 2)), -1.0)
+    with pytest.raises(ValueError, match=r"found\[1\]"):
+        associate([np.zeros((3, 2)), np.zeros((3, 3))], np.zeros((2, 2)), 1.0)
+
+
+def test_associate_equals_match():
+    rng = np.random.default_rng(3)
+    reference = rng.uniform(0, 20, (12, 2))
+    found = [reference[rng.permutation(12)[:n]] + rng.normal(0, 0.3, (n, 2))
+             for n in (0, 5, 12, 12)]
+    found.append(np.concatenate([reference[:3], reference[:3] + 0.2]))  # Ambiguous: two each.
+    s, f, r = associate(found, reference, 0.8)
+    for i, det in enumerate(found):
+        p, q = match(det, reference, 0.8)
+        np.testing.assert_array_equal(f[s == i], p)
+        np.testing.assert_array_equal(r[s == i], q)
+    assert all(len(v) == 0 for v in associate([], reference, 0.8))
+
+
+def test_uncertainty_matches_per_localization(paper):
+    kde = np.asarray(st.simulate(paper, 1, 5)["kde"])[0, ..., 0]
+    reference = st.detect(kde, paper)
+    samples = _noisy(np.repeat(kde[None], 6, 0), 0.03, 1)
+    want = _one(samples, None, paper, 4.0, {}, reference)
+    got = localization_uncertainty_batched(samples, reference, paper)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-9)
+    assert np.all(np.isfinite(got["std_nm"])) and np.all(got["fraction"] > 0.5)
+    # Several frames in one call: the same dicts as frame by frame.
+    frames = localization_uncertainty_batched(np.stack([samples, samples[::-1]])[..., None],
+                                              [reference, reference[:2]], paper)
+    second = localization_uncertainty_batched(samples[::-1], reference[:2], paper)
+    for got_frame, want_frame in zip(frames, (got, second)):
+        for key in want_frame:
+            np.testing.assert_allclose(got_frame[key], want_frame[key], rtol=1e-12)
+    with pytest.raises(ValueError, match="list of B references"):
+        localization_uncertainty_batched(np.stack([samples, samples]), reference, paper)
