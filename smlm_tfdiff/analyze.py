@@ -34,11 +34,10 @@ from typing import Optional
 import numpy as np
 
 from smlm_tfdiff.io import stacks as stack_io
-from smlm_tfdiff.localization.detection import detect
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import StackError
 from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
-from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
+from smlm_tfdiff.localization.batched import detect_batch, localization_uncertainty_batched
 
 
 @dataclasses.dataclass
@@ -604,8 +603,8 @@ class StackAnalyzer:
             tic = time.perf_counter()
             # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
             # stitched whole-frame KDE needs no config of the frame's own size.
-            found = detect(mean if self.localize_on == "mean" else y_hat, tile_config,
-                           detection=self.backend.detection)
+            found = detect_batch(mean if self.localize_on == "mean" else y_hat, tile_config,
+                                 self.backend.detection)
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -650,26 +649,20 @@ class StackAnalyzer:
                 if k not in ("crlb_xy [nm]", "uncertainty_is_crlb")}
         crlb_in = []  # (local xy [m, 2], intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
-        stds = []
+        stds, fractions, jobs = [], [], []  # jobs: (frame, owner mask, tile index, local xy).
         for b, xy in enumerate(found):
-            std = np.full((len(xy), 2), np.nan)
-            fraction = np.full(len(xy), np.nan if samples is None else 0.0)
+            stds.append(np.full((len(xy), 2), np.nan))
+            fractions.append(np.full(len(xy), np.nan if samples is None else 0.0))
             owner = grid.owner(xy)
             phot = photometry(photons[b], xy, self.model_config.psf_sigma)
             local = np.zeros_like(xy)  # Positions in their owner tile, for the tile's CRLB.
             for k in np.unique(owner):
                 sel = owner == k
                 local[sel] = grid.to_tile(xy[sel], k)
-                if samples is None:
-                    continue
-                res = localization_uncertainty(samples[b * n_tiles + k], None, tile_config,
-                                               reference=local[sel],
-                                               detection=self.backend.detection)
-                std[sel] = res["std_nm"]
-                fraction[sel] = res["fraction"]
-            stds.append(std)
+                jobs.append((b, sel, b * n_tiles + k, local[sel]))
             crlb_in.append((local, phot["intensity"], phot["background"]))
             m = len(xy)
+            fraction = fractions[b]
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
             cols["frame"].append(np.full(m, lo + b + 1))
             cols["x [nm]"].append(xy[:, 0] * nm)
@@ -679,6 +672,14 @@ class StackAnalyzer:
             cols["offset [photon]"].append(phot["background"])
             cols["bkgstd [photon]"].append(phot["bkgstd"])
             cols["detection_fraction"].append(fraction)
+        if samples is not None and jobs:
+            # Detection in the samples of every (frame, tile) of the batch at once.
+            results = localization_uncertainty_batched(
+                samples[[j[2] for j in jobs]], [j[3] for j in jobs], tile_config,
+                self.backend.detection)
+            for (b, sel, _, _), res in zip(jobs, results):
+                stds[b][sel] = res["std_nm"]
+                fractions[b][sel] = res["fraction"]
         table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()
                  if not k.startswith("uncertainty")}
         # One batched CRLB for every localization of the batch.
