@@ -124,10 +124,9 @@ def define_trainer_flags(steps=10000, batch_size=64, learning_rate=1e-3, ema_dec
                       "--noresume an --out_dir that already holds checkpoints is an error.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA.")
-    _key_flags("out_dir", "preset", "sim_config", "set", "steps", "batch_size", "learning_rate",
-               "schedule", "warmup_steps", "weight_decay", "clipnorm", "ema_decay", "val_seed",
-               "val_frames", "num_replicas", "strategy", "log_every", "eval_every",
-               "checkpoint_every", "resume", "progress", "jit_compile")
+    # Every flag this module has defined (the trainer flags above, --seed, and whichever of
+    # --model / --num_samples / ... the script defined before) is a key flag of the script.
+    _key_flags(*(flag.name for flag in FLAGS.get_flags_for_module(__name__)))
 
 
 def trainer_config_from_flags():

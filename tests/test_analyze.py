@@ -18,9 +18,6 @@ from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 
 
 # ------------------------------------------------------------------------------------ tiling
-@pytest.mark.slow
-@pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("frame, pad", [((20, 20), 0), ((36, 44), 3), ((13, 27), 3),
                                         ((50, 21), 0)])
 def test_tiles_cover_and_stitch_exactly(frame, pad):
@@ -225,6 +222,7 @@ def test_command_line_errors_exit_nonzero(tmp_path, cli):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_savedmodel_backend_gives_the_same_localizations(tmp_path, backend):
     from smlm_tfdiff.pretrained import pretrained
     from smlm_tfdiff.serving import export_savedmodel
@@ -248,6 +246,7 @@ def test_savedmodel_backend_gives_the_same_localizations(tmp_path, backend):
         assert abs(float(a["y [nm]"]) - float(b["y [nm]"])) < 0.5
 
 
+@pytest.mark.slow
 def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     """--restart_t / --restarts: the backend's posterior is the sampler's with those sweeps, the
     summary records them, bad values are refused."""
@@ -259,12 +258,14 @@ def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     assert swept.recipe == {"restart_t": 100, "restarts": 2}
     frames = simulate(swept.config, 1, seed=5)["frames"]
     got = swept.posterior(frames, 2, 2, seed=3)
-    want = PosteriorSampler(swept._sampler.models)(frames, 2, 2, seed=3, method="ddpm",
-                                                   return_samples=True, restart_t=100,
-                                                   restarts=2)
+    # The backend's compiled sampler with the sweeps given explicitly, and with them turned off
+    # (restarts=0): one compilation for the three calls.
+    assert isinstance(swept.sampler, PosteriorSampler)
+    want = swept.sampler(frames, 2, 2, seed=3, method="ddpm", return_samples=True,
+                         restart_t=100, restarts=2)
     np.testing.assert_array_equal(got["samples"], want["samples"])
-    plain = PosteriorSampler(swept._sampler.models)(frames, 2, 2, seed=3, method="ddpm",
-                                                    return_samples=True)
+    plain = swept.sampler(frames, 2, 2, seed=3, method="ddpm", return_samples=True, restarts=0)
+    assert plain["nfe_per_frame"] == 2 * 2 and want["nfe_per_frame"] == 2 * 2 * 3
     assert not np.array_equal(got["samples"], plain["samples"])
     tifffile.imwrite(tmp_path / "s.tif", (frames[..., 0] + 0.5).astype(np.uint16),
                      photometric="minisblack")

@@ -32,8 +32,6 @@ def _truncated(path, kind, frames=FRAMES, fraction=0.5):
 
 
 # ------------------------------------------------------------------- every frame, or an error
-@pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(WRITERS))
 def test_truncated_stack_is_refused_naming_file_and_counts(tmp_path, kind):
     path = _truncated(tmp_path / f"{kind}.tif", kind)

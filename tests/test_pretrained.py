@@ -65,9 +65,8 @@ def test_bundled_psi_samples_a_posterior_around_phi():
     # Uncertainty sits where the molecules are, not in the empty background.
     near, far = truth[..., 0] > 0.2, truth[..., 0] < 1e-3
     assert post["std"][..., 0][near].mean() > 5 * post["std"][..., 0][far].mean()
-    # Same seed, same output.
-    again = st.sample_posterior(models, data["frames"], num_samples=16, seed=0, method="ddpm")
-    np.testing.assert_array_equal(post["mean"], again["mean"])
+    # (Same seed, same samples: the compiled sampler's, test_sampler.py
+    # test_same_seed_same_samples_different_seed_different.)
 
 
 def test_bundled_wide_psi_denoises_better_than_the_paper_psi():

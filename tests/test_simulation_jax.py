@@ -35,8 +35,6 @@ def _scene(config, seed=0, batch=3):
     return pos, photons, mask
 
 
-@pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("background", [0.0, 7.5])
 def test_rate_and_kde_match_tf_physics(background):
     config = st.SimulationConfig.preset("paper", frame_height=16, frame_width=24,
@@ -172,14 +170,15 @@ def _train(out_dir, state_dir, steps, blocker, *extra):
     return done.stderr
 
 
+@pytest.mark.slow
 def test_jax_trainer_end_to_end_and_resume(tmp_path):
     out, state = str(tmp_path / "psi"), str(tmp_path / "state")
     blocker = _no_tensorflow(tmp_path)
-    log = _train(out, state, 6, blocker)
+    log = _train(out, state, 4, blocker)
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
-    assert info["backend"] == "jax" and info["steps"] == 6
-    assert [r["step"] for r in info["loss"]] == [2, 4, 6]
+    assert info["backend"] == "jax" and info["steps"] == 4
+    assert [r["step"] for r in info["loss"]] == [2, 4]
     assert all(np.isfinite(r["loss"]) for r in info["loss"])
     assert set(info["validation"][-1]) >= {"mse_t1-5", "mse_t51-100", "kde_mse_phi"}
 
@@ -190,19 +189,20 @@ def test_jax_trainer_end_to_end_and_resume(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert models.psi_config.base_channels == 8 and models.schedule.T == 100
     out_conv = models.psi.get_layer("eps").get_weights()[0]
-    assert np.abs(out_conv).max() > 0  # Zero-initialised; six AdamW steps moved it.
+    assert np.abs(out_conv).max() > 0  # Zero-initialised; four AdamW steps moved it.
     x = {"y_t": tf.zeros([1, 80, 80, 1]), "y_hat": tf.zeros([1, 80, 80, 1]),
          "noise_level": tf.constant([0.8])}
     assert np.all(np.isfinite(models.psi(x, training=False).numpy()))
 
     # The same command with more steps resumes from the saved state.
-    log = _train(out, state, 8, blocker)
-    assert "Resumed at step 6 of 8" in log
+    log = _train(out, state, 6, blocker)
+    assert "Resumed at step 4 of 6" in log
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
-    assert info["steps"] == 8 and [r["step"] for r in info["loss"]] == [2, 4, 6, 8]
+    assert info["steps"] == 6 and [r["step"] for r in info["loss"]] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_jax_trainer_v_residual_on_the_extended_schedule(tmp_path):
     """The recipe that samples from noise: paper_extended (T = 140) with v_residual prediction;
     the folder records both and its psi turns v into eps (untrained v = 0 predicts phi's mu)."""

@@ -112,3 +112,30 @@ def test_config_overrides_for_your_own_camera():
         apply_overrides(base, ["gain"])
     with pytest.raises(app.UsageError, match="invalid config"):
         apply_overrides(base, ["gain=-1"])
+
+
+def test_trainer_flags_are_key_flags_of_the_script():
+    """define_trainer_flags makes every flag it defines (and --seed, --model, ... defined before by
+    smlm_tfdiff.flags) a key flag of the running script, so that its --help lists them."""
+    import sys
+
+    from absl import flags
+
+    from smlm_tfdiff.flags import define_model_flag, define_trainer_flags
+
+    FLAGS = flags.FLAGS
+    before = set(FLAGS)
+    try:
+        define_model_flag()
+        define_trainer_flags()
+        defined = {f.name for f in FLAGS.get_flags_for_module("smlm_tfdiff.flags")}
+        assert {"out_dir", "steps", "batch_size", "ema_decay", "seed", "model", "jit_compile",
+                "strategy", "resume"} <= defined
+        key = {f.name for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
+        assert defined <= key, defined - key
+        text = FLAGS.module_help(sys.argv[0])
+        for name in ("--out_dir", "--steps", "--[no]resume", "--model", "--seed"):
+            assert name in text, name
+    finally:
+        for name in set(FLAGS) - before:
+            delattr(FLAGS, name)
