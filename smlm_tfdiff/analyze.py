@@ -747,6 +747,8 @@ def define_flags():
     flags.DEFINE_float("pixel_size_nm", None, "Camera pixel size in the sample plane, nm "
                        "(default: the model's).")
     shared_flags.define_sampling_flags(num_samples=16)
+    flags.FLAGS["num_samples"].help = ("Posterior samples per frame; 0: phi only, a quick look "
+                                       "with the CRLB as uncertainty (uncertainty_is_crlb = 1).")
     flags.DEFINE_integer("restart_t", None, "Restart sweeps of the sampler from this step "
                          "(with --restarts): the calibrated recipe of --model paper_wide is "
                          "--restart_t 100 --restarts 2 (docs/calibration.md); off by default.")
