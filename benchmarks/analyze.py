@@ -14,7 +14,9 @@ Modes: `posterior` (psi's posterior uncertainty, the default analysis) and `phi_
 (--num_samples 0: phi's localizations, the CRLB as uncertainty). The posterior mode runs
 --posterior_frames frames (it is slow), phi_only --frames frames.
 
-Each (movie, mode) runs in its own process, so its peak memory (ru_maxrss) is its own; the time
+Each movie is simulated by one process and each (movie, mode) analyzed in another, so the peak
+memory (ru_maxrss) is the analysis's own (the simulator's KDE rendering of a 256x256 movie alone
+takes gigabytes); the time
 counts analyze() on the TIFF after a warm-up on 2 frames of the same size (tracing, compiling).
 Reported per case: localizations/s and frames/s, peak RSS, P / R / Jaccard / RMSE against the truth
 (tolerance 5 HR px, the seeds'), std(z) of z = (localization - truth) / reported uncertainty per
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +57,26 @@ flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
 flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
 flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
+flags.DEFINE_string("make_movie", None, "Internal: simulate this movie into --movie_dir.")
+flags.DEFINE_string("movie_dir", None, "Internal: folder of the simulated movies.")
 FLAGS = flags.FLAGS
+
+
+def make_movie(name, num_frames, folder):
+    """Simulate one case into folder/<name>.npz (truth) and its config JSON."""
+    frames, data, config = movie(name, num_frames)
+    np.savez(os.path.join(folder, f"{name}.npz"), frames=frames, positions=data["positions"],
+             mask=data["mask"], config_json=np.array(config.to_json()))
+
+
+def load_movie(name, num_frames, folder):
+    """(frames [N, H, W] ADU, truth dict, config) of a movie make_movie wrote."""
+    from smlm_tfdiff import SimulationConfig
+
+    with np.load(os.path.join(folder, f"{name}.npz")) as f:
+        config = SimulationConfig.from_json(str(f["config_json"]))
+        data = {k: f[k][:num_frames] for k in ("positions", "mask")}
+        return f["frames"][:num_frames], data, config
 
 
 def movie(name, num_frames):
@@ -96,7 +118,7 @@ def run_case(name, mode):
     from smlm_tfdiff.localization.metrics import localization_metrics
 
     num_frames = FLAGS.posterior_frames if mode == "posterior" else FLAGS.frames
-    frames, data, config = movie(name, num_frames)
+    frames, data, config = load_movie(name, num_frames, FLAGS.movie_dir)
     samples = FLAGS.num_samples if mode == "posterior" else 0
     backend = load_backend(FLAGS.model, need_psi=samples > 0)
     analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples, progress=False, maps=False)
@@ -111,6 +133,7 @@ def run_case(name, mode):
     seconds = time.perf_counter() - start
     with open(os.path.join(work, "out", "movie.csv")) as f:
         rows = list(csv.DictReader(f))
+    shutil.rmtree(work, ignore_errors=True)
     nm = config.pixel_size_nm
     frame_of = np.array([int(r["frame"]) - 1 for r in rows], np.int64)
     xy = np.array([[float(r["x [nm]"]), float(r["y [nm]"])] for r in rows]).reshape(-1, 2) / nm
@@ -148,6 +171,9 @@ def run_case(name, mode):
 
 def main(argv):
     del argv
+    if FLAGS.make_movie:
+        make_movie(FLAGS.make_movie, FLAGS.frames, FLAGS.movie_dir)
+        return
     if FLAGS.case:
         name, mode = FLAGS.case.split(":")
         print("RESULT " + json.dumps(run_case(name, mode)))
@@ -159,9 +185,24 @@ def main(argv):
                              f"{list(MODES)}")
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "model": FLAGS.model,
                "num_samples": FLAGS.num_samples, "runs": []}
+    movies = tempfile.mkdtemp(prefix="bench-movies-")
+    try:
+        _run_all(results, movies)
+    finally:
+        shutil.rmtree(movies, ignore_errors=True)
+    _report(results)
+
+
+def _run_all(results, movies):
     for name in FLAGS.cases:
+        frames = max(FLAGS.frames if "phi_only" in FLAGS.modes else 0,
+                     FLAGS.posterior_frames if "posterior" in FLAGS.modes else 0)
+        subprocess.run([sys.executable, os.path.abspath(__file__), f"--make_movie={name}",
+                        f"--frames={frames}", f"--movie_dir={movies}"], check=True,
+                       capture_output=True)
         for mode in FLAGS.modes:
             cmd = [sys.executable, os.path.abspath(__file__), f"--case={name}:{mode}",
+                   f"--movie_dir={movies}",
                    f"--model={FLAGS.model}", f"--frames={FLAGS.frames}",
                    f"--posterior_frames={FLAGS.posterior_frames}",
                    f"--num_samples={FLAGS.num_samples}"]
@@ -173,6 +214,9 @@ def main(argv):
             result = json.loads(line[-1][len("RESULT "):])
             results["runs"].append(result)
             print(f"{name}:{mode} done in {result['seconds']} s", file=sys.stderr)
+
+
+def _report(results):
     header = (f"{'movie':>11} {'mode':>9} {'frames':>6} {'locs/s':>8} {'frames/s':>8} "
               f"{'RSS MB':>7} {'P':>5} {'R':>5} {'Jac':>5} {'RMSE':>5} {'std(z) [95%]':>18} "
               f"{'R edge/centre':>13}")
