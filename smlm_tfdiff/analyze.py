@@ -603,8 +603,10 @@ class StackAnalyzer:
             tic = time.perf_counter()
             # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
             # stitched whole-frame KDE needs no config of the frame's own size.
-            found = detect_batch(mean if self.localize_on == "mean" else y_hat, tile_config,
-                                 self.backend.detection)
+            # One detect_batch per frame: the results depend on that frame only, not on
+            # --batch_frames (a stack's floating-point sums follow its composition).
+            found = [detect_batch(image[None], tile_config, self.backend.detection)[0]
+                     for image in (mean if self.localize_on == "mean" else y_hat)]
             table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -672,12 +674,16 @@ class StackAnalyzer:
             cols["offset [photon]"].append(phot["background"])
             cols["bkgstd [photon]"].append(phot["bkgstd"])
             cols["detection_fraction"].append(fraction)
-        if samples is not None and jobs:
-            # Detection in the samples of every (frame, tile) of the batch at once.
+        for b in range(len(found) if samples is not None else 0):
+            # Detection in the samples of all tiles of a frame at once; per frame, so that the
+            # results do not depend on --batch_frames.
+            mine = [j for j in jobs if j[0] == b]
+            if not mine:
+                continue
             results = localization_uncertainty_batched(
-                samples[[j[2] for j in jobs]], [j[3] for j in jobs], tile_config,
+                samples[[j[2] for j in mine]], [j[3] for j in mine], tile_config,
                 self.backend.detection)
-            for (b, sel, _, _), res in zip(jobs, results):
+            for (_, sel, _, _), res in zip(mine, results):
                 stds[b][sel] = res["std_nm"]
                 fractions[b][sel] = res["fraction"]
         table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()
