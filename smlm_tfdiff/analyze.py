@@ -15,11 +15,19 @@ which replaces the folder whole; a killed run resumes from its last checkpoint, 
   <name>_summary.json           settings, counts, timing
 
 Frames are converted to photons with the camera settings given here, then to the ADU of the camera
-the model was trained for. Frames of any size are padded with background and cut into
-training-size tiles that overlap so that every pixel lies in the region the model was trained on
-(for the paper preset: within 7 px of a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
-(smlm_tfdiff.io.tiling); each localization takes its uncertainty from the tile whose centre is
-nearest.
+the model was trained for. For a model trained on a central region (the paper preset's disc),
+frames of any size are padded with background and cut into training-size tiles that overlap so
+that every pixel lies in the region the model was trained on (for the paper preset: within 7 px of
+a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
+(smlm_tfdiff.io.tiling). A whole-field model (trained on emitters anywhere in its frame) gets
+each frame whole through phi, and psi samples windows of its training size cut from phi's estimate,
+overlapping by WINDOW_OVERLAP px.
+
+psi works where the emitters are: localizations are found in phi's estimate first, and psi is
+sampled only in the tiles (windows) that hold one, each localization's tile being the one whose
+centre is nearest (it takes its uncertainty from there). Elsewhere the posterior maps hold phi's
+estimate with zero std, and a frame without localizations costs no sampling (--sample_windows all
+samples every tile, as --localize_on mean must).
 """
 
 import dataclasses
@@ -90,7 +98,7 @@ class KerasBackend:
         self._phi = models.phi
         self._estimate = None
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
-            self.sampling = self._sampler = self.method = None
+            self.sampling = self._sampler = self.method = self.window = None
             self.num_steps, self.recipe = None, {}
             return
         changes = {} if method is None else {"method": method}
@@ -104,6 +112,9 @@ class KerasBackend:
         self.method = self.sampling.method
         self.num_steps = self.sampling.num_steps  # The default.
         self.recipe = _sweeps(self.sampling)
+        # psi's own window (camera px): the frame size, or crop, it was trained on; the posterior
+        # of a whole-field model is sampled in windows of this size (posterior_windows).
+        self.window = models.psi_config.image_size // models.config.upsample
 
     @property
     def sampler(self):
@@ -131,6 +142,11 @@ class KerasBackend:
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True)
 
+    def posterior_windows(self, y_hat, num_samples, num_steps, seed):
+        """psi's posterior for windows [n, uh, uw, 1] of phi's estimate of whole frames."""
+        return self._sampler(None, num_samples, num_steps, seed=seed, return_samples=True,
+                             y_hat=y_hat)
+
 
 class SavedModelBackend:
     """A SavedModel written by export/export_savedmodel.py (its method and t_start)."""
@@ -147,6 +163,7 @@ class SavedModelBackend:
         self.recipe = _sweeps(self.sampling)
 
     has_posterior = True
+    window = None  # The export's posterior takes frames: a whole-field model sees them whole.
 
     def estimate(self, frames):
         """phi's KDE estimate (the export's `estimate` signature)."""
@@ -225,9 +242,14 @@ def _crlb_nm(xy, intensity, background, config):
               & (xy[:, 1] < config.frame_height))
     ok &= inside
     if ok.any():
-        bound = crlb(xy[ok], config, photons=intensity[ok], estimate_photons=True,
-                     background=np.maximum(background[ok], 0.0))
-        out[ok] = bound[:, :2] * config.pixel_size_nm
+        # Each position's Fisher information is a sum over the whole frame: chunks bound memory.
+        chunk = max(1, CRLB_PIXELS // (config.frame_height * config.frame_width))
+        idx = np.flatnonzero(ok)
+        for lo in range(0, len(idx), chunk):
+            part = idx[lo:lo + chunk]
+            bound = crlb(xy[part], config, photons=intensity[part], estimate_photons=True,
+                         background=np.maximum(background[part], 0.0))
+            out[part] = bound[:, :2] * config.pixel_size_nm
     return out
 
 
@@ -237,7 +259,16 @@ def _xy_average(std):
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
+# Overlap of a whole-field model's posterior windows, camera px: a localization is sampled in the
+# window whose centre is nearest, so it lies >= 2 px inside it (psi's context) unless at the frame
+# edge.
+WINDOW_OVERLAP = 4
+CRLB_PIXELS = 2 ** 22  # Frame pixels x positions per CRLB call (_crlb_nm; memory bound).
 ESTIMATE_PIXELS = 2 ** 21  # HR pixels per phi call in KerasBackend.estimate (memory bound).
+# Where psi is sampled: "localized", the windows (tiles) that hold a localization, each
+# localization's nearest-centre one; "all", every window (the path before; localize_on "mean").
+SAMPLE_WINDOWS = ("localized", "all")
+_WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # StackAnalyzer._posterior.
 CHECKPOINT_SECONDS = 10.0  # At most one resume checkpoint per this many seconds (StackAnalyzer).
 
 # Camera sanity (check_camera): margins beyond which the settings are called wrong.
@@ -364,7 +395,8 @@ class StackAnalyzer:
 
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
-                 progress=True, overwrite=False, allow_partial=False, series=None):
+                 progress=True, overwrite=False, allow_partial=False, series=None,
+                 sample_windows="localized"):
         if num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
                              f"phi's localizations with the CRLB as uncertainty (got "
@@ -383,6 +415,9 @@ class StackAnalyzer:
             raise ValueError(f"batch_frames must be >= 1 (got {batch_frames})")
         if localize_on not in ("mean", "kde_estimate"):
             raise ValueError(f"localize_on must be 'mean' or 'kde_estimate' (got {localize_on!r})")
+        if sample_windows not in SAMPLE_WINDOWS:
+            raise ValueError(f"sample_windows must be one of {SAMPLE_WINDOWS} (got "
+                             f"{sample_windows!r})")
         if localize_on == "mean" and num_samples == 0:
             raise ValueError("localize_on 'mean' needs psi's posterior mean: num_samples >= 2")
         self.backend = backend
@@ -395,6 +430,8 @@ class StackAnalyzer:
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
+        # psi where the localizations are, or everywhere (localize_on "mean" needs the latter).
+        self.sample_windows = "all" if localize_on == "mean" else sample_windows
         # Existing result folders are replaced only with overwrite; a truncated stack is analyzed
         # (its readable frames) only with allow_partial; series: TiffStack's choice of series.
         self.overwrite, self.allow_partial, self.series = overwrite, allow_partial, series
@@ -406,8 +443,14 @@ class StackAnalyzer:
         # size whole; one trained on a central region (the paper preset's disc) sees tiles, padded
         # and overlapping so every pixel is near a tile centre (tiling module doc).
         self.whole_field = cfg.region == "frame" and cfg.margin <= 0
+        # psi of a whole-field model is sampled in windows of its training size cut from phi's
+        # estimate of the whole frame (in-package models; a SavedModel's posterior takes frames,
+        # so it sees them whole).
+        self.window = (getattr(backend, "window", None) if self.whole_field and self.num_samples
+                       else None)
         if self.whole_field:
-            self.pad, auto_overlap = 0, 0
+            self.pad = 0
+            auto_overlap = WINDOW_OVERLAP if self.window else 0
         else:
             self.pad, auto_overlap = coverage_tiling(cfg)
         self.overlap = auto_overlap if overlap is None else int(overlap)
@@ -499,6 +542,7 @@ class StackAnalyzer:
                   "camera": dataclasses.asdict(self.camera), "model": self.backend.source,
                   "num_samples": self.num_samples, "num_steps": self.num_steps,
                   "recipe": self.backend.recipe, "whole_field": self.whole_field,
+                  "window": self.window, "sample_windows": self.sample_windows,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
                   "allow_partial": self.allow_partial, "series": self.series,
@@ -514,22 +558,34 @@ class StackAnalyzer:
                              f"{self.model_config.frame_width} tiles, padded with background): "
                              "analyze the full camera frames rather than a crop this small")
 
-    def _posterior(self, tiles, num_frames, lo):
-        """The backend's posterior of a batch, one call per frame with the seed of that frame
-        (fold_in(seed, frame index)): the samples of a frame do not depend on batch_frames."""
-        per = len(tiles) // num_frames
-        parts = [self.backend.posterior(tiles[b * per:(b + 1) * per], self.num_samples,
-                                        self.num_steps, _fold(self.seed, lo + b))
-                 for b in range(num_frames)]
-        return {k: np.concatenate([p[k] for p in parts])
-                for k in ("y_hat", "mean", "std", "samples")}
+    def _posterior(self, inputs, b, windows, lo):
+        """psi's posterior for some windows of frame lo + b, seeded by the frame (fold_in(seed,
+        frame index)), so the samples of a frame do not depend on batch_frames.
+
+        inputs: the batch's tiles [B * n, h, w, 1] (model ADU), or for a whole-field model the
+        windows of phi's estimate [B * n, uh, uw, 1]; windows: tile indices of this frame.
+        The window count is padded to a few sizes (repeats, dropped after), so that the compiled
+        sampler sees few shapes whatever the number of windows a frame needs."""
+        n = len(windows)
+        size = next(k for k in _WINDOW_BUCKETS if k >= n) if n <= _WINDOW_BUCKETS[-1] else n
+        index = np.concatenate([windows, np.full(size - n, windows[-1])]) + b * self._n_tiles
+        call = self.backend.posterior_windows if self.window else self.backend.posterior
+        post = call(inputs[index], self.num_samples, self.num_steps, _fold(self.seed, lo + b))
+        return {k: post[k][:n] for k in ("mean", "std", "samples")}
 
     def _run(self, stack, name, outputs):
         cfg = self.model_config
         u = cfg.upsample
-        tile = (stack.height, stack.width) if self.whole_field else cfg.lr_shape
+        if self.window:
+            tile = (self.window, self.window)
+        else:
+            tile = (stack.height, stack.width) if self.whole_field else cfg.lr_shape
         grid = TileGrid((stack.height, stack.width), tile, self.overlap, u, self.pad)
+        self._n_tiles = len(grid)
         tile_config = cfg.replace(pixel_size_nm=self.pixel_size_nm)
+        # The CRLB of a whole-field model's localizations: in the frame, whose edges are real.
+        frame_config = (tile_config.replace(frame_height=stack.height, frame_width=stack.width)
+                        if self.whole_field else None)
         def track(make):  # A writer, cut back to the checkpoint when resuming.
             return outputs.track(make(outputs.writer_state(len(outputs._open))))
 
@@ -576,23 +632,53 @@ class StackAnalyzer:
         if progbar is not None and start_frame:
             progbar.update(start_frame)
         tic = time.perf_counter()
+        sampled = int(state.get("windows_sampled", 0))
         for lo, frames in stack.batches(self.batch_frames, start=start_frame):
             model_frames, photons = self._to_model_adu(frames, lo)
-            tiles = grid.cut(model_frames)[..., None]
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            if posterior:
-                post = self._posterior(tiles, len(frames), lo)
-            else:
-                post = {"y_hat": self.backend.estimate(tiles), "samples": None}
+            if self.window:  # phi on whole frames; psi's windows cut from its estimate.
+                y_hat = self.backend.estimate(model_frames[..., None])[..., 0]
+                estimate = grid.cut_hr(y_hat)
+                inputs = estimate[..., None]
+            else:  # Tiles (or whole frames) through phi and psi alike.
+                inputs = grid.cut(model_frames)[..., None]
+                estimate = self.backend.estimate(inputs)[..., 0]
+                y_hat = grid.stitch(estimate)
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            y_hat = grid.stitch(post["y_hat"][..., 0])
+            # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
+            # stitched whole-frame KDE needs no config of the frame's own size.
+            # One detect_batch per frame: the results depend on that frame only, not on
+            # --batch_frames (a stack's floating-point sums follow its composition).
+            found = ([detect_batch(image[None], tile_config, self.backend.detection)[0]
+                      for image in y_hat] if self.localize_on == "kde_estimate" else None)
+            clock["localize_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            samples = None
             if posterior:
-                mean, var = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)
+                # psi only in the windows that hold a localization (each localization's owner);
+                # elsewhere the posterior is phi's estimate with no spread. With localize_on
+                # "mean" the localizations come from the posterior mean, so every window.
+                n = len(grid)
+                mean_tiles, var_tiles = estimate.astype(np.float64), np.zeros(estimate.shape)
+                samples = []
+                for b in range(len(frames)):
+                    windows = (np.arange(n) if self.sample_windows == "all"
+                               else np.unique(grid.owner(found[b])).astype(int))
+                    part = (self._posterior(inputs, b, windows, lo) if len(windows)
+                            else {"samples": None})
+                    if len(windows):
+                        mean_tiles[b * n + windows] = part["mean"][..., 0]
+                        var_tiles[b * n + windows] = part["std"][..., 0] ** 2
+                    samples.append((windows, part["samples"]))
+                    sampled += len(windows)
+                mean, var = grid.stitch(mean_tiles, var_tiles)
                 var_sum += var.sum(axis=0)
             else:
                 mean = y_hat
+            clock["posterior_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
             sr_sum += mean.sum(axis=0)
             if self.maps:
                 writers["kde_estimate"].write(y_hat)
@@ -601,13 +687,11 @@ class StackAnalyzer:
                     writers["posterior_std"].write(np.sqrt(var))
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
-            # stitched whole-frame KDE needs no config of the frame's own size.
-            # One detect_batch per frame: the results depend on that frame only, not on
-            # --batch_frames (a stack's floating-point sums follow its composition).
-            found = [detect_batch(image[None], tile_config, self.backend.detection)[0]
-                     for image in (mean if self.localize_on == "mean" else y_hat)]
-            table = self._table(found, post["samples"], photons, grid, tile_config, lo, next_id)
+            if found is None:
+                found = [detect_batch(image[None], tile_config, self.backend.detection)[0]
+                         for image in mean]
+            table = self._table(found, samples, photons, grid, tile_config, frame_config, lo,
+                                next_id)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             next_id += len(table["id"])
@@ -619,7 +703,8 @@ class StackAnalyzer:
             done = lo + len(frames)
             if done < stack.num_frames and (time.perf_counter() - last_checkpoint
                                             >= self.checkpoint_seconds):
-                outputs.checkpoint({"frames_done": done, "next_id": next_id, "clock": clock},
+                outputs.checkpoint({"frames_done": done, "next_id": next_id, "clock": clock,
+                                    "windows_sampled": sampled},
                                    {"sr_sum": sr_sum, "var_sum": var_sum})
                 last_checkpoint = time.perf_counter()
             if progbar is not None:
@@ -636,6 +721,8 @@ class StackAnalyzer:
         return {
             "input": os.path.abspath(stack.path), "frames": stack.num_frames,
             "frame_size": [stack.height, stack.width], "tiles_per_frame": len(grid),
+            "window_px": list(grid.tile), "sample_windows": self.sample_windows,
+            "windows_sampled": sampled,
             "localizations": next_id - 1, "model": self.backend.source,
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
             "num_samples": self.num_samples, "num_steps": self.num_steps, **self.backend.recipe,
@@ -644,27 +731,42 @@ class StackAnalyzer:
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
 
-    def _table(self, found, samples, photons, grid, tile_config, lo, next_id):
-        """Localizations of a batch -> ThunderSTORM columns (dict of arrays)."""
-        n_tiles = len(grid)
+    def _table(self, found, samples, photons, grid, tile_config, frame_config, lo, next_id):
+        """Localizations of a batch -> ThunderSTORM columns (dict of arrays).
+
+        samples: per frame (window indices, their samples [n, S, uh, uw, 1] or None), or None
+        without psi. frame_config: the CRLB in the frame (whole-field models), else (None) in
+        each localization's tile, the frame the model saw it in."""
         cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS
                 if k not in ("crlb_xy [nm]", "uncertainty_is_crlb")}
-        crlb_in = []  # (local xy [m, 2], intensity [m], background [m]) per frame.
+        crlb_in = []  # (xy [m, 2] for the CRLB's frame, intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
-        stds, fractions, jobs = [], [], []  # jobs: (frame, owner mask, tile index, local xy).
+        stds, fractions = [], []
         for b, xy in enumerate(found):
-            stds.append(np.full((len(xy), 2), np.nan))
-            fractions.append(np.full(len(xy), np.nan if samples is None else 0.0))
+            m = len(xy)
+            std = np.full((m, 2), np.nan)
+            fraction = np.full(m, np.nan if samples is None else 0.0)
             owner = grid.owner(xy)
             phot = photometry(photons[b], xy, self.model_config.psf_sigma)
-            local = np.zeros_like(xy)  # Positions in their owner tile, for the tile's CRLB.
+            local = np.zeros_like(xy)  # Positions in their owner tile.
             for k in np.unique(owner):
-                sel = owner == k
-                local[sel] = grid.to_tile(xy[sel], k)
-                jobs.append((b, sel, b * n_tiles + k, local[sel]))
-            crlb_in.append((local, phot["intensity"], phot["background"]))
-            m = len(xy)
-            fraction = fractions[b]
+                local[owner == k] = grid.to_tile(xy[owner == k], k)
+            crlb_in.append((xy if frame_config is not None else local, phot["intensity"],
+                            phot["background"]))
+            if samples is not None and m:
+                # Detection in the samples of all windows of a frame at once; per frame, so that
+                # the results do not depend on --batch_frames.
+                windows, frame_samples = samples[b]
+                position = {int(k): i for i, k in enumerate(windows)}
+                mine = [(owner == k, position[int(k)]) for k in np.unique(owner)]
+                results = localization_uncertainty_batched(
+                    frame_samples[[i for _, i in mine]], [local[sel] for sel, _ in mine],
+                    tile_config, self.backend.detection)
+                for (sel, _), res in zip(mine, results):
+                    std[sel] = res["std_nm"]
+                    fraction[sel] = res["fraction"]
+            stds.append(std)
+            fractions.append(fraction)
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
             cols["frame"].append(np.full(m, lo + b + 1))
             cols["x [nm]"].append(xy[:, 0] * nm)
@@ -674,24 +776,13 @@ class StackAnalyzer:
             cols["offset [photon]"].append(phot["background"])
             cols["bkgstd [photon]"].append(phot["bkgstd"])
             cols["detection_fraction"].append(fraction)
-        for b in range(len(found) if samples is not None else 0):
-            # Detection in the samples of all tiles of a frame at once; per frame, so that the
-            # results do not depend on --batch_frames.
-            mine = [j for j in jobs if j[0] == b]
-            if not mine:
-                continue
-            results = localization_uncertainty_batched(
-                samples[[j[2] for j in mine]], [j[3] for j in mine], tile_config,
-                self.backend.detection)
-            for (_, sel, _, _), res in zip(mine, results):
-                stds[b][sel] = res["std_nm"]
-                fractions[b][sel] = res["fraction"]
         table = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()
                  if not k.startswith("uncertainty")}
         # One batched CRLB for every localization of the batch.
         local, intensity, background = ((np.concatenate(v) for v in zip(*crlb_in)) if crlb_in
                                         else (np.zeros((0, 2)), np.zeros(0), np.zeros(0)))
-        bound = _crlb_nm(local, intensity, background, tile_config)
+        bound = _crlb_nm(local, intensity, background,
+                         tile_config if frame_config is None else frame_config)
         table["crlb_xy [nm]"] = _xy_average(bound)
         # Without psi (num_samples 0) the uncertainty columns hold the CRLB, and say so.
         std = bound if samples is None else (np.concatenate(stds) if stds else np.zeros((0, 2)))
@@ -767,6 +858,10 @@ def define_flags():
     flags.DEFINE_enum("localize_on", "kde_estimate", ["kde_estimate", "mean"], "Detect on phi's "
                       "KDE estimate (the default: with the bundled models it localizes better "
                       "than the posterior mean, docs/sampler.md) or on psi's posterior mean.")
+    flags.DEFINE_enum("sample_windows", "localized", list(SAMPLE_WINDOWS), "Where psi is "
+                      "sampled: 'localized', only the tiles (windows) that hold a localization, "
+                      "elsewhere the posterior is phi's estimate with zero std; 'all', every one "
+                      "(slower; always with --localize_on mean).")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -825,7 +920,7 @@ def main(argv):
         analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
-                                 FLAGS.allow_partial, series)
+                                 FLAGS.allow_partial, series, FLAGS.sample_windows)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

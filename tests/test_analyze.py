@@ -10,7 +10,7 @@ import tifffile
 
 from smlm_tfdiff import SimulationConfig, localization_metrics, oracle_metrics
 from smlm_tfdiff.simulation.simulate import simulate
-from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+from smlm_tfdiff.analyze import Camera, KerasBackend, StackAnalyzer, load_backend
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import (EXTRA_COLUMNS, THUNDERSTORM_COLUMNS, StackError, TiffStack,
                                   find_stacks)
@@ -36,6 +36,15 @@ def test_tiles_cover_and_stitch_exactly(frame, pad):
     # Equal means and variances in every tile: the mixture variance is that variance.
     mean, var = grid.stitch(np.ones_like(hr_tiles), np.full_like(hr_tiles, 0.25))
     np.testing.assert_allclose(var, 0.25, atol=1e-12)
+    # cut_hr cuts the same windows from a whole-frame HR map (padding filled with `fill`).
+    inner = hr[:, p:p + 4 * frame[0], p:p + 4 * frame[1]]
+    windows = grid.cut_hr(inner, fill=-7.0)
+    padded = np.full_like(hr, -7.0)
+    padded[:, p:p + 4 * frame[0], p:p + 4 * frame[1]] = inner
+    np.testing.assert_array_equal(windows, np.stack([
+        padded[b, 4 * r:4 * r + 80, 4 * c:4 * c + 80] for b in range(2) for r, c in grid.origins]))
+    with pytest.raises(ValueError, match="HR pixels"):
+        grid.cut_hr(inner[:, 1:])
     # Tiles overlap by at least the requested overlap and stay inside the (padded) frame.
     for r, c in grid.origins:
         assert 0 <= r <= grid.padded[0] - 20 and 0 <= c <= grid.padded[1] - 20
@@ -355,3 +364,74 @@ def test_phi_only_model_folder(tmp_path, paper_models):
     summary = StackAnalyzer(phi_only, camera, num_samples=0, progress=False).analyze(
         stack, tmp_path / "out")
     assert summary["localizations"] >= 15 and summary["uncertainty"] == "crlb"
+
+
+def _corner_movie(tmp_path, size=44, frames=2):
+    """Paper-preset frames (emitters in a disc of radius 7 px about (10, 10)) pasted into the top
+    left of larger frames of the same camera's background: the rest holds no emitter."""
+    config = SimulationConfig.preset("paper")
+    data = simulate(config, frames, seed=21)
+    rng = np.random.default_rng(21)
+    # Background of the same camera: offset + Poisson(background) + readout noise, ADU (gain 1).
+    movie = (config.offset + rng.poisson(config.background, (frames, size, size))
+             + rng.normal(0, np.sqrt(config.readout_var), (frames, size, size)))
+    movie[:, :20, :20] = data["frames"][..., 0]
+    movie[-1, :20, :20] = movie[-1, 24:, 24:]  # The last frame holds no emitter at all.
+    stack = tmp_path / "corner.tif"
+    tifffile.imwrite(stack, np.round(movie).astype(np.uint16), photometric="minisblack")
+    return stack, config
+
+
+@pytest.mark.parametrize("whole_field", [False, True])
+def test_psi_is_sampled_only_where_localizations_are(tmp_path, paper_models, whole_field):
+    """psi runs only in the tiles (whole-field: windows of phi's whole-frame estimate) that own a
+    localization; elsewhere the maps hold phi's estimate with zero std; the localizations are those
+    of sampling everywhere, and an empty frame costs no sampling."""
+    import dataclasses
+
+    from smlm_tfdiff.io.tiling import TileGrid
+
+    models = paper_models
+    if whole_field:  # The paper networks read as a whole-field model: phi sees frames whole.
+        models = dataclasses.replace(models, config=models.config.replace(region="frame",
+                                                                          margin=0.0))
+    backend = KerasBackend(models, method="ddpm")
+    stack, config = _corner_movie(tmp_path)
+    camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
+    runs = {}
+    for where in ("localized", "all"):
+        analyzer = StackAnalyzer(backend, camera, num_samples=4, num_steps=2, progress=False,
+                                 sample_windows=where)
+        runs[where] = analyzer.analyze(stack, tmp_path / where)
+    local, every = runs["localized"], runs["all"]
+    assert local["whole_field"] is whole_field
+    assert local["window_px"] == [20, 20]
+    rows, pred = _frames_from_csv(tmp_path / "localized" / "corner.csv", 2, config.pixel_size_nm)
+    _, pred_all = _frames_from_csv(tmp_path / "all" / "corner.csv", 2, config.pixel_size_nm)
+    assert len(pred[0]) >= 6 and len(pred[1]) == 0
+    np.testing.assert_array_equal(pred[0], pred_all[0])
+    analyzer = StackAnalyzer(backend, camera, num_samples=4, progress=False)
+    grid = TileGrid((44, 44), (20, 20), analyzer.overlap, 4, analyzer.pad)
+    assert every["windows_sampled"] == 2 * len(grid) == 2 * local["tiles_per_frame"]
+    assert local["windows_sampled"] == len(np.unique(grid.owner(pred[0])))
+    assert local["windows_sampled"] < len(grid) / 2
+    maps = {key: tifffile.imread(tmp_path / "localized" / f"corner_{key}.tif")
+            for key in ("kde_estimate", "posterior_mean", "posterior_std")}
+    far = (slice(None), slice(4 * 34, None), slice(4 * 34, None))  # No tile there is sampled.
+    np.testing.assert_allclose(maps["posterior_mean"][far], maps["kde_estimate"][far], atol=1e-6)
+    frames = tifffile.imread(stack).astype(np.float32)
+    if whole_field:  # phi's estimate of the whole frame, not of tiles; no psi spread far off.
+        np.testing.assert_allclose(maps["kde_estimate"], backend.estimate(frames[..., None])[
+            ..., 0], atol=1e-6)
+        # Zero up to the round-off of the stitched mixture variance (float64 sums).
+        assert maps["posterior_std"][far].max() < 1e-8 and maps["posterior_std"][1].max() < 1e-8
+    else:  # Far off, the spread is that of the overlapping tiles' estimates (tiling.stitch).
+        estimates = backend.estimate(grid.cut(frames)[..., None])[..., 0]
+        _, var = grid.stitch(estimates, np.zeros_like(estimates))
+        np.testing.assert_allclose(maps["posterior_std"][far], np.sqrt(var)[far], atol=1e-6)
+        np.testing.assert_allclose(maps["posterior_std"][1], np.sqrt(var)[1], atol=1e-6)
+        assert maps["posterior_std"][far].max() < 1e-3
+    assert maps["posterior_std"][0, :80, :80].mean() > 1e-3  # psi's spread where emitters are.
+    unc = np.array([float(r["uncertainty_xy [nm]"]) for r in rows])
+    fraction = np.array([float(r["detection_fraction"]) for r in rows])
+    assert np.all(np.isfinite(unc[fraction >= 0.5])) and np.mean(fraction >= 0.5) > 0.8

@@ -133,3 +133,37 @@ def test_dataset_mixes_in_a_second_scene(paper):
         psi_dataset(paper, schedule, "simple", 8, 3, 0, paper.replace(frame_width=24), 0.25)
     with pytest.raises(ValueError, match="mix_fraction"):
         psi_dataset(paper, schedule, "simple", 8, 3, 0, isolated, 1.5)
+
+
+def test_crops_cut_phi_and_the_kde_at_the_drawn_windows(paper, paper_models):
+    """psi trains on windows of frames phi saw whole: the loss's y_hat and KDE are the windows
+    of phi(frame) and of the KDE at each example's own offset, and the offsets cover the frame."""
+    schedule = NoiseSchedule.named("paper")
+    crop = 12
+    batch = next(iter(psi_dataset(paper, schedule, "snr", 64, seed=3, start_step=0,
+                                  crop_size=crop)))
+    assert batch["frames"].shape == (64, 20, 20, 1) and batch["eps"].shape == (64, 48, 48, 1)
+    offsets = batch["offsets"].numpy()
+    assert offsets.min() == 0 and offsets.max() == 20 - crop  # 9 positions, 64 draws per axis.
+    assert len({tuple(o) for o in offsets}) > 32  # Per example, not one window per batch.
+    seen = {}
+
+    def psi(inputs, training):
+        seen.update(inputs)
+        return tf.zeros_like(inputs["y_t"])
+
+    PsiLoss(paper_models.phi, schedule, "snr", crop_size=crop, upsample=4)(psi, batch, True)
+    y_hat = paper_models.phi(batch["frames"], training=False).numpy()
+    kde, eps, gamma = batch["kde"].numpy(), batch["eps"].numpy(), batch["gamma"].numpy()
+    for i in (0, 17, 63):
+        r, c = 4 * offsets[i]
+        np.testing.assert_allclose(seen["y_hat"][i].numpy(), y_hat[i, r:r + 48, c:c + 48],
+                                   atol=1e-6)
+        g = gamma[i]
+        z_0 = to_diffusion_space(kde[i, r:r + 48, c:c + 48])
+        np.testing.assert_allclose(seen["y_t"][i].numpy(),
+                                   np.sqrt(g) * z_0 + np.sqrt(1 - g) * eps[i], atol=1e-5)
+    with pytest.raises(ValueError, match="stride 8"):
+        psi_dataset(paper, schedule, "snr", 8, 3, 0, crop_size=11)
+    with pytest.raises(ValueError, match="smaller side"):
+        psi_dataset(paper, schedule, "snr", 8, 3, 0, crop_size=22)

@@ -50,6 +50,9 @@ flags.DEFINE_integer("sample_steps", 10, "Reverse steps of the validation sample
 flags.DEFINE_string("mix_preset", None, "A second scene preset (e.g. isolated) mixed into every "
                     "batch with phi's camera, so psi also learns sparse frames' narrow posteriors.")
 flags.DEFINE_float("mix_fraction", 0.25, "Fraction of each batch from --mix_preset.")
+flags.DEFINE_integer("crop_size", None, "Train psi on windows of this many camera pixels cut "
+                     "from each frame after phi has seen it whole (whole-field models: analyze "
+                     "samples such windows); default: whole frames.")
 flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (a bundled name or "
                     "a run folder; fine-tuning): same psi_config required. Ignored on resume.")
 flags.mark_flag_as_required("out_dir")
@@ -82,7 +85,8 @@ def main(argv):
         channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
         num_res_blocks=FLAGS.num_res_blocks,
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
-        image_size=sim_config.hr_shape[0], dropout=FLAGS.dropout,
+        image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
+                    else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_weights = None
@@ -107,13 +111,14 @@ def main(argv):
     trainer = Trainer(
         cfg, strategy,
         build_model=build_model,
-        loss_fn=PsiLoss(phi, schedule, FLAGS.weighting, psi_config.prediction),
+        loss_fn=PsiLoss(phi, schedule, FLAGS.weighting, psi_config.prediction, FLAGS.crop_size,
+                        sim_config.upsample if FLAGS.crop_size else None),
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
-                                             FLAGS.mix_fraction),
+                                             FLAGS.mix_fraction, FLAGS.crop_size),
         eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,
-                  "mix_preset": FLAGS.mix_preset,
+                  "mix_preset": FLAGS.mix_preset, "crop_size": FLAGS.crop_size,
                   "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0, "sim_config": sim_config.to_dict(),
                   "psi_config": json.loads(psi_config.to_json()), "diffusion": recipe.to_dict(),
                   "replicas": strategy.num_replicas_in_sync, "command": " ".join(sys.argv)})

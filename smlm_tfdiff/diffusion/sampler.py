@@ -174,6 +174,7 @@ class PosteriorSampler:
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
                  restart_steps=None, project=False, restarts=None):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
+        (frames None with y_hat given: psi for that estimate, phi not run)
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
 
@@ -200,7 +201,14 @@ class PosteriorSampler:
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
         """
-        frames = _check_frames(frames)
+        if frames is None:  # psi given phi's estimate only (e.g. windows of a whole frame's).
+            if y_hat is None:
+                raise ValueError("give frames, or y_hat (phi's estimate [B, 4H, 4W, 1]) to "
+                                 "sample psi for an estimate computed elsewhere")
+            y_hat = np.asarray(y_hat, np.float32)
+            frames = y_hat  # Only its length is read below.
+        else:
+            frames = _check_frames(frames)
         if project and self.models.config is None:
             raise ValueError("project=True needs the models' SimulationConfig (models.config), "
                              "for the detection and the KDE")

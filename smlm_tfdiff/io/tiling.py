@@ -99,6 +99,26 @@ class TileGrid:
         tiles = [frames[:, r:r + th, c:c + tw] for r, c in self.origins]
         return np.stack(tiles, axis=1).reshape((-1, th, tw))
 
+    def cut_hr(self, images: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """HR maps of whole frames [B, u*H, u*W] -> their tiles [B * n_tiles, u*h, u*w]
+        (frame-major), the padding filled with `fill` (0: an empty KDE). Windows of a whole-field
+        model's estimate, which phi computed on the whole frame."""
+        images = np.asarray(images)
+        u = self.upsample
+        b, h, w = images.shape
+        if (h, w) != (u * self.frame[0], u * self.frame[1]):
+            raise ValueError(f"maps are {h}x{w}, this grid's frames are {u * self.frame[0]}x"
+                             f"{u * self.frame[1]} HR pixels")
+        ph, pw = u * self.padded[0], u * self.padded[1]
+        if (ph, pw) != (h, w):
+            padded = np.full((b, ph, pw), fill, images.dtype)
+            p = u * self.pad
+            padded[:, p:p + h, p:p + w] = images
+            images = padded
+        th, tw = u * self.tile[0], u * self.tile[1]
+        tiles = [images[:, u * r:u * r + th, u * c:u * c + tw] for r, c in self.origins]
+        return np.stack(tiles, axis=1).reshape((-1, th, tw))
+
     def weights(self) -> np.ndarray:
         """Stitching weights [u*h, u*w] (HR), the same for every tile (module doc)."""
         u = self.upsample

@@ -3,6 +3,12 @@
 Pairs (y, y_hat = phi(x)) are made on the fly: the simulator gives (x, y), the frozen phi maps x to
 y_hat inside the training step. The noise level and the noise are drawn in the tf.data pipeline from
 stateless seeds, so a batch is the same whichever replica takes it.
+
+Crops (crop_size): psi learns p(y | y_hat) on a window of a larger frame, as analyze samples the
+windows of a whole-field model: phi sees the whole frame (its estimate near a window's edge has the
+context beyond it), then psi's input y_hat and its target KDE are cut to a window of crop_size
+camera pixels at a random whole-pixel offset per example (`crop_offsets`). psi is fully
+convolutional, so it runs on windows of any size at inference.
 """
 
 import numpy as np
@@ -16,15 +22,52 @@ from smlm_tfdiff.models.psi import PREDICTIONS
 from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
 
+def crop_offsets(sim_config, crop_size, batch_size, seed):
+    """Window corners of a batch of crops: int32 [B, 2] (row, column), camera pixels, uniform over
+    every whole-pixel position of a crop_size x crop_size window inside the frame."""
+    h, w = sim_config.lr_shape
+    return tf.stack([tf.random.stateless_uniform([batch_size], seeds_lib.fold_in(seed, axis),
+                                                 0, size - crop_size + 1, tf.int32)
+                     for axis, size in enumerate((h, w))], axis=1)
+
+
+def cut_windows(images, offsets, crop_size, upsample):
+    """HR images [B, uH, uW, C] -> their windows [B, u crop, u crop, C] at offsets [B, 2] (camera
+    pixels, crop_offsets)."""
+    size = upsample * crop_size
+    rows = offsets[:, :1] * upsample + tf.range(size)[None]  # [B, size]
+    cols = offsets[:, 1:] * upsample + tf.range(size)[None]
+    return tf.gather(tf.gather(images, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def check_crop_size(sim_config, crop_size, psi_stride=8):
+    """A crop_size (camera pixels) that fits the frame and whose HR window psi's U-Net can halve
+    down to its lowest level (psi_stride: 2^(levels - 1))."""
+    h, w = sim_config.lr_shape
+    if not 1 <= crop_size <= min(h, w):
+        raise ValueError(f"crop_size {crop_size} px must be between 1 and the frame's smaller "
+                         f"side ({h}x{w} px): train on smaller windows or larger frames")
+    if (crop_size * sim_config.upsample) % psi_stride:
+        raise ValueError(f"crop_size {crop_size} px makes {crop_size * sim_config.upsample} HR px "
+                         f"windows, not divisible by psi's stride {psi_stride}: pick a multiple "
+                         f"of {psi_stride // np.gcd(psi_stride, sim_config.upsample)} px")
+
+
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
-                mix_fraction=0.0):
-    """Infinite batches {frames, kde, t, gamma, eps}; a run resumed at start_step draws fresh data.
+                mix_fraction=0.0, crop_size=None):
+    """Infinite batches {frames, kde, t, gamma, eps} (and with crop_size, `offsets` [B, 2]); a run
+    resumed at start_step draws fresh data.
 
     mix_config, mix_fraction: a second scene (same camera and frame size, e.g. the isolated
     preset) that fills round(mix_fraction * batch_size) frames of every batch, so psi also learns
-    the narrow posteriors of sparse frames; the rest comes from sim_config."""
+    the narrow posteriors of sparse frames; the rest comes from sim_config.
+    crop_size: psi trains on windows of this many camera pixels (module docstring); eps has the
+    window's HR size, frames and kde stay whole (PsiLoss cuts them after phi)."""
     sim_seed, noise_seed = seeds_lib.split(seeds_lib.fold_in(seed, start_step))
     hr = sim_config.hr_shape
+    if crop_size is not None:
+        check_crop_size(sim_config, crop_size)
+        hr = (crop_size * sim_config.upsample,) * 2
     num_mix = int(round(mix_fraction * batch_size)) if mix_config is not None else 0
     if not 0.0 <= mix_fraction <= 1.0:
         raise ValueError(f"mix_fraction must be in [0, 1] (got {mix_fraction})")
@@ -47,7 +90,11 @@ def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, m
         eps = tf.random.stateless_normal([batch_size, hr[0], hr[1], 1], eps_seed)
         frames = tf.concat([b["frames"] for b in batches], 0)
         kde = tf.concat([b["kde"] for b in batches], 0)
-        return {"frames": frames, "kde": kde, "t": t, "gamma": gamma, "eps": eps}
+        batch = {"frames": frames, "kde": kde, "t": t, "gamma": gamma, "eps": eps}
+        if crop_size is not None:
+            batch["offsets"] = crop_offsets(sim_config, crop_size, batch_size,
+                                            seeds_lib.fold_in(eps_seed, 1))
+        return batch
 
     return ds.enumerate().map(add_noise).prefetch(tf.data.AUTOTUNE)
 
@@ -58,18 +105,27 @@ class PsiLoss:
     weighting "snr": the seeds' eq. 8 weight (normalised to mean 1 over t = 2..T; t = 1 never
     drawn), "simple": uniform (diffusion.diffusion_loss_weights).
     prediction: PsiConfig.prediction; an experimental v prediction scores v instead of eps
-    (experimental/prediction.py, loss_weights)."""
+    (experimental/prediction.py, loss_weights).
+    crop_size, upsample: batches with `offsets` (psi_dataset's crop_size) are cut to those windows
+    after phi has seen the whole frames."""
 
-    def __init__(self, phi, schedule, weighting, prediction="eps"):
+    def __init__(self, phi, schedule, weighting, prediction="eps", crop_size=None, upsample=None):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
+        if (crop_size is None) != (upsample is None):
+            raise ValueError("give crop_size and upsample together (or neither)")
         self.phi, self.schedule, self.weighting = phi, schedule, weighting
         self.prediction = prediction
+        self.crop_size, self.upsample = crop_size, upsample
 
     def __call__(self, model, batch, training):
         y_hat = tf.stop_gradient(self.phi(batch["frames"], training=False))
+        kde = batch["kde"]
+        if self.crop_size is not None:
+            y_hat = cut_windows(y_hat, batch["offsets"], self.crop_size, self.upsample)
+            kde = cut_windows(kde, batch["offsets"], self.crop_size, self.upsample)
         gamma = batch["gamma"]
-        y_t = q_sample(to_diffusion_space(batch["kde"]), gamma, batch["eps"])
+        y_t = q_sample(to_diffusion_space(kde), gamma, batch["eps"])
         eps_pred = model({"y_t": y_t, "y_hat": y_hat, "noise_level": tf.sqrt(gamma)},
                          training=training)
         weights = diffusion_loss_weights(self.schedule, batch["t"], self.weighting)
