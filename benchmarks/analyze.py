@@ -1,6 +1,6 @@
 """`analyze` on simulated movies: speed, memory and accuracy against the truth, per movie and mode.
 
-    python benchmarks/analyze.py [--cases dense40_64,...] [--modes posterior,phi_only]
+    python benchmarks/analyze.py [--cases dense40_64,...] [--modes posterior,posterior_all,phi_only]
         [--frames 100] [--posterior_frames 4] [--out benchmarks/results/analyze.json]
 
 Movies (the seeds' camera and optics, N0 = 200 photons unless said, emitters uniform over the
@@ -10,9 +10,11 @@ whole frame, edges included; seed 123 + case index, never a training or validati
   sparse_64       64x64 px, 1 emitter per 400 px^2
   sparse_256      256x256 px, 1 emitter per 400 px^2
   bright_64       64x64 px, 1 per 400 px^2, N0 1000-5000 photons
-Modes: `posterior` (psi's posterior uncertainty, the default analysis) and `phi_only`
-(--num_samples 0: phi's localizations, the CRLB as uncertainty). The posterior mode runs
---posterior_frames frames (it is slow), phi_only --frames frames.
+Modes: `posterior` (psi's posterior uncertainty, the default analysis: psi sampled only in the
+tiles or windows that hold a localization), `posterior_all` (the path before: psi sampled in every
+tile, --sample_windows all) and `phi_only` (--num_samples 0: phi's localizations, the CRLB as
+uncertainty). The posterior modes run --posterior_frames frames (they are slow), phi_only
+--frames frames.
 
 Each movie is simulated by one process and each (movie, mode) analyzed in another, so the peak
 memory (ru_maxrss) is the analysis's own (the simulator's KDE rendering of a 256x256 movie alone
@@ -46,7 +48,7 @@ CASES = {
     "sparse_256": dict(size=(256, 256), per_px2=1 / 400),
     "bright_64": dict(size=(64, 64), per_px2=1 / 400, photons_range=(1000.0, 5000.0)),
 }
-MODES = ("posterior", "phi_only")
+MODES = ("posterior", "posterior_all", "phi_only")
 EDGE_PX = 3.0
 
 flags.DEFINE_list("cases", list(CASES), f"Movies: {', '.join(CASES)}.")
@@ -117,11 +119,13 @@ def run_case(name, mode):
     from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
     from smlm_tfdiff.localization.metrics import localization_metrics
 
-    num_frames = FLAGS.posterior_frames if mode == "posterior" else FLAGS.frames
+    posterior = mode.startswith("posterior")
+    num_frames = FLAGS.posterior_frames if posterior else FLAGS.frames
     frames, data, config = load_movie(name, num_frames, FLAGS.movie_dir)
-    samples = FLAGS.num_samples if mode == "posterior" else 0
+    samples = FLAGS.num_samples if posterior else 0
     backend = load_backend(FLAGS.model, need_psi=samples > 0)
-    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples, progress=False, maps=False)
+    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples, progress=False, maps=False,
+                             sample_windows="all" if mode == "posterior_all" else "localized")
     work = tempfile.mkdtemp(prefix="bench-analyze-")
     path = os.path.join(work, "movie.tif")
     tifffile.imwrite(path, np.round(frames).astype(np.uint16), photometric="minisblack")
@@ -165,7 +169,9 @@ def run_case(name, mode):
         "std_z": std_z, "std_z_95": interval, "z_count": int(np.isfinite(z).sum()),
         "recall_edge": float(found[edge].mean()) if edge.any() else float("nan"),
         "recall_centre": float(found[~edge].mean()) if (~edge).any() else float("nan"),
-        "tiles_per_frame": summary["tiles_per_frame"], "timing_s": summary["timing"],
+        "tiles_per_frame": summary["tiles_per_frame"],
+        "windows_sampled_per_frame": round(summary["windows_sampled"] / num_frames, 2),
+        "timing_s": summary["timing"],
     }
 
 
@@ -196,7 +202,8 @@ def main(argv):
 def _run_all(results, movies):
     for name in FLAGS.cases:
         frames = max(FLAGS.frames if "phi_only" in FLAGS.modes else 0,
-                     FLAGS.posterior_frames if "posterior" in FLAGS.modes else 0)
+                     FLAGS.posterior_frames if any(m.startswith("posterior") for m in FLAGS.modes)
+                     else 0)
         subprocess.run([sys.executable, os.path.abspath(__file__), f"--make_movie={name}",
                         f"--frames={frames}", f"--movie_dir={movies}"], check=True,
                        capture_output=True)
@@ -217,19 +224,20 @@ def _run_all(results, movies):
 
 
 def _report(results):
-    header = (f"{'movie':>11} {'mode':>9} {'frames':>6} {'locs/s':>8} {'frames/s':>8} "
+    header = (f"{'movie':>11} {'mode':>13} {'frames':>6} {'locs/s':>8} {'frames/s':>8} "
               f"{'RSS MB':>7} {'P':>5} {'R':>5} {'Jac':>5} {'RMSE':>5} {'std(z) [95%]':>18} "
-              f"{'R edge/centre':>13}")
+              f"{'R edge/centre':>13} {'windows':>7}")
     print(f"analyze, model {FLAGS.model}, {os.cpu_count()} CPUs")
     print(header)
     for r in results["runs"]:
         lo, hi = r["std_z_95"]
-        print(f"{r['movie']:>11} {r['mode']:>9} {r['frames']:>6} "
+        print(f"{r['movie']:>11} {r['mode']:>13} {r['frames']:>6} "
               f"{r['localizations_per_second']:>8.1f} {r['frames_per_second']:>8.3f} "
               f"{r['peak_rss_mb']:>7.0f} {r['precision']:>5.3f} {r['recall']:>5.3f} "
               f"{r['jaccard']:>5.3f} {r['rmse_nm']:>5.1f} "
               f"{r['std_z']:>5.2f} [{lo:.2f}, {hi:.2f}] "
-              f"{r['recall_edge']:>6.3f}/{r['recall_centre']:.3f}")
+              f"{r['recall_edge']:>6.3f}/{r['recall_centre']:.3f} "
+              f"{r.get('windows_sampled_per_frame', float('nan')):>4.1f}/{r['tiles_per_frame']}")
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
