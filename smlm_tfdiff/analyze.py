@@ -567,7 +567,9 @@ class StackAnalyzer:
         The window count is padded to a few sizes (repeats, dropped after), so that the compiled
         sampler sees few shapes whatever the number of windows a frame needs."""
         n = len(windows)
-        size = next(k for k in _WINDOW_BUCKETS if k >= n) if n <= _WINDOW_BUCKETS[-1] else n
+        top = _WINDOW_BUCKETS[-1]
+        size = (next(k for k in _WINDOW_BUCKETS if k >= n) if n <= top
+                else -(-n // (top // 2)) * (top // 2))  # Beyond: multiples of 32.
         index = np.concatenate([windows, np.full(size - n, windows[-1])]) + b * self._n_tiles
         call = self.backend.posterior_windows if self.window else self.backend.posterior
         post = call(inputs[index], self.num_samples, self.num_steps, _fold(self.seed, lo + b))
