@@ -1,15 +1,18 @@
 """detect_batch against detect (the per-image reference), associate against match, and the batched
 per-localization uncertainty against per_localization's."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
 import smlm_tfdiff as st
+from smlm_tfdiff.localization import batched, detection
 from smlm_tfdiff.localization.batched import (associate, detect_batch,
                                               localization_uncertainty_batched, log_peaks_batch)
 from smlm_tfdiff.localization.config import DetectionConfig
-from smlm_tfdiff.localization.detection import log_peaks
+from smlm_tfdiff.localization.detection import FULL_REFIT_PEAKS, log_peaks
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.uncertainty.per_localization import _one
 
@@ -53,6 +56,29 @@ def test_matches_detect_on_noisy_kdes(paper, scenes):
     _assert_same(detect_batch(scenes[1:2], paper), reference[1:2])
     _assert_same(detect_batch(scenes[6:], paper), reference[6:])
     _assert_same(detect_batch(scenes[..., None], paper), reference)
+
+
+def test_matches_detect_on_a_crowded_field(monkeypatch):
+    """A field where every peak links to the next (one group of > FULL_REFIT_PEAKS peaks: local
+    refits after split tries) and residual tries run several per round."""
+    config = st.SimulationConfig.preset("paper", frame_height=32, frame_width=32, region="frame",
+                                        margin=0.0)
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(0, 32, (100, 2))
+    kde = ndimage.gaussian_filter(st.render_kde(truth, config), 1.5)
+    kde = kde + 0.01 * rng.standard_normal(kde.shape)
+    peaks, valid = log_peaks_batch(kde[None], 0.2, 2.0)
+    link = 2 * 3 + 1 + math.ceil(4.0 * config.kde_sigma)
+    assert batched._groups(peaks, valid, link)[2].sum(1).max() > FULL_REFIT_PEAKS
+    per_round = []
+    spread = detection.spread_candidates
+    monkeypatch.setattr(detection, "spread_candidates",
+                        lambda *a: per_round.append(len(spread(*a))) or spread(*a))
+    reference = st.detect(kde, config)
+    assert max(per_round) > 1
+    assert len(detect_batch(kde[None], config, deblend={"max_adds": 0})[0]) < len(reference)
+    _assert_same(detect_batch(kde[None], config), [reference])
+    assert len(match(reference, truth, 5.0 / config.upsample)[0]) >= 0.9 * len(truth)
 
 
 def test_log_peaks_match_blob_log_with_pruning():

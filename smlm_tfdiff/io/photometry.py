@@ -7,6 +7,9 @@ rms residual of that fit in the window. Units: photons, photons per pixel.
 """
 
 import numpy as np
+from scipy import spatial
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from smlm_tfdiff.simulation.physics.psf import pixel_integrals_numpy
 
@@ -26,23 +29,13 @@ def photometry(photon_frame, xy, psf_sigma, radius=3):
     h, w = image.shape
     # Localizations whose windows overlap are fitted together (one background per group).
     link = 2 * radius + 1
-    parent = list(range(m))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(m):
-        for j in range(i + 1, m):
-            if np.max(np.abs(xy[i] - xy[j])) < link:
-                parent[find(i)] = find(j)
-    groups = {}
-    for i in range(m):
-        groups.setdefault(find(i), []).append(i)
-
-    for members in groups.values():
+    pairs = spatial.cKDTree(xy).query_pairs(link, p=np.inf, output_type="ndarray")
+    d = np.abs(xy[pairs[:, 0]] - xy[pairs[:, 1]]).max(1) if len(pairs) else np.zeros(0)
+    pairs = pairs[d < link]  # query_pairs includes distance == link.
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(m, m))
+    _, labels = connected_components(graph, directed=False)
+    for label in np.unique(labels):
+        members = np.nonzero(labels == label)[0]
         pts = xy[members]
         cols = np.floor(pts[:, 0]).astype(int)
         rows = np.floor(pts[:, 1]).astype(int)

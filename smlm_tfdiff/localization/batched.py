@@ -34,7 +34,8 @@ from scipy.special import erf
 from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
-from smlm_tfdiff.localization.detection import DEBLEND_DEFAULTS, detect
+from smlm_tfdiff.localization.detection import (DEBLEND_DEFAULTS, FULL_REFIT_PEAKS, add_separation,
+                                                detect)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
@@ -164,7 +165,7 @@ def _model_at(xy, amp, valid, rows, cols, sigma, norm):
     ex, _ = _integrals(xy[:, :, None, 0], cols[:, None, :], sigma)
     ey, _ = _integrals(xy[:, :, None, 1], rows[:, None, :], sigma)
     a = np.where(valid, amp, 0.0)
-    return norm * np.einsum("bp,bpk,bpk->bk", a, ey, ex)
+    return norm * np.einsum("bpk,bp->bk", ey * ex, a)
 
 
 def _model_images(xy, amp, valid, shape, sigma, norm):
@@ -173,7 +174,8 @@ def _model_images(xy, amp, valid, shape, sigma, norm):
     ex, _ = _integrals(xy[:, :, None, 0], np.arange(w, dtype=np.float64)[None, None], sigma)
     ey, _ = _integrals(xy[:, :, None, 1], np.arange(h, dtype=np.float64)[None, None], sigma)
     a = np.where(valid, amp, 0.0)
-    return norm * np.einsum("bp,bpi,bpj->bij", a, ey, ex)
+    # One BLAS product per image: [H, P] @ [P, W].
+    return norm * np.matmul(np.ascontiguousarray((ey * a[:, :, None]).transpose(0, 2, 1)), ex)
 
 
 def _window_pixels(xy, shape, radius):
@@ -212,10 +214,11 @@ def _fit_pixels(xy0, valid, shape, radius):
     return lin[:, :k]
 
 
-def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
+def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius, background=None):
     """Joint LM fits (detection._fit_group / _lm, one per row) of groups of one bucket.
-    images [N, H, W]; img [G] image of each group; xy0 [G, P, 2] (x, y) HR px; amp0, valid [G, P].
-    Returns (xy [G, P, 2], amp [G, P])."""
+    images [N, H, W]; img [G] image of each group; xy0 [G, P, 2] (x, y) HR px; amp0, valid [G, P];
+    background: None or fixed peaks (xy [G, B, 2], amp [G, B], valid [G, B]) whose model is
+    subtracted from each group's data. Returns (xy [G, P, 2], amp [G, P])."""
     n_img, h, w = images.shape
     g, p = valid.shape
     lin = _fit_pixels(xy0, valid, (h, w), radius)
@@ -233,7 +236,10 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
     col_edges = (c0[:, None] + np.concatenate([np.arange(wb + 1), [_FAR, _FAR + 1]])[None])
     row_edges = (r0[:, None] + np.concatenate([np.arange(hb + 1), [_FAR, _FAR + 1]])[None])
     col_edges, row_edges = col_edges.astype(np.float64), row_edges.astype(np.float64)
-    data = np.where(used, images.reshape(n_img, -1)[img[:, None], lin_c], 0.0)
+    data = images.reshape(n_img, -1)[img[:, None], lin_c]
+    if background is not None:
+        data = data - _model_at(*background, rows, cols, sigma, norm)
+    data = np.where(used, data, 0.0)
     slack = radius + 0.5
     # Parameters [G, 3P]: x of every peak, then y, then amplitude (detect's order).
     x0 = np.where(valid, xy0[..., 0], 0.0)
@@ -269,7 +275,7 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius):
     def residual(par, sel):
         """Residual [G', K] at par and the kernels, from which the Jacobian there follows."""
         a, ex, dex, ey, dey = pieces(par, sel)
-        model = norm * np.einsum("gp,gkp,gkp->gk", a, ey, ex)
+        model = norm * np.matmul(ey * ex, a[:, :, None])[..., 0]
         return model - data[sel], (a, ex, dex, ey, dey, sel)
 
     def normal(r, kern, pick):
@@ -348,11 +354,12 @@ def _solve(mat, rhs):
         return out
 
 
-def fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius):
+def fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius, background=None):
     """Joint least-squares fits of many peak groups (each one as detection._fit_group).
 
     images [N, H, W] KDE; img [G] int image of each group; xy0 [G, P, 2] start (x, y) HR px;
-    amp0 [G, P] start amplitudes (emitters); valid [G, P] bool (padding False).
+    amp0 [G, P] start amplitudes (emitters); valid [G, P] bool (padding False); background: None
+    or fixed peaks (xy [G, B, 2], amp [G, B], valid [G, B]) subtracted from each group's image.
     Returns (xy [G, P, 2], amp [G, P]); padded entries keep their start values.
     """
     xy, amp = xy0.astype(np.float64).copy(), amp0.astype(np.float64).copy()
@@ -365,8 +372,10 @@ def fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius):
         # Valid peaks first, so a bucket's rows need only pb columns.
         order = np.argsort(~valid[sel], axis=1, kind="stable")[:, :pb]
         v = np.take_along_axis(valid[sel], order, 1)
+        bg = None if background is None else tuple(a[sel] for a in background)
         fxy, famp = _fit_bucket(images, img[sel], np.take_along_axis(xy0[sel], order[..., None], 1),
-                                np.take_along_axis(amp0[sel], order, 1), v, sigma, norm, radius)
+                                np.take_along_axis(amp0[sel], order, 1), v, sigma, norm, radius,
+                                bg)
         rows = np.repeat(sel[:, None], pb, 1)
         xy[rows[v], order[v]] = fxy[v]
         amp[rows[v], order[v]] = famp[v]
@@ -415,7 +424,26 @@ def _grow(arrays, need):
             for a in arrays]
 
 
-def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split):
+def _refit_split_batch(images, img, xy, amp, valid, center, sigma, norm, radius, link):
+    """detection._refit_split for groups [G, P] at once (center [G, 2]: the split peak's HR
+    position before the split)."""
+    local = valid & ((np.abs(xy - center[:, None, :]).max(-1) < link)
+                     | (valid.sum(1) <= FULL_REFIT_PEAKS)[:, None])
+    order = np.argsort(~local, axis=1, kind="stable")[:, :int(local.sum(1).max())]
+    lval = np.take_along_axis(local, order, 1)
+    rest = valid & ~local
+    background = (xy, amp, rest) if rest.any() else None
+    lxy, lamp = fit_groups(images, img, np.take_along_axis(xy, order[..., None], 1),
+                           np.take_along_axis(amp, order, 1), lval, sigma, norm, radius,
+                           background)
+    fxy, famp = xy.copy(), amp.copy()
+    rows = np.repeat(np.arange(len(xy))[:, None], order.shape[1], 1)
+    fxy[rows[lval], order[lval]] = lxy[lval]
+    famp[rows[lval], order[lval]] = lamp[lval]
+    return fxy, famp
+
+
+def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split, link):
     """detection._deblend for every group at once: per round, each group with a candidate tries
     one split (its largest untried amplitude >= trigger)."""
     g = len(img)
@@ -457,7 +485,7 @@ def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split):
         at[ar, new_slot] = aa[ar, k] / 2
         at[ar, k] = aa[ar, k] / 2
         vt[ar, new_slot] = True
-        fxy, famp = fit_groups(images, ia, xt, at, vt, sigma, norm, radius)
+        fxy, famp = _refit_split_batch(images, ia, xt, at, vt, xk, sigma, norm, radius, link)
         frss = np.sum(np.where(inside, _model_at(fxy, famp, vt, rows, cols, sigma, norm)
                                - patch_img, 0.0) ** 2, 1)
         ok = ((np.minimum(famp[ar, k], famp[ar, new_slot]) >= split["min_amplitude"])
@@ -479,13 +507,34 @@ def _compact(xy, amp, valid):
             np.take_along_axis(valid, order, 1))
 
 
+def _spread_batch(peaks, values, separation, limit):
+    """detection.spread_candidates for every row: peaks [A, C, 2], values [A, C] (-inf: no
+    candidate), limit [A]. Returns chosen [A, C] bool, in the peaks' order."""
+    a, c = values.shape
+    order = np.argsort(-values, axis=1, kind="stable")
+    pts = np.take_along_axis(peaks, order[..., None], 1)
+    ok = np.isfinite(np.take_along_axis(values, order, 1))
+    chosen = np.zeros((a, c), bool)
+    count = np.zeros(a, np.int64)
+    for i in range(c):  # Greedy over ranks; every row at once.
+        far = np.abs(pts - pts[:, i:i + 1]).max(-1) >= separation
+        take = ok[:, i] & (count < limit) & ~(chosen & ~far).any(1)
+        chosen[:, i] = take
+        count += take
+    out = np.zeros((a, c), bool)
+    np.put_along_axis(out, order, chosen, 1)
+    return out
+
+
 def _add_batch(images, xy, amp, valid, active, sigma, norm, radius, split, find, link):
     """detection._add_from_residual for every image at once: per round, each image still active
-    tries its strongest residual LoG maximum not rejected before."""
+    tries its strongest residual LoG maxima not rejected before that lie add_separation() apart;
+    all tries of all images are fitted together."""
     n, h, w = images.shape
     rejected = np.zeros(images.shape, bool)
     tries = np.zeros(n, np.int64)
     active = active.copy()
+    separation = add_separation(link, radius, sigma)
     while True:
         act = np.nonzero(active & (tries < split["max_adds"]))[0]
         if len(act) == 0:
@@ -499,55 +548,75 @@ def _add_batch(images, xy, amp, valid, active, sigma, norm, radius, split, find,
         act, resid, peaks, pvalid = act[has], resid[has], peaks[has], pvalid[has]
         if len(act) == 0:
             break
-        tries[act] += 1
-        ar = np.arange(len(act))
-        val = np.where(pvalid, resid[ar[:, None], peaks[..., 0], peaks[..., 1]], -np.inf)
-        best = np.argmax(val, 1)
-        c = peaks[ar, best]  # (row, col)
+        aa_ = np.arange(len(act))
+        val = np.where(pvalid, resid[aa_[:, None], peaks[..., 0], peaks[..., 1]], -np.inf)
+        chosen = _spread_batch(peaks, val, separation, split["max_adds"] - tries[act])
+        tries[act] += chosen.sum(1)
+        # One row per try, an image's tries strongest first.
+        order = np.argsort(np.where(chosen, -val, np.inf), axis=1, kind="stable")
+        ra, rp = np.nonzero(np.take_along_axis(chosen, order, 1))
+        rp = order[ra, rp]
+        rimg = act[ra]
+        nr = len(ra)
+        ar = np.arange(nr)
+        c = peaks[ra, rp]  # (row, col)
         c_xy = c[:, ::-1] + 0.5
         count = valid.sum(1)
-        xy, amp, valid = _grow([xy, amp, valid], int(count[act].max()) + 1)
-        xa, aa, va = xy[act], amp[act], valid[act]
+        xy, amp, valid = _grow([xy, amp, valid], int(count[act].max()) + int(chosen.sum(1).max()))
+        xa, am, va = xy[rimg], amp[rimg], valid[rimg]
         near = va & (np.abs(xa - c_xy[:, None, :]).max(-1) < link)
         # Group: near peaks in their order, then the candidate.
-        order = np.argsort(~near, axis=1, kind="stable")
+        gorder = np.argsort(~near, axis=1, kind="stable")
         nn = near.sum(1)
         q = int(nn.max()) + 1
-        order = order[:, :q]
-        gxy = np.take_along_axis(xa, order[..., None], 1)
-        gamp = np.take_along_axis(aa, order, 1)
+        gorder = gorder[:, :q]
+        gxy = np.take_along_axis(xa, gorder[..., None], 1)
+        gamp = np.take_along_axis(am, gorder, 1)
         gval = np.arange(q)[None] < nn[:, None]
         gxy[ar, nn] = c_xy
-        gamp[ar, nn] = np.maximum(resid[ar, c[:, 0], c[:, 1]], 1e-3)
+        gamp[ar, nn] = np.maximum(resid[ra, c[:, 0], c[:, 1]], 1e-3)
         gval[ar, nn] = True
-        fxy, famp = fit_groups(images, act, gxy, gamp, gval, sigma, norm, radius)
-        # New peak list: the others (order kept), then the refitted group.
+        fxy, famp = fit_groups(images, rimg, gxy, gamp, gval, sigma, norm, radius)
+        # Each try's peak list: the others (order kept), then its refitted group.
         rest = va & ~near
         ro = np.argsort(~rest, axis=1, kind="stable")
         nxy = np.take_along_axis(xa, ro[..., None], 1)
-        namp = np.take_along_axis(aa, ro, 1)
+        namp = np.take_along_axis(am, ro, 1)
         nval = np.take_along_axis(rest, ro, 1)
-        nr = rest.sum(1)
-        slots = nr[:, None] + np.arange(q)[None]
-        put = gval
+        slots = rest.sum(1)[:, None] + np.arange(q)[None]
         ii = np.repeat(ar[:, None], q, 1)
-        nxy[ii[put], slots[put]] = fxy[put]
-        namp[ii[put], slots[put]] = famp[put]
-        nval[ii[put], slots[put]] = True
+        nxy[ii[gval], slots[gval]] = fxy[gval]
+        namp[ii[gval], slots[gval]] = famp[gval]
+        nval[ii[gval], slots[gval]] = True
         rows, cols, inside = _window_pixels(c_xy, (h, w), radius)
-        patch_img = images[act[:, None], rows, cols]
+        patch_img = images[rimg[:, None], rows, cols]
         new_rss = np.sum(np.where(inside, _model_at(nxy, namp, nval, rows, cols, sigma, norm)
                                   - patch_img, 0.0) ** 2, 1)
-        old_rss = np.sum(np.where(inside, resid[ar[:, None], rows, cols], 0.0) ** 2, 1)
+        old_rss = np.sum(np.where(inside, resid[ra[:, None], rows, cols], 0.0) ** 2, 1)
         d = np.hypot(*(fxy - fxy[ar, nn][:, None, :]).transpose(2, 0, 1))
         d = np.where(np.arange(q)[None] < nn[:, None], d, np.inf)
         apart = (nn == 0) | (d.min(1) >= 1.0)
         ok = ((famp[ar, nn] >= split["add_min_amplitude"]) & apart
               & (new_rss <= split["rss_ratio"] * old_rss))
-        acc = act[ok]
-        xy[acc], amp[acc], valid[acc] = nxy[ok], namp[ok], nval[ok]
-        rej = act[~ok]
-        rejected[rej, c[~ok, 0], c[~ok, 1]] = True
+        rejected[rimg[~ok], c[~ok, 0], c[~ok, 1]] = True
+        if not ok.any():
+            continue
+        # Accepted tries of an image touch disjoint peaks: drop their near peaks, then append
+        # their groups in try order (as detect applies them one after the other).
+        drop = np.zeros(valid.shape, bool)
+        np.logical_or.at(drop, rimg[ok], near[ok])
+        keep = valid & ~drop
+        ko = np.argsort(~keep, axis=1, kind="stable")
+        xy = np.take_along_axis(xy, ko[..., None], 1)
+        amp = np.take_along_axis(amp, ko, 1)
+        valid = np.take_along_axis(keep, ko, 1)
+        fill = valid.sum(1)
+        for j in np.nonzero(ok)[0]:  # Accepted tries only: a handful per round.
+            b, m = rimg[j], int(gval[j].sum())
+            xy[b, fill[b]:fill[b] + m] = fxy[j, gval[j]]
+            amp[b, fill[b]:fill[b] + m] = famp[j, gval[j]]
+            valid[b, fill[b]:fill[b] + m] = True
+            fill[b] += m
     return xy, amp, valid
 
 
@@ -625,7 +694,7 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
         gval = mvalid
         if split is not None:
             gxy, gamp, gval = _deblend_batch(stack, gimg, gxy, gamp, gval, sigma, norm, radius,
-                                             split)
+                                             split, link)
         gval = gval & (gamp > 0)
         # Groups back to images, in group order.
         gi = np.repeat(gimg[:, None], gval.shape[1], 1)[gval]

@@ -55,6 +55,10 @@ _SQRT2 = math.sqrt(2.0)
 # residual bumps the LoG missed are tried as new emitters (_add_from_residual, max_adds tries per
 # image); fits below keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the
 # evaluation seeds): docs/method.md, "Localization results of phi".
+# Groups of more than FULL_REFIT_PEAKS peaks (crowded whole fields, where every peak is linked to
+# the next) refit after a split try only the peaks within `link` of the split one, the others'
+# model subtracted: the cost of a try stays local instead of growing with the group.
+FULL_REFIT_PEAKS = 24
 DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32,
                         max_adds=16, add_min_amplitude=0.6, keep_amplitude=0.5)
 
@@ -264,7 +268,7 @@ def _refine_gaussian(image, peaks, sigma, norm, radius, merge_distance, split, f
     for idx in _groups(peaks, link):
         xy, amp = _fit_group(image, xy0[idx], amp0[idx], sigma, norm, radius)
         if split is not None:
-            xy, amp = _deblend(image, xy, amp, sigma, norm, radius, split)
+            xy, amp = _deblend(image, xy, amp, sigma, norm, radius, split, link)
         out_xy.append(xy)
         out_amp.append(amp)
     xy, amp = np.concatenate(out_xy), np.concatenate(out_amp)
@@ -277,39 +281,81 @@ def _refine_gaussian(image, peaks, sigma, norm, radius, merge_distance, split, f
     return _merge_close(xy, amp, merge_distance)
 
 
+def add_separation(link, radius, sigma):
+    """HR px (Chebyshev) between residual candidates tried in the same round of
+    _add_from_residual: their refitted peak sets (within ``link``) and acceptance windows
+    (``radius``) lie > 4 sigma apart, so the tries cannot change each other's outcome."""
+    return 2 * (link + radius) + math.ceil(4.0 * sigma)
+
+
+def spread_candidates(points, values, separation, limit):
+    """Greedy choice, strongest first, of points [C, 2] at least ``separation`` apart (Chebyshev),
+    at most ``limit``: indices into points, strongest first (ties in the given order)."""
+    chosen = []
+    for i in np.argsort(-np.asarray(values), kind="stable"):
+        if len(chosen) == limit:
+            break
+        if all(np.max(np.abs(points[i] - points[j])) >= separation for j in chosen):
+            chosen.append(i)
+    return chosen
+
+
 def _add_from_residual(image, xy, amp, sigma, norm, radius, split, find_peaks, link):
     """Add emitters the LoG missed: where phi smears a cluster into a plateau there is no LoG
-    maximum, but the residual (image minus the fitted model) keeps an emitter-sized bump. The
-    strongest LoG maximum of the residual is tried as a new emitter, refitted jointly with the
-    fitted peaks within ``link``, and kept when its amplitude is >= split["add_min_amplitude"], it
-    lies >= 1 HR px from the others and the residual sum of squares in its window drops below
-    split["rss_ratio"] times the one before; at most split["max_adds"] tries per image."""
+    maximum, but the residual (image minus the fitted model) keeps an emitter-sized bump. LoG
+    maxima of the residual are tried as new emitters, strongest first, each refitted jointly with
+    the fitted peaks within ``link``, and kept when its amplitude is >= split["add_min_amplitude"],
+    it lies >= 1 HR px from the others and the residual sum of squares in its window drops below
+    split["rss_ratio"] times the one before; at most split["max_adds"] tries per image. Tries run
+    in rounds: each round takes the strongest untried maxima that lie add_separation() apart,
+    which cannot influence each other, so a crowded field needs few residual images."""
     rejected = set()
-    for _ in range(split["max_adds"]):
+    separation = add_separation(link, radius, sigma)
+    tries = 0
+    while tries < split["max_adds"]:
         resid = image - _model_image(image.shape, xy, amp, sigma, norm)
         cand = [tuple(c) for c in find_peaks(resid) if tuple(c) not in rejected]
         if not cand:
             break
-        c = max(cand, key=lambda rc: resid[rc])
-        c_xy = np.array([c[1] + 0.5, c[0] + 0.5])
-        near = np.nonzero(np.max(np.abs(xy - c_xy), axis=1) < link)[0]
-        win = _window(image.shape, c_xy, radius)
-        fxy, famp = _fit_group(image, np.concatenate([xy[near], c_xy[None]]),
-                               np.concatenate([amp[near], [max(resid[c], 1e-3)]]),
-                               sigma, norm, radius)
-        new_xy = np.concatenate([np.delete(xy, near, axis=0), fxy])
-        new_amp = np.concatenate([np.delete(amp, near), famp])
-        new_rss = np.sum((_model_image(image.shape, new_xy, new_amp, sigma, norm) - image)[win] ** 2)
-        apart = len(near) == 0 or np.hypot(*(fxy[:-1] - fxy[-1]).T).min() >= 1.0
-        if (famp[-1] >= split["add_min_amplitude"] and apart
-                and new_rss <= split["rss_ratio"] * np.sum(resid[win] ** 2)):
-            xy, amp = new_xy, new_amp
-        else:
-            rejected.add(c)
+        chosen = spread_candidates(np.array(cand), [resid[c] for c in cand], separation,
+                                   split["max_adds"] - tries)
+        tries += len(chosen)
+        for i in chosen:
+            c = cand[i]
+            c_xy = np.array([c[1] + 0.5, c[0] + 0.5])
+            near = np.nonzero(np.max(np.abs(xy - c_xy), axis=1) < link)[0]
+            win = _window(image.shape, c_xy, radius)
+            fxy, famp = _fit_group(image, np.concatenate([xy[near], c_xy[None]]),
+                                   np.concatenate([amp[near], [max(resid[c], 1e-3)]]),
+                                   sigma, norm, radius)
+            new_xy = np.concatenate([np.delete(xy, near, axis=0), fxy])
+            new_amp = np.concatenate([np.delete(amp, near), famp])
+            new_rss = np.sum((_model_image(image.shape, new_xy, new_amp, sigma, norm)
+                              - image)[win] ** 2)
+            apart = len(near) == 0 or np.hypot(*(fxy[:-1] - fxy[-1]).T).min() >= 1.0
+            if (famp[-1] >= split["add_min_amplitude"] and apart
+                    and new_rss <= split["rss_ratio"] * np.sum(resid[win] ** 2)):
+                xy, amp = new_xy, new_amp
+            else:
+                rejected.add(c)
     return xy, amp
 
 
-def _deblend(image, xy, amp, sigma, norm, radius, split):
+def _refit_split(image, xy, amp, center, sigma, norm, radius, link):
+    """The refit after a split try: the whole group, or in a group of more than FULL_REFIT_PEAKS
+    the peaks within `link` (Chebyshev, HR px) of `center`, the others fixed (their model
+    subtracted from the image)."""
+    if len(xy) <= FULL_REFIT_PEAKS:
+        return _fit_group(image, xy, amp, sigma, norm, radius)
+    local = np.max(np.abs(xy - center), axis=1) < link
+    rest = image - _model_image(image.shape, xy[~local], amp[~local], sigma, norm)
+    lxy, lamp = _fit_group(rest, xy[local], amp[local], sigma, norm, radius)
+    fxy, famp = xy.copy(), amp.copy()
+    fxy[local], famp[local] = lxy, lamp
+    return fxy, famp
+
+
+def _deblend(image, xy, amp, sigma, norm, radius, split, link):
     """Split fitted peaks whose amplitude says they hold several emitters (the KDE scale is fixed:
     one emitter has amplitude 1). A peak with amplitude >= split["trigger"] is replaced by two along
     its major axis and the group refitted; the split is kept when both parts have amplitude >=
@@ -331,7 +377,7 @@ def _deblend(image, xy, amp, sigma, norm, radius, split):
         xy_try[k] += offset
         amp_try = np.concatenate([amp, amp[k:k + 1] / 2])
         amp_try[k] /= 2
-        fxy, famp = _fit_group(image, xy_try, amp_try, sigma, norm, radius)
+        fxy, famp = _refit_split(image, xy_try, amp_try, xy[k], sigma, norm, radius, link)
         frss = np.sum((_model_image(image.shape, fxy, famp, sigma, norm) - image)[win] ** 2)
         if (min(famp[k], famp[-1]) >= split["min_amplitude"]
                 and np.hypot(*(fxy[k] - fxy[-1])) >= 1.0
