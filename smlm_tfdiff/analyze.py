@@ -649,12 +649,8 @@ class StackAnalyzer:
                 y_hat = grid.stitch(estimate)
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            # Detection reads only the KDE grid of the config (upsample, kde_sigma), so the
-            # stitched whole-frame KDE needs no config of the frame's own size.
-            # One detect_batch per frame: the results depend on that frame only, not on
-            # --batch_frames (a stack's floating-point sums follow its composition).
-            found = ([detect_batch(image[None], tile_config, self.backend.detection)[0]
-                      for image in y_hat] if self.localize_on == "kde_estimate" else None)
+            found = (self._detect(y_hat, tile_config) if self.localize_on == "kde_estimate"
+                     else None)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             samples = None
@@ -690,8 +686,7 @@ class StackAnalyzer:
             clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             if found is None:
-                found = [detect_batch(image[None], tile_config, self.backend.detection)[0]
-                         for image in mean]
+                found = self._detect(mean, tile_config)
             table = self._table(found, samples, photons, grid, tile_config, frame_config, lo,
                                 next_id)
             clock["localize_s"] += time.perf_counter() - tic
@@ -732,6 +727,14 @@ class StackAnalyzer:
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
+
+    def _detect(self, images, tile_config):
+        """Localizations [M, 2] (x, y) LR px of each whole-frame KDE of images [B, uH, uW].
+        Detection reads only the KDE grid of the config (upsample, kde_sigma), so the tile config
+        serves frames of any size. One detect_batch per frame: the results depend on that frame
+        only, not on --batch_frames (a stack's floating-point sums follow its composition)."""
+        return [detect_batch(image[None], tile_config, self.backend.detection)[0]
+                for image in images]
 
     def _table(self, found, samples, photons, grid, tile_config, frame_config, lo, next_id):
         """Localizations of a batch -> ThunderSTORM columns (dict of arrays).

@@ -14,7 +14,6 @@ from smlm_tfdiff.localization.batched import (associate, detect_batch,
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import FULL_REFIT_PEAKS, log_peaks
 from smlm_tfdiff.localization.metrics import match
-from smlm_tfdiff.uncertainty.per_localization import _one
 
 
 def _assert_same(batch, reference, atol=1e-8):
@@ -144,7 +143,7 @@ def test_uncertainty_matches_per_localization(paper):
     kde = np.asarray(st.simulate(paper, 1, 5)["kde"])[0, ..., 0]
     reference = st.detect(kde, paper)
     samples = _noisy(np.repeat(kde[None], 6, 0), 0.03, 1)
-    want = _one(samples, None, paper, 4.0, {}, reference)
+    want = st.localization_uncertainty(samples, None, paper, reference=reference)
     got = localization_uncertainty_batched(samples, reference, paper)
     assert set(got) == set(want)
     for key in want:

@@ -793,17 +793,18 @@ def localization_uncertainty_batched(samples, reference, config, detection=None,
                          f"[B, S, H, W(, 1)] with a list of B references (got samples "
                          f"{arr.shape} and {type(reference).__name__} reference)")
     if not frames:
-        return _uncertainty(detect_batch(arr, config, detection), reference, config,
-                            tolerance_hr)
+        return uncertainty_from_detections(detect_batch(arr, config, detection), reference,
+                                           config, tolerance_hr)
     refs = [as_positions(r, f"reference[{i}]", count="M") for i, r in enumerate(reference)]
     s = arr.shape[1]
     found = detect_batch(arr.reshape((-1,) + arr.shape[2:]), config, detection)
-    return [_uncertainty(found[i * s:(i + 1) * s], r, config, tolerance_hr)
+    return [uncertainty_from_detections(found[i * s:(i + 1) * s], r, config, tolerance_hr)
             for i, r in enumerate(refs)]
 
 
-def _uncertainty(found, reference, config, tolerance_hr):
-    """The uncertainty dict of one frame from its samples' detections (list of [M_s, 2] LR px)."""
+def uncertainty_from_detections(found, reference, config, tolerance_hr):
+    """The per-localization uncertainty dict (localization_uncertainty_batched's) of one frame
+    from its samples' detections: found, a list of S [M_s, 2] (x, y) LR px; reference [M, 2]."""
     ref = as_positions(reference, "reference", count="M")
     tolerance = float(tolerance_hr) / config.upsample
     s, f, r = associate(found, ref, tolerance)

@@ -8,6 +8,7 @@ fraction of samples in which it appears (a detection-confidence score).
 
 import numpy as np
 
+from smlm_tfdiff.localization.batched import uncertainty_from_detections
 from smlm_tfdiff.localization.detection import detect
 from smlm_tfdiff.localization.metrics import match
 
@@ -49,30 +50,9 @@ def localization_uncertainty(samples, y_hat, config, tolerance_hr=4.0, reference
 
 
 def _one(samples, y_hat, config, tolerance_hr, detect_kwargs, reference=None):
-    if reference is None:
-        ref = detect(y_hat, config, **detect_kwargs)
-    else:
-        ref = np.asarray(reference, np.float64).reshape((-1, 2))
-    found = detect(samples, config, **detect_kwargs)
-    tolerance = float(tolerance_hr) / config.upsample
-    sums = np.zeros((len(ref), 2))
-    squares = np.zeros((len(ref), 2))
-    counts = np.zeros(len(ref))
-    for det in found:
-        p, r = match(det, ref, tolerance)
-        # Deviations from phi's position keep the variance sum well conditioned.
-        d = det[p] - ref[r]
-        np.add.at(sums, r, d)
-        np.add.at(squares, r, d * d)
-        np.add.at(counts, r, 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_d = sums / counts[:, None]
-        var = (squares - counts[:, None] * mean_d ** 2) / (counts[:, None] - 1)
-    var = np.where(counts[:, None] >= 2, np.maximum(var, 0.0), np.nan)
-    std_nm = np.sqrt(var) * config.pixel_size_nm
-    return {"xy": ref, "mean_xy": ref + mean_d, "std_nm": std_nm,
-            "uncertainty_nm": np.sqrt(np.mean(std_nm ** 2, axis=1)),
-            "fraction": counts / max(len(found), 1)}
+    ref = detect(y_hat, config, **detect_kwargs) if reference is None else reference
+    return uncertainty_from_detections(detect(samples, config, **detect_kwargs), ref, config,
+                                       tolerance_hr)
 
 
 def localization_errors(locs, truth, config, tolerance):
