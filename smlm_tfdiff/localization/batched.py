@@ -548,8 +548,8 @@ def _add_batch(images, xy, amp, valid, active, sigma, norm, radius, split, find,
         act, resid, peaks, pvalid = act[has], resid[has], peaks[has], pvalid[has]
         if len(act) == 0:
             break
-        aa_ = np.arange(len(act))
-        val = np.where(pvalid, resid[aa_[:, None], peaks[..., 0], peaks[..., 1]], -np.inf)
+        ai = np.arange(len(act))
+        val = np.where(pvalid, resid[ai[:, None], peaks[..., 0], peaks[..., 1]], -np.inf)
         chosen = _spread_batch(peaks, val, separation, split["max_adds"] - tries[act])
         tries[act] += chosen.sum(1)
         # One row per try, an image's tries strongest first.
@@ -557,8 +557,7 @@ def _add_batch(images, xy, amp, valid, active, sigma, norm, radius, split, find,
         ra, rp = np.nonzero(np.take_along_axis(chosen, order, 1))
         rp = order[ra, rp]
         rimg = act[ra]
-        nr = len(ra)
-        ar = np.arange(nr)
+        ar = np.arange(len(ra))
         c = peaks[ra, rp]  # (row, col)
         c_xy = c[:, ::-1] + 0.5
         count = valid.sum(1)

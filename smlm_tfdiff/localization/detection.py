@@ -358,10 +358,10 @@ def _refit_split(image, xy, amp, center, sigma, norm, radius, link):
 def _deblend(image, xy, amp, sigma, norm, radius, split, link):
     """Split fitted peaks whose amplitude says they hold several emitters (the KDE scale is fixed:
     one emitter has amplitude 1). A peak with amplitude >= split["trigger"] is replaced by two along
-    its major axis and the group refitted; the split is kept when both parts have amplitude >=
-    split["min_amplitude"], are >= 1 HR px apart and the residual sum of squares in the peak's
-    window drops below split["rss_ratio"] times the unsplit one. Split parts are tried again
-    (triplets); at most split["max_splits"] tries per group."""
+    its major axis and the group refitted (_refit_split); the split is kept when both parts have
+    amplitude >= split["min_amplitude"], are >= 1 HR px apart and the residual sum of squares in
+    the peak's window drops below split["rss_ratio"] times the unsplit one. Split parts are tried
+    again (triplets); at most split["max_splits"] tries per group."""
     tried = np.zeros(len(xy), dtype=bool)
     for _ in range(split["max_splits"]):
         candidates = np.nonzero(~tried & (amp >= split["trigger"]))[0]
