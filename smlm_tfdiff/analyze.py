@@ -97,6 +97,7 @@ class KerasBackend:
         self.source = models.source
         self._phi = models.phi
         self._estimate = None
+        self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
             self.sampling = self._sampler = self.method = self.window = None
             self.num_steps, self.recipe = None, {}
@@ -115,6 +116,7 @@ class KerasBackend:
         # psi's own window (camera px): the frame size, or crop, it was trained on; the posterior
         # of a whole-field model is sampled in windows of this size (posterior_windows).
         self.window = models.psi_config.image_size // models.config.upsample
+        self.frame_condition = models.psi_config.frame_condition
 
     @property
     def sampler(self):
@@ -142,9 +144,10 @@ class KerasBackend:
     def posterior(self, frames, num_samples, num_steps, seed):
         return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True)
 
-    def posterior_windows(self, y_hat, num_samples, num_steps, seed):
-        """psi's posterior for windows [n, uh, uw, 1] of phi's estimate of whole frames."""
-        return self._sampler(None, num_samples, num_steps, seed=seed, return_samples=True,
+    def posterior_windows(self, y_hat, num_samples, num_steps, seed, frames=None):
+        """psi's posterior for windows [n, uh, uw, 1] of phi's estimate of whole frames; frames:
+        the same windows of the frames [n, h, w, 1] (model ADU), for a frame-conditioned psi."""
+        return self._sampler(frames, num_samples, num_steps, seed=seed, return_samples=True,
                              y_hat=y_hat)
 
 
@@ -558,12 +561,14 @@ class StackAnalyzer:
                              f"{self.model_config.frame_width} tiles, padded with background): "
                              "analyze the full camera frames rather than a crop this small")
 
-    def _posterior(self, inputs, b, windows, lo):
+    def _posterior(self, inputs, b, windows, lo, frame_windows=None):
         """psi's posterior for some windows of frame lo + b, seeded by the frame (fold_in(seed,
         frame index)), so the samples of a frame do not depend on batch_frames.
 
         inputs: the batch's tiles [B * n, h, w, 1] (model ADU), or for a whole-field model the
-        windows of phi's estimate [B * n, uh, uw, 1]; windows: tile indices of this frame.
+        windows of phi's estimate [B * n, uh, uw, 1]; windows: tile indices of this frame;
+        frame_windows: the same windows of the frames [B * n, h, w, 1] (model ADU), for a
+        frame-conditioned psi sampled in windows.
         The window count is padded to a few sizes (repeats, dropped after), so that the compiled
         sampler sees few shapes whatever the number of windows a frame needs."""
         n = len(windows)
@@ -571,8 +576,15 @@ class StackAnalyzer:
         size = (next(k for k in _WINDOW_BUCKETS if k >= n) if n <= top
                 else -(-n // (top // 2)) * (top // 2))  # Beyond: multiples of 32.
         index = np.concatenate([windows, np.full(size - n, windows[-1])]) + b * self._n_tiles
-        call = self.backend.posterior_windows if self.window else self.backend.posterior
-        post = call(inputs[index], self.num_samples, self.num_steps, _fold(self.seed, lo + b))
+        seed = _fold(self.seed, lo + b)
+        if not self.window:
+            post = self.backend.posterior(inputs[index], self.num_samples, self.num_steps, seed)
+        elif frame_windows is not None:
+            post = self.backend.posterior_windows(inputs[index], self.num_samples,
+                                                  self.num_steps, seed, frame_windows[index])
+        else:
+            post = self.backend.posterior_windows(inputs[index], self.num_samples,
+                                                  self.num_steps, seed)
         return {k: post[k][:n] for k in ("mean", "std", "samples")}
 
     def _run(self, stack, name, outputs):
@@ -639,10 +651,13 @@ class StackAnalyzer:
             model_frames, photons = self._to_model_adu(frames, lo)
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
+            frame_windows = None  # The frames' windows, for a frame-conditioned psi.
             if self.window:  # phi on whole frames; psi's windows cut from its estimate.
                 y_hat = self.backend.estimate(model_frames[..., None])[..., 0]
                 estimate = grid.cut_hr(y_hat)
                 inputs = estimate[..., None]
+                if getattr(self.backend, "frame_condition", False):
+                    frame_windows = grid.cut(model_frames)[..., None]
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
                 estimate = self.backend.estimate(inputs)[..., 0]
@@ -664,7 +679,7 @@ class StackAnalyzer:
                 for b in range(len(frames)):
                     windows = (np.arange(n) if self.sample_windows == "all"
                                else np.unique(grid.owner(found[b])).astype(int))
-                    part = (self._posterior(inputs, b, windows, lo) if len(windows)
+                    part = (self._posterior(inputs, b, windows, lo, frame_windows) if len(windows)
                             else {"samples": None})
                     if len(windows):
                         mean_tiles[b * n + windows] = part["mean"][..., 0]

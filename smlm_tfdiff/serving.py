@@ -113,6 +113,7 @@ class SamplerModule(tf.Module):
                                        restart_t=None, restarts=None)
         self.phi = models.phi
         self.psi = models.psi
+        self._frame_condition = models.psi_config.frame_condition
         # The experimental x0_variance travels with psi when the models have one (sampler.py).
         self.x0_variance = models.x0_variance
         self._method_name = method
@@ -233,8 +234,11 @@ class SamplerModule(tf.Module):
             y_hat = self.phi(frames, training=False)
             gammas, _ = noise_levels_graph(self._gamma, num_steps, t_start)
             repeated = tf.repeat(y_hat, num_samples, axis=0)
+            extra = {}
+            if self._frame_condition:  # psi sees the frames too (PsiConfig.frame_condition).
+                extra["frame"] = tf.repeat(frames, num_samples, axis=0)
             z = self._loop(repeated, tf.cast(gammas, tf.float32), tf.constant(self._eta),
-                           tf.constant(False), seeds_lib.fold_in(seed, 0))
+                           tf.constant(False), seeds_lib.fold_in(seed, 0), **extra)
             batch = tf.shape(y_hat)[0:1]
             samples_shape = tf.concat([batch, [num_samples], tf.shape(y_hat)[1:]], axis=0)
             samples = tf.reshape(from_diffusion_space(z), samples_shape)

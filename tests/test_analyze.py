@@ -435,3 +435,58 @@ def test_psi_is_sampled_only_where_localizations_are(tmp_path, paper_models, who
     unc = np.array([float(r["uncertainty_xy [nm]"]) for r in rows])
     fraction = np.array([float(r["detection_fraction"]) for r in rows])
     assert np.all(np.isfinite(unc[fraction >= 0.5])) and np.mean(fraction >= 0.5) > 0.8
+
+
+@pytest.mark.parametrize("whole_field", [False, True])
+def test_a_frame_conditioned_psi_sees_the_frame_under_its_window(tmp_path, paper_models,
+                                                                 whole_field):
+    """A psi conditioned on the frame (PsiConfig.frame_condition) gets, beside each tile or
+    window of phi's estimate, the same window of the frame: the frame's brightest pixel lies
+    under the estimate's peak. Started from the paper psi (the frame channel at zero), it gives
+    the paper psi's localizations and uncertainties."""
+    import dataclasses
+
+    from smlm_tfdiff.models.psi import build_psi, frame_condition_fields, transfer_weights
+
+    models = paper_models
+    if whole_field:
+        models = dataclasses.replace(models, config=models.config.replace(region="frame",
+                                                                          margin=0.0))
+    framed_config = dataclasses.replace(models.psi_config,
+                                        **frame_condition_fields(models.config))
+    framed_psi = build_psi(framed_config)
+    transfer_weights(models.psi, framed_psi)
+    framed = dataclasses.replace(models, psi=framed_psi, psi_config=framed_config)
+    stack, config = _corner_movie(tmp_path)
+    camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
+    seen = []
+    backends = {"plain": KerasBackend(models, method="ddpm"),
+                "framed": KerasBackend(framed, method="ddpm")}
+    sampler = backends["framed"].sampler
+    call = sampler.__call__
+
+    def spy(frames, *args, **kwargs):
+        out = call(frames, *args, **kwargs)
+        seen.append((np.asarray(frames)[..., 0], out["y_hat"][..., 0]))
+        return out
+
+    backends["framed"]._sampler = type("Spy", (), {"__call__": lambda self, *a, **k: spy(*a, **k)})()
+    tables = {}
+    for name, backend in backends.items():
+        StackAnalyzer(backend, camera, num_samples=4, num_steps=2, progress=False).analyze(
+            stack, tmp_path / name)
+        with open(tmp_path / name / "corner.csv") as f:
+            tables[name] = list(csv.DictReader(f))
+    assert len(tables["plain"]) >= 6 and len(tables["framed"]) == len(tables["plain"])
+    for a, b in zip(tables["plain"], tables["framed"]):
+        for key in ("x [nm]", "y [nm]", "uncertainty_xy [nm]"):  # NaN where no sample has it.
+            np.testing.assert_allclose(float(b[key]), float(a[key]), rtol=1e-3, atol=1e-3)
+    assert seen
+    for frames, y_hat in seen:
+        assert y_hat.shape[1:] == (4 * frames.shape[1], 4 * frames.shape[2])
+        for frame, estimate in zip(frames, y_hat):
+            if estimate.max() < 0.5:
+                continue
+            r, c = np.unravel_index(np.argmax(estimate), estimate.shape)
+            block = frame[max(r // 4 - 1, 0):r // 4 + 2, max(c // 4 - 1, 0):c // 4 + 2]
+            assert block.max() - config.offset > 0.5 * (frame.max() - config.offset)

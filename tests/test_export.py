@@ -378,3 +378,25 @@ def test_module_takes_the_learned_reverse_variance_along(models, frames):
     fixed = PosteriorSampler(models, jit_compile=False)(
         frames[:1], 2, 2, seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
     assert np.abs(fixed["samples"] - ref["samples"]).max() > 1e-3
+
+
+def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
+    """A psi conditioned on the frame (PsiConfig.frame_condition) gets the request's frames
+    beside phi's estimate, as the in-package sampler gives them (checked on the module)."""
+    import dataclasses
+
+    from smlm_tfdiff.models.psi import build_psi, frame_condition_fields, transfer_weights
+    config = dataclasses.replace(models.psi_config, **frame_condition_fields(models.config))
+    psi = build_psi(config)
+    transfer_weights(models.psi, psi)
+    kernel, bias = psi.get_layer("conv_in").get_weights()
+    kernel[:, :, 2] = 0.05  # The frame now matters.
+    psi.get_layer("conv_in").set_weights([kernel, bias])
+    framed = dataclasses.replace(models, psi=psi, psi_config=config)
+    module = SamplerModule(framed, t_start=10)
+    out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))
+    kw = dict(seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
+    ref = PosteriorSampler(framed, jit_compile=False)(frames[:1], 2, 2, **kw)
+    np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
+    plain = PosteriorSampler(models, jit_compile=False)(frames[:1], 2, 2, **kw)
+    assert np.abs(plain["samples"] - ref["samples"]).max() > 1e-3

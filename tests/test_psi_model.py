@@ -178,3 +178,67 @@ def test_save_and_load_weights(tmp_path):
     psi.save(tmp_path / "psi.keras")
     loaded = keras.saving.load_model(tmp_path / "psi.keras")
     np.testing.assert_array_equal(np.asarray(loaded(batch, training=False)), out)
+
+
+FRAMED = dataclasses.replace(TINY, frame_condition=True, frame_offset=100.0, frame_gain=2.0,
+                             frame_readout_var=8.0, frame_upsample=4)
+
+
+def test_frame_condition_is_unit_variance_signal_to_noise():
+    """FrameCondition: 0 at zero photons; its noise has unit variance (x 0.1) at any brightness,
+    for frames of the camera model (gain * Poisson + readout), each pixel repeated u x u."""
+    from smlm_tfdiff.models.psi import FrameCondition
+    layer = FrameCondition(100.0, 2.0, 8.0, 4)
+    rng = np.random.default_rng(0)
+    n = 200_000
+    # The transform's variance is 1 + O(1/photons) (approximate near zero photons, where the
+    # readout dominates); its standard error over n draws is ~sqrt(2/n).
+    for photons, bias in ((0.0, 0.2), (50.0, 0.03), (1000.0, 0.01)):
+        counts = rng.poisson(photons + 0.0, n)
+        adu = 2.0 * counts + 100.0 + np.sqrt(8.0) * rng.standard_normal(n)
+        a = np.asarray(layer(adu.reshape(1, -1, 1, 1).astype(np.float32)))[0, ::4, 0, 0] / 0.1
+        tol = bias + 5 * np.sqrt(2.0 / n)
+        assert abs(a.var() - 1.0) < tol, (photons, a.var())
+        if photons == 0.0:
+            assert abs(a.mean()) < 0.3
+        else:  # The mean grows as 2 sqrt(photons): the emitter's signal-to-noise ratio.
+            # (minus the empty pixel's value; Jensen's bias is ~1 / (4 sqrt(photons))).
+            want = 2 * np.sqrt(photons + 0.375 + 2.0) - 2 * np.sqrt(0.375 + 2.0)
+            assert abs(a.mean() - want) < 0.05 + 1 / np.sqrt(photons)
+    out = np.asarray(layer(np.arange(6, dtype=np.float32).reshape(1, 2, 3, 1) + 100.0))
+    assert out.shape == (1, 8, 12, 1)
+    np.testing.assert_array_equal(out[0, :4, :4, 0], out[0, 0, 0, 0])
+    assert len(np.unique(out)) == 6
+
+
+def test_frame_conditioned_psi_started_from_one_without_the_frame():
+    """transfer_weights: the frame channel starts at zero, so the new psi computes exactly the
+    old one's eps; once that channel has weight, the output depends on the frame."""
+    from smlm_tfdiff.models.psi import transfer_weights
+    base = build_psi(TINY)
+    rng = np.random.default_rng(1)
+    base.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype)
+                      for w in base.get_weights()])
+    framed = build_psi(FRAMED)
+    assert {i.name for i in framed.inputs} == {"y_t", "y_hat", "noise_level", "frame"}
+    transfer_weights(base, framed)
+    batch = _batch(3, 40)
+    frames = {"frame": (100 + 2 * rng.poisson(30, (3, 10, 10, 1))).astype(np.float32)}
+    want = np.asarray(base(batch, training=False))
+    np.testing.assert_allclose(np.asarray(framed({**batch, **frames}, training=False)), want,
+                               atol=1e-6)
+    kernel, bias = framed.get_layer("conv_in").get_weights()
+    kernel[:, :, 2, :] = 0.3
+    framed.get_layer("conv_in").set_weights([kernel, bias])
+    changed = np.asarray(framed({**batch, **frames}, training=False))
+    assert np.abs(changed - want).max() > 1e-3
+    assert FRAMED.same_network(TINY) and not FRAMED.same_network(
+        dataclasses.replace(TINY, base_channels=16, groups=4))
+    with pytest.raises(ValueError, match="conv_in|shape"):
+        transfer_weights(build_psi(dataclasses.replace(TINY, base_channels=16)), framed)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        check_input_size(22, 20, dataclasses.replace(FRAMED, channel_multipliers=(1,),
+                                                     attention_resolutions=()))
+    assert PsiConfig.from_json(FRAMED.to_json()) == FRAMED
+    with pytest.raises(ValueError, match="frame_gain"):
+        dataclasses.replace(FRAMED, frame_gain=0.0)

@@ -12,6 +12,7 @@ import smlm_tfdiff as st
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule, loss_weight_table, to_diffusion_space
 from smlm_tfdiff.models.psi import PsiConfig, build_psi
 from smlm_tfdiff.models.psi_training import BUCKETS, PsiLoss, psi_dataset
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small psi without self-attention (attention at 40 x 40 costs a third of every training run on
@@ -106,14 +107,29 @@ def test_train_psi_mirrored_tensorboard_load_and_fine_tune(tmp_path, cli, scalar
     assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
     assert np.all(np.isfinite(post["mean"]))
     # Fine-tuning (one replica): starts from the run's psi (one step at a negligible rate leaves
-    # it in place) on a mixture with isolated-emitter frames.
+    # it in place) on a mixture with isolated-emitter frames, now conditioned on the frame too:
+    # the frame's new input channel starts at zero, so it samples as the run's psi does.
     tuned = str(tmp_path / "tuned")
     _train(cli, tuned, 1, f"--init_psi={out}", "--mix_preset=isolated", "--learning_rate=1e-9",
-           "--warmup_steps=0", "--weighting=simple", "--eval_every=100", "--num_replicas=0")
+           "--warmup_steps=0", "--weighting=simple", "--eval_every=1", "--num_replicas=0",
+           "--frame_condition")
     info = json.load(open(os.path.join(tuned, "run_config.json")))
     assert info["init_psi"] == out and info["mix_preset"] == "isolated"
-    for a, b in zip(st.load_models(tuned).psi.get_weights(), models.psi.get_weights()):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    tuned_models = st.load_models(tuned)
+    assert tuned_models.psi_config.frame_condition
+    assert tuned_models.psi_config.frame_offset == models.config.offset
+    for layer in models.psi.layers:
+        for a, b in zip(tuned_models.psi.get_layer(layer.name).get_weights(),
+                        layer.get_weights()):
+            if layer.name == "conv_in" and a.ndim == 4:
+                np.testing.assert_allclose(a[:, :, 2], 0.0, atol=1e-5)
+                a = a[:, :, :2]
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    framed = st.sample_posterior(tuned_models, frames, num_samples=3, num_steps=2, seed=0,
+                                 method="ddim")
+    np.testing.assert_allclose(framed["mean"], post["mean"], atol=1e-3)
+    with pytest.raises(ValueError, match="give the frames"):
+        PosteriorSampler(tuned_models)(None, 3, 2, y_hat=framed["y_hat"])
     log = _train(cli, str(tmp_path / "bad"), 1, f"--init_psi={out}", "--base_channels=16",
                  "--num_replicas=0", ok=False)
     assert "--init_psi" in log and "psi flags" in log
@@ -163,6 +179,14 @@ def test_crops_cut_phi_and_the_kde_at_the_drawn_windows(paper, paper_models):
         z_0 = to_diffusion_space(kde[i, r:r + 48, c:c + 48])
         np.testing.assert_allclose(seen["y_t"][i].numpy(),
                                    np.sqrt(g) * z_0 + np.sqrt(1 - g) * eps[i], atol=1e-5)
+    assert "frame" not in seen
+    # A frame-conditioned psi gets the same window of the frame (camera pixels).
+    PsiLoss(paper_models.phi, schedule, "snr", crop_size=crop, upsample=4,
+            frame_condition=True)(psi, batch, True)
+    frames = batch["frames"].numpy()
+    for i in (0, 17, 63):
+        r, c = offsets[i]
+        np.testing.assert_array_equal(seen["frame"][i].numpy(), frames[i, r:r + crop, c:c + crop])
     with pytest.raises(ValueError, match="stride 8"):
         psi_dataset(paper, schedule, "snr", 8, 3, 0, crop_size=11)
     with pytest.raises(ValueError, match="smaller side"):

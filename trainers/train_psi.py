@@ -11,7 +11,6 @@ Writes psi.weights.h5 (EMA weights when --ema_decay is set), psi_config.json, di
 sim_config.json and a copy of phi's files into --out_dir at the end: `st.load_models(out_dir)`.
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -35,6 +34,9 @@ flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine
                   "'paper_extended' adds 0.4 T steps after it that reach noise.")
 flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_extended': of its "
                      "seeds' part; the schedule then has 1.4 T steps).")
+flags.DEFINE_bool("frame_condition", False, "Condition psi on the camera frame too, not only on "
+                  "phi's KDE (PsiConfig.frame_condition; the camera from phi's config). With "
+                  "--init_psi from a psi without it, the frame's input channel starts at zero.")
 flags.DEFINE_enum("prediction", "eps", ["eps", "v", "v_residual"], "What psi's network "
                   "outputs: the noise eps (the seeds'), v = sqrt(gamma) eps - sqrt(1 - gamma) z_0, "
                   "which keeps the predicted z_0 accurate near noise, or the v of z_0 - (2 y_hat - "
@@ -66,7 +68,8 @@ def main(argv):
     strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
     from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
-    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    from smlm_tfdiff.models.psi import (PsiConfig, build_psi, frame_condition_fields,
+                                        transfer_weights)
     from smlm_tfdiff.pretrained import load_phi_source, save_models
     from smlm_tfdiff.models.psi_training import PsiLoss, PsiValidation, psi_dataset
 
@@ -87,23 +90,25 @@ def main(argv):
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
                     else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
-        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
+        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
+        **(frame_condition_fields(phi_models.config) if FLAGS.frame_condition else {}))
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
-    init_weights = None
+    init_psi = None
     if FLAGS.init_psi:
         init = load_phi_source(FLAGS.init_psi)
         if init.psi is None:
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has no psi")
-        # The same network; its output may be read as eps or v (fine-tuning from eps to v).
-        if dataclasses.replace(init.psi_config, prediction=psi_config.prediction) != psi_config:
+        # The same network; its output may be read as eps or v (fine-tuning from eps to v), it
+        # may be trained at another size, and it may gain the frame as an input.
+        if not psi_config.same_network(init.psi_config):
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
                                  f"{psi_config}: set the psi flags to match it")
-        init_weights = init.psi.get_weights()
+        init_psi = init.psi
 
     def build_model():
         model = build_psi(psi_config)
-        if init_weights is not None:  # A resumed run then restores its checkpoint over these.
-            model.set_weights(init_weights)
+        if init_psi is not None:  # A resumed run then restores its checkpoint over these.
+            transfer_weights(init_psi, model)
         return model
 
     logging.info("Training psi on %d replica(s) (%s), %s, weighting %s",
@@ -112,11 +117,13 @@ def main(argv):
         cfg, strategy,
         build_model=build_model,
         loss_fn=PsiLoss(phi, schedule, FLAGS.weighting, psi_config.prediction, FLAGS.crop_size,
-                        sim_config.upsample if FLAGS.crop_size else None),
+                        sim_config.upsample if FLAGS.crop_size else None,
+                        psi_config.frame_condition),
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
                                              FLAGS.mix_fraction, FLAGS.crop_size),
-        eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed),
+        eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed,
+                              psi_config=psi_config),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,
                   "mix_preset": FLAGS.mix_preset, "crop_size": FLAGS.crop_size,
                   "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0, "sim_config": sim_config.to_dict(),

@@ -12,7 +12,6 @@ every --checkpoint_every_s seconds and at the end; `st.load_models(out_dir)` rea
 either backend. With --state_dir the full state is saved too, and the same command resumes.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -39,6 +38,9 @@ flags.DEFINE_integer("diffusion_steps", 100, "T of the noise schedule ('paper_ex
                      "seeds' part).")
 flags.DEFINE_enum("prediction", "eps", ["eps", "v", "v_residual"], "What psi's network outputs "
                   "(models/psi.py); use v or v_residual with a schedule that reaches noise.")
+flags.DEFINE_bool("frame_condition", False, "Condition psi on the camera frame too, not only on "
+                  "phi's KDE (PsiConfig.frame_condition; the camera from phi's config). With "
+                  "--init_psi from a psi without it, the frame's input channel starts at zero.")
 flags.DEFINE_enum("weighting", "snr", ["snr", "simple"], "Loss weighting.")
 flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (a bundled name or "
                     "a model folder; fine-tuning, e.g. onto another schedule or prediction): the "
@@ -69,7 +71,8 @@ def main(argv):
                              "TensorFlow")
     from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
-    from smlm_tfdiff.models.psi import PsiConfig, build_psi
+    from smlm_tfdiff.models.psi import (PsiConfig, build_psi, frame_condition_fields,
+                                        transfer_weights)
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
     from smlm_tfdiff.models.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
 
@@ -88,18 +91,20 @@ def main(argv):
         num_res_blocks=FLAGS.num_res_blocks,
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=sim_config.hr_shape[0], dropout=0.0, groups=FLAGS.groups,
-        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction)
+        embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
+        **(frame_condition_fields(phi_models.config) if FLAGS.frame_condition else {}))
     psi = build_psi(psi_config)
     if FLAGS.init_psi:
         from smlm_tfdiff.pretrained import load_phi_source
         init = load_phi_source(FLAGS.init_psi)  # A bundled name or a model folder.
         if init.psi is None:
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} is not a model folder with psi")
-        # The same network; its output may be read as eps or v (fine-tuning from eps to v).
-        if dataclasses.replace(init.psi_config, prediction=psi_config.prediction) != psi_config:
+        # The same network; its output may be read as eps or v (fine-tuning from eps to v), it
+        # may be trained at another size, and it may gain the frame as an input.
+        if not psi_config.same_network(init.psi_config):
             raise app.UsageError(f"--init_psi {FLAGS.init_psi!r} has {init.psi_config}, this run "
                                  f"{psi_config}: set the psi flags to match it")
-        psi.set_weights(init.psi.get_weights())
+        transfer_weights(init.psi, psi)
     # diffusion.json: the schedule, the weighting and the sampler's defaults (guided start at T).
     recipe = Recipe(schedule, FLAGS.weighting, num_steps=FLAGS.sample_steps)
 
@@ -123,7 +128,8 @@ def main(argv):
                 "psi_parameters": int(psi.count_params())}
     logging.info("psi %s: %d parameters", psi_config, run_info["psi_parameters"])
     trainer = JaxPsiTrainer(config, phi, psi, sim_config, schedule, FLAGS.weighting, save,
-                            mix_config, FLAGS.mix_fraction, run_info, FLAGS.prediction)
+                            mix_config, FLAGS.mix_fraction, run_info, FLAGS.prediction,
+                            psi_config.frame_condition)
     result = trainer.fit()
     logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
 

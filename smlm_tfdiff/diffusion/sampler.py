@@ -70,7 +70,7 @@ def standard_noise(shape, seed, dc_free):
 
 
 def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False,
-                  x0_variance=None):
+                  x0_variance=None, frame=None):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
@@ -79,11 +79,15 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
       pedestal of ~0.01 (docs/sampler.md, "Sampling"); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
     x0_variance: optional X0Variance callable; its output is added to the step's noise variance.
+    frame: [N, H/u, W/u, 1] ADU, the camera frames of a frame-conditioned psi
+      (PsiConfig.frame_condition); None for a psi that sees y_hat only.
     Returns z_s [N, H, W, 1].
     """
     n = tf.shape(z_t)[0]
     level = tf.fill([n], tf.sqrt(g_t))
     inputs = {"y_t": z_t, "y_hat": y_hat, "noise_level": level}
+    if frame is not None:
+        inputs["frame"] = frame
     eps = psi(inputs, training=False)
     z0 = (z_t - tf.sqrt(1.0 - g_t) * eps) / tf.sqrt(g_t)
     if clip:
@@ -101,8 +105,9 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
 
 def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_variance=None):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
-    seed [2] int32[, y_start]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided, 1 noise.
-    y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier samples).
+    seed [2] int32[, y_start][, frame=]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided,
+    1 noise. y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier
+    samples). frame: [N, H/u, W/u, 1] ADU for a frame-conditioned psi (generate_step).
     clip: "final" clips z_0 at -1 (KDE >= 0) after the last step, "each" clips the predicted z_0
       in every step (generate_step), "none" never (targets that may be negative).
     dc_free: frame-mean-free noise in the start and every step (module docstring).
@@ -111,7 +116,7 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_varia
         raise ValueError(f"clip must be one of {CLIPS} (got {clip!r})")
 
     @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-    def loop(y_hat, gammas, eta, start_from_noise, seed, y_start=None):
+    def loop(y_hat, gammas, eta, start_from_noise, seed, y_start=None, frame=None):
         # Philox-only seed arithmetic: the same samples with and without XLA (seeds.py).
         start_seed, loop_seed = tf.unstack(seeds_lib.philox_split(seed, 2))
         g0 = gammas[0]
@@ -124,7 +129,7 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_varia
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
-                                        clip == "each", dc_free, x0_variance)
+                                        clip == "each", dc_free, x0_variance, frame)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return tf.maximum(z, -1.0) if clip == "final" else z
@@ -162,6 +167,8 @@ class PosteriorSampler:
         if reverse_variance == "fixed":
             x0_variance = None
         self.models = models
+        self.frame_condition = bool(models.psi_config is not None
+                                    and models.psi_config.frame_condition)
         self.recipe = models.recipe if recipe is None else recipe
         self.schedule = self.recipe.schedule
         self.max_images = int(max_images)
@@ -174,7 +181,8 @@ class PosteriorSampler:
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
                  restart_steps=None, project=False, restarts=None):
         """frames [B, H, W, 1] (or [H, W]) ADU -> dict of NumPy arrays in KDE units:
-        (frames None with y_hat given: psi for that estimate, phi not run)
+        (frames None with y_hat given: psi for that estimate, phi not run; with both given,
+        y_hat is used as phi's estimate of those frames, which a frame-conditioned psi also sees)
         y_hat, mean, std [B, 4H, 4W, 1] (std over samples, ddof 0), samples [B, S, 4H, 4W, 1] if
         return_samples; plus nfe_per_frame, steps (the visited t).
 
@@ -201,14 +209,27 @@ class PosteriorSampler:
           samples of emitter sets, whose spread is that of positions and counts, as MCMC's is.
           Adds sample_positions (per frame, per sample: [M, 2] LR px) to the output.
         """
+        condition = None  # The frames a frame-conditioned psi sees beside y_hat.
         if frames is None:  # psi given phi's estimate only (e.g. windows of a whole frame's).
             if y_hat is None:
                 raise ValueError("give frames, or y_hat (phi's estimate [B, 4H, 4W, 1]) to "
                                  "sample psi for an estimate computed elsewhere")
+            if self.frame_condition:
+                raise ValueError("this psi is conditioned on the camera frame too "
+                                 "(psi_config.frame_condition): give the frames with y_hat")
             y_hat = np.asarray(y_hat, np.float32)
             frames = y_hat  # Only its length is read below.
         else:
             frames = _check_frames(frames)
+            if self.frame_condition:
+                condition = frames
+            if y_hat is not None:
+                y_hat = np.asarray(y_hat, np.float32)
+                u = self.models.config.upsample if self.models.config is not None else None
+                if len(y_hat) != len(frames) or (u and y_hat.shape[1:3] != (
+                        frames.shape[1] * u, frames.shape[2] * u)):
+                    raise ValueError(f"y_hat {y_hat.shape} is not phi's estimate of frames "
+                                     f"{frames.shape} (one {u}x upsampled KDE per frame)")
         if project and self.models.config is None:
             raise ValueError("project=True needs the models' SimulationConfig (models.config), "
                              "for the detection and the KDE")
@@ -259,12 +280,16 @@ class PosteriorSampler:
         for lo in range(0, len(frames), per_call):
             chunk = y_hat[lo:lo + per_call]
             rep = np.repeat(chunk, num_samples, axis=0)
+            extra = {}
+            if condition is not None:
+                extra["frame"] = tf.constant(np.repeat(condition[lo:lo + per_call], num_samples,
+                                                       axis=0))
             z = self._loop(tf.constant(rep), gammas, eta_t, tf.constant(start == "noise"),
-                           seeds_lib.fold_in(seed, lo))
+                           seeds_lib.fold_in(seed, lo), **extra)
             for sweep in range(restarts if restart_gammas is not None else 0):
                 z = self._loop(tf.constant(rep), restart_gammas, eta_t, tf.constant(False),
                                seeds_lib.fold_in(seeds_lib.fold_in(seed, lo), 1_000_003 + sweep),
-                               from_diffusion_space(z))
+                               from_diffusion_space(z), **extra)
             y = from_diffusion_space(z.numpy()).reshape((len(chunk), num_samples) + chunk.shape[1:])
             if project:
                 projected = project_samples(y, self.models.config)

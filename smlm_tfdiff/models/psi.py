@@ -4,6 +4,12 @@ eps_pred = psi(y_t, y_hat, sqrt(gamma)): the noise in y_t = sqrt(gamma) z_0 + sq
 given phi's KDE estimate y_hat (seeds' section 3.2 and appendix A.6; architecture after DDPM / SR3,
 conditioning on the continuous noise level as WaveGrad / SR3 do, so samplers may use any schedule).
 
+With PsiConfig.frame_condition, psi also sees the camera frame x itself, not only phi's summary
+of it: eps_pred = psi(y_t, y_hat, x, sqrt(gamma)). phi's KDE is brightness-free by construction
+(every emitter one unit blob), so a psi that sees y_hat alone cannot know how narrow a bright
+emitter's posterior is, nor what phi merged on a dense frame; the frame carries that evidence.
+The frame enters as variance-stabilised photons (FrameCondition) repeated onto the KDE grid.
+
 The network's own output is eps (PsiConfig.prediction "eps", the seeds' and the bundled models').
 The experimental predictions "v" and "v_residual" (smlm_tfdiff.experimental.PREDICTIONS) read the
 same network's output as a v and turn it into eps inside the model (experimental/prediction.py), so
@@ -51,6 +57,13 @@ class PsiConfig:
     embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
     noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
     prediction: str = "eps"  # Network output: "eps", or an experimental "v" or "v_residual".
+    # Condition on the camera frame too (FrameCondition): the camera it was trained for and the
+    # KDE's upsampling factor, copied from the SimulationConfig by `frame_condition_fields`.
+    frame_condition: bool = False
+    frame_offset: float = 0.0  # Camera offset, ADU.
+    frame_gain: float = 1.0  # ADU per photon.
+    frame_readout_var: float = 0.0  # Readout variance, ADU^2.
+    frame_upsample: int = 4  # KDE pixels per frame pixel along each axis.
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
@@ -76,6 +89,14 @@ class PsiConfig:
             if c % self.groups:
                 raise ValueError(f"PsiConfig.groups = {self.groups} must divide every channel "
                                  f"count {self.channels} (base_channels * channel_multipliers)")
+        self.frame_condition = bool(self.frame_condition)
+        if self.frame_condition:
+            if int(self.frame_upsample) < 1 or not float(self.frame_gain) > 0 \
+                    or float(self.frame_readout_var) < 0:
+                raise ValueError(f"PsiConfig: frame_upsample must be >= 1, frame_gain > 0 and "
+                                 f"frame_readout_var >= 0 (got {self.frame_upsample}, "
+                                 f"{self.frame_gain}, {self.frame_readout_var})")
+            self.frame_upsample = int(self.frame_upsample)
         factor = self.downsample_factor
         if self.image_size % factor:
             raise ValueError(f"PsiConfig.image_size = {self.image_size} must be divisible by "
@@ -116,6 +137,35 @@ class PsiConfig:
     def from_json(cls, text: str) -> "PsiConfig":
         return cls(**json.loads(text))
 
+    def same_network(self, other: "PsiConfig") -> bool:
+        """True when `other` builds the same layers, up to the reference image_size (attention
+        compared by level), the output's reading (prediction) and the frame condition (which
+        adds one input channel to conv_in): `transfer_weights` moves the weights of one into
+        the other."""
+        def key(c):
+            d = dataclasses.asdict(c)
+            for name in ("image_size", "attention_resolutions", "prediction", "frame_condition",
+                         "frame_offset", "frame_gain", "frame_readout_var", "frame_upsample"):
+                d.pop(name)
+            return d, c.attention_levels
+        return key(self) == key(other)
+
+
+def frame_condition_fields(sim_config) -> dict:
+    """PsiConfig fields of a frame-conditioned psi for frames of `sim_config`'s camera and KDE."""
+    import numpy as np
+    values = {}
+    for field in ("offset", "gain", "readout_var"):
+        value = np.asarray(getattr(sim_config, field), np.float64)
+        if value.size != 1:
+            raise ValueError(f"a frame-conditioned psi needs a scalar camera {field} (got a map "
+                             f"of shape {value.shape}); convert sCMOS frames to photons first "
+                             "and use a config with offset=0, gain=1")
+        values[field] = float(value.reshape(()))
+    return {"frame_condition": True, "frame_offset": values["offset"],
+            "frame_gain": values["gain"], "frame_readout_var": values["readout_var"],
+            "frame_upsample": int(sim_config.upsample)}
+
 
 def check_input_size(h, w, config: Optional[PsiConfig] = None):
     """Raise ValueError unless an h x w input passes the U-Net (both divisible by 2^(levels-1)).
@@ -127,6 +177,10 @@ def check_input_size(h, w, config: Optional[PsiConfig] = None):
     if int(h) < 1 or int(w) < 1 or h % factor or w % factor:
         raise ValueError(f"psi with {len(config.channel_multipliers)} levels needs height and "
                          f"width divisible by {factor} (got {h}x{w}); pad or crop the input")
+    u = config.frame_upsample
+    if config.frame_condition and (h % u or w % u):
+        raise ValueError(f"a frame-conditioned psi needs a KDE of whole frame pixels: height and "
+                         f"width divisible by {u} (got {h}x{w})")
     return [(h // 2 ** level, w // 2 ** level) for level in range(len(config.channel_multipliers))]
 
 
@@ -164,6 +218,40 @@ class ToDiffusionSpace(layers.Layer):
 
     def call(self, y):
         return 2.0 * y - 1.0
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class FrameCondition(layers.Layer):
+    """ADU frame [B, h, w, 1] -> [B, u*h, u*w, 1], each pixel repeated u x u onto the KDE grid:
+
+        0.1 * (A(x) - A(empty)),  A(x) = 2 sqrt(max((x - offset) / gain + 3/8 + readout_var / gain^2, 0))
+
+    A is the generalised Anscombe transform of a Poisson count plus Gaussian readout: its noise
+    has unit variance at any brightness, so an emitter shows as its signal-to-noise ratio, which
+    is what sets the width of its posterior. A(empty) is A at zero photons, so an empty, dark
+    pixel is ~0; the factor 0.1 keeps the seeds' brightest emitters (5000 photons) near 6.
+    """
+
+    def __init__(self, offset=0.0, gain=1.0, readout_var=0.0, upsample=4, **kwargs):
+        super().__init__(**kwargs)
+        self.offset, self.gain = float(offset), float(gain)
+        self.readout_var, self.upsample = float(readout_var), int(upsample)
+
+    def call(self, x):
+        shift = 0.375 + self.readout_var / self.gain ** 2
+        photons = (ops.cast(x, self.compute_dtype) - self.offset) / self.gain
+        a = 2.0 * ops.sqrt(ops.maximum(photons + shift, 0.0))
+        a = 0.1 * (a - 2.0 * math.sqrt(shift))
+        return ops.repeat(ops.repeat(a, self.upsample, axis=1), self.upsample, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        u = self.upsample
+        return (b, None if h is None else h * u, None if w is None else w * u, c)
+
+    def get_config(self):
+        return {**super().get_config(), "offset": self.offset, "gain": self.gain,
+                "readout_var": self.readout_var, "upsample": self.upsample}
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
@@ -231,12 +319,15 @@ def _attention(x, config, name):
 
 
 def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi"):
-    """The psi model: {"y_t", "y_hat", "noise_level"} -> eps_pred [B, H, W, 1] (float32).
+    """The psi model: {"y_t", "y_hat", "noise_level"[, "frame"]} -> eps_pred [B, H, W, 1] (float32).
 
     Inputs:
       y_t          [B, H, W, 1]: noisy target in diffusion space (2*kde - 1 noised).
       y_hat        [B, H, W, 1]: phi's KDE estimate in KDE units (phi's output as is); mapped to
                    2*y_hat - 1 inside the model (layer "y_hat_diffusion_space") and concatenated.
+      frame        [B, H/u, W/u, 1] ADU, only with config.frame_condition (u = frame_upsample):
+                   the camera frame phi saw, through FrameCondition, concatenated as a third
+                   channel.
       noise_level  [B] or [B, 1]: sqrt(gamma), continuous in (0, 1]; not a step index.
     image_size: None (any H, W divisible by 2^(levels-1), checked by the caller with
       `check_input_size`), an int or (h, w) for a static input shape (checked here).
@@ -255,6 +346,11 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     y_t = keras.Input((h, w, 1), name="y_t")
     y_hat = keras.Input((h, w, 1), name="y_hat")
     noise_level = keras.Input((), name="noise_level")
+    inputs = {"y_t": y_t, "y_hat": y_hat, "noise_level": noise_level}
+    if config.frame_condition:
+        u = config.frame_upsample
+        inputs["frame"] = keras.Input((None if h is None else h // u,
+                                       None if w is None else w // u, 1), name="frame")
 
     emb = NoiseLevelEmbedding(config.embedding_dim, config.noise_level_scale,
                               name="noise_embedding")(noise_level)
@@ -264,7 +360,12 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     emb = layers.Activation("swish", name="embedding_act1")(emb)  # Shared input of every block.
 
     cond = ToDiffusionSpace(name="y_hat_diffusion_space")(y_hat)
-    x = layers.Concatenate(name="inputs")([y_t, cond])
+    channels_in = [y_t, cond]
+    if config.frame_condition:
+        channels_in.append(FrameCondition(config.frame_offset, config.frame_gain,
+                                          config.frame_readout_var, config.frame_upsample,
+                                          name="frame_condition")(inputs["frame"]))
+    x = layers.Concatenate(name="inputs")(channels_in)
     x = layers.Conv2D(config.channels[0], 3, padding="same", name="conv_in")(x)
 
     num_levels = len(config.channels)
@@ -304,4 +405,36 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     if config.prediction != "eps":
         from smlm_tfdiff.experimental.prediction import eps_output
         eps = eps_output(config.prediction, eps, y_t, noise_level, cond)
-    return keras.Model({"y_t": y_t, "y_hat": y_hat, "noise_level": noise_level}, eps, name=name)
+    return keras.Model(inputs, eps, name=name)
+
+
+def transfer_weights(source, target):
+    """Copy psi `source`'s weights into `target`, a psi of the same network that may take more
+    input channels (a frame-conditioned psi started from one that is not): conv_in's kernel gets
+    the source's channels first and zeros for the new ones, so `target` starts as exactly the
+    function `source` computes. Any other difference of shapes raises ValueError."""
+    for layer in target.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        try:
+            src = source.get_layer(layer.name).get_weights()
+        except ValueError:
+            raise ValueError(f"psi layer {layer.name!r} has no counterpart in the source psi; "
+                             "start from a psi of the same network") from None
+        if len(src) != len(weights):
+            raise ValueError(f"psi layer {layer.name!r}: {len(src)} weights in the source, "
+                             f"{len(weights)} here")
+        new = []
+        for s_w, t_w in zip(src, weights):
+            if s_w.shape == t_w.shape:
+                new.append(s_w)
+            elif (layer.name == "conv_in" and s_w.ndim == 4 and s_w.shape[:2] == t_w.shape[:2]
+                  and s_w.shape[3] == t_w.shape[3] and s_w.shape[2] < t_w.shape[2]):
+                padded = t_w * 0.0
+                padded[:, :, :s_w.shape[2], :] = s_w
+                new.append(padded)
+            else:
+                raise ValueError(f"psi layer {layer.name!r}: weight shape {s_w.shape} in the "
+                                 f"source, {t_w.shape} here; start from a psi of the same network")
+        layer.set_weights(new)

@@ -107,9 +107,12 @@ class PsiLoss:
     prediction: PsiConfig.prediction; an experimental v prediction scores v instead of eps
     (experimental/prediction.py, loss_weights).
     crop_size, upsample: batches with `offsets` (psi_dataset's crop_size) are cut to those windows
-    after phi has seen the whole frames."""
+    after phi has seen the whole frames.
+    frame_condition: psi's PsiConfig.frame_condition; psi then gets the frames (their windows)
+    too."""
 
-    def __init__(self, phi, schedule, weighting, prediction="eps", crop_size=None, upsample=None):
+    def __init__(self, phi, schedule, weighting, prediction="eps", crop_size=None, upsample=None,
+                 frame_condition=False):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS} (got {prediction!r})")
         if (crop_size is None) != (upsample is None):
@@ -117,17 +120,22 @@ class PsiLoss:
         self.phi, self.schedule, self.weighting = phi, schedule, weighting
         self.prediction = prediction
         self.crop_size, self.upsample = crop_size, upsample
+        self.frame_condition = bool(frame_condition)
 
     def __call__(self, model, batch, training):
-        y_hat = tf.stop_gradient(self.phi(batch["frames"], training=False))
+        frames = batch["frames"]
+        y_hat = tf.stop_gradient(self.phi(frames, training=False))
         kde = batch["kde"]
         if self.crop_size is not None:
             y_hat = cut_windows(y_hat, batch["offsets"], self.crop_size, self.upsample)
             kde = cut_windows(kde, batch["offsets"], self.crop_size, self.upsample)
+            frames = cut_windows(frames, batch["offsets"], self.crop_size, 1)
         gamma = batch["gamma"]
         y_t = q_sample(to_diffusion_space(kde), gamma, batch["eps"])
-        eps_pred = model({"y_t": y_t, "y_hat": y_hat, "noise_level": tf.sqrt(gamma)},
-                         training=training)
+        inputs = {"y_t": y_t, "y_hat": y_hat, "noise_level": tf.sqrt(gamma)}
+        if self.frame_condition:
+            inputs["frame"] = frames
+        eps_pred = model(inputs, training=training)
         weights = diffusion_loss_weights(self.schedule, batch["t"], self.weighting)
         if self.prediction != "eps":
             from smlm_tfdiff.experimental.prediction import loss_weights
@@ -142,10 +150,12 @@ class PsiValidation:
     kde_mse_posterior_mean (against the true KDE, on the sampled frames), posterior_std_mean.
 
     recipe: the run's diffusion.Recipe (schedule, and the sampler's t_start, num_steps, method).
+    psi_config: the PsiConfig of the trained psi (None: a psi that sees y_hat only).
     """
 
     def __init__(self, sim_config, phi, recipe, num_frames, seed, num_sample_frames=8,
-                 num_samples=16):
+                 num_samples=16, psi_config=None):
+        self.psi_config = psi_config
         schedule = recipe.schedule
         self.config, self.phi, self.recipe, self.schedule = sim_config, phi, recipe, schedule
         self.data = simulate(sim_config, num_frames, seed)
@@ -162,11 +172,17 @@ class PsiValidation:
         from smlm_tfdiff.pretrained import Pretrained
         model = trainer.model
         y_t = q_sample(to_diffusion_space(self.data["kde"]), self.gamma, self.eps).numpy()
-        eps_pred = np.concatenate([
-            model({"y_t": tf.constant(y_t[i:i + 128]), "y_hat": tf.constant(self.y_hat[i:i + 128]),
-                   "noise_level": tf.constant(np.sqrt(self.gamma[i:i + 128]))},
-                  training=False).numpy()
-            for i in range(0, len(self.t), 128)])
+        frame_condition = self.psi_config is not None and self.psi_config.frame_condition
+
+        def inputs(i):
+            x = {"y_t": tf.constant(y_t[i:i + 128]), "y_hat": tf.constant(self.y_hat[i:i + 128]),
+                 "noise_level": tf.constant(np.sqrt(self.gamma[i:i + 128]))}
+            if frame_condition:
+                x["frame"] = tf.constant(self.data["frames"][i:i + 128])
+            return x
+
+        eps_pred = np.concatenate([model(inputs(i), training=False).numpy()
+                                   for i in range(0, len(self.t), 128)])
         sq = np.mean((eps_pred - self.eps) ** 2, axis=(1, 2, 3))
         metrics = {}
         for lo, hi in buckets_for(self.schedule):
@@ -174,7 +190,8 @@ class PsiValidation:
             if sel.any():
                 metrics[f"mse_t{lo}-{hi}"] = float(sq[sel].mean())
         n = self.num_sample_frames
-        models = Pretrained(phi=self.phi, psi=model, config=self.config, recipe=self.recipe)
+        models = Pretrained(phi=self.phi, psi=model, config=self.config, recipe=self.recipe,
+                            psi_config=self.psi_config)
         post = PosteriorSampler(models, jit_compile=False)(
             self.data["frames"][:n], self.num_samples, seed=step, return_samples=True,
             y_hat=self.y_hat[:n])

@@ -99,11 +99,13 @@ class JaxPsiTrainer:
     size) filling round(mix_fraction * batch_size) frames of every batch. save_fn(out_dir, psi)
     writes the model folder (phi's files and psi's, pretrained.save_models). prediction: psi's
     PsiConfig.prediction; for "v" and "v_residual" the weights are divided by gamma as in
-    psi_training.PsiLoss (the model itself turns its v into eps).
+    psi_training.PsiLoss (the model itself turns its v into eps). frame_condition: psi's
+    PsiConfig.frame_condition; psi then gets the simulated frames too (its "frame" input).
     """
 
     def __init__(self, config, phi, psi, sim_config, schedule, weighting, save_fn,
-                 mix_config=None, mix_fraction=0.0, run_info=None, prediction="eps"):
+                 mix_config=None, mix_fraction=0.0, run_info=None, prediction="eps",
+                 frame_condition=False):
         self.config, self.phi, self.psi = config, phi, psi
         self.sim_config, self.mix_config = sim_config, mix_config
         self.schedule, self.weighting, self.save_fn = schedule, weighting, save_fn
@@ -115,6 +117,7 @@ class JaxPsiTrainer:
         self.run_info = dict(run_info or {})
         self.t_min = T_MIN[weighting]
         self.prediction = prediction  # PsiConfig.prediction of psi: "eps", "v" or "v_residual".
+        self.frame_condition = bool(frame_condition)
         self.weights = jnp.asarray(loss_weight_table(schedule, weighting), jnp.float32)
         self.optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
                                                 weight_decay=config.weight_decay,
@@ -128,6 +131,12 @@ class JaxPsiTrainer:
         self._validation = self._validation_set()
 
     # ------------------------------------------------------------------ jitted pieces
+    def _inputs(self, y_t, y_hat, level, frames):
+        inputs = {"y_t": y_t, "y_hat": y_hat, "noise_level": level}
+        if self.frame_condition:
+            inputs["frame"] = frames
+        return inputs
+
     def _batch(self, key):
         main_key, mix_key = jax.random.split(key)
         n = self.config.batch_size - self.num_mix
@@ -152,7 +161,7 @@ class JaxPsiTrainer:
 
         def loss_fn(p):
             eps_pred, nt = self.psi.stateless_call(
-                p, non_trainable, {"y_t": y_t, "y_hat": y_hat, "noise_level": jnp.sqrt(gamma)},
+                p, non_trainable, self._inputs(y_t, y_hat, jnp.sqrt(gamma), frames),
                 training=True)
             return jnp.mean(per_example_loss(eps, eps_pred, w)), nt
 
@@ -165,10 +174,9 @@ class JaxPsiTrainer:
         ema = [decay * e + (1.0 - decay) * p for e, p in zip(ema, params)]
         return (params, non_trainable, opt_vars, ema), loss, finite
 
-    def _eval_fn(self, params, non_trainable, y_t, y_hat, level):
+    def _eval_fn(self, params, non_trainable, y_t, y_hat, level, frames):
         eps_pred, _ = self.psi.stateless_call(
-            params, non_trainable, {"y_t": y_t, "y_hat": y_hat, "noise_level": level},
-            training=False)
+            params, non_trainable, self._inputs(y_t, y_hat, level, frames), training=False)
         return eps_pred
 
     # --------------------------------------------------------------------- validation
@@ -186,13 +194,15 @@ class JaxPsiTrainer:
         kde = np.asarray(data["kde"])
         y_t = np.asarray(q_sample(to_diffusion_space(kde), gamma, eps))
         return {"t": t, "gamma": gamma, "eps": eps, "y_t": y_t, "y_hat": y_hat,
+                "frames": np.asarray(data["frames"]),
                 "kde_mse_phi": float(np.mean((y_hat - kde) ** 2))}
 
     def validate(self, params, non_trainable):
         """Unweighted eps-MSE per noise-level bucket on the fixed validation frames."""
         v = self._validation
         preds = [np.asarray(self._eval(params, non_trainable, v["y_t"][i:i + 256],
-                                       v["y_hat"][i:i + 256], np.sqrt(v["gamma"][i:i + 256])))
+                                       v["y_hat"][i:i + 256], np.sqrt(v["gamma"][i:i + 256]),
+                                       v["frames"][i:i + 256]))
                  for i in range(0, len(v["t"]), 256)]
         sq = np.mean((np.concatenate(preds) - v["eps"]) ** 2, axis=(1, 2, 3))
         metrics = {"kde_mse_phi": v["kde_mse_phi"]}
