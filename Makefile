@@ -16,7 +16,7 @@ demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m smlm_tfdiff.demo --out demo_output
 
 test: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Retrain phi and psi from scratch with the commands in smlm_tfdiff/weights/paper/MODEL.md (psi on
 # the retrained phi), evaluate both and redo the demo report with them. Hours on a 2-core CPU

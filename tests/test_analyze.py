@@ -446,7 +446,8 @@ def test_a_frame_conditioned_psi_sees_the_frame_under_its_window(tmp_path, paper
     the paper psi's localizations and uncertainties."""
     import dataclasses
 
-    from smlm_tfdiff.models.psi import build_psi, frame_condition_fields, transfer_weights
+    from smlm_tfdiff.experimental.frame_condition import frame_condition_fields
+    from smlm_tfdiff.models.psi import build_psi, transfer_weights
 
     models = paper_models
     if whole_field:

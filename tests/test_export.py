@@ -385,7 +385,8 @@ def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
     beside phi's estimate, as the in-package sampler gives them (checked on the module)."""
     import dataclasses
 
-    from smlm_tfdiff.models.psi import build_psi, frame_condition_fields, transfer_weights
+    from smlm_tfdiff.experimental.frame_condition import frame_condition_fields
+    from smlm_tfdiff.models.psi import build_psi, transfer_weights
     config = dataclasses.replace(models.psi_config, **frame_condition_fields(models.config))
     psi = build_psi(config)
     transfer_weights(models.psi, psi)

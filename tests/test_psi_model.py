@@ -187,7 +187,7 @@ FRAMED = dataclasses.replace(TINY, frame_condition=True, frame_offset=100.0, fra
 def test_frame_condition_is_unit_variance_signal_to_noise():
     """FrameCondition: 0 at zero photons; its noise has unit variance (x 0.1) at any brightness,
     for frames of the camera model (gain * Poisson + readout), each pixel repeated u x u."""
-    from smlm_tfdiff.models.psi import FrameCondition
+    from smlm_tfdiff.experimental.frame_condition import FrameCondition
     layer = FrameCondition(100.0, 2.0, 8.0, 4)
     rng = np.random.default_rng(0)
     n = 200_000

@@ -21,6 +21,7 @@ from smlm_tfdiff.diffusion.schedule import NoiseSchedule  # noqa: E402
 from smlm_tfdiff.simulation.physics.camera import frame_moments  # noqa: E402
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch  # noqa: E402
 from smlm_tfdiff.simulation.physics.psf import expected_counts_batch  # noqa: E402
+from smlm_tfdiff.models.phi import build_phi  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,3 +223,32 @@ def test_jax_trainer_v_residual_on_the_extended_schedule_with_the_frame(tmp_path
     frames = st.simulate(models.config, 2, seed=1)["frames"]
     post = st.sample_posterior(models, frames, num_samples=2, num_steps=2, seed=0)
     assert np.all(np.isfinite(post["mean"])) and post["mean"].shape == (2, 80, 80, 1)
+
+
+@pytest.mark.slow
+def test_jax_phi_trainer_end_to_end_loads_under_tensorflow(tmp_path):
+    """trainers/train_phi_jax.py without TensorFlow: a phi folder that load_phi reads under
+    TensorFlow (BatchNormalization statistics moved by training), which the JAX psi trainer
+    takes as its frozen phi."""
+    out = str(tmp_path / "phi")
+    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_phi_jax.py"), "--out_dir", out,
+           "--preset", "paper", "--context_filters", "8", "--upsample_filters", "8,8",
+           "--prediction_filters", "4", "--batch_size", "4", "--steps", "3", "--val_frames", "8",
+           "--log_every", "1", "--eval_every", "2", "--seed", "3"]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([_no_tensorflow(tmp_path), ROOT])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "train_log.json")) as f:
+        info = json.load(f)
+    assert info["backend"] == "jax" and info["steps"] == 3
+    assert [r["step"] for r in info["loss"]] == [1, 2, 3]
+    assert [r["step"] for r in info["validation"]] == [2, 3]
+    models = st.load_phi(out)
+    assert models.phi_config.context_filters == 8 and models.config.region == "disc"
+    untrained = build_phi(models.config, models.phi_config)
+    moved = [(a, b) for a, b in zip(models.phi.non_trainable_weights,
+                                    untrained.non_trainable_weights) if "moving" in a.path]
+    assert moved and any(np.abs(a.numpy() - b.numpy()).max() > 0 for a, b in moved)
+    frames = st.simulate(models.config, 2, seed=1)["frames"]
+    assert np.all(np.isfinite(models.phi(frames, training=False).numpy()))

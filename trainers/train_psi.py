@@ -68,8 +68,7 @@ def main(argv):
     strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
     from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
-    from smlm_tfdiff.models.psi import (PsiConfig, build_psi, frame_condition_fields,
-                                        transfer_weights)
+    from smlm_tfdiff.models.psi import PsiConfig, build_psi, frame_fields, transfer_weights
     from smlm_tfdiff.pretrained import load_phi_source, save_models
     from smlm_tfdiff.models.psi_training import PsiLoss, PsiValidation, psi_dataset
 
@@ -91,7 +90,7 @@ def main(argv):
         image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
                     else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
-        **(frame_condition_fields(phi_models.config) if FLAGS.frame_condition else {}))
+        **frame_fields(phi_models.config, FLAGS.frame_condition))
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_psi = None
     if FLAGS.init_psi:

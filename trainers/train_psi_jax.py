@@ -71,8 +71,7 @@ def main(argv):
                              "TensorFlow")
     from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
-    from smlm_tfdiff.models.psi import (PsiConfig, build_psi, frame_condition_fields,
-                                        transfer_weights)
+    from smlm_tfdiff.models.psi import PsiConfig, build_psi, frame_fields, transfer_weights
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
     from smlm_tfdiff.models.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
 
@@ -92,7 +91,7 @@ def main(argv):
         attention_resolutions=tuple(int(r) for r in FLAGS.attention_resolutions),
         image_size=sim_config.hr_shape[0], dropout=0.0, groups=FLAGS.groups,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
-        **(frame_condition_fields(phi_models.config) if FLAGS.frame_condition else {}))
+        **frame_fields(phi_models.config, FLAGS.frame_condition))
     psi = build_psi(psi_config)
     if FLAGS.init_psi:
         from smlm_tfdiff.pretrained import load_phi_source

@@ -8,7 +8,8 @@ With PsiConfig.frame_condition, psi also sees the camera frame x itself, not onl
 of it: eps_pred = psi(y_t, y_hat, x, sqrt(gamma)). phi's KDE is brightness-free by construction
 (every emitter one unit blob), so a psi that sees y_hat alone cannot know how narrow a bright
 emitter's posterior is, nor what phi merged on a dense frame; the frame carries that evidence.
-The frame enters as variance-stabilised photons (FrameCondition) repeated onto the KDE grid.
+The frame enters as variance-stabilised photons repeated onto the KDE grid (an experimental
+option, measured without gain so far: experimental/frame_condition.py).
 
 The network's own output is eps (PsiConfig.prediction "eps", the seeds' and the bundled models').
 The experimental predictions "v" and "v_residual" (smlm_tfdiff.experimental.PREDICTIONS) read the
@@ -57,8 +58,8 @@ class PsiConfig:
     embedding_dim: int = 128  # Sinusoidal embedding and MLP width of the noise level.
     noise_level_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is scaled before the sinusoids.
     prediction: str = "eps"  # Network output: "eps", or an experimental "v" or "v_residual".
-    # Condition on the camera frame too (FrameCondition): the camera it was trained for and the
-    # KDE's upsampling factor, copied from the SimulationConfig by `frame_condition_fields`.
+    # Experimental: condition on the camera frame too (experimental/frame_condition.py): the
+    # camera it was trained for and the KDE's upsampling factor (frame_condition_fields).
     frame_condition: bool = False
     frame_offset: float = 0.0  # Camera offset, ADU.
     frame_gain: float = 1.0  # ADU per photon.
@@ -151,20 +152,13 @@ class PsiConfig:
         return key(self) == key(other)
 
 
-def frame_condition_fields(sim_config) -> dict:
-    """PsiConfig fields of a frame-conditioned psi for frames of `sim_config`'s camera and KDE."""
-    import numpy as np
-    values = {}
-    for field in ("offset", "gain", "readout_var"):
-        value = np.asarray(getattr(sim_config, field), np.float64)
-        if value.size != 1:
-            raise ValueError(f"a frame-conditioned psi needs a scalar camera {field} (got a map "
-                             f"of shape {value.shape}); convert sCMOS frames to photons first "
-                             "and use a config with offset=0, gain=1")
-        values[field] = float(value.reshape(()))
-    return {"frame_condition": True, "frame_offset": values["offset"],
-            "frame_gain": values["gain"], "frame_readout_var": values["readout_var"],
-            "frame_upsample": int(sim_config.upsample)}
+def frame_fields(sim_config, frame_condition: bool) -> dict:
+    """The PsiConfig fields of the experimental frame condition for frames of `sim_config`'s
+    camera and KDE (experimental/frame_condition.py), or none without it."""
+    if not frame_condition:
+        return {}
+    from smlm_tfdiff.experimental.frame_condition import frame_condition_fields
+    return frame_condition_fields(sim_config)
 
 
 def check_input_size(h, w, config: Optional[PsiConfig] = None):
@@ -218,40 +212,6 @@ class ToDiffusionSpace(layers.Layer):
 
     def call(self, y):
         return 2.0 * y - 1.0
-
-
-@keras.saving.register_keras_serializable(package="smlm_tfdiff")
-class FrameCondition(layers.Layer):
-    """ADU frame [B, h, w, 1] -> [B, u*h, u*w, 1], each pixel repeated u x u onto the KDE grid:
-
-        0.1 * (A(x) - A(empty)),  A(x) = 2 sqrt(max((x - offset) / gain + 3/8 + readout_var / gain^2, 0))
-
-    A is the generalised Anscombe transform of a Poisson count plus Gaussian readout: its noise
-    has unit variance at any brightness, so an emitter shows as its signal-to-noise ratio, which
-    is what sets the width of its posterior. A(empty) is A at zero photons, so an empty, dark
-    pixel is ~0; the factor 0.1 keeps the seeds' brightest emitters (5000 photons) near 6.
-    """
-
-    def __init__(self, offset=0.0, gain=1.0, readout_var=0.0, upsample=4, **kwargs):
-        super().__init__(**kwargs)
-        self.offset, self.gain = float(offset), float(gain)
-        self.readout_var, self.upsample = float(readout_var), int(upsample)
-
-    def call(self, x):
-        shift = 0.375 + self.readout_var / self.gain ** 2
-        photons = (ops.cast(x, self.compute_dtype) - self.offset) / self.gain
-        a = 2.0 * ops.sqrt(ops.maximum(photons + shift, 0.0))
-        a = 0.1 * (a - 2.0 * math.sqrt(shift))
-        return ops.repeat(ops.repeat(a, self.upsample, axis=1), self.upsample, axis=2)
-
-    def compute_output_shape(self, input_shape):
-        b, h, w, c = input_shape
-        u = self.upsample
-        return (b, None if h is None else h * u, None if w is None else w * u, c)
-
-    def get_config(self):
-        return {**super().get_config(), "offset": self.offset, "gain": self.gain,
-                "readout_var": self.readout_var, "upsample": self.upsample}
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
@@ -326,8 +286,8 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
       y_hat        [B, H, W, 1]: phi's KDE estimate in KDE units (phi's output as is); mapped to
                    2*y_hat - 1 inside the model (layer "y_hat_diffusion_space") and concatenated.
       frame        [B, H/u, W/u, 1] ADU, only with config.frame_condition (u = frame_upsample):
-                   the camera frame phi saw, through FrameCondition, concatenated as a third
-                   channel.
+                   the camera frame phi saw, through the experimental FrameCondition,
+                   concatenated as a third channel.
       noise_level  [B] or [B, 1]: sqrt(gamma), continuous in (0, 1]; not a step index.
     image_size: None (any H, W divisible by 2^(levels-1), checked by the caller with
       `check_input_size`), an int or (h, w) for a static input shape (checked here).
@@ -362,6 +322,7 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     cond = ToDiffusionSpace(name="y_hat_diffusion_space")(y_hat)
     channels_in = [y_t, cond]
     if config.frame_condition:
+        from smlm_tfdiff.experimental.frame_condition import FrameCondition
         channels_in.append(FrameCondition(config.frame_offset, config.frame_gain,
                                           config.frame_readout_var, config.frame_upsample,
                                           name="frame_condition")(inputs["frame"]))
