@@ -69,8 +69,12 @@ class Pretrained:
         return self.config.replace(**{k: getattr(scene, k) for k in SCENE_FIELDS})
 
 
-SCENE_FIELDS = ("photons", "photons_range", "num_emitters", "emitter_count", "max_emitters",
-                "region", "disc_radius", "disc_center", "margin", "background")
+# What a preset's data is, beyond the camera, optics and KDE grid of the model: the frame size,
+# the emitters, their brightness and the background, with the per-frame distributions of each.
+SCENE_FIELDS = ("frame_height", "frame_width", "photons", "photons_range",
+                "photons_distribution", "num_emitters", "emitter_count", "max_emitters",
+                "density_range", "region", "disc_radius", "disc_center", "margin", "background",
+                "background_range")
 
 
 def load_phi(run_dir):

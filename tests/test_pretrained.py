@@ -29,6 +29,10 @@ def test_isolated_emitters_near_the_crlb():
     model = st.pretrained("paper")
     config = model.scene_config("isolated")
     assert config == st.SimulationConfig.preset("isolated")
+    # Every preset's scene whole, its frame size and per-frame distributions included (the
+    # paper model has the seeds' camera, which every preset shares).
+    for preset in ("paper", "bright", "dense", "wholefield"):
+        assert model.scene_config(preset) == st.SimulationConfig.preset(preset), preset
     data = st.simulate(config, 200, seed=654_321)
     kde = np.asarray(model.phi(data["frames"], training=False))
     m = st.localization_metrics(st.detect(kde, config), data, config)
