@@ -1,6 +1,7 @@
 """absl flags shared by the scripts (analyze, demo, trainers/, export/, benchmarks/), defined once.
 
-Training scripts call `define_trainer_flags()`; scripts that load a model and sample its posterior
+Training scripts call `define_trainer_flags()` (the GPU trainers under JAX
+`define_jax_trainer_flags()`); scripts that load a model and sample its posterior
 call `define_model_flag()`, `define_sampling_flags()` and `define_seed_flag()` with their own
 defaults. None is required here: scripts mark what they require with `flags.mark_flag_as_required`.
 """
@@ -151,3 +152,46 @@ def trainer_config_from_flags():
         clipnorm=f.clipnorm or None, ema_decay=f.ema_decay, log_every=f.log_every,
         eval_every=f.eval_every, checkpoint_every=f.checkpoint_every, seed=f.seed,
         progress=f.progress, jit_compile=f.jit_compile)
+
+
+def define_jax_trainer_flags(batch_size=128, learning_rate=1e-3):
+    """The loop flags of the JAX trainers (trainers/train_*_jax.py; models/training_jax.py)."""
+    flags.DEFINE_string("out_dir", None, "Model folder to write (load_models / load_phi read it).")
+    flags.DEFINE_integer("batch_size", batch_size, "Global batch.")
+    flags.DEFINE_float("learning_rate", learning_rate, "Peak learning rate (AdamW).")
+    flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
+    flags.DEFINE_float("ema_decay", 0.999, "EMA decay of the exported weights.")
+    flags.DEFINE_integer("steps", 100000, "Steps (the most, when --time_budget_s is set).")
+    flags.DEFINE_float("time_budget_s", None, "Wall clock for the whole run; sizes the schedule.")
+    flags.DEFINE_float("checkpoint_every_s", 60.0, "Seconds between weight saves.")
+    flags.DEFINE_integer("log_every", 100, "Steps between log lines.")
+    flags.DEFINE_integer("eval_every", 2000, "Steps between validations.")
+    flags.DEFINE_integer("val_frames", 256, "Validation frames.")
+    define_seed_flag(0, "Training seed.")
+    flags.DEFINE_string("state_dir", None, "Save the full training state here (resumable).")
+    flags.mark_flag_as_required("out_dir")
+    _key_flags(*(flag.name for flag in FLAGS.get_flags_for_module(__name__)))
+
+
+def require_jax_backend(tensorflow_script):
+    """A usage error unless Keras runs on JAX (the JAX trainers; `tensorflow_script` is their
+    TensorFlow twin, named in the message)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
+                             f"{keras.backend.backend()!r}); {tensorflow_script} trains with "
+                             "TensorFlow")
+
+
+def jax_trainer_config_from_flags():
+    """The models.training_jax.JaxTrainConfig the JAX trainer flags ask for."""
+    from smlm_tfdiff.models.training_jax import JaxTrainConfig
+
+    f = flags.FLAGS
+    return JaxTrainConfig(
+        out_dir=f.out_dir, batch_size=f.batch_size, learning_rate=f.learning_rate,
+        warmup_steps=f.warmup_steps, ema_decay=f.ema_decay, max_steps=f.steps,
+        time_budget_s=f.time_budget_s, checkpoint_every_s=f.checkpoint_every_s,
+        log_every=f.log_every, eval_every=f.eval_every, seed=f.seed,
+        val_frames=f.val_frames, state_dir=f.state_dir)

@@ -252,3 +252,10 @@ def test_jax_phi_trainer_end_to_end_loads_under_tensorflow(tmp_path):
     assert moved and any(np.abs(a.numpy() - b.numpy()).max() > 0 for a, b in moved)
     frames = st.simulate(models.config, 2, seed=1)["frames"]
     assert np.all(np.isfinite(models.phi(frames, training=False).numpy()))
+
+
+def test_jax_trainers_refuse_the_tensorflow_backend(cli, tmp_path):
+    for script, twin in (("train_phi_jax.py", "train_phi.py"), ("train_psi_jax.py", "train_psi.py")):
+        res = cli(os.path.join(ROOT, "trainers", script), "--out_dir", str(tmp_path / script))
+        assert res.returncode != 0 and "KERAS_BACKEND=jax" in res.stderr and twin in res.stderr
+        assert not os.path.exists(tmp_path / script)

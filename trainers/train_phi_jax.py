@@ -19,7 +19,11 @@ import sys
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("out_dir", None, "Model folder to write (load_phi reads it).")
+from smlm_tfdiff.flags import (define_jax_trainer_flags, jax_trainer_config_from_flags,
+                               require_jax_backend)
+
+define_jax_trainer_flags(batch_size=64, learning_rate=2e-3)
+
 flags.DEFINE_string("preset", "wholefield", "Scene and camera preset (SimulationConfig.preset).")
 flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")
 flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation rates.")
@@ -27,19 +31,6 @@ flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resi
 flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
 flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a model "
                     "folder): same widths required. Ignored on resume.")
-flags.DEFINE_integer("batch_size", 64, "Global batch.")
-flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate (AdamW).")
-flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-flags.DEFINE_float("ema_decay", 0.999, "EMA decay of the exported weights.")
-flags.DEFINE_integer("steps", 100000, "Steps (the most, when --time_budget_s is set).")
-flags.DEFINE_float("time_budget_s", None, "Wall clock for the whole run; sizes the schedule.")
-flags.DEFINE_float("checkpoint_every_s", 60.0, "Seconds between weight saves.")
-flags.DEFINE_integer("log_every", 100, "Steps between log lines.")
-flags.DEFINE_integer("eval_every", 2000, "Steps between validations.")
-flags.DEFINE_integer("val_frames", 256, "Validation frames.")
-flags.DEFINE_integer("seed", 0, "Training seed.")
-flags.DEFINE_string("state_dir", None, "Save the full training state here (resumable).")
-flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
 
@@ -47,14 +38,9 @@ def main(argv):
     del argv
     import dataclasses
 
-    import keras
-    if keras.backend.backend() != "jax":
-        raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
-                             f"{keras.backend.backend()!r}); trainers/train_phi.py trains with "
-                             "TensorFlow")
+    require_jax_backend("trainers/train_phi.py")
     from smlm_tfdiff.models.phi import PhiConfig, build_phi
     from smlm_tfdiff.models.phi_training_jax import JaxPhiTrainer
-    from smlm_tfdiff.models.training_jax import JaxTrainConfig
     from smlm_tfdiff.pretrained import Pretrained, load_phi_source, save_models
     from smlm_tfdiff.simulation.config import SimulationConfig
 
@@ -74,12 +60,7 @@ def main(argv):
     def save(out_dir, model):
         save_models(out_dir, Pretrained(phi=model, config=sim_config, phi_config=phi_config))
 
-    config = JaxTrainConfig(
-        out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        warmup_steps=FLAGS.warmup_steps, ema_decay=FLAGS.ema_decay, max_steps=FLAGS.steps,
-        time_budget_s=FLAGS.time_budget_s, checkpoint_every_s=FLAGS.checkpoint_every_s,
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, seed=FLAGS.seed,
-        val_frames=FLAGS.val_frames, state_dir=FLAGS.state_dir)
+    config = jax_trainer_config_from_flags()
     run_info = {"command": " ".join(sys.argv), "preset": FLAGS.preset, "init_phi": FLAGS.init_phi,
                 "sim_config": sim_config.to_dict(),
                 "phi_config": json.loads(phi_config.to_json()),

@@ -19,7 +19,11 @@ import sys
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("out_dir", None, "Model folder to write (load_models reads it).")
+from smlm_tfdiff.flags import (define_jax_trainer_flags, jax_trainer_config_from_flags,
+                               require_jax_backend)
+
+define_jax_trainer_flags(batch_size=128, learning_rate=1e-3)
+
 flags.DEFINE_string("phi", "paper", "Frozen phi: a bundled model name or a model folder.")
 flags.DEFINE_string("preset", "paper", "Scene preset psi trains on (phi's camera and optics).")
 flags.DEFINE_string("mix_preset", "isolated", "A second scene mixed into every batch (empty: none).")
@@ -46,34 +50,17 @@ flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (
                     "a model folder; fine-tuning, e.g. onto another schedule or prediction): the "
                     "same psi flags otherwise. Ignored on resume.")
 flags.DEFINE_integer("sample_steps", 10, "Default reverse steps of the exported sampler recipe.")
-flags.DEFINE_integer("batch_size", 128, "Global batch.")
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (AdamW).")
-flags.DEFINE_integer("warmup_steps", 200, "Linear warm-up steps.")
-flags.DEFINE_float("ema_decay", 0.999, "EMA decay of the exported weights.")
-flags.DEFINE_integer("steps", 100000, "Steps (the most, when --time_budget_s is set).")
-flags.DEFINE_float("time_budget_s", None, "Wall clock for the whole run; sizes the schedule.")
-flags.DEFINE_float("checkpoint_every_s", 60.0, "Seconds between weight saves.")
-flags.DEFINE_integer("log_every", 100, "Steps between log lines.")
-flags.DEFINE_integer("eval_every", 2000, "Steps between validations.")
-flags.DEFINE_integer("val_frames", 256, "Validation frames.")
-flags.DEFINE_integer("seed", 0, "Training seed.")
-flags.DEFINE_string("state_dir", None, "Save the full training state here (resumable).")
-flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    import keras
-    if keras.backend.backend() != "jax":
-        raise app.UsageError(f"run with KERAS_BACKEND=jax (the backend is "
-                             f"{keras.backend.backend()!r}); trainers/train_psi.py trains with "
-                             "TensorFlow")
+    require_jax_backend("trainers/train_psi.py")
     from smlm_tfdiff.diffusion.recipe import Recipe
     from smlm_tfdiff.diffusion.schedule import NoiseSchedule
     from smlm_tfdiff.models.psi import PsiConfig, build_psi, frame_fields, transfer_weights
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi, save_models
-    from smlm_tfdiff.models.psi_training_jax import JaxPsiTrainer, JaxTrainConfig
+    from smlm_tfdiff.models.psi_training_jax import JaxPsiTrainer
 
     phi_dir = FLAGS.phi if os.path.isdir(FLAGS.phi) else os.path.join(WEIGHTS_DIR, FLAGS.phi)
     if not os.path.isdir(phi_dir):
@@ -113,12 +100,7 @@ def main(argv):
         shutil.copyfile(os.path.join(phi_dir, "phi.weights.h5"),
                         os.path.join(out_dir, "phi.weights.h5"))
 
-    config = JaxTrainConfig(
-        out_dir=FLAGS.out_dir, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        warmup_steps=FLAGS.warmup_steps, ema_decay=FLAGS.ema_decay, max_steps=FLAGS.steps,
-        time_budget_s=FLAGS.time_budget_s, checkpoint_every_s=FLAGS.checkpoint_every_s,
-        log_every=FLAGS.log_every, eval_every=FLAGS.eval_every, seed=FLAGS.seed,
-        val_frames=FLAGS.val_frames, state_dir=FLAGS.state_dir)
+    config = jax_trainer_config_from_flags()
     run_info = {"command": " ".join(sys.argv), "phi": FLAGS.phi, "preset": FLAGS.preset,
                 "init_psi": FLAGS.init_psi,
                 "mix_preset": FLAGS.mix_preset or None,

@@ -72,18 +72,6 @@ def learning_rate_at(step, total_steps, config):
     return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * progress)) + alpha)
 
 
-def learning_rate_at(step, total_steps, config):
-    """keras CosineDecay with warm-up as `training.make_learning_rate` builds it, at `step`."""
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    lr = config.learning_rate
-    if step < warmup:
-        return 0.01 * lr + (lr - 0.01 * lr) * step / warmup
-    decay_steps = max(total_steps - warmup, 1)
-    progress = min(step - warmup, decay_steps) / decay_steps
-    alpha = config.min_learning_rate_ratio
-    return lr * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * progress)) + alpha)
-
-
 class JaxTrainer:
     """The training loop of a Keras model under the JAX backend; subclasses define the loss.
 
