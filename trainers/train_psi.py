@@ -56,7 +56,9 @@ flags.DEFINE_integer("crop_size", None, "Train psi on windows of this many camer
                      "from each frame after phi has seen it whole (whole-field models: analyze "
                      "samples such windows); default: whole frames.")
 flags.DEFINE_string("init_psi", None, "Start psi from this model's psi weights (a bundled name or "
-                    "a run folder; fine-tuning): same psi_config required. Ignored on resume.")
+                    "a run folder; fine-tuning): the same network required (PsiConfig."
+                    "same_network: the crop size, prediction and frame condition may differ). "
+                    "Ignored on resume.")
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
