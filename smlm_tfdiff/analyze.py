@@ -167,6 +167,7 @@ class SavedModelBackend:
 
     has_posterior = True
     window = None  # The export's posterior takes frames: a whole-field model sees them whole.
+    frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
 
     def estimate(self, frames):
         """phi's KDE estimate (the export's `estimate` signature)."""
@@ -577,14 +578,12 @@ class StackAnalyzer:
                 else -(-n // (top // 2)) * (top // 2))  # Beyond: multiples of 32.
         index = np.concatenate([windows, np.full(size - n, windows[-1])]) + b * self._n_tiles
         seed = _fold(self.seed, lo + b)
-        if not self.window:
-            post = self.backend.posterior(inputs[index], self.num_samples, self.num_steps, seed)
-        elif frame_windows is not None:
+        if self.window:
+            frames = None if frame_windows is None else frame_windows[index]
             post = self.backend.posterior_windows(inputs[index], self.num_samples,
-                                                  self.num_steps, seed, frame_windows[index])
+                                                  self.num_steps, seed, frames)
         else:
-            post = self.backend.posterior_windows(inputs[index], self.num_samples,
-                                                  self.num_steps, seed)
+            post = self.backend.posterior(inputs[index], self.num_samples, self.num_steps, seed)
         return {k: post[k][:n] for k in ("mean", "std", "samples")}
 
     def _run(self, stack, name, outputs):
@@ -656,7 +655,7 @@ class StackAnalyzer:
                 y_hat = self.backend.estimate(model_frames[..., None])[..., 0]
                 estimate = grid.cut_hr(y_hat)
                 inputs = estimate[..., None]
-                if getattr(self.backend, "frame_condition", False):
+                if self.backend.frame_condition:
                     frame_windows = grid.cut(model_frames)[..., None]
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
