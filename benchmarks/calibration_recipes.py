@@ -4,7 +4,7 @@ default recipe. `trainers/evaluate_uncertainty.py` gives the held-out figures of
 
     python benchmarks/calibration_recipes.py --models paper,runs/psi_ext --steps 0,20
 
-For each model, --reverse_variance and number of reverse steps (0: the model's own default; guided
+For each model and number of reverse steps (0: the model's own default; guided
 start at the model's t_start; --method ddpm (ancestral, the default) or ddim; projected samples, as
 evaluate_uncertainty scores them):
   isolated frames (seed 778, 100 samples): ratio of psi's and MCMC's (HMC, beta = 1) mean std and
@@ -37,8 +37,6 @@ from smlm_tfdiff.diffusion.sampler import PosteriorSampler, default_recipe
 flags.DEFINE_list("models", ["paper"], "Bundled model names or run folders with psi.")
 flags.DEFINE_list("steps", ["0"], "Reverse steps to compare (0: each model's default).")
 flags.DEFINE_enum("method", "ddpm", ["ddpm", "ddim"], "Reverse steps: ancestral or deterministic.")
-flags.DEFINE_list("reverse_variance", ["auto"], "Sampler reverse variances to compare: fixed, "
-                  "learned (the models' psi_var), auto (learned when the models have one).")
 flags.DEFINE_integer("restart_t", None, "Restart step of the sampler (PosteriorSampler "
                      "restart_t; default: none).")
 flags.DEFINE_integer("restarts", 1, "Restart sweeps, each from the previous samples (with "
@@ -69,9 +67,8 @@ def main(argv):
     for name in FLAGS.models:
         models = load_phi_source(name)
         t_start, default_steps = default_recipe(models)
-        for variance, steps in ((v, int(s) or default_steps) for v in FLAGS.reverse_variance
-                                for s in FLAGS.steps):
-            sampler = PosteriorSampler(models, reverse_variance=variance)
+        sampler = PosteriorSampler(models)
+        for steps in (int(s) or default_steps for s in FLAGS.steps):
             kw = dict(num_steps=steps, method=FLAGS.method, return_samples=True, project=True,
                       restart_t=FLAGS.restart_t, restarts=FLAGS.restarts)
             ip = sampler(iso["frames"], 100, seed=1, **kw)
@@ -91,7 +88,7 @@ def main(argv):
                 dp, dense, dcfg, 5.0 / dcfg.upsample, num_samples=32)
             row = {"model": name, "method": FLAGS.method, "restart_t": FLAGS.restart_t,
                    "restarts": FLAGS.restarts if FLAGS.restart_t else 0,
-                   "reverse_variance": sampler.reverse_variance, "t_start": t_start,
+                   "t_start": t_start,
                    "num_steps": steps,
                    "iso_ratio": agree["mean_ratio"], "iso_r": agree["pearson_r"],
                    "iso_loc_std_over_mcmc": float(np.median(loc_ratio)),
@@ -108,12 +105,12 @@ def main(argv):
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print(f"\n{'model':24s} {'var':>7s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
+    print(f"\n{'model':24s} {'t*':>4s} {'steps':>5s} {'ratio':>6s} {'r':>6s} {'loc/MCMC':>8s} "
           f"{'z iso':>6s} {'cov 50/90':>12s} {'PIT>0.9':>7s} {'>all':>6s} {'missed':>6s} "
           f"{'z dense':>7s} {'rho':>5s} {'MSE':>8s}")
     for r in rows:
         c50, c90 = r["dense_coverage_50_90"]
-        print(f"{r['model'][-24:]:24s} {r['reverse_variance']:>7s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
+        print(f"{r['model'][-24:]:24s} {r['t_start']:4d} {r['num_steps']:5d} {r['iso_ratio']:6.2f} "
               f"{r['iso_r']:6.3f} {r['iso_loc_std_over_mcmc']:8.2f} {r['iso_std_z']:6.2f} "
               f"{c50:5.3f}/{c90:.3f} {r['dense_pit_top_tenth']:7.3f} "
               f"{r['dense_truth_above_all']:6.3f} {r['dense_phi_missed']:6.3f} {r['dense_std_z']:7.2f} "

@@ -2,14 +2,14 @@
 
 A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
 also psi.weights.h5, psi_config.json and diffusion.json (the diffusion.Recipe: noise schedule, loss
-weighting and the sampler's defaults), and optionally psi_var.weights.h5 (the experimental learned
-reverse variance, experimental/reverse_variance.py; the sampler then uses it)."""
+weighting and the sampler's defaults). A psi_var.weights.h5 left by the removed learned reverse
+variance (docs/sampler.md) is ignored."""
 
 import dataclasses
 import json
 import os
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.models.phi import PhiConfig, build_phi
@@ -32,9 +32,6 @@ class Pretrained:
     source: str = ""  # The folder (or checkpoint) the models were read from.
     psi_config: Optional[Any] = None  # models.psi.PsiConfig.
     recipe: Optional[Any] = None  # diffusion.recipe.Recipe: diffusion.json.
-    # Experimental: the sampler's extra step variance (diffusion.sampler.X0Variance), e.g.
-    # experimental.reverse_variance.LearnedX0Variance of a psi_var.weights.h5; None for the bundled.
-    x0_variance: Optional[Callable] = None
     # Detection in phi's and psi's KDEs: detection.json, or the detect_* keys of an older
     # sim_config.json, else the defaults.
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
@@ -137,12 +134,8 @@ def _load_phi_checkpoint(run_dir):
 
 def load_models(run_dir):
     """phi and, when the folder has one, psi (see the module docstring for the files). A psi
-    training run still in progress loads its phi and the EMA weights of its latest checkpoint; a
-    psi_var run (the experimental train_psi_variance.py) in progress, its psi and the latest
-    psi_var."""
+    training run still in progress loads its phi and the EMA weights of its latest checkpoint."""
     info = _run_info(run_dir)
-    if "psi" in info and not os.path.exists(os.path.join(run_dir, "psi_var.weights.h5")):
-        return _load_psi_var_checkpoint(run_dir, info)
     if "psi_config" in info and not os.path.exists(os.path.join(run_dir, "psi.weights.h5")):
         return _load_psi_checkpoint(run_dir, info)
     models = load_phi(run_dir)
@@ -160,12 +153,6 @@ def load_models(run_dir):
     with open(os.path.join(run_dir, "diffusion.json")) as f:
         models = _with_psi(models, psi_config, Recipe.from_json(f.read()))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
-    var_path = os.path.join(run_dir, "psi_var.weights.h5")
-    if os.path.exists(var_path):
-        from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
-        x0_variance = LearnedX0Variance.build(psi_config)
-        x0_variance.net.load_weights(var_path)
-        models = dataclasses.replace(models, x0_variance=x0_variance)
     return models
 
 
@@ -217,15 +204,6 @@ def _restore_ema(model, checkpoint, info):
         v.assign(e)
 
 
-def _load_psi_var_checkpoint(run_dir, info):
-    from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
-    latest = _latest_checkpoint(run_dir, "psi_var")
-    models = load_phi_source(info["psi"])
-    x0_variance = LearnedX0Variance.build(models.psi_config)
-    _restore_ema(x0_variance.net, latest, info)
-    return dataclasses.replace(models, x0_variance=x0_variance, source=latest)
-
-
 def load_phi_source(source):
     """A bundled model name ("paper") or a run folder -> Pretrained (phi, and psi if present)."""
     if os.path.isdir(source):
@@ -233,11 +211,10 @@ def load_phi_source(source):
     return pretrained(source)
 
 
-def save_models(out_dir, models, psi=None, psi_config=None, recipe=None, psi_var=None):
+def save_models(out_dir, models, psi=None, psi_config=None, recipe=None):
     """Write phi (from `models`) and optionally psi (with its psi_config and recipe, a
     diffusion.Recipe written as diffusion.json) into out_dir so `load_models(out_dir)` reads them
-    back; psi_var: the experimental learned reverse variance's network. Each file is written under
-    a temporary name and renamed when complete."""
+    back. Each file is written under a temporary name and renamed when complete."""
     os.makedirs(out_dir, exist_ok=True)
 
     def write(name, writer):
@@ -259,8 +236,6 @@ def save_models(out_dir, models, psi=None, psi_config=None, recipe=None, psi_var
         write("psi.weights.h5", psi.save_weights)
         write("psi_config.json", text(psi_config.to_json()))
         write("diffusion.json", text(recipe.to_json()))
-    if psi_var is not None:
-        write("psi_var.weights.h5", psi_var.save_weights)
 
 
 def available():

@@ -20,8 +20,7 @@ the recipe's), and the visited noise levels are computed in graph exactly as
 recipe's with the export-only keys recipe.EXPORT_KEYS; restart sweeps are not exported (one pass).
 The same seed gives the same output as
 `PosteriorSampler(models, jit_compile=False)(frames, S, num_steps, seed, method, t_start=t_start,
-restarts=0)` (with the models' x0_variance when they have one)
-when all frames fit in one chunk of it (B <= max(1, max_images // S)).
+restarts=0)` when all frames fit in one chunk of it (B <= max(1, max_images // S)).
 
 Memory: one request runs psi on B * num_samples images of 4H x 4W at once. Each export has a
 maximum of B * num_samples per request, max_images (default DEFAULT_MAX_IMAGES = 2048; set at
@@ -114,13 +113,11 @@ class SamplerModule(tf.Module):
         self.phi = models.phi
         self.psi = models.psi
         self._frame_condition = models.psi_config.frame_condition
-        # The experimental x0_variance travels with psi when the models have one (sampler.py).
-        self.x0_variance = models.x0_variance
         self._method_name = method
         self._t_start_value = t_start
         self._eta = float(recipe.eta)
         self._gamma = tf.constant(schedule.gamma, tf.float64)
-        self._loop = make_sample_loop(models.psi, jit_compile=False, x0_variance=self.x0_variance)
+        self._loop = make_sample_loop(models.psi, jit_compile=False)
 
         sim_config = models.config
         psi_factor = models.psi_config.downsample_factor
@@ -136,8 +133,7 @@ class SamplerModule(tf.Module):
 
         # The recipe and the export-only keys (recipe.EXPORT_KEYS).
         diffusion = {**recipe.to_dict(), "eta": self._eta, "start": "guided",
-                     "max_images_per_request": self._max_images,
-                     "reverse_variance": "fixed" if self.x0_variance is None else "learned"}
+                     "max_images_per_request": self._max_images}
         # The detection settings ride in sim_config.json under their pre-split keys.
         texts = {"sim_config.json": json.dumps({**sim_config.to_dict(),
                                                 **models.detection.to_legacy()}, sort_keys=True),

@@ -232,29 +232,6 @@ def test_command_line_errors_exit_nonzero(tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_savedmodel_backend_gives_the_same_localizations(tmp_path, backend):
-    from smlm_tfdiff.pretrained import pretrained
-    from smlm_tfdiff.serving import export_savedmodel
-
-    export_savedmodel(pretrained("paper"), str(tmp_path / "model"))
-    served = load_backend(str(tmp_path / "model"))
-    assert served.config == backend.config
-    data = simulate(SimulationConfig.preset("paper"), 2, seed=5)
-    tifffile.imwrite(tmp_path / "s.tif", data["frames"][..., 0], photometric="minisblack")
-    tables = []
-    for name, which in (("keras", backend), ("served", served)):
-        analyzer = StackAnalyzer(which, Camera(100.0, 1.0), num_samples=2, num_steps=1,
-                                 progress=False, maps=False)
-        analyzer.analyze(tmp_path / "s.tif", tmp_path / name)
-        with open(tmp_path / name / "s.csv") as f:
-            tables.append(list(csv.DictReader(f)))
-    assert len(tables[0]) == len(tables[1]) > 0
-    for a, b in zip(*tables):
-        assert a["frame"] == b["frame"]
-        assert abs(float(a["x [nm]"]) - float(b["x [nm]"])) < 0.5
-        assert abs(float(a["y [nm]"]) - float(b["y [nm]"])) < 0.5
-
-
 @pytest.mark.slow
 def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     """--restart_t / --restarts: the backend's posterior is the sampler's with those sweeps, the

@@ -358,9 +358,11 @@ def test_interrupted_run_resumes_to_byte_identical_results(tmp_path, backend):
 
 @pytest.mark.slow
 def test_command_line_killed_runs_resume(tmp_path, cli):
-    """Processes killed by SIGTERM and SIGKILL (the process boundary is what is tested here), then
-    the resume to the end and the uninterrupted reference run in this process."""
+    """A run stopped by SIGTERM (in this process: analyze's handler turns it into Ctrl-C), then
+    one killed by SIGKILL (a process of its own: the process boundary is what is tested there),
+    then the resume to the end and the uninterrupted reference run."""
     import signal
+    import threading
     import time
 
     _movie(tmp_path / "movie.tif", frames=8)
@@ -371,30 +373,49 @@ def test_command_line_killed_runs_resume(tmp_path, cli):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     state = tmp_path / "out" / ".movie.partial" / "checkpoint.json"
 
-    def killed_at(frames_done, sig):
-        proc = subprocess.Popen(base + ["--out", str(tmp_path / "out")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if json.loads(state.read_text())["frames_done"] >= frames_done:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(sig)
-        code = proc.wait(60)
-        return code, proc.stderr.read()
+    def frames_done():
+        try:
+            return json.loads(state.read_text())["frames_done"]
+        except (OSError, ValueError):
+            return 0
 
     def whole(out):
         return cli("analyze", *base[3:], "--out", out)
 
-    code, err = killed_at(2, signal.SIGTERM)
-    assert code == 130 and "run the same command again to resume" in err, err
-    code, err = killed_at(4, signal.SIGKILL)  # Resumes, then dies without a word.
-    assert code == -signal.SIGKILL and "resuming an interrupted run" in err
-    done = json.loads(state.read_text())["frames_done"]
+    # SIGTERM once 2 frames are done. The test's own handler is in place before and after the
+    # run (run_cli restores it), so a signal that came late would be caught here, not kill pytest.
+    late = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: late.append(a))
+    stop = threading.Event()
+
+    def send_sigterm():
+        while not stop.wait(0.05):
+            if frames_done() >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=send_sigterm)
+    watcher.start()
+    try:
+        res = whole(tmp_path / "out")
+    finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert not late, "the run ended before it could be stopped"
+    assert res.returncode == 130 and "run the same command again to resume" in res.stderr, res
+    stopped_at = frames_done()
+    assert 2 <= stopped_at < 8
+
+    proc = subprocess.Popen(base + ["--out", str(tmp_path / "out")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and frames_done() < stopped_at + 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # Resumes, then dies without a word.
+    assert proc.wait(60) == -signal.SIGKILL and "resuming an interrupted run" in proc.stderr.read()
+    done = frames_done()
     res = whole(tmp_path / "out")
     assert res.returncode == 0 and f"resuming an interrupted run from frame {done + 1}" in res.stderr
     assert whole(tmp_path / "whole").returncode == 0

@@ -359,25 +359,19 @@ def test_ddim_module_equals_in_package_sampler(models, frames):
         module.sample(**_request(frames[:1], num_samples=2, num_steps=11))
 
 
-def test_module_takes_the_learned_reverse_variance_along(models, frames):
-    """A models object with psi_var exports a sampler that adds its variance, as the in-package
-    sampler does (checked on the module without saving)."""
-    import dataclasses
-
-    from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance, build_variance_net
-    psi_var = build_variance_net(models.psi_config, models.psi)
-    kernel, bias = psi_var.get_layer("eps").get_weights()
-    psi_var.get_layer("eps").set_weights([kernel, np.full_like(bias, np.log(0.05))])
-    with_var = dataclasses.replace(models, x0_variance=LearnedX0Variance(psi_var))
-    module = SamplerModule(with_var, t_start=10)
-    assert json.loads(module.diffusion_json.numpy())["reverse_variance"] == "learned"
-    out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))
-    ref = PosteriorSampler(with_var, jit_compile=False)(
-        frames[:1], 2, 2, seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
-    np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
-    fixed = PosteriorSampler(models, jit_compile=False)(
-        frames[:1], 2, 2, seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
-    assert np.abs(fixed["samples"] - ref["samples"]).max() > 1e-3
+def test_diffusion_json_of_an_older_export_still_reads(models):
+    """A SavedModel's diffusion.json is the recipe's plus export-only keys, which Recipe.from_dict
+    ignores, also the "reverse_variance" of exports written before the learned reverse variance
+    was removed (docs/sampler.md)."""
+    from smlm_tfdiff.diffusion.recipe import Recipe
+    module = SamplerModule(models, t_start=10)
+    diffusion = json.loads(module.diffusion_json.numpy())
+    assert "reverse_variance" not in diffusion
+    for extra in ({}, {"reverse_variance": "fixed"}):
+        recipe = Recipe.from_dict({**diffusion, **extra})
+        assert (recipe.t_start, recipe.method) == (10, "ddpm")
+    with pytest.raises(ValueError, match="unknown keys"):
+        Recipe.from_dict({**diffusion, "reverse_varience": "fixed"})
 
 
 def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
@@ -401,3 +395,30 @@ def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
     np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
     plain = PosteriorSampler(models, jit_compile=False)(frames[:1], 2, 2, **kw)
     assert np.abs(plain["samples"] - ref["samples"]).max() > 1e-3
+
+
+def test_analyze_on_the_export_gives_the_same_localizations(export, backend, tmp_path):
+    """analyze with the SavedModel (its base folder of versions) finds what the in-package
+    backend finds: same frames, positions within 0.5 nm."""
+    import csv
+
+    import tifffile
+
+    from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
+
+    served = load_backend(export[0])
+    assert served.config == backend.config
+    data = st.simulate(st.SimulationConfig.preset("paper"), 2, seed=5)
+    tifffile.imwrite(tmp_path / "s.tif", data["frames"][..., 0], photometric="minisblack")
+    tables = []
+    for name, which in (("keras", backend), ("served", served)):
+        analyzer = StackAnalyzer(which, Camera(100.0, 1.0), num_samples=2, num_steps=1,
+                                 progress=False, maps=False)
+        analyzer.analyze(tmp_path / "s.tif", tmp_path / name)
+        with open(tmp_path / name / "s.csv") as f:
+            tables.append(list(csv.DictReader(f)))
+    assert len(tables[0]) == len(tables[1]) > 0
+    for a, b in zip(*tables):
+        assert a["frame"] == b["frame"]
+        assert abs(float(a["x [nm]"]) - float(b["x [nm]"])) < 0.5
+        assert abs(float(a["y [nm]"]) - float(b["y [nm]"])) < 0.5

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import smlm_tfdiff as st
+from smlm_tfdiff.localization.batched import detect_batch
 
 
 @pytest.mark.slow
@@ -16,7 +17,7 @@ def test_bundled_phi_localizes_paper_frames():
     # The KDE scale: sum / (2 pi sigma^2) counts the emitters.
     count = kde.sum(axis=(1, 2, 3)) / model.config.kde_norm
     assert count.mean() == pytest.approx(10.0, rel=0.05)
-    m = st.localization_metrics(st.detect(kde, model.config), data, model.config)
+    m = st.localization_metrics(detect_batch(kde, model.config), data, model.config)
     oracle = st.oracle_metrics(data["positions"], data["mask"], model.config)
     # The issue's bars (P >= 0.99, R >= 0.97 x oracle, met on 1000 held-out frames: 0.992, 0.975)
     # less ~2.5 standard errors of ~2000 emitters (0.002 for P, 0.004 for the recall ratio).
@@ -35,7 +36,7 @@ def test_isolated_emitters_near_the_crlb():
         assert model.scene_config(preset) == st.SimulationConfig.preset(preset), preset
     data = st.simulate(config, 200, seed=654_321)
     kde = np.asarray(model.phi(data["frames"], training=False))
-    m = st.localization_metrics(st.detect(kde, config), data, config)
+    m = st.localization_metrics(detect_batch(kde, config), data, config)
     assert m["precision"] >= 0.99 and m["recall"] >= 0.99
     bound = st.crlb(data["positions"][:, 0], config)
     crlb_nm = np.sqrt(np.mean(np.sum(bound ** 2, axis=1))) * config.pixel_size_nm
@@ -107,7 +108,6 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
     sampled on windows of phi's whole-frame estimate puts its spread where the emitters are."""
     from smlm_tfdiff.diffusion.sampler import PosteriorSampler
     from smlm_tfdiff.io.tiling import TileGrid
-    from smlm_tfdiff.localization.batched import detect_batch
 
     models = st.pretrained("wholefield")
     assert models.config.region == "frame" and models.config.margin < 0

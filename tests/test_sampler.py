@@ -14,7 +14,6 @@ from keras import ops
 import smlm_tfdiff as st
 from smlm_tfdiff.diffusion.recipe import Recipe
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule
-from smlm_tfdiff.experimental.reverse_variance import LearnedX0Variance
 from smlm_tfdiff.pretrained import Pretrained
 from smlm_tfdiff.diffusion.sampler import METHODS as sampler_eta
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler, noise_levels
@@ -31,27 +30,17 @@ class GaussianPsi(keras.Model):
         return ops.sqrt(1.0 - g) * (inputs["y_t"] - ops.sqrt(g) * mu) / (g * S * S + 1.0 - g)
 
 
-class GaussianVar(keras.Model):
-    """The exact log k = log(E[(eps - eps_psi)^2 | z_t] / g) of GaussianPsi: Var(eps | z_t) =
-    g S^2 / (g S^2 + 1 - g), so the sampler's Var(z_0 | z_t) = (1 - g) k is the exact
-    (1 - g) S^2 / (g S^2 + 1 - g)."""
-
-    def call(self, inputs, training=False):
-        g = ops.reshape(ops.square(inputs["noise_level"]), (-1, 1, 1, 1))
-        return ops.log(S * S / (g * S * S + 1.0 - g)) + 0.0 * inputs["y_t"]
-
-
-def _expected_std(schedule, num_steps, eta, t_start=None, learned=False):
+def _expected_std(schedule, num_steps, eta, t_start=None):
     """The exact std (diffusion space) the sampler must reach with GaussianPsi from the noise
-    start (t_start None) or the guided start q(z_t* | mu); learned: with GaussianVar."""
+    start (t_start None) or the guided start q(z_t* | mu)."""
     var = 1.0 if t_start is None else 1.0 - schedule.gamma[t_start]
-    return np.sqrt(_propagate_var(schedule, num_steps, eta, t_start, var, learned))
+    return np.sqrt(_propagate_var(schedule, num_steps, eta, t_start, var))
 
 
-def _propagate_var(schedule, num_steps, eta, t_start, var, learned=False):
+def _propagate_var(schedule, num_steps, eta, t_start, var):
     """Var (diffusion space) after the strided reverse steps from t_start (None: T), starting at
     var: every step is linear, z_s = a z_t + (terms in mu) + sqrt(v) n, so
-    Var_s = a^2 Var_t + v (learned: v includes c^2 Var(z_0 | z_t), reverse_variance.py)."""
+    Var_s = a^2 Var_t + v."""
     steps = schedule.timesteps_for(num_steps, t_start)
     g = list(schedule.gamma[steps]) + [1.0]
     for gt, gs in zip(g[:-1], g[1:]):
@@ -59,18 +48,13 @@ def _propagate_var(schedule, num_steps, eta, t_start, var, learned=False):
         c0 = (1 - np.sqrt(1 - gt) * k) / np.sqrt(gt)
         v = min(eta ** 2 * (1 - gs) / (1 - gt) * (1 - gt / gs), 1 - gs)
         a = np.sqrt(gs) * c0 + np.sqrt(1 - gs - v) * k
-        if learned:
-            c = np.sqrt(gs) - np.sqrt(1 - gs - v) * np.sqrt(gt / (1 - gt))
-            v = v + c * c * (1 - gt) * S * S / (gt * S * S + 1 - gt)
         var = a * a * var + v
     return var
 
 
-def _models(schedule, t_start=None, psi_var=None):
-    """psi_var: a log k network for the experimental learned reverse variance."""
+def _models(schedule, t_start=None):
     phi = keras.Sequential([keras.Input((20, 20, 1)), keras.layers.UpSampling2D(4)])
-    return Pretrained(phi=phi, psi=GaussianPsi(), recipe=Recipe(schedule, t_start=t_start),
-                      x0_variance=None if psi_var is None else LearnedX0Variance(psi_var))
+    return Pretrained(phi=phi, psi=GaussianPsi(), recipe=Recipe(schedule, t_start=t_start))
 
 
 def _y_hat(n=2):
@@ -103,44 +87,6 @@ def test_exact_denoiser_gives_the_exact_discretised_posterior(method, num_steps,
     mean_err = out["mean"] - _y_hat()
     assert abs(mean_err.mean()) < 4 * se / np.sqrt(mean_err.size)
     assert np.sqrt(np.mean(mean_err ** 2)) < 1.05 * se
-
-
-@pytest.mark.parametrize("method,num_steps,start,t_start", [
-    ("ddpm", 10, "noise", None), ("ddim", 5, "noise", None), ("ddpm", 4, "guided", 30)])
-def test_learned_reverse_variance_makes_a_few_steps_exact(method, num_steps, start, t_start):
-    """With the exact Var(z_0 | z_t) in every step, each Gaussian reverse step is the exact
-    p(z_s | z_t): from the noise start (the forward marginal on the cosine schedule) a few strided
-    steps, ancestral or DDIM, give the posterior's std S, which the fixed variance falls short of;
-    from the guided start the chain is the exact propagation of the start's variance."""
-    schedule = NoiseSchedule.cosine(100)
-    sampler = PosteriorSampler(_models(schedule, psi_var=GaussianVar()), jit_compile=False,
-                               clip="none", dc_free=False)
-    assert sampler.reverse_variance == "learned"
-    out = sampler(FRAMES, num_samples=64, num_steps=num_steps, seed=4, method=method,
-                  start=start, t_start=t_start, y_hat=_y_hat())
-    eta = sampler_eta[method]
-    expected = _expected_std(schedule, num_steps, eta, t_start, learned=True) / 2
-    fixed = _expected_std(schedule, num_steps, eta, t_start) / 2
-    if start == "noise":
-        assert abs(expected / (S / 2) - 1) < 2e-3  # Exact but for cosine's gamma_T > 0.
-        assert fixed < 0.9 * S / 2  # What the same chain gives without the learned term.
-    n = 64
-    pooled_std = np.sqrt(np.mean(out["std"] ** 2) * n / (n - 1))
-    assert abs(pooled_std / expected - 1) < 0.01
-    mean_err = out["mean"] - _y_hat()
-    assert np.sqrt(np.mean(mean_err ** 2)) < 1.05 * expected / np.sqrt(n)
-
-
-def test_reverse_variance_option():
-    models = _models(NoiseSchedule.cosine(100))
-    assert PosteriorSampler(models, jit_compile=False).reverse_variance == "fixed"
-    with pytest.raises(ValueError, match="x0_variance"):
-        PosteriorSampler(models, jit_compile=False, reverse_variance="learned")
-    with pytest.raises(ValueError, match="reverse_variance must be one of"):
-        PosteriorSampler(models, jit_compile=False, reverse_variance="analytic")
-    models.x0_variance = LearnedX0Variance(GaussianVar())
-    assert PosteriorSampler(models, jit_compile=False,
-                            reverse_variance="fixed").reverse_variance == "fixed"
 
 
 def test_paper_schedule_noise_start_is_biased_and_guided_start_is_not():
@@ -379,22 +325,22 @@ def test_restart_noises_the_first_pass_samples_and_runs_the_chain_again():
 
 @pytest.mark.parametrize("restarts", [1, 3])
 def test_restarts_are_gibbs_sweeps_towards_the_posterior(restarts):
-    """The guided start at t* pins the samples to mu (with the exact denoiser and steps the
-    chain gives the posterior of z_0 given BOTH y_hat and the start: 0.65 S at t* = 10). Each
-    restart noises the samples to q(z_t* | z_0) and runs the same chain: a Gibbs sweep of
-    p(z_0, z_t* | y_hat), whose z_0-marginal is N(mu, S^2). The sampler's std must follow the
-    exact propagation of the variance through the sweeps, Var' = chain(g Var + 1 - g)."""
+    """The guided start at t* pins the samples to mu (with the exact denoiser the chain gives
+    about the posterior of z_0 given BOTH y_hat and the start: 0.60 S at t* = 10 in 10 ancestral
+    steps). Each restart noises the samples to q(z_t* | z_0) and runs the same chain: a Gibbs
+    sweep of p(z_0, z_t* | y_hat), whose z_0-marginal is N(mu, S^2) (up to the chain's
+    discretisation: the sweeps of these 10 steps settle at 0.92 S). The sampler's std must follow
+    the exact propagation of the variance through the sweeps, Var' = chain(g Var + 1 - g)."""
     schedule = NoiseSchedule.cosine(100)
-    sampler = PosteriorSampler(_models(schedule, psi_var=GaussianVar()), jit_compile=False,
-                               clip="none", dc_free=False)
-    t, steps = 10, 4
+    sampler = PosteriorSampler(_models(schedule), jit_compile=False, clip="none", dc_free=False)
+    t, steps = 10, 10
     g = schedule.gamma[t]
-    var = _propagate_var(schedule, steps, 1.0, t, 1.0 - g, learned=True)
+    var = _propagate_var(schedule, steps, 1.0, t, 1.0 - g)
     first = np.sqrt(var)
     for _ in range(restarts):
-        var = _propagate_var(schedule, steps, 1.0, t, g * var + 1.0 - g, learned=True)
+        var = _propagate_var(schedule, steps, 1.0, t, g * var + 1.0 - g)
     expected = np.sqrt(var) / 2
-    assert first < 0.66 * S and expected > (0.81 if restarts == 1 else 0.94) * S / 2
+    assert first < 0.6 * S and expected > (0.74 if restarts == 1 else 0.86) * S / 2
     n = 64
     out = sampler(FRAMES, num_samples=n, num_steps=steps, seed=5, method="ddpm", t_start=t,
                   y_hat=_y_hat(), restart_t=t, restart_steps=steps, restarts=restarts)

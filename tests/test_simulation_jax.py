@@ -147,35 +147,43 @@ def test_learning_rate_matches_the_tf_trainer():
                                        float(schedule(step)), rtol=1e-5)
 
 
-def _no_tensorflow(tmp_path):
-    """A folder whose stub package `tensorflow` refuses to import: on PYTHONPATH it shadows the
-    installed TensorFlow, as on a GPU machine that has none."""
-    blocker = tmp_path / "no_tensorflow"
-    (blocker / "tensorflow").mkdir(parents=True)
-    (blocker / "tensorflow" / "__init__.py").write_text(
+@pytest.fixture(scope="module")
+def jax_env(tmp_path_factory):
+    """The environment of a JAX trainer subprocess, as on the GPU machine: KERAS_BACKEND=jax and
+    no TensorFlow (a stub package `tensorflow` that refuses to import shadows the installed one).
+    The runs share a persistent XLA compilation cache: on the CPU, JAX compiles every weight
+    initialiser's shape and every jitted step afresh in each process (~40 s of a 50 s run), and
+    a resumed run compiles the same programs again."""
+    root = tmp_path_factory.mktemp("jax")
+    (root / "no_tensorflow" / "tensorflow").mkdir(parents=True)
+    (root / "no_tensorflow" / "tensorflow" / "__init__.py").write_text(
         "raise ImportError('TensorFlow is not installed on this machine')\n")
-    return str(blocker)
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(root / "no_tensorflow"), ROOT]),
+            "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def _train(out_dir, state_dir, steps, blocker, *extra):
-    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_psi_jax.py"),
-           "--out_dir", out_dir, "--state_dir", state_dir, "--steps", str(steps), *extra,
-           "--base_channels", "8", "--channel_multipliers", "1,2", "--attention_resolutions", "40",
-           "--embedding_dim", "16", "--batch_size", "4", "--val_frames", "8", "--log_every", "2",
-           "--eval_every", "4", "--seed", "3"]
-    # As on the GPU machine: no TensorFlow (a stub package that refuses to import shadows it).
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([blocker, ROOT])}
+def _run(env, script, *args):
+    cmd = [sys.executable, os.path.join(ROOT, "trainers", script), *map(str, args)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr
 
 
+def _train(env, out_dir, state_dir, steps, *extra):
+    return _run(env, "train_psi_jax.py", "--out_dir", out_dir, "--state_dir", state_dir,
+                "--steps", steps, "--base_channels", "8", "--channel_multipliers", "1,2",
+                "--attention_resolutions", "40", "--embedding_dim", "16", "--batch_size", "4",
+                "--val_frames", "8", "--log_every", "2", "--eval_every", "4", "--seed", "3",
+                *extra)  # The last of a repeated flag wins.
+
+
 @pytest.mark.slow
-def test_jax_trainer_end_to_end_and_resume(tmp_path):
+def test_jax_trainer_end_to_end_and_resume(tmp_path, jax_env):
     out, state = str(tmp_path / "psi"), str(tmp_path / "state")
-    blocker = _no_tensorflow(tmp_path)
-    log = _train(out, state, 4, blocker)
+    _train(jax_env, out, state, 4)
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
     assert info["backend"] == "jax" and info["steps"] == 4
@@ -196,7 +204,7 @@ def test_jax_trainer_end_to_end_and_resume(tmp_path):
     assert np.all(np.isfinite(models.psi(x, training=False).numpy()))
 
     # The same command with more steps resumes from the saved state.
-    log = _train(out, state, 6, blocker)
+    log = _train(jax_env, out, state, 6)
     assert "Resumed at step 4 of 6" in log
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
@@ -204,14 +212,14 @@ def test_jax_trainer_end_to_end_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_jax_trainer_v_residual_on_the_extended_schedule_with_the_frame(tmp_path):
+def test_jax_trainer_v_residual_on_the_extended_schedule_with_the_frame(tmp_path, jax_env):
     """The recipe that samples from noise: paper_extended (T = 140) with v_residual prediction,
     psi conditioned on the frame too; the folder records all three, its psi turns v into eps
     (untrained v = 0 predicts phi's mu) and takes the frame under TensorFlow."""
     out = str(tmp_path / "psi")
-    _train(out, str(tmp_path / "state"), 3, _no_tensorflow(tmp_path), "--noise_schedule",
+    _train(jax_env, out, str(tmp_path / "state"), 3, "--noise_schedule",
            "paper_extended", "--prediction", "v_residual", "--sample_steps", "14",
-           "--frame_condition")
+           "--frame_condition", "--attention_resolutions=")
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
     assert "mse_t101-140" in info["validation"][-1]
@@ -226,19 +234,15 @@ def test_jax_trainer_v_residual_on_the_extended_schedule_with_the_frame(tmp_path
 
 
 @pytest.mark.slow
-def test_jax_phi_trainer_end_to_end_loads_under_tensorflow(tmp_path):
+def test_jax_phi_trainer_end_to_end_loads_under_tensorflow(tmp_path, jax_env):
     """trainers/train_phi_jax.py without TensorFlow: a phi folder that load_phi reads under
     TensorFlow (BatchNormalization statistics moved by training), which the JAX psi trainer
     takes as its frozen phi."""
     out = str(tmp_path / "phi")
-    cmd = [sys.executable, os.path.join(ROOT, "trainers", "train_phi_jax.py"), "--out_dir", out,
-           "--preset", "paper", "--context_filters", "8", "--upsample_filters", "8,8",
-           "--prediction_filters", "4", "--batch_size", "4", "--steps", "3", "--val_frames", "8",
-           "--log_every", "1", "--eval_every", "2", "--seed", "3"]
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([_no_tensorflow(tmp_path), ROOT])}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(jax_env, "train_phi_jax.py", "--out_dir", out, "--preset", "paper",
+         "--context_filters", "8", "--upsample_filters", "8,8", "--prediction_filters", "4",
+         "--batch_size", "4", "--steps", "3", "--val_frames", "8", "--log_every", "1",
+         "--eval_every", "2", "--seed", "3")
     with open(os.path.join(out, "train_log.json")) as f:
         info = json.load(f)
     assert info["backend"] == "jax" and info["steps"] == 3

@@ -1,8 +1,10 @@
-"""The shared trainer: MirroredStrategy on 2 logical CPUs, checkpoints, resume, TensorBoard, NaN guard."""
+"""The shared trainer: MirroredStrategy on 2 logical CPUs, checkpoints, resume (with the EMA),
+TensorBoard, NaN guard."""
 
 import glob
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -83,6 +85,60 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, paper):
         np.testing.assert_array_equal(v.numpy(), good[v.path])
         assert np.all(np.isfinite(v.numpy()))
     assert glob.glob(os.path.join(str(tmp_path), "train", "events*"))
+
+
+def _tiny_trainer(out_dir, steps):
+    """A Trainer with an EMA of a 2-layer Dense model on seeded regression batches: batch i of
+    the run depends on i only, so a resumed run sees the batches an unbroken one does."""
+    def build():
+        init = keras.initializers.GlorotUniform(seed=1)  # The same start in every run.
+        return keras.Sequential([keras.Input((3,)),
+                                 keras.layers.Dense(4, "tanh", kernel_initializer=init),
+                                 keras.layers.Dense(1, kernel_initializer=init)])
+
+    def batches(start):
+        def batch(i):
+            x = tf.random.stateless_normal([8, 3], tf.stack([i, tf.constant(0, tf.int64)]))
+            return {"x": x, "y": tf.reduce_sum(x, axis=1, keepdims=True)}
+        return tf.data.Dataset.range(start, 1 << 30).map(batch)
+
+    def loss(model, batch, training):
+        return tf.reduce_mean(tf.square(model(batch["x"], training=training) - batch["y"]), 1)
+
+    cfg = TrainerConfig(out_dir=out_dir, steps=steps, batch_size=8, learning_rate=0.05,
+                        schedule="constant", ema_decay=0.5, checkpoint_every=100, progress=False)
+    return Trainer(cfg, tf.distribute.get_strategy(), build, loss, batches,
+                   run_info={"what": "tiny"})
+
+
+def test_resumed_run_restores_the_ema_and_a_run_in_progress_loads_it(tmp_path):
+    """The EMA weights are checkpointed: a run resumed from step 3 ends with the model, optimizer
+    and EMA of an unbroken 5-step run, and pretrained._restore_ema (load_models of a psi run in
+    progress) reads the EMA weights of a checkpoint into a fresh model."""
+    from smlm_tfdiff.pretrained import _restore_ema, _run_info
+
+    straight = _tiny_trainer(str(tmp_path / "straight"), 5)
+    straight.fit()
+    out = str(tmp_path / "resumed")
+    first = _tiny_trainer(out, 3)
+    first.fit()
+    ema_at_3 = [e.numpy() for e in first.ema]
+    assert any(np.abs(e - v.numpy()).max() > 1e-3
+               for e, v in zip(ema_at_3, first.model.trainable_variables))
+    fresh = _tiny_trainer(str(tmp_path / "fresh"), 3).model  # At its initial weights.
+    assert np.abs(fresh.trainable_variables[0].numpy() - ema_at_3[0]).max() > 1e-3
+    _restore_ema(fresh, tf.train.latest_checkpoint(os.path.join(out, "checkpoints")),
+                 _run_info(out))
+    for a, b in zip(fresh.trainable_variables, ema_at_3):
+        np.testing.assert_array_equal(a.numpy(), b)
+    resumed = _tiny_trainer(out, 5)
+    assert int(resumed.step.numpy()) == 3
+    for a, b in zip(resumed.ema, ema_at_3):
+        np.testing.assert_array_equal(a.numpy(), b)
+    resumed.fit()
+    for a, b in zip(resumed.ema + resumed.model.trainable_variables,
+                    straight.ema + straight.model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_trainer_config_validation():

@@ -37,9 +37,6 @@ flags.DEFINE_integer("restart_t", None, "Restart of the default recipe (Posterio
                      "restart_t; default: none).")
 flags.DEFINE_integer("restarts", 1, "Restart sweeps of the default recipe, each from the "
                      "previous samples (PosteriorSampler restarts; with --restart_t).")
-flags.DEFINE_enum("reverse_variance", "auto", ["auto", "fixed", "learned"], "Sampler step "
-                  "variance: the eta step's (fixed), plus the learned Var(z_0 | z_t) of the model's "
-                  "psi_var (learned), or learned when the model has one (auto).")
 flags.DEFINE_bool("project", True, "Score projected samples: each sample replaced by the KDE of "
                   "the emitters detected in it (PosteriorSampler project); --noproject scores "
                   "psi's raw samples.")
@@ -110,9 +107,8 @@ def main(argv):
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
                   t_start=t_default, restart_t=FLAGS.restart_t, restarts=FLAGS.restarts,
                   project=FLAGS.project)
-    sampler = PosteriorSampler(models, reverse_variance=FLAGS.reverse_variance)
+    sampler = PosteriorSampler(models)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
-               "reverse_variance": sampler.reverse_variance,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
                "flags": {k: FLAGS[k].value for k in FLAG_NAMES}}
 
@@ -367,7 +363,7 @@ def summary(m):
 
 
 FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
-              "restarts", "reverse_variance", "project",
+              "restarts", "project",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")

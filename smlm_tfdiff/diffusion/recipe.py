@@ -28,7 +28,10 @@ from smlm_tfdiff.diffusion.schedule import WEIGHTINGS, NoiseSchedule
 METHODS = {"ddpm": 1.0, "ddim": 0.0}
 DEFAULT_METHOD = "ddpm"  # The bundled models' (and analyze's and the export's) method.
 # Keys a SavedModel's diffusion.json adds to the recipe's (serving.SamplerModule); ignored here.
-EXPORT_KEYS = ("eta", "start", "max_images_per_request", "reverse_variance")
+EXPORT_KEYS = ("eta", "start", "max_images_per_request")
+# Export-only keys of older SavedModels, also ignored: "reverse_variance" ("fixed" or "learned")
+# was written before the learned reverse variance was removed (docs/sampler.md).
+OLD_EXPORT_KEYS = ("reverse_variance",)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -104,9 +107,10 @@ class Recipe:
     @classmethod
     def from_dict(cls, config: dict) -> "Recipe":
         """From diffusion.json's dict, old files (without method or sweeps) included; the
-        export-only EXPORT_KEYS are ignored, any other unknown key is an error."""
+        export-only EXPORT_KEYS (and OLD_EXPORT_KEYS) are ignored, any other unknown key is an
+        error."""
         config = dict(config)
-        for key in EXPORT_KEYS:
+        for key in EXPORT_KEYS + OLD_EXPORT_KEYS:
             config.pop(key, None)
         unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
         if unknown or "schedule" not in config:

@@ -24,7 +24,7 @@ match the forward process: docs/CONVENTIONS.md, "Known traps"); "guided" draws z
 the seeds' guided start from phi's estimate.
 """
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
     from smlm_tfdiff.pretrained import Pretrained
 
 STARTS = ("guided", "noise")
-
-# x0_variance(psi's inputs, g_t, g_s, sigma^2) -> the variance [N, H, W, 1] a reverse step adds to
-# its eta step's sigma^2, for a predicted z_0 that is itself uncertain (the hook of the
-# experimental learned reverse variance, experimental/reverse_variance.py); None adds nothing.
-X0Variance = Callable[[dict, tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def default_recipe(models, t_start=None):
@@ -58,7 +53,6 @@ def noise_levels(schedule: NoiseSchedule, num_steps: int, start: Optional[int] =
 
 
 CLIPS = ("final", "each", "none")
-REVERSE_VARIANCES = ("auto", "fixed", "learned")
 
 
 def standard_noise(shape, seed, dc_free):
@@ -69,8 +63,7 @@ def standard_noise(shape, seed, dc_free):
     return noise
 
 
-def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False,
-                  x0_variance=None, frame=None):
+def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=False, frame=None):
     """One reverse step from level g_t to g_s > g_t (pure: same inputs, same output).
 
     z_t, y_hat: [N, H, W, 1] (diffusion space, KDE units); g_t, g_s, eta: scalars; seed: [2] int32.
@@ -78,7 +71,6 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
       DDPM's clip_denoised does. Off by default: clipping every step lifts empty pixels to a
       pedestal of ~0.01 (docs/sampler.md, "Sampling"); the loop clips once, at the end.
     dc_free: frame-mean-free noise (standard_noise).
-    x0_variance: optional X0Variance callable; its output is added to the step's noise variance.
     frame: [N, H/u, W/u, 1] ADU, the camera frames of a frame-conditioned psi
       (PsiConfig.frame_condition); None for a psi that sees y_hat only.
     Returns z_s [N, H, W, 1].
@@ -96,22 +88,17 @@ def generate_step(psi, z_t, y_hat, g_t, g_s, eta, seed, clip=False, dc_free=Fals
     var = eta ** 2 * (1.0 - g_s) / (1.0 - g_t) * (1.0 - g_t / g_s)
     var = tf.clip_by_value(var, 0.0, 1.0 - g_s)
     noise = standard_noise(tf.shape(z_t), seed, dc_free)
-    extra = 0.0
-    if x0_variance is not None:
-        extra = x0_variance(inputs, g_t, g_s, var)
-    return (tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps
-            + tf.sqrt(var + extra) * noise)
+    return tf.sqrt(g_s) * z0 + tf.sqrt(1.0 - g_s - var) * eps + tf.sqrt(var) * noise
 
 
-def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_variance=None):
+def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True):
     """The compiled reverse loop: (y_hat [N, H, W, 1], gammas [S + 1] float32, eta, start,
     seed [2] int32[, y_start][, frame=]) -> z_0 [N, H, W, 1] (diffusion space). start: 0 guided,
     1 noise. y_start: the KDEs the guided start noises (default y_hat; a restart passes earlier
     samples). frame: [N, H/u, W/u, 1] ADU for a frame-conditioned psi (generate_step).
     clip: "final" clips z_0 at -1 (KDE >= 0) after the last step, "each" clips the predicted z_0
       in every step (generate_step), "none" never (targets that may be negative).
-    dc_free: frame-mean-free noise in the start and every step (module docstring).
-    x0_variance: optional X0Variance added to every step's variance (generate_step)."""
+    dc_free: frame-mean-free noise in the start and every step (module docstring)."""
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {CLIPS} (got {clip!r})")
 
@@ -129,7 +116,7 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True, x0_varia
         def body(i, z):
             step_seed = seeds_lib.philox_fold_in(loop_seed, i)
             return i + 1, generate_step(psi, z, y_hat, gammas[i], gammas[i + 1], eta, step_seed,
-                                        clip == "each", dc_free, x0_variance, frame)
+                                        clip == "each", dc_free, frame)
 
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return tf.maximum(z, -1.0) if clip == "final" else z
@@ -146,34 +133,20 @@ class PosteriorSampler:
     clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
       "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
     dc_free: frame-mean-free noise (default; module docstring).
-    reverse_variance: "fixed", each step's variance is the eta step's (DDPM / DDIM); "learned",
-      plus the models' x0_variance (the experimental learned reverse variance); "auto" (default):
-      "learned" when the models have an x0_variance, else "fixed".
     """
 
     def __init__(self, models: "Pretrained", jit_compile=True, max_images=512, clip="final",
-                 dc_free=True, reverse_variance="auto", recipe: Optional[Recipe] = None):
+                 dc_free=True, recipe: Optional[Recipe] = None):
         if models.psi is None:
             raise ValueError("these models have no diffusion model psi: load a trained psi with "
                              "smlm_tfdiff.load_models(run_dir) or use pretrained('paper')")
-        if reverse_variance not in REVERSE_VARIANCES:
-            raise ValueError(f"reverse_variance must be one of {REVERSE_VARIANCES} (got "
-                             f"{reverse_variance!r})")
-        x0_variance = models.x0_variance
-        if reverse_variance == "learned" and x0_variance is None:
-            raise ValueError("reverse_variance='learned' needs models with an x0_variance (a "
-                             "psi_var network: trainers/train_psi_variance.py, loaded with "
-                             "load_models), or use reverse_variance='fixed'")
-        if reverse_variance == "fixed":
-            x0_variance = None
         self.models = models
         self.frame_condition = bool(models.psi_config is not None
                                     and models.psi_config.frame_condition)
         self.recipe = models.recipe if recipe is None else recipe
         self.schedule = self.recipe.schedule
         self.max_images = int(max_images)
-        self.reverse_variance = "fixed" if x0_variance is None else "learned"
-        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free, x0_variance)
+        self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
 
