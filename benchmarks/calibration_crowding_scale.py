@@ -1,0 +1,119 @@
+"""Lever 3 of the dense-calibration work, measured: a scale of the reported per-localization std
+keyed on crowding (no other localization within --radius camera px, or at least one), fitted on
+the validation frames and checked on held-out seeds over a grid of densities and brightnesses.
+
+    python benchmarks/calibration_crowding_scale.py --model paper
+
+Fit: dense paper frames (seed 777) and isolated frames (seed 778) of `_validation`; every
+localization of phi matched to the truth (5 HR px) gives z = (phi's position - truth) / reported
+std per axis; the scale of a group is its std(z) (so that the scaled z has unit std there).
+Check: for every cell of the grid (--grid_emitters emitters in the paper disc x --grid_photons
+N0), --grid_frames frames from its own seed (9000 + cell index, never an evaluation seed), the
+raw and the scaled std(z) with their standard errors (sd / sqrt(2 (n - 1)), n the z values), the
+mean reported std, and the Spearman correlation of |error| with the reported std (sharpness).
+Prints a table and one JSON line.
+"""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+import numpy as np
+from scipy.spatial import cKDTree
+from scipy.stats import spearmanr
+
+from _validation import validation_frames
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+from smlm_tfdiff.localization.metrics import match
+from smlm_tfdiff.pretrained import load_phi_source
+from smlm_tfdiff.simulation.simulate import simulate
+from smlm_tfdiff.uncertainty.evaluation import truth_positions
+from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
+
+flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
+flags.DEFINE_integer("dense_frames", 36, "Fit: paper-preset frames (validation seed 777).")
+flags.DEFINE_integer("iso_frames", 24, "Fit: isolated-emitter frames (validation seed 778).")
+flags.DEFINE_float("radius", 5.0, "Neighbourhood radius, camera px.")
+flags.DEFINE_list("grid_emitters", ["3", "6", "10", "15"], "Check: emitters in the paper disc.")
+flags.DEFINE_list("grid_photons", ["150", "200", "300"], "Check: N0 per emitter (photons).")
+flags.DEFINE_integer("grid_frames", 12, "Check: frames per grid cell.")
+flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame.")
+FLAGS = flags.FLAGS
+
+
+def scored(sampler, data, cfg):
+    """z [n, 2], company [n] bool, reported std [n] nm and |error| [n] nm of the matched
+    localizations of these frames."""
+    post = sampler(data["frames"], FLAGS.num_samples, seed=2, return_samples=True, project=True)
+    locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
+    z, company, std, err_nm = [], [], [], []
+    for loc, truth in zip(locs, truth_positions(data["positions"], data["mask"])):
+        xy = loc["xy"]
+        if not len(xy):
+            continue
+        near = np.array([len(v) - 1 for v in cKDTree(xy).query_ball_point(xy, FLAGS.radius)])
+        p, q = match(xy, truth, 5.0 / cfg.upsample)
+        err = (xy[p] - truth[q]) * cfg.pixel_size_nm
+        z.append(err / loc["std_nm"][p])
+        company.append(near[p] > 0)
+        std.append(loc["uncertainty_nm"][p])
+        err_nm.append(np.sqrt(np.mean(err ** 2, axis=1)))
+    z, company = np.concatenate(z), np.concatenate(company)
+    std, err_nm = np.concatenate(std), np.concatenate(err_nm)
+    ok = np.all(np.isfinite(z), axis=1)
+    return z[ok], company[ok], std[ok], err_nm[ok]
+
+
+def std_z(values):
+    values = np.ravel(values)
+    sd = float(np.std(values, ddof=1))
+    return sd, sd / np.sqrt(2 * (len(values) - 1))
+
+
+def main(argv):
+    del argv
+    models = load_phi_source(FLAGS.model)
+    sampler = PosteriorSampler(models)
+    icfg, iso, dcfg, dense = validation_frames(models, FLAGS.iso_frames, FLAGS.dense_frames)
+    parts = [scored(sampler, dense, dcfg), scored(sampler, iso, icfg)]
+    z = np.concatenate([p[0] for p in parts])
+    company = np.concatenate([p[1] for p in parts])
+    scale = {}
+    for name, sel in (("alone", ~company), ("company", company)):
+        sd, se = std_z(z[sel])
+        scale[name] = {"scale": sd, "se": se, "localizations": int(sel.sum())}
+    print(f"fit (validation seeds 777/778, radius {FLAGS.radius:g} px): " + ", ".join(
+        f"{k} {v['scale']:.3f} +- {v['se']:.3f} ({v['localizations']} locs)"
+        for k, v in scale.items()))
+
+    rows = []
+    cells = [(int(n), float(p)) for n in FLAGS.grid_emitters for p in FLAGS.grid_photons]
+    for index, (n, photons) in enumerate(cells):
+        cfg = dcfg.replace(num_emitters=n, photons=photons)
+        data = simulate(cfg, FLAGS.grid_frames, 9000 + index)
+        z, company, std, err = scored(sampler, data, cfg)
+        factor = np.where(company, scale["company"]["scale"], scale["alone"]["scale"])
+        raw, raw_se = std_z(z)
+        cal, cal_se = std_z(z / factor[:, None])
+        rows.append({"emitters": n, "photons": photons, "seed": 9000 + index,
+                     "localizations": int(len(z)), "company_fraction": float(company.mean()),
+                     "std_z_raw": raw, "std_z_raw_se": raw_se,
+                     "std_z_scaled": cal, "std_z_scaled_se": cal_se,
+                     "mean_std_nm_raw": float(std.mean()),
+                     "mean_std_nm_scaled": float((std * factor).mean()),
+                     "spearman_raw": float(spearmanr(err, std).correlation),
+                     "spearman_scaled": float(spearmanr(err, std * factor).correlation)})
+        r = rows[-1]
+        print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} company "
+              f"{r['company_fraction']:.2f}  std(z) raw {raw:.2f} +- {raw_se:.2f}  scaled "
+              f"{cal:.2f} +- {cal_se:.2f}  mean std {r['mean_std_nm_raw']:5.1f} -> "
+              f"{r['mean_std_nm_scaled']:5.1f} nm  spearman {r['spearman_raw']:.2f} -> "
+              f"{r['spearman_scaled']:.2f}", flush=True)
+    print(json.dumps({"model": FLAGS.model, "radius_px": FLAGS.radius, "scale": scale,
+                      "grid": rows}))
+
+
+if __name__ == "__main__":
+    app.run(main)
