@@ -1,8 +1,14 @@
-"""The validation frames and MCMC reference shared by the sampler benchmarks (sampler_options.py,
-calibration_recipes.py): never the evaluation seeds of trainers/evaluate_uncertainty.py."""
+"""The validation frames, MCMC reference and per-localization scoring shared by the sampler
+benchmarks (sampler_options.py, calibration_recipes.py, calibration_by_crowding.py,
+calibration_crowding_scale.py): never the evaluation seeds of trainers/evaluate_uncertainty.py."""
 
+import numpy as np
+from scipy.spatial import cKDTree
+
+from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
+from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
 ISO_SEED, DENSE_SEED = 778, 777
 
@@ -20,3 +26,32 @@ def mcmc_reference(iso, icfg):
     draw)."""
     return evaluation.mcmc_reference(iso["frames"], icfg, 5000, 1000, seed=5, num_chains=4,
                                      kde_samples=4000)
+
+
+def crowding_scores(sampler, data, cfg, radius, num_samples=32):
+    """Every localization of phi in these frames matched to the truth (5 HR px), scored with
+    `num_samples` projected posterior samples (seed 2) of `sampler`. Returns a dict of arrays
+    over the matched localizations with a finite reported std:
+      z [n, 2]           (phi's position - truth) / reported std, per axis
+      neighbours [n]     other localizations of the frame within `radius` camera px
+      std_nm [n, 2]      the reported std per axis (nm)
+      uncertainty_nm [n] the one-number uncertainty analyze reports (nm)
+      error_nm [n]       the rms of the two axes' errors (nm)"""
+    post = sampler(data["frames"], num_samples, seed=2, return_samples=True, project=True)
+    locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
+    parts = {k: [] for k in ("z", "neighbours", "std_nm", "uncertainty_nm", "error_nm")}
+    for loc, truth in zip(locs, evaluation.truth_positions(data["positions"], data["mask"])):
+        xy = loc["xy"]
+        if not len(xy):
+            continue
+        near = np.array([len(v) - 1 for v in cKDTree(xy).query_ball_point(xy, radius)])
+        p, q = match(xy, truth, 5.0 / cfg.upsample)
+        err = (xy[p] - truth[q]) * cfg.pixel_size_nm
+        parts["z"].append(err / loc["std_nm"][p])
+        parts["neighbours"].append(near[p])
+        parts["std_nm"].append(loc["std_nm"][p])
+        parts["uncertainty_nm"].append(loc["uncertainty_nm"][p])
+        parts["error_nm"].append(np.sqrt(np.mean(err ** 2, axis=1)))
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    ok = np.all(np.isfinite(out["z"]), axis=1)
+    return {k: v[ok] for k, v in out.items()}

@@ -18,14 +18,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from scipy.spatial import cKDTree
 
-from _validation import validation_frames
+from _validation import crowding_scores, validation_frames
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
-from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.pretrained import load_phi_source
-from smlm_tfdiff.uncertainty.evaluation import truth_positions
-from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
 flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
 flags.DEFINE_integer("dense_frames", 36, "Paper-preset frames (validation seed 777).")
@@ -40,26 +36,15 @@ def main(argv):
     models = load_phi_source(FLAGS.model)
     icfg, iso, dcfg, dense = validation_frames(models, FLAGS.iso_frames, FLAGS.dense_frames)
     sampler = PosteriorSampler(models)
-    counts, z, std = [], [], []
-    for data, cfg in ((dense, dcfg), (iso, icfg)):
-        post = sampler(data["frames"], 32, seed=2, return_samples=True, project=True)
-        locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
-        for loc, truth in zip(locs, truth_positions(data["positions"], data["mask"])):
-            xy = loc["xy"]
-            if not len(xy):
-                continue
-            near = np.array([len(v) - 1 for v in cKDTree(xy).query_ball_point(xy, FLAGS.radius)])
-            p, q = match(xy, truth, 5.0 / cfg.upsample)
-            err = (xy[p] - truth[q]) * cfg.pixel_size_nm
-            counts.append(near[p])
-            z.append(err / loc["std_nm"][p])
-            std.append(loc["std_nm"][p].mean(axis=1))
-    counts, z, std = np.concatenate(counts), np.concatenate(z), np.concatenate(std)
-    ok = np.all(np.isfinite(z), axis=1)
+    scores = [crowding_scores(sampler, data, cfg, FLAGS.radius)
+              for data, cfg in ((dense, dcfg), (iso, icfg))]
+    counts = np.concatenate([s["neighbours"] for s in scores])
+    z = np.concatenate([s["z"] for s in scores])
+    std = np.concatenate([s["std_nm"] for s in scores]).mean(axis=1)
     edges = [int(b) for b in FLAGS.bins] + [np.inf]
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = ok & (counts >= lo) & (counts < hi)
+        sel = (counts >= lo) & (counts < hi)
         values = z[sel].ravel()
         if len(values) < 5:
             continue

@@ -21,16 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from scipy.spatial import cKDTree
 from scipy.stats import spearmanr
 
-from _validation import validation_frames
+from _validation import crowding_scores, validation_frames
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
-from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
-from smlm_tfdiff.uncertainty.evaluation import truth_positions
-from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
 flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
 flags.DEFINE_integer("dense_frames", 36, "Fit: paper-preset frames (validation seed 777).")
@@ -45,25 +41,9 @@ FLAGS = flags.FLAGS
 
 def scored(sampler, data, cfg):
     """z [n, 2], company [n] bool, reported std [n] nm and |error| [n] nm of the matched
-    localizations of these frames."""
-    post = sampler(data["frames"], FLAGS.num_samples, seed=2, return_samples=True, project=True)
-    locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
-    z, company, std, err_nm = [], [], [], []
-    for loc, truth in zip(locs, truth_positions(data["positions"], data["mask"])):
-        xy = loc["xy"]
-        if not len(xy):
-            continue
-        near = np.array([len(v) - 1 for v in cKDTree(xy).query_ball_point(xy, FLAGS.radius)])
-        p, q = match(xy, truth, 5.0 / cfg.upsample)
-        err = (xy[p] - truth[q]) * cfg.pixel_size_nm
-        z.append(err / loc["std_nm"][p])
-        company.append(near[p] > 0)
-        std.append(loc["uncertainty_nm"][p])
-        err_nm.append(np.sqrt(np.mean(err ** 2, axis=1)))
-    z, company = np.concatenate(z), np.concatenate(company)
-    std, err_nm = np.concatenate(std), np.concatenate(err_nm)
-    ok = np.all(np.isfinite(z), axis=1)
-    return z[ok], company[ok], std[ok], err_nm[ok]
+    localizations of these frames (_validation.crowding_scores)."""
+    s = crowding_scores(sampler, data, cfg, FLAGS.radius, FLAGS.num_samples)
+    return s["z"], s["neighbours"] > 0, s["uncertainty_nm"], s["error_nm"]
 
 
 def std_z(values):
