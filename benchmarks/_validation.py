@@ -55,3 +55,10 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     out = {k: np.concatenate(v) for k, v in parts.items()}
     ok = np.all(np.isfinite(out["z"]), axis=1)
     return {k: v[ok] for k, v in out.items()}
+
+
+def std_z(values):
+    """(std, its standard error sd / sqrt(2 (n - 1))) of the z values (any shape, pooled)."""
+    values = np.ravel(values)
+    sd = float(np.std(values, ddof=1))
+    return sd, sd / np.sqrt(2 * (len(values) - 1))

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 import numpy as np
 
-from _validation import crowding_scores, validation_frames
+from _validation import crowding_scores, std_z, validation_frames
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 
@@ -48,9 +48,9 @@ def main(argv):
         values = z[sel].ravel()
         if len(values) < 5:
             continue
-        sd = float(np.std(values, ddof=1))
+        sd, se = std_z(values)
         rows.append({"neighbours": [lo, None if hi == np.inf else hi], "localizations": int(sel.sum()),
-                     "std_z": sd, "std_z_se": sd / np.sqrt(2 * (len(values) - 1)),
+                     "std_z": sd, "std_z_se": se,
                      "mean_std_nm": float(std[sel].mean())})
     print(f"{'neighbours within %.0f px' % FLAGS.radius:>24s} {'locs':>5s} {'std(z)':>12s} "
           f"{'mean std':>9s}")

@@ -23,7 +23,7 @@ from absl import app, flags
 import numpy as np
 from scipy.stats import spearmanr
 
-from _validation import crowding_scores, validation_frames
+from _validation import crowding_scores, std_z, validation_frames
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
@@ -44,12 +44,6 @@ def scored(sampler, data, cfg):
     localizations of these frames (_validation.crowding_scores)."""
     s = crowding_scores(sampler, data, cfg, FLAGS.radius, FLAGS.num_samples)
     return s["z"], s["neighbours"] > 0, s["uncertainty_nm"], s["error_nm"]
-
-
-def std_z(values):
-    values = np.ravel(values)
-    sd = float(np.std(values, ddof=1))
-    return sd, sd / np.sqrt(2 * (len(values) - 1))
 
 
 def main(argv):
