@@ -5,6 +5,7 @@ calibration_crowding_scale.py): never the evaluation seeds of trainers/evaluate_
 import numpy as np
 from scipy.spatial import cKDTree
 
+from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
@@ -36,11 +37,15 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
       neighbours [n]     other localizations of the frame within `radius` camera px
       std_nm [n, 2]      the reported std per axis (nm)
       uncertainty_nm [n] the one-number uncertainty analyze reports (nm)
-      error_nm [n]       the rms of the two axes' errors (nm)"""
+      error_nm [n]       the rms of the two axes' errors (nm)
+      photons [n]        the localization's photometry (io.photometry, as analyze fits it)"""
     post = sampler(data["frames"], num_samples, seed=2, return_samples=True, project=True)
     locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
-    parts = {k: [] for k in ("z", "neighbours", "std_nm", "uncertainty_nm", "error_nm")}
-    for loc, truth in zip(locs, evaluation.truth_positions(data["positions"], data["mask"])):
+    parts = {k: [] for k in ("z", "neighbours", "std_nm", "uncertainty_nm", "error_nm",
+                             "photons")}
+    photon_frames = (data["frames"][..., 0] - cfg.offset) / cfg.gain
+    for loc, truth, frame in zip(locs, evaluation.truth_positions(data["positions"],
+                                                                  data["mask"]), photon_frames):
         xy = loc["xy"]
         if not len(xy):
             continue
@@ -52,6 +57,7 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
         parts["std_nm"].append(loc["std_nm"][p])
         parts["uncertainty_nm"].append(loc["uncertainty_nm"][p])
         parts["error_nm"].append(np.sqrt(np.mean(err ** 2, axis=1)))
+        parts["photons"].append(photometry(frame, xy, cfg.psf_sigma)["intensity"][p])
     out = {k: np.concatenate(v) for k, v in parts.items()}
     ok = np.all(np.isfinite(out["z"]), axis=1)
     return {k: v[ok] for k, v in out.items()}

@@ -68,22 +68,32 @@ def paper_models():
 _BACKENDS = {}
 
 
-def cached_load_backend(model="paper", method="ddpm", restart_t=None, restarts=1, need_psi=True):
-    """analyze.load_backend, one backend per bundled model and recipe for the whole session (its
-    sampler compiles once: ~25 s of a first analyze call on 2 cores). Folders load afresh."""
+def cached_load_backend(model="paper", method="ddpm", restart_t=None, restarts=1, need_psi=True,
+                        jit_compile=True):
+    """analyze.load_backend, one backend per bundled model, recipe and jit_compile for the whole
+    session (its sampler is traced or compiled once per shape). Folders load afresh."""
     from smlm_tfdiff.pretrained import available
 
     if model not in available():
-        return _load_backend(model, method, restart_t, restarts, need_psi)
-    key = (model, method, restart_t, restarts if restart_t is not None else None)
+        return _load_backend(model, method, restart_t, restarts, need_psi, jit_compile)
+    key = (model, method, restart_t, restarts if restart_t is not None else None, jit_compile)
     if key not in _BACKENDS:
-        _BACKENDS[key] = _load_backend(model, method, restart_t, restarts)
+        _BACKENDS[key] = _load_backend(model, method, restart_t, restarts,
+                                       jit_compile=jit_compile)
     return _BACKENDS[key]
 
 
 @pytest.fixture(scope="session")
 def backend():
-    """analyze's backend of the bundled paper model, loaded once."""
+    """analyze's backend of the bundled paper model, loaded once, its psi loop without XLA:
+    XLA compiles once per window count (~9 s each on 2 cores), which short test movies never
+    repay; `xla_backend` and the sampler's own tests cover the compiled loop."""
+    return cached_load_backend("paper", jit_compile=False)
+
+
+@pytest.fixture(scope="session")
+def xla_backend():
+    """analyze's default backend of the bundled paper model (XLA-compiled psi loop)."""
     return cached_load_backend("paper")
 
 
@@ -143,7 +153,7 @@ def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
     (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
-    cached_load_backend) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo");
+    cached_load_backend; pass --nojit_compile for the `backend` fixture's) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo");
     the scripts' make_strategy is shared_make_strategy.
     Returns its exit status (SystemExit and app.UsageError handled as app.run does: a message on
     stderr, status 1; absl's verbosity INFO unless given), stdout, and stderr with the absl /
@@ -206,6 +216,37 @@ def run_cli(program, *args):
         warnings.showwarning = showwarning
         signal.signal(signal.SIGTERM, sigterm)
     return CliResult(code, out.getvalue(), err.getvalue() + log.getvalue())
+
+
+@pytest.fixture
+def entry_point_run():
+    """entry_point_run(run, argv): a console script's absl entry point (which calls app.run)
+    run in this process; returns (exit status, stdout, stderr). absl's global FLAGS, the key
+    flags it registers for this program and the root logger's handlers are restored after."""
+    def call(run, argv):
+        root = logging.getLogger()
+        handlers = list(root.handlers)
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        try:
+            with _isolated_flags() as FLAGS, contextlib.redirect_stdout(out), \
+                    contextlib.redirect_stderr(err):
+                key_flags = {k: list(v) for k, v in FLAGS.key_flags_by_module_dict().items()}
+                try:
+                    run(list(argv))
+                except SystemExit as e:  # As the interpreter reports it at exit.
+                    if isinstance(e.code, str):
+                        print(e.code, file=sys.stderr)
+                    code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+                finally:
+                    FLAGS.key_flags_by_module_dict().clear()
+                    FLAGS.key_flags_by_module_dict().update(key_flags)
+        finally:
+            for handler in set(root.handlers) - set(handlers):  # app.run's absl handler.
+                root.removeHandler(handler)
+        return code, out.getvalue(), err.getvalue()
+
+    return call
 
 
 def flags_error():

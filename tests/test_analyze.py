@@ -145,8 +145,11 @@ def _frames_from_csv(path, num_frames, pixel_size_nm):
                   for k in range(num_frames)]
 
 
-@pytest.mark.parametrize("shape", [(20, 20), (28, 44)])
-def test_analyze_end_to_end_matches_ground_truth(tmp_path, backend, shape):
+@pytest.mark.parametrize("shape, xla", [((20, 20), True), ((28, 44), False)])
+def test_analyze_end_to_end_matches_ground_truth(tmp_path, request, shape, xla):
+    """The default backend (psi's loop compiled with XLA, here for every tile of the frame: one
+    window count, one compilation) and the one without XLA (psi where the localizations are)."""
+    backend = request.getfixturevalue("xla_backend" if xla else "backend")
     config = SimulationConfig.preset("paper", frame_height=shape[0], frame_width=shape[1],
                                      region="frame", num_emitters=int(shape[0] * shape[1] / 40))
     data = simulate(config, 6, seed=11)
@@ -156,7 +159,8 @@ def test_analyze_end_to_end_matches_ground_truth(tmp_path, backend, shape):
     tifffile.imwrite(stack, np.round(frames).astype(np.uint16), imagej=True)
     camera = Camera(offset_adu=400.0, gain_adu_per_photon=2.5)
     analyzer = StackAnalyzer(backend, camera, num_samples=4, num_steps=2, batch_frames=4,
-                             picasso=True, progress=False)
+                             picasso=True, progress=False,
+                             sample_windows="all" if xla else "localized")
     out = tmp_path / "out"
     summary = analyzer.analyze(stack, out)
     names = sorted(os.listdir(out))
@@ -167,6 +171,7 @@ def test_analyze_end_to_end_matches_ground_truth(tmp_path, backend, shape):
     rows, pred = _frames_from_csv(out / "movie.csv", 6, config.pixel_size_nm)
     assert tuple(rows[0].keys()) == THUNDERSTORM_COLUMNS + EXTRA_COLUMNS
     assert summary["localizations"] == len(rows) and summary["tiles_per_frame"] >= 1
+    assert summary["jit_compile"] is xla and backend.sampler.jit_compile is xla
     assert [int(r["id"]) for r in rows] == list(range(1, len(rows) + 1))
     metrics = localization_metrics(pred, data, config)
     oracle = oracle_metrics(data["positions"], data["mask"], config)
@@ -232,7 +237,6 @@ def test_command_line_errors_exit_nonzero(tmp_path, cli):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
     """--restart_t / --restarts: the backend's posterior is the sampler's with those sweeps, the
     summary records them, bad values are refused."""
@@ -240,7 +244,7 @@ def test_restart_sweeps_reach_the_sampler_and_the_summary(tmp_path):
 
     from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 
-    swept = load_backend("paper", restart_t=100, restarts=2)
+    swept = load_backend("paper", restart_t=100, restarts=2, jit_compile=False)
     assert swept.recipe == {"restart_t": 100, "restarts": 2}
     frames = simulate(swept.config, 1, seed=5)["frames"]
     got = swept.posterior(frames, 2, 2, seed=3)
@@ -372,7 +376,7 @@ def test_psi_is_sampled_only_where_localizations_are(tmp_path, paper_models, who
     if whole_field:  # The paper networks read as a whole-field model: phi sees frames whole.
         models = dataclasses.replace(models, config=models.config.replace(region="frame",
                                                                           margin=0.0))
-    backend = KerasBackend(models, method="ddpm")
+    backend = KerasBackend(models, method="ddpm", jit_compile=False)
     stack, config = _corner_movie(tmp_path)
     camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
     runs = {}
@@ -438,8 +442,8 @@ def test_a_frame_conditioned_psi_sees_the_frame_under_its_window(tmp_path, paper
     stack, config = _corner_movie(tmp_path)
     camera = Camera(offset_adu=100.0, gain_adu_per_photon=1.0)
     seen = []
-    backends = {"plain": KerasBackend(models, method="ddpm"),
-                "framed": KerasBackend(framed, method="ddpm")}
+    backends = {"plain": KerasBackend(models, method="ddpm", jit_compile=False),
+                "framed": KerasBackend(framed, method="ddpm", jit_compile=False)}
     sampler = backends["framed"].sampler
     call = sampler.__call__
 

@@ -347,18 +347,6 @@ def test_serving_api_request_round_trip(served, frames, sampled):
     np.testing.assert_array_equal(out["posterior_mean"].numpy(), sampled["posterior_mean"])
 
 
-def test_ddim_module_equals_in_package_sampler(models, frames):
-    """method and t_start are export-time choices; checked on the module without saving."""
-    module = SamplerModule(models, method="ddim", t_start=10)
-    out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))
-    ref = PosteriorSampler(models, jit_compile=False)(
-        frames[:1], 2, 2, seed=list(SEED), method="ddim", t_start=10, return_samples=True)
-    np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out["posterior_std"], ref["std"], atol=1e-5, rtol=0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="1..10"):
-        module.sample(**_request(frames[:1], num_samples=2, num_steps=11))
-
-
 def test_diffusion_json_of_an_older_export_still_reads(models):
     """A SavedModel's diffusion.json is the recipe's plus export-only keys, which Recipe.from_dict
     ignores, also the "reverse_variance" of exports written before the learned reverse variance
@@ -374,9 +362,11 @@ def test_diffusion_json_of_an_older_export_still_reads(models):
         Recipe.from_dict({**diffusion, "reverse_varience": "fixed"})
 
 
-def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
-    """A psi conditioned on the frame (PsiConfig.frame_condition) gets the request's frames
-    beside phi's estimate, as the in-package sampler gives them (checked on the module)."""
+def test_module_equals_the_in_package_sampler_for_ddim_and_a_frame_conditioned_psi(models,
+                                                                                  frames):
+    """method and t_start are export-time choices, and a psi conditioned on the frame
+    (PsiConfig.frame_condition) gets the request's frames beside phi's estimate, as the
+    in-package sampler gives them (checked on the module without saving)."""
     import dataclasses
 
     from smlm_tfdiff.experimental.frame_condition import frame_condition_fields
@@ -388,13 +378,16 @@ def test_module_gives_a_frame_conditioned_psi_the_frames(models, frames):
     kernel[:, :, 2] = 0.05  # The frame now matters.
     psi.get_layer("conv_in").set_weights([kernel, bias])
     framed = dataclasses.replace(models, psi=psi, psi_config=config)
-    module = SamplerModule(framed, t_start=10)
+    module = SamplerModule(framed, method="ddim", t_start=10)
     out = _numpy(module.sample(**_request(frames[:1], num_samples=2, num_steps=2)))
-    kw = dict(seed=list(SEED), method="ddpm", t_start=10, return_samples=True)
+    kw = dict(seed=list(SEED), method="ddim", t_start=10, return_samples=True)
     ref = PosteriorSampler(framed, jit_compile=False)(frames[:1], 2, 2, **kw)
     np.testing.assert_allclose(out["samples"], ref["samples"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["posterior_std"], ref["std"], atol=1e-5, rtol=0)
     plain = PosteriorSampler(models, jit_compile=False)(frames[:1], 2, 2, **kw)
     assert np.abs(plain["samples"] - ref["samples"]).max() > 1e-3
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1..10"):
+        module.sample(**_request(frames[:1], num_samples=2, num_steps=11))
 
 
 def test_analyze_on_the_export_gives_the_same_localizations(export, backend, tmp_path):

@@ -212,28 +212,6 @@ def test_jax_trainer_end_to_end_and_resume(tmp_path, jax_env):
 
 
 @pytest.mark.slow
-def test_jax_trainer_v_residual_on_the_extended_schedule_with_the_frame(tmp_path, jax_env):
-    """The recipe that samples from noise: paper_extended (T = 140) with v_residual prediction,
-    psi conditioned on the frame too; the folder records all three, its psi turns v into eps
-    (untrained v = 0 predicts phi's mu) and takes the frame under TensorFlow."""
-    out = str(tmp_path / "psi")
-    _train(jax_env, out, str(tmp_path / "state"), 3, "--noise_schedule",
-           "paper_extended", "--prediction", "v_residual", "--sample_steps", "14",
-           "--frame_condition", "--attention_resolutions=")
-    with open(os.path.join(out, "train_log.json")) as f:
-        info = json.load(f)
-    assert "mse_t101-140" in info["validation"][-1]
-    assert all(np.isfinite(r["loss"]) for r in info["loss"])
-    models = st.load_models(out)
-    assert models.psi_config.prediction == "v_residual"
-    assert models.schedule.T == 140 and models.t_start == 140 and models.num_steps == 14
-    assert models.psi_config.frame_condition and models.psi_config.frame_upsample == 4
-    frames = st.simulate(models.config, 2, seed=1)["frames"]
-    post = st.sample_posterior(models, frames, num_samples=2, num_steps=2, seed=0)
-    assert np.all(np.isfinite(post["mean"])) and post["mean"].shape == (2, 80, 80, 1)
-
-
-@pytest.mark.slow
 def test_jax_phi_trainer_end_to_end_loads_under_tensorflow(tmp_path, jax_env):
     """trainers/train_phi_jax.py without TensorFlow: a phi folder that load_phi reads under
     TensorFlow (BatchNormalization statistics moved by training), which the JAX psi trainer

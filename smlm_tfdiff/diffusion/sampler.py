@@ -130,6 +130,8 @@ class PosteriorSampler:
     models: a `Pretrained` with psi (`pretrained("paper")` or `load_models(run_dir)`); its recipe
       (diffusion.Recipe, the model's diffusion.json) gives every default of a call.
     recipe: another Recipe for these models (e.g. models.recipe.replace(method="ddim")).
+    jit_compile: phi and psi's reverse loop compiled with XLA, once per input shape (default);
+      False traces them once for all shapes (float32 round-off apart, the same samples).
     clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
       "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
     dc_free: frame-mean-free noise (default; module docstring).
@@ -146,6 +148,7 @@ class PosteriorSampler:
         self.recipe = models.recipe if recipe is None else recipe
         self.schedule = self.recipe.schedule
         self.max_images = int(max_images)
+        self.jit_compile = bool(jit_compile)
         self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free)
         self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
                                 reduce_retracing=True)
