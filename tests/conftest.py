@@ -86,7 +86,7 @@ def cached_load_backend(model="paper", method="ddpm", restart_t=None, restarts=1
 @pytest.fixture(scope="session")
 def backend():
     """analyze's backend of the bundled paper model, loaded once, its psi loop without XLA:
-    XLA compiles once per window count (~9 s each on 2 cores), which short test movies never
+    XLA compiles once per window count (5-9 s each on 2 cores), which short test movies never
     repay; `xla_backend` and the sampler's own tests cover the compiled loop."""
     return cached_load_backend("paper", jit_compile=False)
 
@@ -153,7 +153,8 @@ def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
     (python -m smlm_tfdiff.analyze, which gets the session's backend of a bundled model from
-    cached_load_backend; pass --nojit_compile for the `backend` fixture's) or a module with define_flags() and main (e.g. "smlm_tfdiff.demo");
+    cached_load_backend; pass --nojit_compile for the `backend` fixture's) or a module with
+    define_flags() and main (e.g. "smlm_tfdiff.demo");
     the scripts' make_strategy is shared_make_strategy.
     Returns its exit status (SystemExit and app.UsageError handled as app.run does: a message on
     stderr, status 1; absl's verbosity INFO unless given), stdout, and stderr with the absl /

@@ -7,6 +7,7 @@ from scipy.special import erf
 
 import smlm_tfdiff as st
 from smlm_tfdiff.simulation.physics import poisson_nll, sample_frames, frame_moments
+from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
 
 
 def _de_np(coord, n, sigma):
@@ -103,8 +104,9 @@ def test_poisson_nll_matches_eq10_and_peaks_at_truth(paper):
     assert nll == pytest.approx(np.sum(gammaln(n + 1) + w - n * np.log(w)), rel=1e-10)
     # The maximum-likelihood position on a fine grid lies within 4 CRLB of the truth.
     grid = np.linspace(-0.3, 0.3, 61)
-    rates = np.stack([st.expected_counts([[truth[0] + dx, truth[1] + dy]], [2000.0], paper)
-                      for dy in grid for dx in grid])
+    shifted = np.array([[[truth[0] + dx, truth[1] + dy]] for dy in grid for dx in grid])
+    rates = expected_counts_batch(shifted, np.full((len(shifted), 1), 2000.0), paper,
+                                  dtype=tf.float64).numpy()  # One frame per shifted position.
     values = poisson_nll(np.broadcast_to(frame, rates.shape), rates, paper, dtype=tf.float64)
     iy, ix = np.unravel_index(np.argmin(values.numpy()), (61, 61))
     bound = st.crlb(truth, paper, photons=2000.0)

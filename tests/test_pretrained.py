@@ -128,7 +128,7 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
     assert edge.sum() >= 30 and hit[edge].mean() >= 0.85, (edge.sum(), hit[edge].mean())
     grid = TileGrid((48, 48), (20, 20), 4, 4)
     windows = grid.cut_hr(y_hat[:1, ..., 0])[..., None]
-    post = PosteriorSampler(models)(None, 8, seed=0, y_hat=windows)
+    post = PosteriorSampler(models, jit_compile=False)(None, 8, seed=0, y_hat=windows)
     std = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)[1][0]
     truth_kde = data["kde"][0, ..., 0]
     assert std[truth_kde > 0.2].mean() > 5 * std[truth_kde < 1e-3].mean()

@@ -104,7 +104,7 @@ def test_train_psi_tensorboard_load_and_fine_tune(tmp_path, cli, scalars):
     assert models.psi is not None and models.schedule.name == "paper" and models.t_start == 10
     assert models.weighting == "snr" and models.psi_config.channel_multipliers == (1, 2)
     frames = st.simulate(models.config, 2, seed=1)["frames"]
-    post = st.sample_posterior(models, frames, num_samples=3, num_steps=2, seed=0, method="ddim")
+    post = PosteriorSampler(models, jit_compile=False)(frames, 3, 2, seed=0, method="ddim")
     assert post["mean"].shape == post["std"].shape == (2, 80, 80, 1)
     assert np.all(np.isfinite(post["mean"]))
     # Fine-tuning (one replica): starts from the run's psi (one step at a negligible rate leaves
