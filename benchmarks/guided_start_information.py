@@ -66,9 +66,9 @@ def main(argv):
         start_nm = 1.0 / np.sqrt(info)
         predicted_nm = 1.0 / np.sqrt(1.0 / bound_nm ** 2 + info)
         t0 = time.perf_counter()
-        post = PosteriorSampler(models)(iso["frames"], FLAGS.num_samples,
-                                        num_steps=min(FLAGS.num_steps, t), t_start=t, seed=1,
-                                        method="ddpm", return_samples=True, project=True)
+        post = PosteriorSampler(models, jit_compile=FLAGS.jit_compile)(
+            iso["frames"], FLAGS.num_samples, num_steps=min(FLAGS.num_steps, t), t_start=t,
+            seed=1, method="ddpm", return_samples=True, project=True)
         locs = localization_uncertainty(post["samples"], post["y_hat"], icfg)
         std_nm = np.array([loc["std_nm"][0] for loc in locs if len(loc["xy"]) == 1])
         rows.append({"model": FLAGS.model, "t_start": t, "gamma": gamma,

@@ -880,9 +880,6 @@ def define_flags():
     flags.DEFINE_integer("restarts", 2, "Restart sweeps (with --restart_t), each from the "
                          "previous samples.")
     flags.DEFINE_integer("batch_frames", 8, "Frames per batch (memory is bounded by this).")
-    flags.DEFINE_bool("jit_compile", True, "Compile psi's sampling loop with XLA, once per "
-                      "window count (5-9 s each on 2 CPU cores, then 2-17% faster): "
-                      "--nojit_compile starts sooner on a movie of a few frames.")
     flags.DEFINE_integer("overlap", None, "Tile overlap in camera pixels (default: enough that "
                          "every pixel is within the model's trained region of a tile centre).")
     shared_flags.define_seed_flag(0, "Sampling seed (same seed, same output).")

@@ -33,10 +33,11 @@ from smlm_tfdiff.simulation.physics.fisher import crlb
 
 # --quick: a much smaller run (tests); explicit flags still win.
 QUICK = dict(num_frames=2, num_samples=4, num_steps=2, mcmc_frames=2, map_samples=8,
-             mcmc_results=300, coverage_frames=2)
+             mcmc_results=300, coverage_frames=2, jit_compile=False)
 # run_demo's keyword arguments, each given by the flag of the same name.
 SETTINGS = ("model", "num_frames", "seed", "num_samples", "num_steps", "mcmc_frames",
-            "mcmc_results", "map_samples", "coverage_frames", "project", "quick")
+            "mcmc_results", "map_samples", "coverage_frames", "project", "quick",
+            "jit_compile")
 HEADLINE = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral",
             "oracle_recall", "std_z", "uncertainty_over_crlb_median", "std_map_pearson_r",
             "std_map_mean_ratio", "mcmc_xy_std_over_sqrt_crlb", "coverage_50", "coverage_90",
@@ -187,7 +188,7 @@ def _json(v):
 
 def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_steps=None,
              mcmc_frames=4, mcmc_results=2000, map_samples=48, coverage_frames=4, project=True,
-             quick=False):
+             quick=False, jit_compile=True):
     """Everything above into the folder `out`; returns the summary dict (also written to
     <out>/summary.json). The arguments are the flags of the same names (define_flags)."""
     from smlm_tfdiff import report
@@ -208,7 +209,8 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
     models = load_phi_source(model)
     if models.psi is None:
         raise app.UsageError(f"--model {model!r} has phi but no psi; pass a psi run folder")
-    backend = KerasBackend(models)  # analyze's backend; its sampler is reused below.
+    # analyze's backend; its sampler is reused below.
+    backend = KerasBackend(models, jit_compile=jit_compile)
     sampler = backend.sampler
     num_steps = num_steps or backend.num_steps
     recipe = dict(num_steps=num_steps, method=backend.method, project=project)
@@ -290,7 +292,7 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
                       "method": backend.method, "mcmc_frames": mcmc_frames,
                       "mcmc_results": mcmc_results, "mcmc_chains": 4,
                       "map_samples": map_samples, "coverage_frames": nc,
-                      "project": project, "quick": quick},
+                      "project": project, "quick": quick, "jit_compile": jit_compile},
          "physics": physics, **scores, "psi_vs_mcmc": agree, "coverage": cov,
          "files": files, "timing_s": timing}
     s["headline"] = headline(s)

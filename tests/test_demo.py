@@ -43,7 +43,7 @@ def test_quick_demo_writes_report_figures_and_summary(tmp_path, cli):
     for key in KEY_METRICS:
         value = summary["headline"][key]
         assert isinstance(value, float) and math.isfinite(value), (key, value)
-    assert summary["settings"]["quick"] is True
+    assert summary["settings"]["quick"] is True and summary["settings"]["jit_compile"] is False
     # The report's results table gives every target of the summary with its verdict.
     verdict = {True: "pass", False: "FAIL", None: "n/a"}
     lines = text.splitlines()

@@ -19,7 +19,7 @@ def test_evaluate_uncertainty_small(tmp_path, cli):
               "--mcmc_results=200", "--mcmc_burnin=100", "--mcmc_chains=2",
               "--mcmc_kde_samples=200", "--dense_frames=2", "--loc_frames=2", "--loc_samples=8",
               "--iso_loc_samples=8", "--crlb_frames=5", "--recipe_t_starts=100",
-              "--recipe_frames=1")
+              "--recipe_frames=1", "--nojit_compile")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "uncertainty calibration summary" in res.stdout
     m = json.loads((out / "metrics.json").read_text())

@@ -75,7 +75,7 @@ def main(argv):
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     config = models.scene_config("paper")
     data = simulate(config, FLAGS.num_frames, FLAGS.seed)
-    sampler = PosteriorSampler(models)
+    sampler = PosteriorSampler(models, jit_compile=FLAGS.jit_compile)
     recipe = dict(num_steps=FLAGS.num_steps or default_recipe(models)[1], method=FLAGS.method,
                   start="guided")
     post = sampler(data["frames"], FLAGS.num_samples, seed=0, return_samples=True, **recipe)

@@ -107,7 +107,7 @@ def main(argv):
     recipe = dict(num_steps=FLAGS.num_steps or num_steps, method=FLAGS.method, start="guided",
                   t_start=t_default, restart_t=FLAGS.restart_t, restarts=FLAGS.restarts,
                   project=FLAGS.project)
-    sampler = PosteriorSampler(models)
+    sampler = PosteriorSampler(models, jit_compile=FLAGS.jit_compile)
     metrics = {"model": FLAGS.model, "source": models.source, "seed": FLAGS.seed,
                "num_samples": FLAGS.num_samples, "recipe": recipe, "timing_s": {},
                "flags": {k: FLAGS[k].value for k in FLAG_NAMES}}
@@ -362,8 +362,8 @@ def summary(m):
     print("\n".join(lines))
 
 
-FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "method", "t_start", "restart_t",
-              "restarts", "project",
+FLAG_NAMES = ("seed", "iso_frames", "num_samples", "num_steps", "jit_compile", "method",
+              "t_start", "restart_t", "restarts", "project",
               "mcmc_results", "mcmc_burnin", "mcmc_chains", "mcmc_kde_samples", "mcmc_betas",
               "recipe_t_starts", "recipe_frames", "dense_frames", "threshold", "loc_frames",
               "loc_samples", "iso_loc_samples", "crlb_frames", "tolerance_hr", "mc_dropout_model")
