@@ -1,6 +1,7 @@
 """The validation frames, MCMC reference and per-localization scoring shared by the sampler
 benchmarks (sampler_options.py, calibration_recipes.py, calibration_by_crowding.py,
-calibration_crowding_scale.py): never the evaluation seeds of trainers/evaluate_uncertainty.py."""
+calibration_crowding_scale.py, calibration_density_scale.py): never the evaluation seeds of
+trainers/evaluate_uncertainty.py."""
 
 import numpy as np
 from scipy.spatial import cKDTree
