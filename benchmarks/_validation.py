@@ -64,6 +64,31 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     return {k: v[ok] for k, v in out.items()}
 
 
+def scaled_scores(scores, factor):
+    """The per-localization calibration of crowding_scores' localizations before and after their
+    reported std is multiplied by factor [n]: std(z) with its standard error, the mean reported
+    std (nm) and the Spearman correlation of |error| with the reported std (sharpness)."""
+    from scipy.stats import spearmanr
+
+    std, err = scores["uncertainty_nm"], scores["error_nm"]
+    raw, raw_se = std_z(scores["z"])
+    cal, cal_se = std_z(scores["z"] / factor[:, None])
+    return {"localizations": int(len(std)), "std_z_raw": raw, "std_z_raw_se": raw_se,
+            "std_z_scaled": cal, "std_z_scaled_se": cal_se,
+            "mean_std_nm_raw": float(std.mean()),
+            "mean_std_nm_scaled": float((std * factor).mean()),
+            "spearman_raw": float(spearmanr(err, std).correlation),
+            "spearman_scaled": float(spearmanr(err, std * factor).correlation)}
+
+
+def describe_scaled(row):
+    """One line of scaled_scores' figures."""
+    return (f"std(z) raw {row['std_z_raw']:.2f} +- {row['std_z_raw_se']:.2f}  scaled "
+            f"{row['std_z_scaled']:.2f} +- {row['std_z_scaled_se']:.2f}  mean std "
+            f"{row['mean_std_nm_raw']:5.1f} -> {row['mean_std_nm_scaled']:5.1f} nm  spearman "
+            f"{row['spearman_raw']:.2f} -> {row['spearman_scaled']:.2f}")
+
+
 def std_z(values):
     """(std, its standard error sd / sqrt(2 (n - 1))) of the z values (any shape, pooled)."""
     values = np.ravel(values)

@@ -21,9 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from scipy.stats import spearmanr
-
-from _validation import crowding_scores, std_z, validation_frames
+from _validation import (crowding_scores, describe_scaled, scaled_scores, std_z,
+                         validation_frames)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
@@ -40,10 +39,10 @@ FLAGS = flags.FLAGS
 
 
 def scored(sampler, data, cfg):
-    """z [n, 2], company [n] bool, reported std [n] nm and |error| [n] nm of the matched
-    localizations of these frames (_validation.crowding_scores)."""
+    """_validation.crowding_scores of these frames, with company [n] bool: another localization
+    within --radius."""
     s = crowding_scores(sampler, data, cfg, FLAGS.radius, FLAGS.num_samples)
-    return s["z"], s["neighbours"] > 0, s["uncertainty_nm"], s["error_nm"]
+    return {**s, "company": s["neighbours"] > 0}
 
 
 def main(argv):
@@ -52,8 +51,8 @@ def main(argv):
     sampler = PosteriorSampler(models)
     icfg, iso, dcfg, dense = validation_frames(models, FLAGS.iso_frames, FLAGS.dense_frames)
     parts = [scored(sampler, dense, dcfg), scored(sampler, iso, icfg)]
-    z = np.concatenate([p[0] for p in parts])
-    company = np.concatenate([p[1] for p in parts])
+    z = np.concatenate([p["z"] for p in parts])
+    company = np.concatenate([p["company"] for p in parts])
     scale = {}
     for name, sel in (("alone", ~company), ("company", company)):
         sd, se = std_z(z[sel])
@@ -67,24 +66,13 @@ def main(argv):
     for index, (n, photons) in enumerate(cells):
         cfg = dcfg.replace(num_emitters=n, photons=photons)
         data = simulate(cfg, FLAGS.grid_frames, 9000 + index)
-        z, company, std, err = scored(sampler, data, cfg)
-        factor = np.where(company, scale["company"]["scale"], scale["alone"]["scale"])
-        raw, raw_se = std_z(z)
-        cal, cal_se = std_z(z / factor[:, None])
-        rows.append({"emitters": n, "photons": photons, "seed": 9000 + index,
-                     "localizations": int(len(z)), "company_fraction": float(company.mean()),
-                     "std_z_raw": raw, "std_z_raw_se": raw_se,
-                     "std_z_scaled": cal, "std_z_scaled_se": cal_se,
-                     "mean_std_nm_raw": float(std.mean()),
-                     "mean_std_nm_scaled": float((std * factor).mean()),
-                     "spearman_raw": float(spearmanr(err, std).correlation),
-                     "spearman_scaled": float(spearmanr(err, std * factor).correlation)})
-        r = rows[-1]
+        s = scored(sampler, data, cfg)
+        factor = np.where(s["company"], scale["company"]["scale"], scale["alone"]["scale"])
+        r = {"emitters": n, "photons": photons, "seed": 9000 + index,
+             "company_fraction": float(s["company"].mean()), **scaled_scores(s, factor)}
+        rows.append(r)
         print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} company "
-              f"{r['company_fraction']:.2f}  std(z) raw {raw:.2f} +- {raw_se:.2f}  scaled "
-              f"{cal:.2f} +- {cal_se:.2f}  mean std {r['mean_std_nm_raw']:5.1f} -> "
-              f"{r['mean_std_nm_scaled']:5.1f} nm  spearman {r['spearman_raw']:.2f} -> "
-              f"{r['spearman_scaled']:.2f}", flush=True)
+              f"{r['company_fraction']:.2f}  " + describe_scaled(r), flush=True)
     print(json.dumps({"model": FLAGS.model, "radius_px": FLAGS.radius, "scale": scale,
                       "grid": rows}))
 

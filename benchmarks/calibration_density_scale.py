@@ -24,9 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 import numpy as np
 from scipy.optimize import minimize
-from scipy.stats import spearmanr
 
-from _validation import crowding_scores, std_z
+from _validation import crowding_scores, describe_scaled, scaled_scores, std_z
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
@@ -99,27 +98,15 @@ def main(argv):
         cfg = base.replace(num_emitters=n, photons=photons)
         s = crowding_scores(sampler, simulate(cfg, FLAGS.grid_frames, 9000 + index), cfg,
                             FLAGS.radius, FLAGS.num_samples)
-        factor = np.exp(features(s) @ beta)
-        std, err = s["uncertainty_nm"], s["error_nm"]
-        raw, raw_se = std_z(s["z"])
         const, const_se = std_z(s["z"] / constant)
-        cal, cal_se = std_z(s["z"] / factor[:, None])
-        rows.append({"emitters": n, "photons": photons, "seed": 9000 + index,
-                     "localizations": int(len(std)),
-                     "mean_neighbours": float(s["neighbours"].mean()),
-                     "std_z_raw": raw, "std_z_raw_se": raw_se,
-                     "std_z_constant": const, "std_z_constant_se": const_se,
-                     "std_z_scaled": cal, "std_z_scaled_se": cal_se,
-                     "mean_std_nm_raw": float(std.mean()),
-                     "mean_std_nm_scaled": float((std * factor).mean()),
-                     "spearman_raw": float(spearmanr(err, std).correlation),
-                     "spearman_scaled": float(spearmanr(err, std * factor).correlation)})
-        r = rows[-1]
-        print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} k {r['mean_neighbours']:4.1f}"
-              f"  std(z) raw {raw:.2f} +- {raw_se:.2f}  constant {const:.2f}  scaled {cal:.2f} +- "
-              f"{cal_se:.2f}  mean std {r['mean_std_nm_raw']:5.1f} -> "
-              f"{r['mean_std_nm_scaled']:5.1f} nm  spearman {r['spearman_raw']:.2f} -> "
-              f"{r['spearman_scaled']:.2f}", flush=True)
+        r = {"emitters": n, "photons": photons, "seed": 9000 + index,
+             "mean_neighbours": float(s["neighbours"].mean()),
+             "std_z_constant": const, "std_z_constant_se": const_se,
+             **scaled_scores(s, np.exp(features(s) @ beta))}
+        rows.append(r)
+        print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} k "
+              f"{r['mean_neighbours']:4.1f}  constant {const:.2f}  " + describe_scaled(r),
+              flush=True)
     print(json.dumps({"model": FLAGS.model, "radius_px": FLAGS.radius,
                       "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
                               "terms": ["1", "neighbours", "log(photons / 200)"],
