@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import smlm_tfdiff as st
+from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.localization.batched import detect_batch
 
 
@@ -58,7 +59,8 @@ def test_bundled_psi_samples_a_posterior_around_phi():
     # The default recipe: guided start at t* = T (the forward marginal), 10 ancestral steps.
     assert models.weighting == "snr" and (models.t_start, models.num_steps) == (100, 10)
     data = st.simulate(models.config, 8, seed=424_242)
-    post = st.sample_posterior(models, data["frames"], num_samples=16, seed=0, method="ddpm")
+    # The loop traced, not compiled (XLA: test_analyze.py end to end, test_sampler.py).
+    post = PosteriorSampler(models, jit_compile=False)(data["frames"], 16, seed=0, method="ddpm")
     assert post["nfe_per_frame"] == 160 and len(post["steps"]) == 10 and post["steps"][0] == 100
     truth = data["kde"]
     # The posterior mean stays as close to the truth as phi's estimate: its MSE less the Monte
@@ -106,7 +108,6 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
     (N0 1000-3000) phi finds them at the edge as in the centre (measured: P 1.0, R 0.978, edge
     0.976 of 42, centre 0.979 of 94); the bars sit about three binomial standard errors lower. psi
     sampled on windows of phi's whole-frame estimate puts its spread where the emitters are."""
-    from smlm_tfdiff.diffusion.sampler import PosteriorSampler
     from smlm_tfdiff.io.tiling import TileGrid
 
     models = st.pretrained("wholefield")
