@@ -13,6 +13,33 @@ from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 
 ISO_SEED, DENSE_SEED = 778, 777
+GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
+
+
+def define_check_grid_flags():
+    """--model, --grid_emitters, --grid_photons, --grid_frames and --num_samples of the held-out
+    check grid of the calibration-scale benchmarks (check_grid)."""
+    from absl import flags
+
+    flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
+    flags.DEFINE_list("grid_emitters", ["3", "6", "10", "15"], "Check: emitters in the paper disc.")
+    flags.DEFINE_list("grid_photons", ["150", "200", "300"], "Check: N0 per emitter (photons).")
+    flags.DEFINE_integer("grid_frames", 12, "Check: frames per grid cell.")
+    flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame.")
+
+
+def check_grid(base):
+    """The check grid of the flags above: per cell (its emitters in the paper disc x N0), yields
+    (n, photons, seed, config, frames) with --grid_frames frames simulated from seed GRID_SEED +
+    cell index (held out: never a validation or an evaluation seed)."""
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    cells = [(int(n), float(p)) for n in FLAGS.grid_emitters for p in FLAGS.grid_photons]
+    for index, (n, photons) in enumerate(cells):
+        cfg = base.replace(num_emitters=n, photons=photons)
+        yield n, photons, GRID_SEED + index, cfg, simulate(cfg, FLAGS.grid_frames,
+                                                            GRID_SEED + index)
 
 
 def validation_frames(models, iso_frames, dense_frames):

@@ -21,20 +21,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from _validation import (crowding_scores, describe_scaled, scaled_scores, std_z,
-                         validation_frames)
+from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
+                         scaled_scores, std_z, validation_frames)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
-from smlm_tfdiff.simulation.simulate import simulate
 
-flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
+define_check_grid_flags()
 flags.DEFINE_integer("dense_frames", 36, "Fit: paper-preset frames (validation seed 777).")
 flags.DEFINE_integer("iso_frames", 24, "Fit: isolated-emitter frames (validation seed 778).")
 flags.DEFINE_float("radius", 5.0, "Neighbourhood radius, camera px.")
-flags.DEFINE_list("grid_emitters", ["3", "6", "10", "15"], "Check: emitters in the paper disc.")
-flags.DEFINE_list("grid_photons", ["150", "200", "300"], "Check: N0 per emitter (photons).")
-flags.DEFINE_integer("grid_frames", 12, "Check: frames per grid cell.")
-flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame.")
 FLAGS = flags.FLAGS
 
 
@@ -62,13 +57,10 @@ def main(argv):
         for k, v in scale.items()))
 
     rows = []
-    cells = [(int(n), float(p)) for n in FLAGS.grid_emitters for p in FLAGS.grid_photons]
-    for index, (n, photons) in enumerate(cells):
-        cfg = dcfg.replace(num_emitters=n, photons=photons)
-        data = simulate(cfg, FLAGS.grid_frames, 9000 + index)
+    for n, photons, seed, cfg, data in check_grid(dcfg):
         s = scored(sampler, data, cfg)
         factor = np.where(s["company"], scale["company"]["scale"], scale["alone"]["scale"])
-        r = {"emitters": n, "photons": photons, "seed": 9000 + index,
+        r = {"emitters": n, "photons": photons, "seed": seed,
              "company_fraction": float(s["company"].mean()), **scaled_scores(s, factor)}
         rows.append(r)
         print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} company "

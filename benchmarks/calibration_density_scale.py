@@ -25,20 +25,17 @@ from absl import app, flags
 import numpy as np
 from scipy.optimize import minimize
 
-from _validation import crowding_scores, describe_scaled, scaled_scores, std_z
+from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
+                         scaled_scores, std_z)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
 
-flags.DEFINE_string("model", "paper", "A bundled model name or a model folder with psi.")
+define_check_grid_flags()
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
 flags.DEFINE_list("fit_emitters", ["1", "3", "6", "10", "15"], "Fit: emitters in the paper disc.")
 flags.DEFINE_list("fit_photons", ["150", "300"], "Fit: N0 per emitter (photons).")
 flags.DEFINE_integer("fit_localizations", 36, "Fit: emitters simulated per cell.")
-flags.DEFINE_list("grid_emitters", ["3", "6", "10", "15"], "Check: emitters in the paper disc.")
-flags.DEFINE_list("grid_photons", ["150", "200", "300"], "Check: N0 per emitter (photons).")
-flags.DEFINE_integer("grid_frames", 12, "Check: frames per grid cell.")
-flags.DEFINE_integer("num_samples", 32, "Posterior samples per frame.")
 FLAGS = flags.FLAGS
 
 
@@ -93,13 +90,10 @@ def main(argv):
           f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
 
     rows = []
-    cells = [(int(n), float(p)) for n in FLAGS.grid_emitters for p in FLAGS.grid_photons]
-    for index, (n, photons) in enumerate(cells):
-        cfg = base.replace(num_emitters=n, photons=photons)
-        s = crowding_scores(sampler, simulate(cfg, FLAGS.grid_frames, 9000 + index), cfg,
-                            FLAGS.radius, FLAGS.num_samples)
+    for n, photons, seed, cfg, data in check_grid(base):
+        s = crowding_scores(sampler, data, cfg, FLAGS.radius, FLAGS.num_samples)
         const, const_se = std_z(s["z"] / constant)
-        r = {"emitters": n, "photons": photons, "seed": 9000 + index,
+        r = {"emitters": n, "photons": photons, "seed": seed,
              "mean_neighbours": float(s["neighbours"].mean()),
              "std_z_constant": const, "std_z_constant_se": const_se,
              **scaled_scores(s, np.exp(features(s) @ beta))}
