@@ -149,6 +149,15 @@ def _isolated_flags():
             delattr(FLAGS, name)
 
 
+def _exit_status(exit):
+    """The status of a SystemExit as the interpreter reports it at exit: a message (printed to
+    stderr) is status 1, None is 0."""
+    if isinstance(exit.code, str):
+        print(exit.code, file=sys.stderr)
+        return 1
+    return exit.code or 0
+
+
 def run_cli(program, *args):
     """Runs a command-line program's absl main in this process, as `app.run(main)` would with
     argv [program, *args]: program is a script path (trainers/..., export/...), "analyze"
@@ -204,11 +213,7 @@ def run_cli(program, *args):
                 print(e, file=sys.stderr)
                 code = e.exitcode
             except SystemExit as e:
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-                    code = 1
-                else:
-                    code = e.code or 0
+                code = _exit_status(e)
     finally:
         for target in targets:
             target.removeHandler(handler)
@@ -235,10 +240,8 @@ def entry_point_run():
                 key_flags = {k: list(v) for k, v in FLAGS.key_flags_by_module_dict().items()}
                 try:
                     run(list(argv))
-                except SystemExit as e:  # As the interpreter reports it at exit.
-                    if isinstance(e.code, str):
-                        print(e.code, file=sys.stderr)
-                    code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+                except SystemExit as e:
+                    code = _exit_status(e)
                 finally:
                     FLAGS.key_flags_by_module_dict().clear()
                     FLAGS.key_flags_by_module_dict().update(key_flags)
