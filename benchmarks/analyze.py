@@ -4,7 +4,8 @@
         [--frames 100] [--posterior_frames 4] [--out benchmarks/results/analyze.json]
 
 Movies (the seeds' camera and optics, N0 = 200 photons unless said, emitters uniform over the
-whole frame, edges included; seed 123 + case index, never a training or validation seed):
+whole frame, edges included; seed 123 + case index, never a training or validation seed;
+--seed 8200 gives validation movies, for choosing between models):
   dense40_64      64x64 px, 1 emitter per 40 px^2 (the paper frames' average density)
   dense15_64      64x64 px, 1 emitter per 15 px^2 (the seeds' local density: 10 in a disc of r 7)
   sparse_64       64x64 px, 1 emitter per 400 px^2
@@ -57,6 +58,7 @@ flags.DEFINE_string("model", "paper", "Model (bundled name or folder).")
 flags.DEFINE_integer("frames", 100, "Frames per movie in phi_only mode.")
 flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.")
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
+flags.DEFINE_integer("seed", 123, "Seed of the first movie (+ case index).")
 flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
 flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
 flags.DEFINE_string("make_movie", None, "Internal: simulate this movie into --movie_dir.")
@@ -94,7 +96,7 @@ def movie(name, num_frames):
         extra = dict(photons_range=case["photons_range"])
     config = SimulationConfig.preset("paper", frame_height=h, frame_width=w, region="frame",
                                      margin=0.0, num_emitters=count, **extra)
-    data = simulate(config, num_frames, seed=123 + list(CASES).index(name))
+    data = simulate(config, num_frames, seed=FLAGS.seed + list(CASES).index(name))
     return data["frames"][..., 0], data, config
 
 
@@ -117,7 +119,7 @@ def run_case(name, mode):
     import tifffile
 
     from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
-    from smlm_tfdiff.localization.metrics import localization_metrics
+    from smlm_tfdiff.localization.metrics import edge_centre_recall, localization_metrics
 
     posterior = mode.startswith("posterior")
     num_frames = FLAGS.posterior_frames if posterior else FLAGS.frames
@@ -150,14 +152,9 @@ def run_case(name, mode):
     rows_matched = offsets[matches[:, 0]] + matches[:, 1]
     z = (errors * nm / unc[rows_matched]).ravel()
     std_z, interval = _z_interval(z)
-    # Recall near the edge against the centre: the truth within EDGE_PX of the border.
     h, w = config.lr_shape
-    truth = data["positions"][data["mask"]]
-    edge = ((truth[:, 0] < EDGE_PX) | (truth[:, 0] > w - EDGE_PX) | (truth[:, 1] < EDGE_PX)
-            | (truth[:, 1] > h - EDGE_PX))
-    found = np.zeros(len(truth), bool)
-    starts = np.concatenate([[0], np.cumsum(data["mask"].sum(1))])
-    found[starts[matches[:, 0]] + matches[:, 2]] = True
+    recall_edge, recall_centre = edge_centre_recall(matches, data["positions"], data["mask"],
+                                                    (h, w), EDGE_PX)
     return {
         "movie": name, "mode": mode, "frames": num_frames, "size": [h, w],
         "emitters_per_frame": round(float(data["mask"].sum() / num_frames), 2),
@@ -167,8 +164,7 @@ def run_case(name, mode):
         "precision": metrics["precision"], "recall": metrics["recall"],
         "jaccard": metrics["jaccard"], "rmse_nm": metrics["rmse_lateral_nm"],
         "std_z": std_z, "std_z_95": interval, "z_count": int(np.isfinite(z).sum()),
-        "recall_edge": float(found[edge].mean()) if edge.any() else float("nan"),
-        "recall_centre": float(found[~edge].mean()) if (~edge).any() else float("nan"),
+        "recall_edge": recall_edge, "recall_centre": recall_centre,
         "tiles_per_frame": summary["tiles_per_frame"],
         "windows_sampled_per_frame": round(summary["windows_sampled"] / num_frames, 2),
         "timing_s": summary["timing"],
@@ -190,7 +186,7 @@ def main(argv):
         raise app.UsageError(f"unknown cases or modes {unknown}; cases {list(CASES)}, modes "
                              f"{list(MODES)}")
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "model": FLAGS.model,
-               "num_samples": FLAGS.num_samples, "runs": []}
+               "num_samples": FLAGS.num_samples, "seed": FLAGS.seed, "runs": []}
     movies = tempfile.mkdtemp(prefix="bench-movies-")
     try:
         _run_all(results, movies)
@@ -205,8 +201,8 @@ def _run_all(results, movies):
                      FLAGS.posterior_frames if any(m.startswith("posterior") for m in FLAGS.modes)
                      else 0)
         subprocess.run([sys.executable, os.path.abspath(__file__), f"--make_movie={name}",
-                        f"--frames={frames}", f"--movie_dir={movies}"], check=True,
-                       capture_output=True)
+                        f"--frames={frames}", f"--movie_dir={movies}", f"--seed={FLAGS.seed}"],
+                       check=True, capture_output=True)
         for mode in FLAGS.modes:
             cmd = [sys.executable, os.path.abspath(__file__), f"--case={name}:{mode}",
                    f"--movie_dir={movies}",

@@ -252,15 +252,31 @@ def _crlb_nm(xy, intensity, background, config):
     inside = ((xy[:, 0] >= 0) & (xy[:, 0] < config.frame_width) & (xy[:, 1] >= 0)
               & (xy[:, 1] < config.frame_height))
     ok &= inside
-    if ok.any():
-        # Each position's Fisher information is a sum over the whole frame: chunks bound memory.
-        chunk = max(1, CRLB_PIXELS // (config.frame_height * config.frame_width))
-        idx = np.flatnonzero(ok)
-        for lo in range(0, len(idx), chunk):
-            part = idx[lo:lo + chunk]
-            bound = crlb(xy[part], config, photons=intensity[part], estimate_photons=True,
-                         background=np.maximum(background[part], 0.0))
-            out[part] = bound[:, :2] * config.pixel_size_nm
+    if not ok.any():
+        return out
+    idx = np.flatnonzero(ok)
+    xy = xy[idx]
+    h, w = config.frame_height, config.frame_width
+    local = all(np.ndim(getattr(config, f)) == 0 for f in ("background", "readout_var", "gain",
+                                                           "offset"))
+    if local and max(h, w) > 2 * CRLB_HALF_WINDOW:
+        # The Fisher information of a PSF of ~1 px is all within a few px of the emitter: a
+        # window of 2 CRLB_HALF_WINDOW px around each one, slid inside the frame so that the
+        # frame's edge cuts it where it cuts the PSF, gives the frame's bound (to ~1e-12) at a
+        # fraction of the cost (a 256x256 frame: 256x fewer pixels per localization).
+        size_h, size_w = min(h, 2 * CRLB_HALF_WINDOW), min(w, 2 * CRLB_HALF_WINDOW)
+        origin = np.floor(xy) - CRLB_HALF_WINDOW + 1
+        origin[:, 0] = np.clip(origin[:, 0], 0, w - size_w)
+        origin[:, 1] = np.clip(origin[:, 1], 0, h - size_h)
+        xy = xy - origin
+        config = config.replace(frame_height=size_h, frame_width=size_w)
+    # Each position's Fisher information is a sum over its frame: chunks bound memory.
+    chunk = max(1, CRLB_PIXELS // (config.frame_height * config.frame_width))
+    for lo in range(0, len(idx), chunk):
+        part = idx[lo:lo + chunk]
+        bound = crlb(xy[lo:lo + chunk], config, photons=intensity[part], estimate_photons=True,
+                     background=np.maximum(background[part], 0.0))
+        out[part] = bound[:, :2] * config.pixel_size_nm
     return out
 
 
@@ -275,6 +291,7 @@ MIN_FRAME = 4  # Camera pixels, each side.
 # edge.
 WINDOW_OVERLAP = 4
 CRLB_PIXELS = 2 ** 22  # Frame pixels x positions per CRLB call (_crlb_nm; memory bound).
+CRLB_HALF_WINDOW = 8  # px: _crlb_nm sums each localization's Fisher information over 16x16 px.
 ESTIMATE_PIXELS = 2 ** 21  # HR pixels per phi call in KerasBackend.estimate (memory bound).
 # Where psi is sampled: "localized", the windows (tiles) that hold a localization, each
 # localization's nearest-centre one; "all", every window (the path before; localize_on "mean").

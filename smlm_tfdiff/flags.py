@@ -199,3 +199,57 @@ def jax_trainer_config_from_flags():
         time_budget_s=f.time_budget_s, checkpoint_every_s=f.checkpoint_every_s,
         log_every=f.log_every, eval_every=f.eval_every, seed=f.seed,
         val_frames=f.val_frames, state_dir=f.state_dir)
+
+
+def define_phi_flags(dropout=False):
+    """phi's architecture flags (trainers/train_phi.py, train_phi_jax.py) and --init_phi."""
+    flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")
+    flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation rates.")
+    flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resize-convs.")
+    flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
+    flags.DEFINE_enum("input_transform", "linear", ["linear", "anscombe"],
+                      "phi's input: photons (linear, the seeds') or variance-stabilised photons "
+                      "(anscombe: dim and bright frames look alike; models/phi.py).")
+    flags.DEFINE_float("photon_scale", None, "Divisor of phi's input (default 20 for linear, 4 "
+                       "for anscombe).")
+    if dropout:
+        flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling "
+                           "block (> 0 makes an MC-dropout model, "
+                           "smlm_tfdiff.uncertainty.mc_dropout).")
+    flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a "
+                        "folder; fine-tuning): the same widths required; dropout, input_transform "
+                        "and photon_scale may differ. Ignored on resume.")
+    _key_flags("context_filters", "dilations", "upsample_filters", "prediction_filters",
+               "input_transform", "photon_scale", "init_phi", *(["dropout"] if dropout else []))
+
+
+def phi_config_from_flags():
+    """The models.phi.PhiConfig the phi flags ask for."""
+    from smlm_tfdiff.models.phi import PhiConfig
+
+    f = flags.FLAGS
+    photon_scale = f.photon_scale
+    if photon_scale is None:
+        photon_scale = 4.0 if f.input_transform == "anscombe" else 20.0
+    return PhiConfig(context_filters=f.context_filters,
+                     dilations=tuple(int(d) for d in f.dilations),
+                     upsample_filters=tuple(int(v) for v in f.upsample_filters),
+                     prediction_filters=f.prediction_filters,
+                     photon_scale=photon_scale, input_transform=f.input_transform,
+                     dropout=f.dropout if "dropout" in f else 0.0)
+
+
+def init_phi_weights(phi_config):
+    """The weights of --init_phi (None without it), checked against phi_config's widths."""
+    import dataclasses
+
+    if not flags.FLAGS.init_phi:
+        return None
+    from smlm_tfdiff.pretrained import load_phi_source
+
+    init = load_phi_source(flags.FLAGS.init_phi)
+    free = dict(dropout=0.0, input_transform="linear", photon_scale=1.0)
+    if dataclasses.replace(init.phi_config, **free) != dataclasses.replace(phi_config, **free):
+        raise app.UsageError(f"--init_phi {flags.FLAGS.init_phi!r} has {init.phi_config}, this "
+                             f"run {phi_config}: set the phi flags to match its widths")
+    return init.phi.get_weights()

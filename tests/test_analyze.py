@@ -105,6 +105,24 @@ def test_photometry_fits_close_pairs_jointly():
 
 
 # ------------------------------------------------------------------------------ stack reading
+def test_crlb_column_in_a_window_equals_the_whole_frame(monkeypatch):
+    """analyze's CRLB sums each localization's Fisher information over 16x16 px around it, slid
+    inside the frame at the edges: the whole frame's bound, edges and corners included."""
+    import smlm_tfdiff.analyze as analyze
+
+    config = SimulationConfig.preset("wholefield", frame_height=40, frame_width=24)
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.uniform(0, [24, 40], (30, 2)),
+                         [[0.01, 0.01], [23.99, 39.99], [0.5, 20.0], [12.0, 39.5], [30.0, 5.0]]])
+    photons, background = rng.uniform(100, 5000, len(xy)), rng.uniform(0, 30, len(xy))
+    photons[3] = np.nan
+    windowed = analyze._crlb_nm(xy, photons, background, config)
+    monkeypatch.setattr(analyze, "CRLB_HALF_WINDOW", 100)
+    whole = analyze._crlb_nm(xy, photons, background, config)
+    assert np.isnan(windowed[[3, -1]]).all() and np.isnan(whole[[3, -1]]).all()
+    np.testing.assert_allclose(windowed, whole, rtol=1e-10)
+
+
 def test_tiff_stack_reads_plain_imagej_and_ome(tmp_path):
     frames = np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7)
     paths = {"plain.tif": dict(), "imagej.tif": dict(imagej=True), "x.ome.tif": dict(ome=True)}

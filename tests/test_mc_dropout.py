@@ -81,7 +81,8 @@ def test_mc_dropout_refuses_a_phi_without_dropout(small_phis):
 
 
 def test_train_phi_fine_tunes_with_dropout(tmp_path, cli):
-    """--init_phi copies a trained phi's weights into a phi with dropout, which then trains."""
+    """--init_phi copies a trained phi's weights into a phi with dropout (and another input
+    transform), which then trains."""
     base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
     small = ["--context_filters=8", "--dilations=1,2", "--upsample_filters=8,4",
              "--prediction_filters=4"]
@@ -89,11 +90,13 @@ def test_train_phi_fine_tunes_with_dropout(tmp_path, cli):
               "--val_frames=4", "--warmup_steps=1", "--noprogress", *small]
     script = os.path.join(ROOT, "trainers", "train_phi.py")
     for args in ([f"--out_dir={base}", "--steps=2"],
-                 [f"--out_dir={tuned}", "--steps=2", f"--init_phi={base}", "--dropout=0.1"]):
+                 [f"--out_dir={tuned}", "--steps=2", f"--init_phi={base}", "--dropout=0.1",
+                  "--input_transform=anscombe"]):
         res = cli(script, *args, *common)
         assert res.returncode == 0, res.stderr[-3000:]
     models = st.load_phi(tuned)
     assert models.phi_config.dropout == 0.1 and dropout_layers(models.phi)
+    assert (models.phi_config.input_transform, models.phi_config.photon_scale) == ("anscombe", 4.0)
     # Mismatched widths are refused with the fix in the message.
     res = cli(script, f"--out_dir={tmp_path / 'bad'}", "--steps=1", f"--init_phi={base}",
               *common[:-4], "--context_filters=16", "--dilations=1,2", "--upsample_filters=8,4",

@@ -22,6 +22,32 @@ def test_normalisation_uses_camera_offset_and_gain(paper):
         build_phi(paper.replace(gain=np.ones((20, 20))))
 
 
+def test_anscombe_input_stabilises_camera_noise(paper):
+    """The anscombe input has unit noise (over photon_scale) at any brightness: Poisson photons
+    through the seeds' camera (gain 2.5 ADU per photon, readout variance 5 ADU^2)."""
+    config = paper.replace(offset=100.0, gain=2.5, readout_var=5.0)
+    phi = build_phi(config, PhiConfig(input_transform="anscombe", photon_scale=4.0))
+    layer = phi.get_layer("photons")
+    rng = np.random.default_rng(0)
+    n = 40_000
+    for rate in (5.0, 50.0, 500.0, 5000.0):
+        adu = (config.gain * rng.poisson(rate, n) + config.offset
+               + rng.normal(0.0, np.sqrt(config.readout_var), n))
+        value = np.asarray(layer(adu.astype(np.float32)[None, :, None, None]))
+        expected = 2 * np.sqrt(np.maximum((adu - 100.0) / 2.5 + 3 / 8 + 5.0 / 2.5 ** 2, 0)) / 4
+        np.testing.assert_allclose(value.ravel(), expected, rtol=1e-4, atol=1e-4)
+        # Anscombe's approximation: std 1 up to O(1/rate) (4% at 5 photons); sampling: 0.4%.
+        assert 4 * value.std() == pytest.approx(1.0, abs=0.05), rate
+    with pytest.raises(ValueError, match="input_transform"):
+        PhiConfig(input_transform="log")
+    with pytest.raises(ValueError, match="readout_var"):
+        build_phi(paper.replace(readout_var=np.ones((20, 20))),
+                  PhiConfig(input_transform="anscombe"))
+    # A config written before the option reads as the seeds' linear input.
+    old = '{"context_filters": 32, "photon_scale": 20.0}'
+    assert PhiConfig.from_json(old).input_transform == "linear"
+
+
 def test_output_bound_never_clips_targets(paper_models):
     for name in ("paper", "dense", "isolated"):
         config = st.SimulationConfig.preset(name)

@@ -13,19 +13,12 @@ import sys
 
 from absl import app, flags, logging
 
-from smlm_tfdiff.flags import (define_trainer_flags, sim_config_from_flags,
+from smlm_tfdiff.flags import (define_phi_flags, define_trainer_flags, init_phi_weights,
+                               phi_config_from_flags, sim_config_from_flags,
                                trainer_config_from_flags)
 
 define_trainer_flags(steps=10000, batch_size=64, learning_rate=2e-3)
-flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")
-flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation rates.")
-flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resize-convs.")
-flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
-flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling block (> 0 "
-                   "makes an MC-dropout model, smlm_tfdiff.uncertainty.mc_dropout).")
-flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a run "
-                    "folder; fine-tuning): same widths required, dropout may differ. Ignored on "
-                    "resume.")
+define_phi_flags(dropout=True)
 flags.mark_flag_as_required("out_dir")
 FLAGS = flags.FLAGS
 
@@ -35,26 +28,13 @@ def main(argv):
     # The strategy first: splitting the CPU into logical devices must precede any TF op.
     from smlm_tfdiff.models.training import Trainer, make_strategy
     strategy = make_strategy(FLAGS.num_replicas, FLAGS.strategy)
-    from smlm_tfdiff.models.phi import PhiConfig, build_phi
+    from smlm_tfdiff.models.phi import build_phi
     from smlm_tfdiff.models.phi_training import PhiValidation, phi_dataset, phi_loss
 
     cfg = trainer_config_from_flags()
     sim_config = sim_config_from_flags()
-    phi_config = PhiConfig(context_filters=FLAGS.context_filters,
-                           dilations=tuple(int(d) for d in FLAGS.dilations),
-                           upsample_filters=tuple(int(f) for f in FLAGS.upsample_filters),
-                           prediction_filters=FLAGS.prediction_filters,
-                           dropout=FLAGS.dropout)
-    init_weights = None
-    if FLAGS.init_phi:
-        import dataclasses
-        from smlm_tfdiff.pretrained import load_phi_source
-        init = load_phi_source(FLAGS.init_phi)
-        if dataclasses.replace(init.phi_config, dropout=0.0) != dataclasses.replace(
-                phi_config, dropout=0.0):
-            raise app.UsageError(f"--init_phi {FLAGS.init_phi!r} has {init.phi_config}, this run "
-                                 f"{phi_config}: set the phi flags to match it")
-        init_weights = init.phi.get_weights()
+    phi_config = phi_config_from_flags()
+    init_weights = init_phi_weights(phi_config)
 
     def build_model():
         model = build_phi(sim_config, phi_config)

@@ -19,43 +19,31 @@ import sys
 
 from absl import app, flags, logging
 
-from smlm_tfdiff.flags import (define_jax_trainer_flags, jax_trainer_config_from_flags,
+from smlm_tfdiff.flags import (define_jax_trainer_flags, define_phi_flags, init_phi_weights,
+                               jax_trainer_config_from_flags, phi_config_from_flags,
                                require_jax_backend)
 
 define_jax_trainer_flags(batch_size=64, learning_rate=2e-3)
 
 flags.DEFINE_string("preset", "wholefield", "Scene and camera preset (SimulationConfig.preset).")
-flags.DEFINE_integer("context_filters", 32, "phi: channels of the context module.")
-flags.DEFINE_list("dilations", ["1", "2", "4", "8", "4", "2"], "phi: dilation rates.")
-flags.DEFINE_list("upsample_filters", ["16", "8"], "phi: channels of the 2x resize-convs.")
-flags.DEFINE_integer("prediction_filters", 8, "phi: channels of the prediction blocks.")
-flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a model "
-                    "folder): same widths required. Ignored on resume.")
+define_phi_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    import dataclasses
-
     require_jax_backend("trainers/train_phi.py")
-    from smlm_tfdiff.models.phi import PhiConfig, build_phi
+    from smlm_tfdiff.models.phi import build_phi
     from smlm_tfdiff.models.phi_training_jax import JaxPhiTrainer
-    from smlm_tfdiff.pretrained import Pretrained, load_phi_source, save_models
+    from smlm_tfdiff.pretrained import Pretrained, save_models
     from smlm_tfdiff.simulation.config import SimulationConfig
 
     sim_config = SimulationConfig.preset(FLAGS.preset)
-    phi_config = PhiConfig(context_filters=FLAGS.context_filters,
-                           dilations=tuple(int(d) for d in FLAGS.dilations),
-                           upsample_filters=tuple(int(f) for f in FLAGS.upsample_filters),
-                           prediction_filters=FLAGS.prediction_filters)
+    phi_config = phi_config_from_flags()
     phi = build_phi(sim_config, phi_config)
-    if FLAGS.init_phi:
-        init = load_phi_source(FLAGS.init_phi)
-        if dataclasses.replace(init.phi_config, dropout=0.0) != phi_config:
-            raise app.UsageError(f"--init_phi {FLAGS.init_phi!r} has {init.phi_config}, this run "
-                                 f"{phi_config}: set the phi flags to match it")
-        phi.set_weights(init.phi.get_weights())
+    init_weights = init_phi_weights(phi_config)
+    if init_weights is not None:
+        phi.set_weights(init_weights)
 
     def save(out_dir, model):
         save_models(out_dir, Pretrained(phi=model, config=sim_config, phi_config=phi_config))

@@ -152,6 +152,26 @@ def localization_metrics(pred, truth, config, tolerance_hr=5.0, tolerance_nm=Non
     return out
 
 
+def edge_centre_recall(matches, positions, mask, lr_shape, edge_px=3.0) -> Tuple[float, float]:
+    """Recall of the true emitters within edge_px LR pixels of the frame border, and of the rest.
+
+    matches: localization_metrics' "matches" [TP, 3] (frame, pred index, truth index) for truth
+        given as padded positions [N, K, 2] (x, y LR px) with mask [N, K]; lr_shape: (h, w) px.
+    NaN for a side with no true emitters.
+    """
+    positions, mask = np.asarray(positions), np.asarray(mask, bool)
+    truth = positions[mask]
+    h, w = lr_shape
+    edge = ((truth[:, 0] < edge_px) | (truth[:, 0] > w - edge_px) | (truth[:, 1] < edge_px)
+            | (truth[:, 1] > h - edge_px))
+    found = np.zeros(len(truth), bool)
+    starts = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
+    matches = np.asarray(matches, np.int64).reshape(-1, 3)
+    found[starts[matches[:, 0]] + matches[:, 2]] = True
+    return (float(found[edge].mean()) if edge.any() else float("nan"),
+            float(found[~edge].mean()) if (~edge).any() else float("nan"))
+
+
 def efficiency(jaccard, rmse_nm, alpha=1.0) -> float:
     """SMLM-challenge efficiency 100 - sqrt((100 (1 - jaccard))^2 + (alpha * rmse_nm)^2); alpha in
     1/nm (1 for lateral, 0.5 for axial)."""
