@@ -105,8 +105,8 @@ def test_bundled_wide_psi_denoises_better_than_the_paper_psi():
 def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows():
     """wholefield (MODEL.md there): phi trained on emitters anywhere in the frame and up to 1 px
     beyond, psi on 20x20 px windows of such frames. On 48x48 frames with emitters everywhere
-    (N0 1000-3000) phi finds them at the edge as in the centre (measured: P 1.0, R 0.978, edge
-    0.976 of 42, centre 0.979 of 94); the bars sit about three binomial standard errors lower. psi
+    (N0 1000-3000) phi finds them at the edge as in the centre (measured: P 1.0, R 0.985, edge
+    0.976 of 42, centre 0.989 of 94); the bars sit about three binomial standard errors lower. psi
     sampled on windows of phi's whole-frame estimate puts its spread where the emitters are."""
     from smlm_tfdiff.io.tiling import TileGrid
 
