@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean reproduce
+.PHONY: demo test bench clean reproduce reproduce-wholefield
 
 $(STAMP): setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,33 @@ reproduce: $(STAMP)
 		--out_dir $(REPRO)/eval_psi
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m smlm_tfdiff.demo --model $(REPRO)/psi_paper_mix \
 		--out $(REPRO)/demo_output
+
+# Retrain the bundled `wholefield` pair with the commands in smlm_tfdiff/weights/wholefield/MODEL.md:
+# phi with the seeds' linear input (5500 steps), psi fine-tuned from the bundled `paper` psi on
+# windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps);
+# the model folder $(REPRO)/wholefield pairs that phi with the psi. About 2-3 hours on a 2-core CPU.
+reproduce-wholefield: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
+		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
+		--checkpoint_every 250 --val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
+		--preset wholefield --steps 5500 --batch_size 32 --learning_rate 2e-3 --eval_every 5500 \
+		--checkpoint_every 250 --val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wholefield \
+		--phi $(REPRO)/phi_wholefield --preset wholefield --crop_size 20 --init_psi paper \
+		--steps 2500 --batch_size 32 --learning_rate 5e-4 --ema_decay 0.998 --jit_compile \
+		--eval_every 2500 --checkpoint_every 250 --val_frames 8 --noprogress --log_every 50
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_anscombe \
+		--preset wholefield --input_transform anscombe --init_phi $(REPRO)/phi_wholefield \
+		--steps 3000 --batch_size 32 --learning_rate 2e-3 --eval_every 3000 \
+		--checkpoint_every 250 --val_frames 32 --noprogress
+	rm -rf $(REPRO)/wholefield && mkdir -p $(REPRO)/wholefield
+	cp $(REPRO)/psi_wholefield/psi.weights.h5 $(REPRO)/psi_wholefield/psi_config.json \
+		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_anscombe/phi.weights.h5 \
+		$(REPRO)/phi_wf_anscombe/phi_config.json $(REPRO)/phi_wf_anscombe/sim_config.json \
+		$(REPRO)/wholefield/
+	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/simulate.py
