@@ -1,7 +1,8 @@
 """Train phi under the Keras JAX backend, on a machine with JAX (a GPU) and no TensorFlow.
 
     KERAS_BACKEND=jax python trainers/train_phi_jax.py --out_dir runs/phi_jax --preset wholefield \
-        --context_filters 64 --upsample_filters 32,16 --prediction_filters 16 --time_budget_s 240
+        --input_transform anscombe --context_filters 64 --upsample_filters 32,16 \
+        --prediction_filters 16 --time_budget_s 240
 
 train_phi.py's loss (the seeds' L_phi, MSE against the KDE), with the batches simulated inside
 the jitted step (smlm_tfdiff/simulation/simulate_jax.py), AdamW with warm-up and cosine decay and
