@@ -192,17 +192,17 @@ def build_phi(sim_config, phi_config=None, name="phi", fused_resize=True):
     if phi_config.upsample != sim_config.upsample:
         raise ValueError(f"PhiConfig.upsample_filters gives {phi_config.upsample}x upsampling but "
                          f"the SimulationConfig asks for {sim_config.upsample}x")
-    fields = ("offset", "gain") + (("readout_var",) if phi_config.input_transform == "anscombe"
-                                   else ())
-    for field in fields:
+    # The anscombe input reads the readout variance too; the linear one neither needs nor keeps it.
+    anscombe = phi_config.input_transform == "anscombe"
+    for field in ("offset", "gain") + (("readout_var",) if anscombe else ()):
         if getattr(getattr(sim_config, field), "ndim", 0):
             raise ValueError(f"phi normalises with scalar {field}; for per-pixel camera maps convert "
                              "frames to photons first (physics.to_photons) and build phi from a "
                              "config with offset=0, gain=1")
     frames = keras.Input(shape=(None, None, 1), name="frames")
-    readout_var = sim_config.readout_var if phi_config.input_transform == "anscombe" else 0.0
     x0 = PhotonNormalization(sim_config.offset, sim_config.gain, phi_config.photon_scale,
-                             phi_config.input_transform, readout_var, name="photons")(frames)
+                             phi_config.input_transform,
+                             sim_config.readout_var if anscombe else 0.0, name="photons")(frames)
     # Multi-scale context aggregation: dilated convs, each seeing the input features again.
     rate = phi_config.dropout
     x = _conv_block(x0, phi_config.context_filters, "context0", dropout=rate)
