@@ -58,6 +58,9 @@ flags.DEFINE_string("model", "paper", "Model (bundled name or folder).")
 flags.DEFINE_integer("frames", 100, "Frames per movie in phi_only mode.")
 flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.")
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
+flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
+flags.DEFINE_integer("window_px", None, "Posterior window side, camera px (default: the "
+                     "model's; whole-field models).")
 flags.DEFINE_integer("seed", 123, "Seed of the first movie (+ case index).")
 flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
 flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
@@ -126,8 +129,10 @@ def run_case(name, mode):
     frames, data, config = load_movie(name, num_frames, FLAGS.movie_dir)
     samples = FLAGS.num_samples if posterior else 0
     backend = load_backend(FLAGS.model, need_psi=samples > 0)
-    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples, progress=False, maps=False,
-                             sample_windows="all" if mode == "posterior_all" else "localized")
+    analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples,
+                             FLAGS.num_steps if posterior else None, progress=False, maps=False,
+                             sample_windows="all" if mode == "posterior_all" else "localized",
+                             window_px=FLAGS.window_px if posterior else None)
     work = tempfile.mkdtemp(prefix="bench-analyze-")
     path = os.path.join(work, "movie.tif")
     tifffile.imwrite(path, np.round(frames).astype(np.uint16), photometric="minisblack")
@@ -186,7 +191,8 @@ def main(argv):
         raise app.UsageError(f"unknown cases or modes {unknown}; cases {list(CASES)}, modes "
                              f"{list(MODES)}")
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "model": FLAGS.model,
-               "num_samples": FLAGS.num_samples, "seed": FLAGS.seed, "runs": []}
+               "num_samples": FLAGS.num_samples, "num_steps": FLAGS.num_steps,
+               "window_px": FLAGS.window_px, "seed": FLAGS.seed, "runs": []}
     movies = tempfile.mkdtemp(prefix="bench-movies-")
     try:
         _run_all(results, movies)
@@ -209,6 +215,8 @@ def _run_all(results, movies):
                    f"--model={FLAGS.model}", f"--frames={FLAGS.frames}",
                    f"--posterior_frames={FLAGS.posterior_frames}",
                    f"--num_samples={FLAGS.num_samples}"]
+            cmd += [f"--{k}={FLAGS[k].value}" for k in ("num_steps", "window_px")
+                    if FLAGS[k].value is not None]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if out.returncode or not line:

@@ -20,8 +20,9 @@ frames of any size are padded with background and cut into training-size tiles t
 that every pixel lies in the region the model was trained on (for the paper preset: within 7 px of
 a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
 (smlm_tfdiff.io.tiling). A whole-field model (trained on emitters anywhere in its frame) gets
-each frame whole through phi, and psi samples windows of its training size cut from phi's estimate,
-overlapping by WINDOW_OVERLAP px.
+each frame whole through phi, and psi samples windows cut from phi's estimate, overlapping by
+WINDOW_OVERLAP px: per frame, of psi's training size or of its smallest size (MIN_WINDOW px),
+whichever samples fewer pixels for that frame's localizations (--window_px fixes one).
 
 psi works where the emitters are: localizations are found in phi's estimate first, and psi is
 sampled only in the tiles (windows) that hold one, each localization's tile being the one whose
@@ -103,7 +104,8 @@ class KerasBackend:
         self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         self.jit_compile = bool(jit_compile)
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
-            self.sampling = self._sampler = self.method = self.window = None
+            self.sampling = self._sampler = self.method = self.window = self.window_factor = None
+            self.max_images = None
             self.num_steps, self.recipe = None, {}
             return
         changes = {} if method is None else {"method": method}
@@ -121,6 +123,8 @@ class KerasBackend:
         # psi's own window (camera px): the frame size, or crop, it was trained on; the posterior
         # of a whole-field model is sampled in windows of this size (posterior_windows).
         self.window = models.psi_config.image_size // models.config.upsample
+        self.window_factor = models.psi_config.downsample_factor  # HR px a window side divides.
+        self.max_images = self._sampler.max_images  # Windows x samples per compiled call.
         self.frame_condition = models.psi_config.frame_condition
 
     @property
@@ -175,6 +179,11 @@ class SavedModelBackend:
     window = None  # The export's posterior takes frames: a whole-field model sees them whole.
     frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
 
+    @property
+    def max_images(self):
+        """Frames x samples per request (posterior's chunks)."""
+        return min(512, self._served.max_images or 512)
+
     def estimate(self, frames):
         """phi's KDE estimate (the export's `estimate` signature)."""
         return self._served.estimate(frames)
@@ -187,7 +196,7 @@ class SavedModelBackend:
                              f"{limit} frames x samples per request (set at export with "
                              "--max_images): ask for fewer samples or re-export")
         # Bounds the graph's memory, as PosteriorSampler does.
-        chunk = max(1, min(512, limit or 512) // num_samples)
+        chunk = max(1, self.max_images // num_samples)
         for lo in range(0, len(frames), chunk):
             # The first chunk's samples equal the in-package sampler's for the same seed.
             part = self._served.posterior(frames[lo:lo + chunk], num_samples, num_steps,
@@ -286,6 +295,7 @@ def _xy_average(std):
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
+MIN_WINDOW = 8  # Camera px: the smallest posterior window (--window_px), 2 overlaps of context.
 # Overlap of a whole-field model's posterior windows, camera px: a localization is sampled in the
 # window whose centre is nearest, so it lies >= 2 px inside it (psi's context) unless at the frame
 # edge.
@@ -418,13 +428,33 @@ def _scalar(value, name):
     return float(arr)
 
 
+def _smallest_window(backend):
+    """The smallest posterior window side >= MIN_WINDOW (camera px) that psi can take."""
+    factor, u = backend.window_factor, backend.config.upsample
+    step = factor // int(np.gcd(factor, u))
+    return min(backend.window, -(-MIN_WINDOW // step) * step)
+
+
+def _window_px(window_px, backend):
+    """The posterior window side (camera px) asked for, checked against psi's down-sampling."""
+    window = int(window_px)
+    u = backend.config.upsample
+    factor = backend.window_factor
+    if window != window_px or window < MIN_WINDOW or (window * u) % factor:
+        step = factor // np.gcd(factor, u)
+        raise ValueError(f"window_px must be an integer >= {MIN_WINDOW} whose HR side "
+                         f"(x{u}) psi's {factor}x down-sampling divides, i.e. a multiple of "
+                         f"{step} px (got {window_px}); psi was trained on {backend.window} px")
+    return window
+
+
 class StackAnalyzer:
     """Runs one model over TIFF stacks. See the module docstring for the outputs."""
 
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
-                 sample_windows="localized"):
+                 sample_windows="localized", window_px=None):
         if num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
                              f"phi's localizations with the CRLB as uncertainty (got "
@@ -476,12 +506,30 @@ class StackAnalyzer:
         # so it sees them whole).
         self.window = (getattr(backend, "window", None) if self.whole_field and self.num_samples
                        else None)
+        if window_px is not None and self.num_samples:
+            if not self.window:
+                raise ValueError(
+                    "window_px sizes psi's posterior windows, which only a whole-field model "
+                    f"loaded in the package has ({backend.source} "
+                    + ("is a SavedModel, whose posterior sees frames whole)"
+                       if isinstance(backend, SavedModelBackend)
+                       else "is sampled in its training tiles)") + "; leave window_px unset")
+            self.window = _window_px(window_px, backend)
+        # The window sides (camera px) each frame's grid is chosen from (_choose_grid): psi's
+        # smallest window and its training window, unless window_px fixes one.
+        self.windows = ()
+        if self.window:
+            self.windows = ((self.window,) if window_px is not None
+                            else tuple(sorted({_smallest_window(backend), self.window})))
         if self.whole_field:
             self.pad = 0
             auto_overlap = WINDOW_OVERLAP if self.window else 0
         else:
             self.pad, auto_overlap = coverage_tiling(cfg)
         self.overlap = auto_overlap if overlap is None else int(overlap)
+        # Windows (tiles) per compiled sampler call, as the backend chunks them.
+        self._per_call = (max(1, backend.max_images // self.num_samples) if self.num_samples
+                          else 1)
         self.model_gain = _scalar(cfg.gain, "gain")
         self.model_offset = _scalar(cfg.offset, "offset")
         self.pixel_size_nm = float(camera.pixel_size_nm or cfg.pixel_size_nm)
@@ -570,7 +618,7 @@ class StackAnalyzer:
                   "camera": dataclasses.asdict(self.camera), "model": self.backend.source,
                   "num_samples": self.num_samples, "num_steps": self.num_steps,
                   "recipe": self.backend.recipe, "whole_field": self.whole_field,
-                  "window": self.window, "sample_windows": self.sample_windows,
+                  "windows": list(self.windows), "sample_windows": self.sample_windows,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
                   "allow_partial": self.allow_partial, "series": self.series,
@@ -587,22 +635,27 @@ class StackAnalyzer:
                              f"{self.model_config.frame_width} tiles, padded with background): "
                              "analyze the full camera frames rather than a crop this small")
 
-    def _posterior(self, inputs, b, windows, lo, frame_windows=None):
-        """psi's posterior for some windows of frame lo + b, seeded by the frame (fold_in(seed,
+    def _padded_count(self, n):
+        """Windows sent to the sampler for n (repeats, dropped after): full calls of
+        _per_call windows, the rest padded to one of _WINDOW_BUCKETS, so that the compiled sampler
+        sees few shapes whatever the number of windows a frame needs."""
+        per_call = self._per_call
+        rest = n % per_call
+        pad = next((k for k in _WINDOW_BUCKETS if k >= rest), per_call) if rest else 0
+        return n - rest + min(pad, per_call)
+
+    def _posterior(self, inputs, windows, frame_index, frame_windows=None):
+        """psi's posterior for some windows of one frame, seeded by the frame (fold_in(seed,
         frame index)), so the samples of a frame do not depend on batch_frames.
 
-        inputs: the batch's tiles [B * n, h, w, 1] (model ADU), or for a whole-field model the
-        windows of phi's estimate [B * n, uh, uw, 1]; windows: tile indices of this frame;
-        frame_windows: the same windows of the frames [B * n, h, w, 1] (model ADU), for a
-        frame-conditioned psi sampled in windows.
-        The window count is padded to a few sizes (repeats, dropped after), so that the compiled
-        sampler sees few shapes whatever the number of windows a frame needs."""
+        inputs: the frame's tiles [n, h, w, 1] (model ADU), or for a whole-field model the
+        windows of phi's estimate [n, uh, uw, 1]; windows: the tile indices to sample;
+        frame_windows: the same windows of the frame [n, h, w, 1] (model ADU), for a
+        frame-conditioned psi sampled in windows."""
         n = len(windows)
-        top = _WINDOW_BUCKETS[-1]
-        size = (next(k for k in _WINDOW_BUCKETS if k >= n) if n <= top
-                else -(-n // (top // 2)) * (top // 2))  # Beyond: multiples of 32.
-        index = np.concatenate([windows, np.full(size - n, windows[-1])]) + b * self._n_tiles
-        seed = _fold(self.seed, lo + b)
+        size = self._padded_count(n)
+        index = np.concatenate([windows, np.full(size - n, windows[-1])])
+        seed = _fold(self.seed, frame_index)
         if self.window:
             frames = None if frame_windows is None else frame_windows[index]
             post = self.backend.posterior_windows(inputs[index], self.num_samples,
@@ -611,15 +664,28 @@ class StackAnalyzer:
             post = self.backend.posterior(inputs[index], self.num_samples, self.num_steps, seed)
         return {k: post[k][:n] for k in ("mean", "std", "samples")}
 
+    def _choose_grid(self, grids, xy):
+        """The window grid (of psi's window sizes) that samples the fewest HR pixels for the
+        localizations xy [M, 2] of one frame (every window with sample_windows 'all'); ties go
+        to the larger windows (more context)."""
+        costs = []
+        for g in grids:
+            n = (len(g) if self.sample_windows == "all"
+                 else len(np.unique(g.owner(xy))) if len(xy) else 0)
+            costs.append(self._padded_count(n) * g.tile[0] * g.tile[1] if n else 0)
+        return min(range(len(grids)), key=lambda i: (costs[i], -grids[i].tile[0]))
+
     def _run(self, stack, name, outputs):
         cfg = self.model_config
         u = cfg.upsample
-        if self.window:
-            tile = (self.window, self.window)
+        shape = (stack.height, stack.width)
+        if self.window:  # One grid per window size; each frame takes the cheapest.
+            grids = [TileGrid(shape, (w, w), self.overlap, u, self.pad) for w in self.windows]
+            grid = grids[-1]
         else:
-            tile = (stack.height, stack.width) if self.whole_field else cfg.lr_shape
-        grid = TileGrid((stack.height, stack.width), tile, self.overlap, u, self.pad)
-        self._n_tiles = len(grid)
+            tile = shape if self.whole_field else cfg.lr_shape
+            grid = TileGrid(shape, tile, self.overlap, u, self.pad)
+            grids = [grid]
         tile_config = cfg.replace(pixel_size_nm=self.pixel_size_nm)
         # The CRLB of a whole-field model's localizations: in the frame, whose edges are real.
         frame_config = (tile_config.replace(frame_height=stack.height, frame_width=stack.width)
@@ -670,18 +736,14 @@ class StackAnalyzer:
         if progbar is not None and start_frame:
             progbar.update(start_frame)
         tic = time.perf_counter()
-        sampled = int(state.get("windows_sampled", 0))
+        # Windows sampled so far, per window side (camera px).
+        sampled = {int(k): v for k, v in state.get("windows_sampled_by_size", {}).items()}
         for lo, frames in stack.batches(self.batch_frames, start=start_frame):
             model_frames, photons = self._to_model_adu(frames, lo)
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            frame_windows = None  # The frames' windows, for a frame-conditioned psi.
             if self.window:  # phi on whole frames; psi's windows cut from its estimate.
                 y_hat = self.backend.estimate(model_frames[..., None])[..., 0]
-                estimate = grid.cut_hr(y_hat)
-                inputs = estimate[..., None]
-                if self.backend.frame_condition:
-                    frame_windows = grid.cut(model_frames)[..., None]
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
                 estimate = self.backend.estimate(inputs)[..., 0]
@@ -692,25 +754,48 @@ class StackAnalyzer:
                      else None)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
-            samples = None
+            samples, frame_grids = None, [grid] * len(frames)
             if posterior:
                 # psi only in the windows that hold a localization (each localization's owner);
                 # elsewhere the posterior is phi's estimate with no spread. With localize_on
                 # "mean" the localizations come from the posterior mean, so every window.
-                n = len(grid)
-                mean_tiles, var_tiles = estimate.astype(np.float64), np.zeros(estimate.shape)
-                samples = []
+                samples, means, variances = [], [], []
                 for b in range(len(frames)):
+                    if self.window:
+                        g = grids[self._choose_grid(grids, None if found is None else found[b])]
+                        frame_grids[b] = g
+                        estimate_b = g.cut_hr(y_hat[b:b + 1])
+                        inputs_b = estimate_b[..., None]
+                        frame_windows = (g.cut(model_frames[b:b + 1])[..., None]
+                                         if self.backend.frame_condition else None)
+                    else:
+                        g, n = grid, len(grid)
+                        estimate_b = estimate[b * n:(b + 1) * n]
+                        inputs_b, frame_windows = inputs[b * n:(b + 1) * n], None
+                    n = len(g)
                     windows = (np.arange(n) if self.sample_windows == "all"
-                               else np.unique(grid.owner(found[b])).astype(int))
-                    part = (self._posterior(inputs, b, windows, lo, frame_windows) if len(windows)
-                            else {"samples": None})
+                               else np.unique(g.owner(found[b])).astype(int))
+                    part = (self._posterior(inputs_b, windows, lo + b, frame_windows)
+                            if len(windows) else {"samples": None})
+                    mean_tiles = estimate_b.astype(np.float64)
+                    var_tiles = np.zeros(estimate_b.shape)
                     if len(windows):
-                        mean_tiles[b * n + windows] = part["mean"][..., 0]
-                        var_tiles[b * n + windows] = part["std"][..., 0] ** 2
+                        mean_tiles[windows] = part["mean"][..., 0]
+                        var_tiles[windows] = part["std"][..., 0] ** 2
                     samples.append((windows, part["samples"]))
-                    sampled += len(windows)
-                mean, var = grid.stitch(mean_tiles, var_tiles)
+                    sampled[g.tile[0]] = sampled.get(g.tile[0], 0) + len(windows)
+                    # A whole-field model's windows all hold phi's one estimate of the frame,
+                    # so where a sampled window reaches, only sampled windows speak; the
+                    # paper's overlapping tiles each hold their own estimate of the same pixels,
+                    # whose spread the stitched variance keeps.
+                    preferred = None
+                    if self.window:
+                        preferred = np.zeros(n, bool)
+                        preferred[windows] = True
+                    m, v = g.stitch(mean_tiles, var_tiles, preferred=preferred)
+                    means.append(m[0])
+                    variances.append(v[0])
+                mean, var = np.stack(means), np.stack(variances)
                 var_sum += var.sum(axis=0)
             else:
                 mean = y_hat
@@ -726,8 +811,8 @@ class StackAnalyzer:
             tic = time.perf_counter()
             if found is None:
                 found = self._detect(mean, tile_config)
-            table = self._table(found, samples, photons, grid, tile_config, frame_config, lo,
-                                next_id)
+            table = self._table(found, samples, photons, frame_grids, tile_config, frame_config,
+                                lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             next_id += len(table["id"])
@@ -740,7 +825,8 @@ class StackAnalyzer:
             if done < stack.num_frames and (time.perf_counter() - last_checkpoint
                                             >= self.checkpoint_seconds):
                 outputs.checkpoint({"frames_done": done, "next_id": next_id, "clock": clock,
-                                    "windows_sampled": sampled},
+                                    "windows_sampled_by_size": {str(k): v for k, v in
+                                                                sampled.items()}},
                                    {"sr_sum": sr_sum, "var_sum": var_sum})
                 last_checkpoint = time.perf_counter()
             if progbar is not None:
@@ -757,8 +843,10 @@ class StackAnalyzer:
         return {
             "input": os.path.abspath(stack.path), "frames": stack.num_frames,
             "frame_size": [stack.height, stack.width], "tiles_per_frame": len(grid),
-            "window_px": list(grid.tile), "sample_windows": self.sample_windows,
-            "windows_sampled": sampled,
+            "window_px": list(grid.tile), "window_sizes_px": list(self.windows),
+            "sample_windows": self.sample_windows,
+            "windows_sampled": int(sum(sampled.values())),
+            "windows_sampled_by_size": {str(k): v for k, v in sorted(sampled.items())},
             "localizations": next_id - 1, "model": self.backend.source,
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
             "num_samples": self.num_samples, "num_steps": self.num_steps, **self.backend.recipe,
@@ -776,18 +864,20 @@ class StackAnalyzer:
         return [detect_batch(image[None], tile_config, self.backend.detection)[0]
                 for image in images]
 
-    def _table(self, found, samples, photons, grid, tile_config, frame_config, lo, next_id):
+    def _table(self, found, samples, photons, grids, tile_config, frame_config, lo, next_id):
         """Localizations of a batch -> ThunderSTORM columns (dict of arrays).
 
         samples: per frame (window indices, their samples [n, S, uh, uw, 1] or None), or None
-        without psi. frame_config: the CRLB in the frame (whole-field models), else (None) in
-        each localization's tile, the frame the model saw it in."""
+        without psi; grids: per frame, the TileGrid of its tiles or windows. frame_config: the
+        CRLB in the frame (whole-field models), else (None) in each localization's tile, the
+        frame the model saw it in."""
         cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS
                 if k not in ("crlb_xy [nm]", "uncertainty_is_crlb")}
         crlb_in = []  # (xy [m, 2] for the CRLB's frame, intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
         stds, fractions = [], []
         for b, xy in enumerate(found):
+            grid = grids[b]
             m = len(xy)
             std = np.full((m, 2), np.nan)
             fraction = np.full(m, np.nan if samples is None else 0.0)
@@ -907,6 +997,10 @@ def define_flags():
                       "sampled: 'localized', only the tiles (windows) that hold a localization, "
                       "elsewhere the posterior is phi's estimate with zero std; 'all', every one "
                       "(slower; always with --localize_on mean).")
+    flags.DEFINE_integer("window_px", None, "Whole-field models: side of psi's posterior "
+                         "windows, camera px (default: psi's training window). Smaller windows "
+                         "cost less per isolated emitter, larger ones less per pixel of a "
+                         "crowded frame (docs/analyze.md).")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -965,7 +1059,8 @@ def main(argv):
         analyzer = StackAnalyzer(backend, camera, FLAGS.num_samples, FLAGS.num_steps,
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
-                                 FLAGS.allow_partial, series, FLAGS.sample_windows)
+                                 FLAGS.allow_partial, series, FLAGS.sample_windows,
+                                 FLAGS.window_px)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

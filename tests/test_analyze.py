@@ -78,6 +78,27 @@ def test_tile_grid_rejects_bad_overlap():
         TileGrid((40, 40), (20, 20), overlap=20)
 
 
+def test_stitch_prefers_the_sampled_tiles_where_they_reach():
+    """With `preferred`, a pixel a preferred tile covers takes the preferred tiles' blend alone
+    (mean and variance); a pixel no preferred tile covers takes the blend of all."""
+    grid = TileGrid((8, 20), (8, 8), overlap=4, upsample=1)
+    n = len(grid)  # Origins at columns 0, 4, 8, 12.
+    assert n == 4
+    tiles = np.zeros((n, 8, 8))
+    var = np.zeros((n, 8, 8))
+    tiles[1], var[1] = 2.0, 0.5  # Columns 4-11: the sampled window.
+    preferred = np.array([False, True, False, False])
+    mean, variance = grid.stitch(tiles, var, preferred=preferred)
+    np.testing.assert_allclose(mean[0, :, 4:12], 2.0)
+    np.testing.assert_allclose(variance[0, :, 4:12], 0.5)
+    np.testing.assert_allclose(mean[0, :, :4], 0.0)
+    np.testing.assert_allclose(mean[0, :, 12:], 0.0)
+    blend, _ = grid.stitch(tiles, var)  # Without: the neighbours dilute it.
+    assert blend[0, 0, 5] < 1.5 and blend[0, 0, 8] == pytest.approx(2.0 * grid.weights()[0, 4]
+                                                                   / (grid.weights()[0, 4]
+                                                                      + grid.weights()[0, 0]))
+
+
 # -------------------------------------------------------------------------------- photometry
 def test_photometry_recovers_photons_and_background():
     config = SimulationConfig.preset("isolated", background=5.0)
@@ -490,3 +511,55 @@ def test_a_frame_conditioned_psi_sees_the_frame_under_its_window(tmp_path, paper
             r, c = np.unravel_index(np.argmax(estimate), estimate.shape)
             block = frame[max(r // 4 - 1, 0):r // 4 + 2, max(c // 4 - 1, 0):c // 4 + 2]
             assert block.max() - config.offset > 0.5 * (frame.max() - config.offset)
+
+
+def test_whole_field_windows_follow_the_emitters(tmp_path):
+    """A whole-field model's posterior windows are chosen per frame: psi's smallest windows
+    (8 px) around isolated emitters, its training window (20 px) over a crowded frame, whichever
+    samples fewer pixels; window_px fixes one size, and a size psi cannot take is named."""
+    backend = load_backend("wholefield", jit_compile=False)
+    base = SimulationConfig.preset("wholefield", frame_height=28, frame_width=28,
+                                   photons_range=(2000.0, 2000.0), background_range=(10.0, 10.0))
+    sparse = simulate(base.replace(density_range=(1 / 150, 1 / 150)), 1, seed=5)
+    dense = simulate(base.replace(density_range=(1 / 15, 1 / 15)), 1, seed=6)
+    assert 2 <= sparse["mask"].sum() <= 8 and dense["mask"].sum() > 40
+    movie = np.concatenate([sparse["frames"], dense["frames"]])[..., 0]
+    stack = tmp_path / "mixed.tif"
+    tifffile.imwrite(stack, np.round(movie).astype(np.uint16), photometric="minisblack")
+    camera = Camera(offset_adu=float(base.offset), gain_adu_per_photon=float(base.gain))
+    runs = {}
+    for window in (None, 20):
+        analyzer = StackAnalyzer(backend, camera, num_samples=4, num_steps=2, progress=False,
+                                 window_px=window)
+        runs[window] = analyzer.analyze(stack, tmp_path / f"w{window}")
+    auto, fixed = runs[None], runs[20]
+    assert auto["window_sizes_px"] == [8, 20] and fixed["window_sizes_px"] == [20]
+    rows, pred = _frames_from_csv(tmp_path / "wNone" / "mixed.csv", 2, base.pixel_size_nm)
+    grid = TileGrid((28, 28), (8, 8), 4, 4)
+    # The sparse frame: one 8 px window per isolated localization; the dense one: 20 px windows.
+    assert auto["windows_sampled_by_size"] == {"8": len(np.unique(grid.owner(pred[0]))),
+                                               "20": 4}
+    assert fixed["windows_sampled_by_size"]["20"] < auto["windows_sampled"]
+    _, pred_fixed = _frames_from_csv(tmp_path / "w20" / "mixed.csv", 2, base.pixel_size_nm)
+    np.testing.assert_array_equal(pred[0], pred_fixed[0])  # Localizations are phi's.
+    unc = np.array([float(r["uncertainty_xy [nm]"]) for r in rows if r["frame"] == "1"])
+    assert np.all(np.isfinite(unc)) and np.all(unc > 0)
+    maps = {key: tifffile.imread(tmp_path / "wNone" / f"mixed_{key}.tif")
+            for key in ("kde_estimate", "posterior_std")}
+    # psi's spread at each isolated emitter, none far from all of them.
+    for x, y in pred[0]:
+        r, c = int(4 * y), int(4 * x)
+        assert maps["posterior_std"][0, max(r - 4, 0):r + 5, max(c - 4, 0):c + 5].max() > 1e-3
+    hr = (np.arange(112) + 0.5) / 4
+    dist = np.min(np.hypot(hr[:, None, None] - pred[0][:, 1], hr[None, :, None] - pred[0][:, 0]),
+                  axis=-1)
+    # An 8 px window reaches <= 6 px from its localizations in x and y (<= 7.5 px at the frame
+    # edge, where windows align with it).
+    assert maps["posterior_std"][0][dist > 7.5 * np.sqrt(2)].max() < 1e-8
+    with pytest.raises(ValueError, match="multiple of 2 px"):
+        StackAnalyzer(backend, camera, num_samples=4, window_px=9, progress=False)
+    with pytest.raises(ValueError, match="integer >= 8"):
+        StackAnalyzer(backend, camera, num_samples=4, window_px=6, progress=False)
+    paper = load_backend("paper", jit_compile=False)
+    with pytest.raises(ValueError, match="training tiles"):
+        StackAnalyzer(paper, camera, num_samples=4, window_px=12, progress=False)

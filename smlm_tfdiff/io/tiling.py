@@ -124,11 +124,13 @@ class TileGrid:
         u = self.upsample
         return _window(u * self.tile[0])[:, None] * _window(u * self.tile[1])[None, :]
 
-    def stitch(self, tiles: np.ndarray, variance: np.ndarray = None):
+    def stitch(self, tiles: np.ndarray, variance: np.ndarray = None, preferred=None):
         """tiles [B * n_tiles, u*h, u*w(, 1)] HR maps -> [B, u*H, u*W(, 1)] weighted blend.
 
         With `variance` (same shape, per-tile variances about `tiles`), returns (mean, variance)
-        stitched as a mixture."""
+        stitched as a mixture. preferred: optional bool [B * n_tiles]; a pixel that a preferred
+        tile covers is blended from the preferred tiles alone (e.g. the windows psi sampled,
+        whose neighbours hold no posterior, only phi's estimate), any other from all tiles."""
         tiles = np.asarray(tiles, np.float64)
         channel = tiles.ndim == 4
         if channel:
@@ -145,15 +147,23 @@ class TileGrid:
         ph, pw = u * self.padded[0], u * self.padded[1]
         total = np.zeros((b, ph, pw))
         second = np.zeros((b, ph, pw)) if variance is not None else None
-        norm = np.zeros((ph, pw))
+        norm = np.zeros((b, ph, pw))
         if variance is not None:
             variance = variance.reshape((b, n, th, tw))
+        if preferred is not None:
+            preferred = np.asarray(preferred, bool).reshape((b, n))
+            covered = np.zeros((b, ph, pw), bool)
+            for k, (r, c) in enumerate(self.origins):
+                covered[:, u * r:u * r + th, u * c:u * c + tw] |= preferred[:, k, None, None]
         for k, (r, c) in enumerate(self.origins):
-            sl = (slice(u * r, u * r + th), slice(u * c, u * c + tw))
-            total[(slice(None),) + sl] += weights * tiles[:, k]
+            sl = (slice(None), slice(u * r, u * r + th), slice(u * c, u * c + tw))
+            w = np.broadcast_to(weights, (b, th, tw))
+            if preferred is not None:  # Zero where a preferred tile covers, unless this is one.
+                w = np.where(preferred[:, k, None, None] | ~covered[sl], w, 0.0)
+            total[sl] += w * tiles[:, k]
             if variance is not None:
-                second[(slice(None),) + sl] += weights * (variance[:, k] + tiles[:, k] ** 2)
-            norm[sl] += weights
+                second[sl] += w * (variance[:, k] + tiles[:, k] ** 2)
+            norm[sl] += w
         crop = (slice(None), slice(u * self.pad, u * (self.pad + self.frame[0])),
                 slice(u * self.pad, u * (self.pad + self.frame[1])))
         mean = (total / norm)[crop]
