@@ -529,7 +529,7 @@ def test_whole_field_windows_follow_the_emitters(tmp_path):
     camera = Camera(offset_adu=float(base.offset), gain_adu_per_photon=float(base.gain))
     runs = {}
     for window in (None, 20):
-        analyzer = StackAnalyzer(backend, camera, num_samples=4, num_steps=2, progress=False,
+        analyzer = StackAnalyzer(backend, camera, num_samples=2, num_steps=5, progress=False,
                                  window_px=window)
         runs[window] = analyzer.analyze(stack, tmp_path / f"w{window}")
     auto, fixed = runs[None], runs[20]
