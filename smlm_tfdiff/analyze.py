@@ -527,6 +527,8 @@ class StackAnalyzer:
         else:
             self.pad, auto_overlap = coverage_tiling(cfg)
         self.overlap = auto_overlap if overlap is None else int(overlap)
+        if len(self.windows) > 1:  # A window must exceed the overlap (TileGrid).
+            self.windows = tuple(w for w in self.windows if w > self.overlap) or self.windows[-1:]
         # Windows (tiles) per compiled sampler call, as the backend chunks them.
         self._per_call = (max(1, backend.max_images // self.num_samples) if self.num_samples
                           else 1)

@@ -556,6 +556,9 @@ def test_whole_field_windows_follow_the_emitters(tmp_path):
     # An 8 px window reaches <= 6 px from its localizations in x and y (<= 7.5 px at the frame
     # edge, where windows align with it).
     assert maps["posterior_std"][0][dist > 7.5 * np.sqrt(2)].max() < 1e-8
+    # An overlap the small windows cannot take leaves psi's training window.
+    wide = StackAnalyzer(backend, camera, num_samples=4, overlap=10, progress=False)
+    assert wide.windows == (20,)
     with pytest.raises(ValueError, match="multiple of 2 px"):
         StackAnalyzer(backend, camera, num_samples=4, window_px=9, progress=False)
     with pytest.raises(ValueError, match="integer >= 8"):
