@@ -501,9 +501,9 @@ class StackAnalyzer:
         # size whole; one trained on a central region (the paper preset's disc) sees tiles, padded
         # and overlapping so every pixel is near a tile centre (tiling module doc).
         self.whole_field = cfg.region == "frame" and cfg.margin <= 0
-        # psi of a whole-field model is sampled in windows of its training size cut from phi's
-        # estimate of the whole frame (in-package models; a SavedModel's posterior takes frames,
-        # so it sees them whole).
+        # psi of a whole-field model is sampled in windows cut from phi's estimate of the whole
+        # frame (in-package models; a SavedModel's posterior takes frames, so it sees them
+        # whole); self.window is the largest window side, its training size by default.
         self.window = (getattr(backend, "window", None) if self.whole_field and self.num_samples
                        else None)
         if window_px is not None and self.num_samples:
