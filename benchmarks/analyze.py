@@ -62,8 +62,8 @@ flags.DEFINE_integer("frames", 100, "Frames per movie in phi_only mode.")
 flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.")
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
 flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
-flags.DEFINE_integer("window_px", None, "Posterior window side, camera px (default: the "
-                     "model's; whole-field models).")
+flags.DEFINE_integer("window_px", None, "Posterior window side, camera px (whole-field "
+                     "models; default: chosen per frame, as analyze does).")
 flags.DEFINE_integer("seed", 123, "Seed of the first movie (+ case index).")
 flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
 flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
@@ -235,8 +235,8 @@ def _run_all(results, movies):
 
 def _windows(run):
     """Windows (tiles) sampled per frame, by window side when sizes were chosen per frame."""
-    sizes = run.get("windows_sampled_by_size_per_frame") or {}
-    if len(sizes) > 1 or (sizes and run["mode"] == "posterior"):
+    sizes = run.get("windows_sampled_by_size_per_frame")
+    if sizes:
         return " ".join(f"{v:.1f}x{k}px" for k, v in sizes.items())
     return f"{run.get('windows_sampled_per_frame', float('nan')):.1f}/{run['tiles_per_frame']}"
 

@@ -428,10 +428,16 @@ def _scalar(value, name):
     return float(arr)
 
 
+def _window_step(backend):
+    """Camera px between the window sides psi can take: its down-sampling must divide the HR
+    side (upsample x the camera side)."""
+    factor, u = backend.window_factor, backend.config.upsample
+    return factor // int(np.gcd(factor, u))
+
+
 def _smallest_window(backend):
     """The smallest posterior window side >= MIN_WINDOW (camera px) that psi can take."""
-    factor, u = backend.window_factor, backend.config.upsample
-    step = factor // int(np.gcd(factor, u))
+    step = _window_step(backend)
     return min(backend.window, -(-MIN_WINDOW // step) * step)
 
 
@@ -440,8 +446,8 @@ def _window_px(window_px, backend):
     window = int(window_px)
     u = backend.config.upsample
     factor = backend.window_factor
-    if window != window_px or window < MIN_WINDOW or (window * u) % factor:
-        step = factor // np.gcd(factor, u)
+    step = _window_step(backend)
+    if window != window_px or window < MIN_WINDOW or window % step:
         raise ValueError(f"window_px must be an integer >= {MIN_WINDOW} whose HR side "
                          f"(x{u}) psi's {factor}x down-sampling divides, i.e. a multiple of "
                          f"{step} px (got {window_px}); psi was trained on {backend.window} px")
@@ -666,16 +672,25 @@ class StackAnalyzer:
             post = self.backend.posterior(inputs[index], self.num_samples, self.num_steps, seed)
         return {k: post[k][:n] for k in ("mean", "std", "samples")}
 
+    def _sampled_windows(self, grid, xy):
+        """Indices of the tiles (windows) of grid to sample for the localizations xy [M, 2] of
+        one frame: each localization's owner, or every one with sample_windows 'all'."""
+        if self.sample_windows == "all":
+            return np.arange(len(grid))
+        return np.unique(grid.owner(xy)).astype(int)
+
     def _choose_grid(self, grids, xy):
-        """The window grid (of psi's window sizes) that samples the fewest HR pixels for the
-        localizations xy [M, 2] of one frame (every window with sample_windows 'all'); ties go
-        to the larger windows (more context)."""
-        costs = []
+        """(grid, windows to sample): of the window grids (psi's window sizes), the one that
+        samples the fewest HR pixels for the localizations xy [M, 2] of one frame (None with
+        sample_windows 'all'); ties go to the larger windows (more context)."""
+        best = None
         for g in grids:
-            n = (len(g) if self.sample_windows == "all"
-                 else len(np.unique(g.owner(xy))) if len(xy) else 0)
-            costs.append(self._padded_count(n) * g.tile[0] * g.tile[1] if n else 0)
-        return min(range(len(grids)), key=lambda i: (costs[i], -grids[i].tile[0]))
+            windows = self._sampled_windows(g, xy)
+            cost = (self._padded_count(len(windows)) * g.tile[0] * g.tile[1] if len(windows)
+                    else 0)
+            if best is None or (cost, -g.tile[0]) < best[0]:
+                best = ((cost, -g.tile[0]), g, windows)
+        return best[1], best[2]
 
     def _run(self, stack, name, outputs):
         cfg = self.model_config
@@ -763,20 +778,19 @@ class StackAnalyzer:
                 # "mean" the localizations come from the posterior mean, so every window.
                 samples, means, variances = [], [], []
                 for b in range(len(frames)):
+                    xy = None if found is None else found[b]
                     if self.window:
-                        g = grids[self._choose_grid(grids, None if found is None else found[b])]
+                        g, windows = self._choose_grid(grids, xy)
                         frame_grids[b] = g
                         estimate_b = g.cut_hr(y_hat[b:b + 1])
                         inputs_b = estimate_b[..., None]
                         frame_windows = (g.cut(model_frames[b:b + 1])[..., None]
                                          if self.backend.frame_condition else None)
                     else:
-                        g, n = grid, len(grid)
-                        estimate_b = estimate[b * n:(b + 1) * n]
-                        inputs_b, frame_windows = inputs[b * n:(b + 1) * n], None
+                        g, windows = grid, self._sampled_windows(grid, xy)
+                        rows = slice(b * len(g), (b + 1) * len(g))
+                        estimate_b, inputs_b, frame_windows = estimate[rows], inputs[rows], None
                     n = len(g)
-                    windows = (np.arange(n) if self.sample_windows == "all"
-                               else np.unique(g.owner(found[b])).astype(int))
                     part = (self._posterior(inputs_b, windows, lo + b, frame_windows)
                             if len(windows) else {"samples": None})
                     mean_tiles = estimate_b.astype(np.float64)
@@ -1000,7 +1014,8 @@ def define_flags():
                       "elsewhere the posterior is phi's estimate with zero std; 'all', every one "
                       "(slower; always with --localize_on mean).")
     flags.DEFINE_integer("window_px", None, "Whole-field models: side of psi's posterior "
-                         "windows, camera px (default: psi's training window). Smaller windows "
+                         "windows, camera px (default: per frame, psi's smallest window or its "
+                         "training window, whichever samples fewer pixels). Smaller windows "
                          "cost less per isolated emitter, larger ones less per pixel of a "
                          "crowded frame (docs/analyze.md).")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
