@@ -19,7 +19,8 @@ test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Retrain phi and psi from scratch with the commands in smlm_tfdiff/weights/paper/MODEL.md (psi on
-# the retrained phi), evaluate both and redo the demo report with them. Hours on a 2-core CPU
+# the retrained phi), evaluate both, fit the calibration scale of psi's spread
+# (docs/calibration.md) and redo the demo report with them. Hours on a 2-core CPU
 # (MODEL.md: phi 56 min, psi 54 min and 51 min of fine-tuning on a mix with isolated emitters,
 # then the evaluations); PHI_STEPS / PSI_STEPS / PSI_MIX_STEPS shorten a trial.
 REPRO ?= runs/reproduce
@@ -43,6 +44,8 @@ reproduce: $(STAMP)
 		--out_dir $(REPRO)/eval_phi
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/evaluate_psi.py --model $(REPRO)/psi_paper_mix \
 		--out_dir $(REPRO)/eval_psi
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_density_scale.py \
+		--model $(REPRO)/psi_paper_mix --scale_out $(REPRO)/psi_paper_mix --nocheck
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m smlm_tfdiff.demo --model $(REPRO)/psi_paper_mix \
 		--out $(REPRO)/demo_output
 

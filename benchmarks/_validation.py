@@ -66,11 +66,14 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
       std_nm [n, 2]      the reported std per axis (nm)
       uncertainty_nm [n] the one-number uncertainty analyze reports (nm)
       error_nm [n]       the rms of the two axes' errors (nm)
-      photons [n]        the localization's photometry (io.photometry, as analyze fits it)"""
+      photons [n]        the localization's photometry (io.photometry, as analyze fits it)
+      background [n]     its fitted background (photons per pixel)
+      crlb_nm [n, 2]     sqrt of the isolated-emitter CRLB per axis at that photometry (N0
+                         unknown; NaN where the photometry failed), as analyze's crlb_xy"""
     post = sampler(data["frames"], num_samples, seed=2, return_samples=True, project=True)
     locs = localization_uncertainty(post["samples"], post["y_hat"], cfg)
     parts = {k: [] for k in ("z", "neighbours", "std_nm", "uncertainty_nm", "error_nm",
-                             "photons")}
+                             "photons", "background", "crlb_nm")}
     photon_frames = (data["frames"][..., 0] - cfg.offset) / cfg.gain
     for loc, truth, frame in zip(locs, evaluation.truth_positions(data["positions"],
                                                                   data["mask"]), photon_frames):
@@ -85,10 +88,47 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
         parts["std_nm"].append(loc["std_nm"][p])
         parts["uncertainty_nm"].append(loc["uncertainty_nm"][p])
         parts["error_nm"].append(np.sqrt(np.mean(err ** 2, axis=1)))
-        parts["photons"].append(photometry(frame, xy, cfg.psf_sigma)["intensity"][p])
+        phot = {k: v[p] for k, v in photometry(frame, xy, cfg.psf_sigma).items()}
+        parts["photons"].append(phot["intensity"])
+        parts["background"].append(phot["background"])
+        parts["crlb_nm"].append(_crlb_nm(xy[p], phot["intensity"], phot["background"], cfg))
     out = {k: np.concatenate(v) for k, v in parts.items()}
     ok = np.all(np.isfinite(out["z"]), axis=1)
     return {k: v[ok] for k, v in out.items()}
+
+
+def _crlb_nm(xy, photons, background, cfg):
+    """[m, 2] sqrt CRLB (nm) per axis at the fitted photometry (N0 unknown); NaN where it failed."""
+    from smlm_tfdiff.simulation.physics.fisher import crlb
+
+    out = np.full((len(xy), 2), np.nan)
+    ok = np.isfinite(photons) & (photons > 0) & np.isfinite(background)
+    if ok.any():
+        out[ok] = crlb(xy[ok], cfg, photons=photons[ok], estimate_photons=True,
+                       background=np.maximum(background[ok], 0.0))[:, :2] * cfg.pixel_size_nm
+    return out
+
+
+def fit_log_scale(x, z):
+    """Maximum-likelihood coefficients of log s = x @ beta for z [n, 2] ~ N(0, s^2) per axis."""
+    def nll(beta):
+        log_s = x @ beta
+        return float(np.sum(2.0 * log_s + 0.5 * np.sum(z ** 2, axis=1) * np.exp(-2.0 * log_s)))
+
+    def grad(beta):
+        log_s = x @ beta
+        return x.T @ (2.0 - np.sum(z ** 2, axis=1) * np.exp(-2.0 * log_s))
+
+    beta0 = np.zeros(x.shape[1])
+    beta0[0] = np.log(np.std(z))
+    from scipy.optimize import minimize
+
+    res = minimize(nll, beta0, jac=grad, method="BFGS")
+    if not res.success:
+        raise RuntimeError(f"the scale fit did not converge: {res.message}")
+    # Standard errors from the inverse Hessian (Fisher information of the Gaussian scale).
+    info = 4.0 * x.T @ x
+    return res.x, np.sqrt(np.diag(np.linalg.inv(info)))
 
 
 def scaled_scores(scores, factor):

@@ -4,7 +4,8 @@ seeds and checked on held-out seeds over a grid of densities and brightnesses.
 
     python benchmarks/calibration_density_scale.py --model paper
 
-The scale: log s = a + b k + c log(N / 200), with k the other localizations within --radius
+The scale: log s = a + b k + c log(N / 200) (uncertainty.scale.UncertaintyScale; --scale_out writes
+it into a model folder, where analyze applies it), with k the other localizations within --radius
 camera px and N the localization's photometry (photons, io.photometry as analyze fits it); both
 are known at analysis time. Fitted by maximum likelihood of z ~ N(0, s^2) per axis (z = (phi's
 position - truth) / reported std), beside one constant scale fitted on the same z.
@@ -23,19 +24,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
 import numpy as np
-from scipy.optimize import minimize
 
 from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
-                         scaled_scores, std_z)
+                         fit_log_scale, scaled_scores, std_z)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
+from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
 
 define_check_grid_flags()
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
 flags.DEFINE_list("fit_emitters", ["1", "3", "6", "10", "15"], "Fit: emitters in the paper disc.")
 flags.DEFINE_list("fit_photons", ["150", "300"], "Fit: N0 per emitter (photons).")
 flags.DEFINE_integer("fit_localizations", 36, "Fit: emitters simulated per cell.")
+flags.DEFINE_string("scale_out", None, "A model folder: write the fitted scale there as "
+                    "uncertainty_scale.json, which analyze then applies (uncertainty.scale).")
+flags.DEFINE_bool("check", True, "Check the fit on the held-out grid (--nocheck: fit only).")
 FLAGS = flags.FLAGS
 
 
@@ -45,26 +49,6 @@ def features(scores):
     photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), 20.0, 1e5)
     return np.stack([np.ones(len(photons)), scores["neighbours"].astype(float),
                      np.log(photons / 200.0)], axis=1)
-
-
-def fit_log_scale(x, z):
-    """Maximum-likelihood coefficients of log s = x @ beta for z [n, 2] ~ N(0, s^2) per axis."""
-    def nll(beta):
-        log_s = x @ beta
-        return float(np.sum(2.0 * log_s + 0.5 * np.sum(z ** 2, axis=1) * np.exp(-2.0 * log_s)))
-
-    def grad(beta):
-        log_s = x @ beta
-        return x.T @ (2.0 - np.sum(z ** 2, axis=1) * np.exp(-2.0 * log_s))
-
-    beta0 = np.zeros(x.shape[1])
-    beta0[0] = np.log(np.std(z))
-    res = minimize(nll, beta0, jac=grad, method="BFGS")
-    if not res.success:
-        raise RuntimeError(f"the scale fit did not converge: {res.message}")
-    # Standard errors from the inverse Hessian (Fisher information of the Gaussian scale).
-    info = 4.0 * x.T @ x
-    return res.x, np.sqrt(np.diag(np.linalg.inv(info)))
 
 
 def main(argv):
@@ -88,6 +72,22 @@ def main(argv):
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
           f"{beta[0]:.3f} + {beta[1]:.4f} k + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
           f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
+    if FLAGS.scale_out:
+        scale = UncertaintyScale(
+            intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
+            per_log_photons=round(float(beta[2]), 4), radius_px=FLAGS.radius,
+            reference_photons=200.0,
+            fitted_on=(f"python benchmarks/calibration_density_scale.py --model {FLAGS.model}: "
+                       f"{len(z)} localizations of validation scenes (seeds 8000-"
+                       f"{8000 + len(cells) - 1}: {', '.join(FLAGS.fit_emitters)} emitters in "
+                       f"the paper disc x N0 {', '.join(FLAGS.fit_photons)}), default recipe, "
+                       f"{FLAGS.num_samples} samples; docs/calibration.md"))
+        path = os.path.join(FLAGS.scale_out, SCALE_FILE)
+        with open(path, "w") as f:
+            f.write(scale.to_json() + "\n")
+        print(f"wrote {path}", flush=True)
+    if not FLAGS.check:
+        return
 
     rows = []
     for n, photons, seed, cfg, data in check_grid(base):

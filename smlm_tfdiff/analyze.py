@@ -103,6 +103,7 @@ class KerasBackend:
         self._estimate = None
         self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         self.jit_compile = bool(jit_compile)
+        self.uncertainty_scale = None
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
             self.sampling = self._sampler = self.method = self.window = self.window_factor = None
             self.max_images = None
@@ -126,6 +127,10 @@ class KerasBackend:
         self.window_factor = models.psi_config.downsample_factor  # HR px a window side divides.
         self.max_images = self._sampler.max_images  # Windows x samples per compiled call.
         self.frame_condition = models.psi_config.frame_condition
+        # The calibration scale was fitted for the models' own recipe: not for other methods or
+        # restart sweeps (StackAnalyzer also requires the recipe's num_steps).
+        self.uncertainty_scale = (models.uncertainty_scale if self.sampling == models.recipe
+                                  else None)
 
     @property
     def sampler(self):
@@ -177,6 +182,7 @@ class SavedModelBackend:
     has_posterior = True
     jit_compile = False  # The export's graph runs as written (serving.py).
     window = None  # The export's posterior takes frames: a whole-field model sees them whole.
+    uncertainty_scale = None  # Not part of an export: its posterior std is reported unscaled.
     frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
 
     @property
@@ -460,7 +466,7 @@ class StackAnalyzer:
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
-                 sample_windows="localized", window_px=None):
+                 sample_windows="localized", window_px=None, scale_uncertainty=True):
         if num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
                              f"phi's localizations with the CRLB as uncertainty (got "
@@ -491,6 +497,12 @@ class StackAnalyzer:
         self.num_steps = None if num_steps is None else int(num_steps)
         # Which uncertainty the tables hold: psi's posterior std, or without psi the CRLB.
         self.uncertainty = "posterior" if self.num_samples else "crlb"
+        # The model's calibration scale of psi's std (uncertainty.scale), where it has one and
+        # the sampling is the one it was fitted for; uncertainty_raw_xy keeps psi's own spread.
+        scale = getattr(backend, "uncertainty_scale", None)
+        self.uncertainty_scale = (scale if scale is not None and scale_uncertainty
+                                  and self.num_samples and self.num_steps == backend.num_steps
+                                  else None)
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
@@ -632,7 +644,10 @@ class StackAnalyzer:
                   "allow_partial": self.allow_partial, "series": self.series,
                   "pixel_size_nm": self.pixel_size_nm,
                   "method": getattr(self.backend, "method", None),
-                  "jit_compile": self.backend.jit_compile}
+                  "jit_compile": self.backend.jit_compile,
+                  "uncertainty_scale": (None if self.uncertainty_scale is None
+                                        else dataclasses.asdict(self.uncertainty_scale)),
+                  "columns": stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     def _check_frame_size(self, stack):
@@ -759,11 +774,19 @@ class StackAnalyzer:
             model_frames, photons = self._to_model_adu(frames, lo)
             clock["read_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
+            # phi one frame per call: on some CPUs a network's float32 output depends on the
+            # batch size and on the position in the batch (the kernels' blocking), so a call
+            # per frame keeps the results independent of --batch_frames, as psi's per-frame
+            # calls do.
             if self.window:  # phi on whole frames; psi's windows cut from its estimate.
-                y_hat = self.backend.estimate(model_frames[..., None])[..., 0]
+                y_hat = np.concatenate([self.backend.estimate(f[None, ..., None])[..., 0]
+                                        for f in model_frames])
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
-                estimate = self.backend.estimate(inputs)[..., 0]
+                per_frame = len(inputs) // len(model_frames)
+                estimate = np.concatenate([
+                    self.backend.estimate(inputs[i:i + per_frame])[..., 0]
+                    for i in range(0, len(inputs), per_frame)])
                 y_hat = grid.stitch(estimate)
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
@@ -867,6 +890,8 @@ class StackAnalyzer:
             "camera": dataclasses.asdict(self.camera), "pixel_size_nm": self.pixel_size_nm,
             "num_samples": self.num_samples, "num_steps": self.num_steps, **self.backend.recipe,
             "jit_compile": self.backend.jit_compile, "uncertainty": self.uncertainty,
+            "uncertainty_scale": (None if self.uncertainty_scale is None
+                                  else dataclasses.asdict(self.uncertainty_scale)),
             "whole_field": self.whole_field, "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
             "timing": {k: round(v, 3) for k, v in clock.items()},
@@ -888,10 +913,10 @@ class StackAnalyzer:
         CRLB in the frame (whole-field models), else (None) in each localization's tile, the
         frame the model saw it in."""
         cols = {k: [] for k in stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS
-                if k not in ("crlb_xy [nm]", "uncertainty_is_crlb")}
+                if k not in ("crlb_xy [nm]", "uncertainty_is_crlb", "uncertainty_raw_xy [nm]")}
         crlb_in = []  # (xy [m, 2] for the CRLB's frame, intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
-        stds, fractions = [], []
+        stds, fractions, factors = [], [], []
         for b, xy in enumerate(found):
             grid = grids[b]
             m = len(xy)
@@ -918,6 +943,8 @@ class StackAnalyzer:
                     fraction[sel] = res["fraction"]
             stds.append(std)
             fractions.append(fraction)
+            if self.uncertainty_scale is not None:
+                factors.append(self.uncertainty_scale.factor(xy, phot["intensity"]))
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
             cols["frame"].append(np.full(m, lo + b + 1))
             cols["x [nm]"].append(xy[:, 0] * nm)
@@ -937,6 +964,9 @@ class StackAnalyzer:
         table["crlb_xy [nm]"] = _xy_average(bound)
         # Without psi (num_samples 0) the uncertainty columns hold the CRLB, and say so.
         std = bound if samples is None else (np.concatenate(stds) if stds else np.zeros((0, 2)))
+        table["uncertainty_raw_xy [nm]"] = _xy_average(std)
+        if samples is not None and self.uncertainty_scale is not None and factors:
+            std = std * np.concatenate(factors)[:, None]
         table["uncertainty_xy [nm]"] = _xy_average(std)
         table["uncertainty_x [nm]"], table["uncertainty_y [nm]"] = std[:, 0], std[:, 1]
         table["uncertainty_is_crlb"] = np.full(len(std), 0.0 if samples is not None else 1.0)
@@ -1018,6 +1048,11 @@ def define_flags():
                          "training window, whichever samples fewer pixels). Smaller windows "
                          "cost less per isolated emitter, larger ones less per pixel of a "
                          "crowded frame (docs/analyze.md).")
+    flags.DEFINE_bool("scale_uncertainty", True, "Apply the model's calibration scale of psi's "
+                      "spread (uncertainty_scale.json of the model folder, fitted by simulation: "
+                      "docs/calibration.md) to the uncertainty columns; uncertainty_raw_xy keeps "
+                      "psi's own spread. Only with the model's sampling recipe and num_steps; "
+                      "--noscale_uncertainty reports psi's spread unscaled.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -1077,7 +1112,7 @@ def main(argv):
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
                                  FLAGS.allow_partial, series, FLAGS.sample_windows,
-                                 FLAGS.window_px)
+                                 FLAGS.window_px, FLAGS.scale_uncertainty)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

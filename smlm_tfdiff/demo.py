@@ -39,9 +39,9 @@ SETTINGS = ("model", "num_frames", "seed", "num_samples", "num_steps", "mcmc_fra
             "mcmc_results", "map_samples", "coverage_frames", "project", "quick",
             "jit_compile")
 HEADLINE = ("precision", "recall", "jaccard", "rmse_lateral_nm", "efficiency_lateral",
-            "oracle_recall", "std_z", "uncertainty_over_crlb_median", "std_map_pearson_r",
-            "std_map_mean_ratio", "mcmc_xy_std_over_sqrt_crlb", "coverage_50", "coverage_90",
-            "total_seconds")
+            "oracle_recall", "std_z", "std_z_raw", "uncertainty_over_crlb_median",
+            "std_map_pearson_r", "std_map_mean_ratio", "mcmc_xy_std_over_sqrt_crlb", "coverage_50",
+            "coverage_90", "total_seconds")
 
 
 def define_flags():
@@ -114,8 +114,10 @@ def write_stack(out, data, config):
     return tif, gt, npz
 
 
-def read_localizations(path, num_frames, pixel_size_nm):
-    """ThunderSTORM CSV -> per frame (xy [M, 2] LR px, unc [M, 2] nm, crlb [M] nm)."""
+def read_localizations(path, num_frames, pixel_size_nm, raw=False):
+    """ThunderSTORM CSV -> per frame (xy [M, 2] LR px, unc [M, 2] nm, crlb [M] nm). raw: unc is
+    psi's own spread, before the model's calibration scale (uncertainty_raw_xy over
+    uncertainty_xy, the one factor of both axes)."""
     xy = [[] for _ in range(num_frames)]
     unc = [[] for _ in range(num_frames)]
     bound = [[] for _ in range(num_frames)]
@@ -124,7 +126,12 @@ def read_localizations(path, num_frames, pixel_size_nm):
             i = int(float(row["frame"])) - 1
             xy[i].append((float(row["x [nm]"]) / pixel_size_nm,
                           float(row["y [nm]"]) / pixel_size_nm))
-            unc[i].append((float(row["uncertainty_x [nm]"]), float(row["uncertainty_y [nm]"])))
+            ux, uy = float(row["uncertainty_x [nm]"]), float(row["uncertainty_y [nm]"])
+            if raw:
+                shipped = float(row["uncertainty_xy [nm]"])
+                ratio = float(row["uncertainty_raw_xy [nm]"]) / shipped if shipped > 0 else 1.0
+                ux, uy = ux * ratio, uy * ratio
+            unc[i].append((ux, uy))
             bound[i].append(float(row["crlb_xy [nm]"]))
     return ([np.array(v, np.float64).reshape(-1, 2) for v in xy],
             [np.array(v, np.float64).reshape(-1, 2) for v in unc],
@@ -134,13 +141,18 @@ def read_localizations(path, num_frames, pixel_size_nm):
 # ---------------------------------------------------------------------------------- stages
 def score_analysis(csv_path, data, config, num_samples):
     """An analyze CSV scored against the truth of `data` (evaluation.score_localization_table):
-    localization metrics, the oracle and per-localization z-scores. num_samples: the posterior
-    samples per frame analyze drew. Returns (scores, arrays)."""
+    localization metrics, the oracle and per-localization z-scores of the uncertainty analyze
+    ships, and under "uncertainty_raw" those of psi's own spread (uncertainty_raw_xy; the same
+    without a calibration scale). num_samples: the posterior samples per frame analyze drew.
+    Returns (scores, arrays)."""
     from smlm_tfdiff.uncertainty.evaluation import score_localization_table
 
-    pred, unc, bound = read_localizations(csv_path, len(data["frames"]), config.pixel_size_nm)
-    return score_localization_table(pred, unc, bound, data["positions"], data["mask"], config,
-                                    num_samples)
+    args = (csv_path, len(data["frames"]), config.pixel_size_nm)
+    rest = (data["positions"], data["mask"], config, num_samples)
+    scores, arrays = score_localization_table(*read_localizations(*args), *rest)
+    scores["uncertainty_raw"] = score_localization_table(*read_localizations(*args, raw=True),
+                                                         *rest)[0]["uncertainty"]
+    return scores, arrays
 
 
 def mcmc_vs_psi(sampler, iso, config, recipe, mcmc_results, map_samples, seed):
@@ -292,7 +304,8 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
                       "method": backend.method, "mcmc_frames": mcmc_frames,
                       "mcmc_results": mcmc_results, "mcmc_chains": 4,
                       "map_samples": map_samples, "coverage_frames": nc,
-                      "project": project, "quick": quick, "jit_compile": jit_compile},
+                      "project": project, "quick": quick, "jit_compile": jit_compile,
+                      "uncertainty_scale": an["uncertainty_scale"]},
          "physics": physics, **scores, "psi_vs_mcmc": agree, "coverage": cov,
          "files": files, "timing_s": timing}
     s["headline"] = headline(s)
@@ -311,7 +324,7 @@ def headline(s):
     values = {**{k: a[k] for k in ("precision", "recall", "jaccard", "rmse_lateral_nm",
                                    "efficiency_lateral")},
               "oracle_recall": s["localization"]["oracle"]["recall"],
-              "std_z": unc["z"]["std"],
+              "std_z": unc["z"]["std"], "std_z_raw": s["uncertainty_raw"]["z"]["std"],
               "uncertainty_over_crlb_median": unc["uncertainty_over_crlb_median"],
               "std_map_pearson_r": mc["pearson_r"], "std_map_mean_ratio": mc["mean_ratio"],
               "mcmc_xy_std_over_sqrt_crlb": mc["mcmc_xy_std_over_sqrt_crlb"],

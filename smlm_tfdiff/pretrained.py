@@ -35,6 +35,9 @@ class Pretrained:
     # Detection in phi's and psi's KDEs: detection.json, or the detect_* keys of an older
     # sim_config.json, else the defaults.
     detection: DetectionConfig = dataclasses.field(default_factory=DetectionConfig)
+    # uncertainty.scale.UncertaintyScale of psi's per-localization std (uncertainty_scale.json),
+    # fitted by simulation for these models and recipe; None where the folder has none.
+    uncertainty_scale: Optional[Any] = None
     # The PosteriorSampler that sample_posterior compiled for these models (kept for later calls).
     sampler: Optional[Any] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -153,6 +156,15 @@ def load_models(run_dir):
     with open(os.path.join(run_dir, "diffusion.json")) as f:
         models = _with_psi(models, psi_config, Recipe.from_json(f.read()))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
+    from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
+    path = os.path.join(run_dir, SCALE_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                models.uncertainty_scale = UncertaintyScale.from_json(f.read())
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}; fix or remove the file (without it analyze "
+                                 "reports psi's spread unscaled)") from None
     return models
 
 

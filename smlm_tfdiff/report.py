@@ -247,8 +247,10 @@ def targets(s):
         ("psi / MCMC mean std ratio where MCMC std > 10% of its peak",
          mc["signal_region"]["mean_ratio"], RATIO_TEXT,
          _within(mc["signal_region"]["mean_ratio"], *RATIO)),
-        ("std(z), z = error / psi std per axis (analyze)", unc["z"]["std"], Z_TEXT,
+        ("std(z), z = error / reported std per axis (analyze)", unc["z"]["std"], Z_TEXT,
          _within(unc["z"]["std"], *Z_RANGE)),
+        ("std(z) of psi's own spread, before the calibration scale (analyze)",
+         s["uncertainty_raw"]["z"]["std"], "reported beside (the shipped one above)", None),
         ("median psi uncertainty_xy / sqrt(CRLB) (analyze)", unc["uncertainty_over_crlb_median"],
          ">= 0.8 (~1 for an isolated emitter)",
          _within(unc["uncertainty_over_crlb_median"], 0.8, math.inf)),
@@ -340,14 +342,20 @@ def write_report(s, out_dir):
           f"*Figure 2. {FIGURES['fig2_posterior.png']} (the first demo frame).*",
           "",
           "z = (localization - truth) / uncertainty per axis (CSV columns `uncertainty_x [nm]`, "
-          "`uncertainty_y [nm]`: the std of the localization over psi's samples) for the matched "
-          "localizations; `crlb_xy [nm]` is sqrt of the isolated-emitter CRLB at the fitted "
-          "photometry.",
+          "`uncertainty_y [nm]`: the std of the localization over psi's samples, times the "
+          "model's calibration scale where it has one, docs/calibration.md) for the matched "
+          "localizations; `uncertainty_raw_xy [nm]` is psi's spread before that scale, "
+          "`crlb_xy [nm]` sqrt of the isolated-emitter CRLB at the fitted photometry. "
+          + _scale_text(s["settings"].get("uncertainty_scale")),
           "",
           _table(["quantity", "value"], [
               ("matched localizations (z values)", f"{unc['num_matched']} ({unc['z']['n']})"),
               ("std(z) [95% interval]", f"{_f(unc['z']['std'])} [{_f(unc['z']['std_ci95'][0])}, "
                                         f"{_f(unc['z']['std_ci95'][1])}]"),
+              ("std(z) of psi's own spread (uncertainty_raw_xy) [95% interval]",
+               f"{_f(s['uncertainty_raw']['z']['std'])} "
+               f"[{_f(s['uncertainty_raw']['z']['std_ci95'][0])}, "
+               f"{_f(s['uncertainty_raw']['z']['std_ci95'][1])}]"),
               ("robust std(z) (1.4826 MAD)", _f(unc["z"]["robust_std"])),
               ("fraction \\|z\\| <= 1 (0.683 if calibrated)", _f(unc["z"]["frac_abs_le_1"])),
               ("std(z) of a calibrated std from these samples (Student t)",
@@ -431,6 +439,17 @@ def write_report(s, out_dir):
         f.write("\n".join(md))
     os.replace(path + ".tmp", path)
     return path
+
+
+def _scale_text(scale):
+    """One sentence on the calibration scale analyze applied (its summary's uncertainty_scale)."""
+    if not scale:
+        return ("No calibration scale was applied (the model has none, or the sampling is not "
+                "the recipe it was fitted for): the uncertainty is psi's own spread.")
+    return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
+            f"{scale['per_neighbour']:g} k {scale['per_log_photons']:+g} log(N / "
+            f"{scale['reference_photons']:g})), k the other localizations within "
+            f"{scale['radius_px']:g} px and N the photometry (photons).")
 
 
 def _honest_text(s):

@@ -19,9 +19,10 @@ THUNDERSTORM_COLUMNS = ("id", "frame", "x [nm]", "y [nm]", "sigma [nm]", "intens
                         "offset [photon]", "bkgstd [photon]", "uncertainty_xy [nm]")
 # Extra columns after ThunderSTORM's (ThunderSTORM and most readers keep unknown columns).
 # uncertainty_is_crlb: 1 where uncertainty_* hold the CRLB (an analysis without psi,
-# num_samples 0), 0 where they hold psi's posterior std.
+# num_samples 0), 0 where they hold psi's posterior std. uncertainty_raw_xy: psi's own spread (or the
+# CRLB) before the model's calibration scale (uncertainty.scale); equal to uncertainty_xy without one.
 EXTRA_COLUMNS = ("uncertainty_x [nm]", "uncertainty_y [nm]", "detection_fraction", "crlb_xy [nm]",
-                 "uncertainty_is_crlb")
+                 "uncertainty_is_crlb", "uncertainty_raw_xy [nm]")
 
 # Picasso's columns, then `flags` (bits, PICASSO_FLAGS). Picasso's load_locs drops, without a word,
 # rows with NaN anywhere, negative x, y, lpx, lpy, photons, sx, sy, and x >= Width, y >= Height

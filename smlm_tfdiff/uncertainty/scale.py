@@ -1,0 +1,94 @@
+"""A calibration scale of psi's per-localization std, fitted by simulation (docs/calibration.md,
+"The calibration scale analyze applies").
+
+psi's spread is too narrow where emitters crowd and too wide for lone bright ones; the errors
+follow the number of emitters nearby and the brightness. The scale
+
+    s = exp(a + b k + c log(N / N_ref))
+
+with k the other localizations of the frame within `radius_px` camera px and N the localization's
+photometry (photons; io.photometry as analyze fits it) multiplies the posterior std of each
+localization. a, b and c are fitted by maximum likelihood of z = error / (s std) ~ N(0, 1) on
+validation scenes (benchmarks/calibration_density_scale.py) and checked on held-out ones; they
+belong to one pair of models and one sampler recipe, and a model folder that has them keeps them
+in SCALE_FILE. Pure NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+SCALE_FILE = "uncertainty_scale.json"
+# The photometry as the fit saw it: a failed fit (NaN) counts as N_ref (brightness term 0), and
+# values are clipped to this range (photons) so that an outlier cannot blow the scale up.
+PHOTON_RANGE = (20.0, 1e5)
+
+
+@dataclasses.dataclass(frozen=True)
+class UncertaintyScale:
+    """log s = intercept + per_neighbour k + per_log_photons log(N / reference_photons).
+
+    radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
+    (the command and the scenes), kept with them."""
+
+    intercept: float
+    per_neighbour: float
+    per_log_photons: float
+    radius_px: float = 8.0
+    reference_photons: float = 200.0
+    fitted_on: str = ""
+
+    def __post_init__(self):
+        for name in ("intercept", "per_neighbour", "per_log_photons", "radius_px",
+                     "reference_photons"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
+                                 f"{value!r})")
+        if self.radius_px <= 0 or self.reference_photons <= 0:
+            raise ValueError(f"UncertaintyScale radius_px and reference_photons must be > 0 (got "
+                             f"{self.radius_px}, {self.reference_photons})")
+
+    @classmethod
+    def from_json(cls, text: str) -> "UncertaintyScale":
+        """From the JSON object SCALE_FILE holds (to_json's); a ValueError names what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the uncertainty scale is not valid JSON ({err})") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = ("intercept", "per_neighbour", "per_log_photons")
+        if (not isinstance(data, dict) or set(data) - fields
+                or any(k not in data for k in required)):
+            raise ValueError(f"the uncertainty scale must be a JSON object with the keys "
+                             f"{list(required)} and optionally "
+                             f"{sorted(fields - set(required))} (got {data!r})")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def neighbours(self, xy) -> np.ndarray:
+        """[M] int: for each of the frame's localizations xy [M, 2] (camera px), how many others
+        lie within radius_px."""
+        xy = np.asarray(xy, np.float64).reshape((-1, 2))
+        if len(xy) == 0:
+            return np.zeros(0, np.int64)
+        return cKDTree(xy).query_ball_point(xy, self.radius_px, return_length=True) - 1
+
+    def factor(self, xy, photons) -> np.ndarray:
+        """[M] scale of the std of one frame's localizations xy [M, 2] (camera px, all of the
+        frame's) with their photometry photons [M] (NaN where it failed)."""
+        photons = np.asarray(photons, np.float64).reshape(-1)
+        k = self.neighbours(xy)
+        if len(photons) != len(k):
+            raise ValueError(f"photons must hold one value per localization ({len(k)}; got "
+                             f"{len(photons)})")
+        n = np.clip(np.nan_to_num(photons, nan=self.reference_photons), *PHOTON_RANGE)
+        return np.exp(self.intercept + self.per_neighbour * k
+                      + self.per_log_photons * np.log(n / self.reference_photons))

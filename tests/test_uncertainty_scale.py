@@ -1,0 +1,117 @@
+"""The calibration scale of psi's per-localization std (uncertainty.scale): its formula, its file,
+and analyze applying it (uncertainty columns scaled, uncertainty_raw_xy psi's own spread)."""
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from smlm_tfdiff.analyze import Camera, StackAnalyzer
+from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_models
+from smlm_tfdiff.simulation.simulate import simulate
+from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
+
+
+def test_factor_follows_the_formula():
+    scale = UncertaintyScale(intercept=0.1, per_neighbour=0.05, per_log_photons=-0.3,
+                             radius_px=8.0, reference_photons=200.0)
+    # Two within 8 px of each other (distance 5), one alone (the third is 8.5 px from the second).
+    xy = np.array([[0.0, 0.0], [3.0, 4.0], [11.5, 4.0]])
+    np.testing.assert_array_equal(scale.neighbours(xy), [1, 1, 0])
+    photons = np.array([400.0, np.nan, 1e9])
+    expected = np.exp([0.1 + 0.05 - 0.3 * math.log(2.0),
+                       0.1 + 0.05,  # A failed photometry counts as the reference brightness.
+                       0.1 - 0.3 * math.log(1e5 / 200.0)])  # Clipped to 1e5 photons.
+    np.testing.assert_allclose(scale.factor(xy, photons), expected, rtol=1e-12)
+    # Exactly at the radius counts as a neighbour (as the fit counted them).
+    np.testing.assert_array_equal(scale.neighbours([[0, 0], [8, 0]]), [1, 1])
+    assert scale.factor(np.zeros((0, 2)), np.zeros(0)).shape == (0,)
+    with pytest.raises(ValueError, match="one value per localization"):
+        scale.factor(xy, photons[:2])
+
+
+def test_file_round_trip_and_bad_files(tmp_path):
+    scale = UncertaintyScale(0.04, 0.07, -0.26, fitted_on="a test")
+    assert UncertaintyScale.from_json(scale.to_json()) == scale
+    with pytest.raises(ValueError, match="not valid JSON"):
+        UncertaintyScale.from_json("{")
+    with pytest.raises(ValueError, match="with the keys"):
+        UncertaintyScale.from_json(json.dumps({"intercept": 0, "per_neighbour": 0,
+                                               "per_log_photons": 0, "slope": 1}))
+    with pytest.raises(ValueError, match="with the keys"):
+        UncertaintyScale.from_json(json.dumps({"intercept": 0}))
+    with pytest.raises(ValueError, match="finite"):
+        UncertaintyScale(float("nan"), 0.0, 0.0)
+    with pytest.raises(ValueError, match="> 0"):
+        UncertaintyScale(0.0, 0.0, 0.0, radius_px=0.0)
+    # A model folder with a broken scale file is refused with the file named.
+    folder = tmp_path / "model"
+    shutil.copytree(os.path.join(WEIGHTS_DIR, "paper"), folder)
+    (folder / SCALE_FILE).write_text('{"intercept": "big"}')
+    with pytest.raises(ValueError, match=SCALE_FILE + ".*remove the file"):
+        load_models(str(folder))
+
+
+def test_bundled_paper_model_has_its_fitted_scale(paper_models):
+    scale = paper_models.uncertainty_scale
+    assert isinstance(scale, UncertaintyScale) and "calibration_density_scale" in scale.fitted_on
+    # Crowding widens, brightness narrows (docs/calibration.md).
+    assert scale.per_neighbour > 0 and scale.per_log_photons < 0
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows, key):
+    return np.array([float(r[key]) for r in rows])
+
+
+@pytest.mark.slow
+def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
+    config = backend.config.replace(frame_height=24, frame_width=24)
+    data = simulate(config, 2, 31)
+    stack = tmp_path / "movie.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
+    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    scale = backend.uncertainty_scale
+    assert scale is not None
+    runs = {}
+    for name, kwargs in (("scaled", {}), ("raw", {"scale_uncertainty": False}),
+                         ("other_steps", {"num_steps": 3})):
+        analyzer = StackAnalyzer(backend, camera, num_samples=4, progress=False, maps=False,
+                                 **{"num_steps": None, **kwargs})
+        summary = analyzer.analyze(stack, tmp_path / name)
+        runs[name] = (_rows(tmp_path / name / "movie.csv"), summary)
+    rows, summary = runs["scaled"]
+    assert summary["uncertainty_scale"]["intercept"] == scale.intercept
+    raw = _column(rows, "uncertainty_raw_xy [nm]")
+    assert np.isfinite(raw).sum() >= 10
+    # The factor of each localization from its frame's localizations and photometry.
+    frame = _column(rows, "frame")
+    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / config.pixel_size_nm
+    factor = np.empty(len(rows))
+    for f in np.unique(frame):
+        sel = frame == f
+        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+    np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
+    per_axis = np.sqrt((_column(rows, "uncertainty_x [nm]") ** 2
+                        + _column(rows, "uncertainty_y [nm]") ** 2) / 2)
+    np.testing.assert_allclose(per_axis, raw * factor, rtol=1e-4)
+    assert not np.allclose(factor, 1.0)
+    # --noscale_uncertainty: the same analysis, psi's spread as it is.
+    raw_rows, raw_summary = runs["raw"]
+    assert raw_summary["uncertainty_scale"] is None
+    np.testing.assert_array_equal(_column(raw_rows, "uncertainty_raw_xy [nm]"), raw)
+    np.testing.assert_array_equal(_column(raw_rows, "uncertainty_xy [nm]"), raw)
+    # Another num_steps than the recipe's, which the scale was not fitted for: unscaled.
+    steps_rows, steps_summary = runs["other_steps"]
+    assert steps_summary["uncertainty_scale"] is None
+    np.testing.assert_array_equal(_column(steps_rows, "uncertainty_xy [nm]"),
+                                  _column(steps_rows, "uncertainty_raw_xy [nm]"))
