@@ -498,11 +498,12 @@ class StackAnalyzer:
         # Which uncertainty the tables hold: psi's posterior std, or without psi the CRLB.
         self.uncertainty = "posterior" if self.num_samples else "crlb"
         # The model's calibration scale of psi's std (uncertainty.scale), where it has one and
-        # the sampling is the one it was fitted for; uncertainty_raw_xy keeps psi's own spread.
+        # the analysis is the one it was fitted for (the recipe's steps, phi's positions);
+        # uncertainty_raw_xy keeps psi's own spread.
         scale = getattr(backend, "uncertainty_scale", None)
         self.uncertainty_scale = (scale if scale is not None and scale_uncertainty
                                   and self.num_samples and self.num_steps == backend.num_steps
-                                  else None)
+                                  and localize_on == "kde_estimate" else None)
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
@@ -1051,7 +1052,8 @@ def define_flags():
     flags.DEFINE_bool("scale_uncertainty", True, "Apply the model's calibration scale of psi's "
                       "spread (uncertainty_scale.json of the model folder, fitted by simulation: "
                       "docs/calibration.md) to the uncertainty columns; uncertainty_raw_xy keeps "
-                      "psi's own spread. Only with the model's sampling recipe and num_steps; "
+                      "psi's own spread. Only with the model's sampling recipe and num_steps and "
+                      "--localize_on kde_estimate, which it was fitted for; "
                       "--noscale_uncertainty reports psi's spread unscaled.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")

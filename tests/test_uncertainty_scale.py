@@ -84,7 +84,8 @@ def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
     assert scale is not None
     runs = {}
     for name, kwargs in (("scaled", {}), ("raw", {"scale_uncertainty": False}),
-                         ("other_steps", {"num_steps": 3})):
+                         ("other_steps", {"num_steps": 3}),
+                         ("mean", {"localize_on": "mean"})):
         analyzer = StackAnalyzer(backend, camera, num_samples=4, progress=False, maps=False,
                                  **{"num_steps": None, **kwargs})
         summary = analyzer.analyze(stack, tmp_path / name)
@@ -110,8 +111,10 @@ def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
     assert raw_summary["uncertainty_scale"] is None
     np.testing.assert_array_equal(_column(raw_rows, "uncertainty_raw_xy [nm]"), raw)
     np.testing.assert_array_equal(_column(raw_rows, "uncertainty_xy [nm]"), raw)
-    # Another num_steps than the recipe's, which the scale was not fitted for: unscaled.
-    steps_rows, steps_summary = runs["other_steps"]
-    assert steps_summary["uncertainty_scale"] is None
-    np.testing.assert_array_equal(_column(steps_rows, "uncertainty_xy [nm]"),
-                                  _column(steps_rows, "uncertainty_raw_xy [nm]"))
+    # Another num_steps than the recipe's, or positions from psi's mean, which the scale was not
+    # fitted for: unscaled.
+    for name in ("other_steps", "mean"):
+        other_rows, other_summary = runs[name]
+        assert other_summary["uncertainty_scale"] is None, name
+        np.testing.assert_array_equal(_column(other_rows, "uncertainty_xy [nm]"),
+                                      _column(other_rows, "uncertainty_raw_xy [nm]"))
