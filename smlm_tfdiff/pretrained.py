@@ -2,7 +2,8 @@
 
 A model folder holds phi.weights.h5, phi_config.json and sim_config.json, and once psi is trained
 also psi.weights.h5, psi_config.json and diffusion.json (the diffusion.Recipe: noise schedule, loss
-weighting and the sampler's defaults). A psi_var.weights.h5 left by the removed learned reverse
+weighting and the sampler's defaults), optionally uncertainty_scale.json (uncertainty.scale: the
+calibration scale of psi's per-localization std fitted for these models). A psi_var.weights.h5 left by the removed learned reverse
 variance (docs/sampler.md) is ignored."""
 
 import dataclasses
