@@ -6,6 +6,7 @@ trainers/evaluate_uncertainty.py."""
 import numpy as np
 from scipy.spatial import cKDTree
 
+from smlm_tfdiff.analyze import _crlb_nm  # analyze's crlb_xy, per axis.
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
@@ -95,18 +96,6 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     out = {k: np.concatenate(v) for k, v in parts.items()}
     ok = np.all(np.isfinite(out["z"]), axis=1)
     return {k: v[ok] for k, v in out.items()}
-
-
-def _crlb_nm(xy, photons, background, cfg):
-    """[m, 2] sqrt CRLB (nm) per axis at the fitted photometry (N0 unknown); NaN where it failed."""
-    from smlm_tfdiff.simulation.physics.fisher import crlb
-
-    out = np.full((len(xy), 2), np.nan)
-    ok = np.isfinite(photons) & (photons > 0) & np.isfinite(background)
-    if ok.any():
-        out[ok] = crlb(xy[ok], cfg, photons=photons[ok], estimate_photons=True,
-                       background=np.maximum(background[ok], 0.0))[:, :2] * cfg.pixel_size_nm
-    return out
 
 
 def fit_log_scale(x, z):
