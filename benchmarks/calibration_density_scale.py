@@ -26,11 +26,11 @@ from absl import app, flags
 import numpy as np
 
 from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
-                         fit_log_scale, scaled_scores, std_z)
+                         features, fit_log_scale, scaled_scores, std_z)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
-from smlm_tfdiff.uncertainty.scale import PHOTON_RANGE, SCALE_FILE, UncertaintyScale
+from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
 
 define_check_grid_flags()
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
@@ -41,14 +41,6 @@ flags.DEFINE_string("scale_out", None, "A model folder: write the fitted scale t
                     "uncertainty_scale.json, which analyze then applies (uncertainty.scale).")
 flags.DEFINE_bool("check", True, "Check the fit on the held-out grid (--nocheck: fit only).")
 FLAGS = flags.FLAGS
-
-
-def features(scores):
-    """[n, 3] design matrix (1, k, log(N / 200)) of scored localizations; a failed photometry
-    (NaN) counts as 200 photons, its brightness term 0."""
-    photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), *PHOTON_RANGE)
-    return np.stack([np.ones(len(photons)), scores["neighbours"].astype(float),
-                     np.log(photons / 200.0)], axis=1)
 
 
 def main(argv):

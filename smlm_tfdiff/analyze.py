@@ -379,7 +379,10 @@ def check_camera(frames, camera: Camera, config):
     s = config.psf_sigma
     centre = erf(0.5 / (np.sqrt(2) * s)) ** 2  # Share of the photons in an emitter's pixel.
     lo_ph, hi_ph = config.photons_range or (config.photons, config.photons)
-    model_bg = float(np.mean(config.background))
+    # The model's training background, photons per pixel: its per-frame range where it has one.
+    bg_range = getattr(config, "background_range", None)
+    model_bg = float(max(bg_range)) if bg_range else float(np.mean(config.background))
+    model_bg_text = (f"{min(bg_range):g}-{max(bg_range):g}" if bg_range else f"{model_bg:g}")
     estimates = {"median_adu": round(median, 3), "background_level_adu": round(median_bg, 3),
                  "noise_var_adu2": round(var, 3),
                  "predicted_noise_var_adu2": round(predicted_var, 3),
@@ -407,7 +410,7 @@ def check_camera(frames, camera: Camera, config):
                    f"{NOISE_VAR_FACTOR:g} in variance)")
     if background > model_bg + BACKGROUND_MARGIN_PHOTONS:
         out.append(f"the background is about {background:.1f} photons per pixel with these "
-                   f"settings, far above the model's training range ({model_bg:g}): if the "
+                   f"settings, far above the model's training range ({model_bg_text}): if the "
                    f"offset is right, retrain phi and psi for this background; else the offset "
                    f"is about {likely_offset:.0f} ADU")
     model_peak = (centre * lo_ph, centre * hi_ph)

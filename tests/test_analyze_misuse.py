@@ -248,6 +248,21 @@ def test_wrong_camera_settings_warn_with_the_likely_value(offset, gain, case, ex
     assert any(__import__("re").search(expect, w) for w in warns), warns
 
 
+def test_background_is_checked_against_the_models_training_range():
+    """A model trained over a range of backgrounds (wholefield: 0-30 photons per pixel) takes
+    any background in it; one far above it is named with the range."""
+    from smlm_tfdiff.analyze import check_camera
+
+    model = SimulationConfig.preset("wholefield")
+    assert model.background_range == (0.0, 30.0)
+    warns, est = check_camera(_camera_frames(background=25.0, size=32, emitters=10),
+                              Camera(100.0, 1.0), model)
+    assert warns == [] and 22 < est["background_photons"] < 28, (warns, est)
+    warns, _ = check_camera(_camera_frames(background=60.0, size=32, emitters=10),
+                            Camera(100.0, 1.0), model)
+    assert any("background is about" in w and "training range (0-30)" in w for w in warns), warns
+
+
 # ----------------------------------------------------------------------------- Picasso files
 def _picasso_load_locs(hdf5_path):
     """What Picasso 0.11's io.load_locs keeps: the YAML read with yaml.load_all, then

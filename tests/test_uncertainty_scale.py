@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from smlm_tfdiff.analyze import Camera, StackAnalyzer
+from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
 from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_models
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
@@ -62,6 +62,42 @@ def test_bundled_paper_model_has_its_fitted_scale(paper_models):
     assert isinstance(scale, UncertaintyScale) and "calibration_density_scale" in scale.fitted_on
     # Crowding widens, brightness narrows (docs/calibration.md).
     assert scale.per_neighbour > 0 and scale.per_log_photons < 0
+
+
+def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
+    scale = load_models("wholefield").uncertainty_scale
+    assert isinstance(scale, UncertaintyScale)
+    assert "calibration_wholefield_scale" in scale.fitted_on
+    # Crowding widens, brightness narrows (docs/calibration.md, "The whole-field model's scale").
+    assert scale.per_neighbour > 0 and scale.per_log_photons < 0
+
+
+def test_whole_field_windows_get_the_scale(tmp_path):
+    """The scale applies where psi is sampled in windows of a whole-field frame, as in tiles."""
+    backend = load_backend("wholefield", jit_compile=False)
+    config = backend.config.replace(frame_height=24, frame_width=24,
+                                    density_range=(1 / 60, 1 / 60), photons_range=(300.0, 3000.0),
+                                    background_range=(5.0, 5.0))
+    data = simulate(config, 2, 41)
+    stack = tmp_path / "movie.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
+    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    summary = StackAnalyzer(backend, camera, num_samples=2, progress=False,
+                            maps=False).analyze(stack, tmp_path / "out")
+    scale = backend.uncertainty_scale
+    assert summary["uncertainty_scale"]["intercept"] == scale.intercept
+    assert summary["windows_sampled"] > 0
+    rows = _rows(tmp_path / "out" / "movie.csv")
+    raw = _column(rows, "uncertainty_raw_xy [nm]")
+    assert np.isfinite(raw).sum() >= 8
+    frame = _column(rows, "frame")
+    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / config.pixel_size_nm
+    factor = np.empty(len(rows))
+    for f in np.unique(frame):
+        sel = frame == f
+        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+    np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
+    assert not np.allclose(factor, 1.0)
 
 
 def _rows(path):

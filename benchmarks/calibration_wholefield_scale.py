@@ -1,0 +1,261 @@
+"""The calibration scale of a whole-field model, fitted through analyze itself: psi sampled in
+windows around phi's localizations, on whole frames with emitters anywhere (edges included), over
+densities and brightnesses; fitted on validation seeds, checked on held-out ones.
+
+    python benchmarks/calibration_wholefield_scale.py --model wholefield [--scale_out <folder>]
+
+The scale is the one of uncertainty.scale (log s = a + b k + c log(N / 200); k: the frame's other
+localizations within --radius camera px, N: their photometry, both from analyze's own table),
+fitted by maximum likelihood of z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis,
+beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
+seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
+1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
+range per emitter), with enough frames for --localizations emitters, analyzed by StackAnalyzer
+with the default settings (16 samples, the model's recipe) and no scale (its raw spread); the
+localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
+Fit cells: seed 8300 + cell index; check cells: the same grid, seed 9300 + cell index (held out;
+never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
+mean reported std and the Spearman correlation of |error| with the reported std (sharpness).
+--scores_cache keeps the scored localizations, so that a refit needs no new analysis. Prints a
+table and one JSON line (--out also writes it).
+"""
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags
+import numpy as np
+
+from _validation import describe_scaled, features, fit_log_scale, scaled_scores, std_z
+from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
+
+flags.DEFINE_string("model", "wholefield", "A whole-field model (bundled name or folder).")
+flags.DEFINE_list("densities", ["400", "100", "40", "20", "15"],
+                  "px^2 per emitter of the cells.")
+flags.DEFINE_list("photons", ["150", "400", "1000-5000"],
+                  "N0 of the cells: photons, or lo-hi (uniform per emitter).")
+flags.DEFINE_float("background", None, "Background, photons per pixel, of every cell (default: "
+                   "the paper preset's, 0).")
+flags.DEFINE_string("fit_from", None, "A JSON report of this script (--out): take its fitted "
+                    "scale and score only the check cells (e.g. at another --background).")
+flags.DEFINE_integer("size", 64, "Frame side, camera px.")
+flags.DEFINE_integer("localizations", 150, "Emitters simulated per cell (fit and check).")
+flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (analyze's default).")
+flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
+flags.DEFINE_string("scale_out", None, "A model folder: write the fitted scale there as "
+                    "uncertainty_scale.json, which analyze then applies.")
+flags.DEFINE_bool("check", True, "Score the held-out cells (--nocheck: fit only).")
+flags.DEFINE_string("scores_cache", None, "An .npz of the scored localizations: read if it "
+                    "exists (and was made with the same cells), written otherwise.")
+flags.DEFINE_string("out", None, "JSON file for the results.")
+FLAGS = flags.FLAGS
+
+FIT_SEED, CHECK_SEED = 8300, 9300
+KEYS = ("z", "neighbours", "photons", "uncertainty_nm", "error_nm")
+
+
+def _photons(spec):
+    """(N0, range or None) of a --photons entry."""
+    if "-" in spec:
+        lo, hi = (float(v) for v in spec.split("-"))
+        return (lo + hi) / 2, (lo, hi)
+    return float(spec), None
+
+
+def cells():
+    return [(float(d), p) for d in FLAGS.densities for p in FLAGS.photons]
+
+
+def movie(density, photons, seed):
+    """(frames [N, H, W] ADU, simulate() dict, config) of one cell."""
+    from smlm_tfdiff import SimulationConfig
+    from smlm_tfdiff.simulation.simulate import simulate
+
+    count = max(1, int(round(FLAGS.size ** 2 / density)))
+    n0, photons_range = _photons(photons)
+    extra = {} if photons_range is None else dict(photons_range=photons_range)
+    if FLAGS.background is not None:
+        extra["background"] = FLAGS.background
+    config = SimulationConfig.preset("paper", frame_height=FLAGS.size, frame_width=FLAGS.size,
+                                     region="frame", margin=0.0, num_emitters=count, photons=n0,
+                                     **extra)
+    frames = max(1, -(-FLAGS.localizations // count))
+    data = simulate(config, frames, seed=seed)
+    return data["frames"][..., 0], data, config
+
+
+def score_cell(backend, density, photons, seed):
+    """Scored localizations of one cell (dict of KEYS arrays; z [n, 2], the rest [n]) and its
+    precision / recall."""
+    import tifffile
+
+    from smlm_tfdiff.analyze import Camera, StackAnalyzer
+    from smlm_tfdiff.localization.metrics import localization_metrics
+
+    frames, data, config = movie(density, photons, seed)
+    analyzer = StackAnalyzer(backend, Camera(config.offset, config.gain), FLAGS.num_samples,
+                             progress=False, maps=False, scale_uncertainty=False)
+    work = tempfile.mkdtemp(prefix="wholefield-scale-")
+    try:
+        path = os.path.join(work, "movie.tif")
+        tifffile.imwrite(path, np.round(frames).astype(np.uint16), photometric="minisblack")
+        analyzer.analyze(path, os.path.join(work, "out"))
+        with open(os.path.join(work, "out", "movie.csv")) as f:
+            rows = list(csv.DictReader(f))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    nm = config.pixel_size_nm
+    col = lambda key: np.array([float(r[key]) for r in rows])  # noqa: E731
+    frame_of = col("frame").astype(np.int64) - 1
+    xy = np.stack([col("x [nm]"), col("y [nm]")], axis=1).reshape(-1, 2) / nm
+    std = np.stack([col("uncertainty_x [nm]"), col("uncertainty_y [nm]")], axis=1).reshape(-1, 2)
+    photometry = col("intensity [photon]")
+    counter = UncertaintyScale(0.0, 0.0, 0.0, radius_px=FLAGS.radius)
+    neighbours = np.zeros(len(rows), np.int64)
+    for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
+        neighbours[frame_of == k] = counter.neighbours(xy[frame_of == k])
+    pred = [xy[frame_of == k] for k in range(len(frames))]
+    metrics = localization_metrics(pred, data, config)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in pred])])
+    row = offsets[metrics["matches"][:, 0]] + metrics["matches"][:, 1]
+    err = metrics["errors"] * nm
+    scores = {"z": err / std[row], "neighbours": neighbours[row], "photons": photometry[row],
+              "uncertainty_nm": np.sqrt(np.mean(std[row] ** 2, axis=1)),
+              "error_nm": np.sqrt(np.mean(err ** 2, axis=1))}
+    ok = np.all(np.isfinite(scores["z"]), axis=1)
+    return ({k: v[ok] for k, v in scores.items()},
+            {"frames": len(frames), "precision": metrics["precision"],
+             "recall": metrics["recall"]})
+
+
+def compute_scores():
+    """{"fit": [...], "check": [...]}: per cell (density, photons, seed, scores, metrics)."""
+    from smlm_tfdiff.analyze import load_backend
+
+    backend = load_backend(FLAGS.model, need_psi=True)
+    if not backend.config.region == "frame":
+        raise app.UsageError(f"{FLAGS.model} is not a whole-field model; for tiles of the paper "
+                             "scene use benchmarks/calibration_density_scale.py")
+    out = {}
+    for part, base in (("fit", FIT_SEED), ("check", CHECK_SEED)):
+        if (part == "check" and not FLAGS.check) or (part == "fit" and FLAGS.fit_from):
+            continue
+        out[part] = []
+        for index, (density, photons) in enumerate(cells()):
+            start = time.perf_counter()
+            scores, metrics = score_cell(backend, density, photons, base + index)
+            out[part].append((density, photons, base + index, scores, metrics))
+            print(f"{part} 1/{density:g} px^2 N0 {photons}: {metrics['frames']} frames, "
+                  f"{len(scores['z'])} matched, P {metrics['precision']:.3f} R "
+                  f"{metrics['recall']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
+
+
+def _cache_key():
+    """What a --scores_cache was made with: the cells (and the background, if set)."""
+    key = [[d, p] for d, p in cells()]
+    return key if FLAGS.background is None else {"cells": key, "background": FLAGS.background}
+
+
+def _save(path, result):
+    arrays = {"cells": np.array(json.dumps(_cache_key()))}
+    for part, rows in result.items():
+        for i, (d, p, seed, scores, metrics) in enumerate(rows):
+            arrays[f"{part}_{i}_meta"] = np.array(json.dumps([d, p, seed, metrics]))
+            for k in KEYS:
+                arrays[f"{part}_{i}_{k}"] = scores[k]
+    np.savez(path, **arrays)
+
+
+def _load(path):
+    with np.load(path) as f:
+        if json.loads(str(f["cells"])) != _cache_key():
+            raise app.UsageError(f"{path} holds other cells (or another background); remove it "
+                                 "or pass another --scores_cache")
+        result = {}
+        for part in ("fit", "check"):
+            metas = sorted((k for k in f.files if k.startswith(part) and k.endswith("_meta")),
+                           key=lambda k: int(k.split("_")[1]))
+            result[part] = [(*json.loads(str(f[m]))[:3],
+                             {k: f[m.replace("meta", k)] for k in KEYS},
+                             json.loads(str(f[m]))[3]) for m in metas]
+        if FLAGS.check and not result["check"]:
+            raise app.UsageError(f"{path} has no check cells; rerun without it")
+        return {k: v for k, v in result.items() if v}
+
+
+def main(argv):
+    del argv
+    if FLAGS.scores_cache and os.path.exists(FLAGS.scores_cache):
+        result = _load(FLAGS.scores_cache)
+    else:
+        result = compute_scores()
+        if FLAGS.scores_cache:
+            _save(FLAGS.scores_cache, result)
+    if FLAGS.fit_from:
+        with open(FLAGS.fit_from) as f:
+            fitted = json.load(f)["fit"]
+        beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
+        constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
+        print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
+    else:
+        fit = [scores for _, _, _, scores, _ in result["fit"]]
+        x = np.concatenate([features(s) for s in fit])
+        z = np.concatenate([s["z"] for s in fit])
+        beta, beta_se = fit_log_scale(x, z)
+        constant, _ = std_z(z)
+    print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
+          f"{beta[0]:.3f} + {beta[1]:.4f} k + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
+          f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
+    if FLAGS.scale_out and not FLAGS.fit_from:
+        scale = UncertaintyScale(
+            intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
+            per_log_photons=round(float(beta[2]), 4), radius_px=FLAGS.radius,
+            reference_photons=200.0,
+            fitted_on=(f"python benchmarks/calibration_wholefield_scale.py --model "
+                       f"{FLAGS.model}: {len(z)} localizations of analyze's table on validation "
+                       f"movies (seeds {FIT_SEED}-{FIT_SEED + len(cells()) - 1}: "
+                       f"{FLAGS.size}x{FLAGS.size} px, 1 emitter per "
+                       f"{', '.join(FLAGS.densities)} px^2 x N0 {', '.join(FLAGS.photons)}), "
+                       f"default recipe, {FLAGS.num_samples} samples; docs/calibration.md"))
+        path = os.path.join(FLAGS.scale_out, SCALE_FILE)
+        with open(path, "w") as f:
+            f.write(scale.to_json() + "\n")
+        print(f"wrote {path}", flush=True)
+    rows = []
+    for density, photons, seed, s, metrics in result.get("check", []):
+        const, const_se = std_z(s["z"] / constant)
+        r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
+             "mean_neighbours": float(s["neighbours"].mean()),
+             "std_z_constant": const, "std_z_constant_se": const_se,
+             **scaled_scores(s, np.exp(features(s) @ beta))}
+        rows.append(r)
+        print(f"1/{density:3g} px^2 N0 {photons:>9}  locs {r['localizations']:4d} k "
+              f"{r['mean_neighbours']:4.1f}  constant {const:.2f}  " + describe_scaled(r),
+              flush=True)
+    if rows:
+        inside = lambda key: sum(0.8 <= r[key] <= 1.25 for r in rows)  # noqa: E731
+        print(f"check cells with std(z) in [0.8, 1.25], of {len(rows)}: raw "
+              f"{inside('std_z_raw')}, constant {inside('std_z_constant')}, scaled "
+              f"{inside('std_z_scaled')}", flush=True)
+    report = {"model": FLAGS.model, "radius_px": FLAGS.radius, "size": FLAGS.size,
+              "background": FLAGS.background, "fit_from": FLAGS.fit_from,
+              "num_samples": FLAGS.num_samples,
+              "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
+                      "terms": ["1", "neighbours", "log(photons / 200)"],
+                      "localizations": int(len(z)), "constant_scale": constant},
+              "check": rows}
+    print(json.dumps(report))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
