@@ -52,7 +52,8 @@ reproduce: $(STAMP)
 # Retrain the bundled `wholefield` pair with the commands in smlm_tfdiff/weights/wholefield/MODEL.md:
 # phi with the seeds' linear input (5500 steps), psi fine-tuned from the bundled `paper` psi on
 # windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps);
-# the model folder $(REPRO)/wholefield pairs that phi with the psi. About 2-3 hours on a 2-core CPU.
+# the model folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
+# (benchmarks/calibration_wholefield_scale.py, ~25 min). About 3 hours on a 2-core CPU.
 reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
 		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
@@ -74,6 +75,8 @@ reproduce-wholefield: $(STAMP)
 		$(REPRO)/phi_wf_anscombe/phi_config.json $(REPRO)/phi_wf_anscombe/sim_config.json \
 		$(REPRO)/wholefield/
 	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield --scale_out $(REPRO)/wholefield --nocheck
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 bench: $(STAMP)

@@ -17,7 +17,8 @@ Fit cells: seed 8300 + cell index; check cells: the same grid, seed 9300 + cell 
 never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
 mean reported std and the Spearman correlation of |error| with the reported std (sharpness).
 --scores_cache keeps the scored localizations, so that a refit needs no new analysis. Prints a
-table and one JSON line (--out also writes it).
+table and one JSON line (--out also writes it). The cache also keeps each localization's fitted
+background (photons per pixel; NaN in caches written before it was kept) for a background term.
 """
 
 import csv
@@ -57,7 +58,7 @@ flags.DEFINE_string("out", None, "JSON file for the results.")
 FLAGS = flags.FLAGS
 
 FIT_SEED, CHECK_SEED = 8300, 9300
-KEYS = ("z", "neighbours", "photons", "uncertainty_nm", "error_nm")
+KEYS = ("z", "neighbours", "photons", "background", "uncertainty_nm", "error_nm")
 
 
 def _photons(spec):
@@ -115,7 +116,7 @@ def score_cell(backend, density, photons, seed):
     frame_of = col("frame").astype(np.int64) - 1
     xy = np.stack([col("x [nm]"), col("y [nm]")], axis=1).reshape(-1, 2) / nm
     std = np.stack([col("uncertainty_x [nm]"), col("uncertainty_y [nm]")], axis=1).reshape(-1, 2)
-    photometry = col("intensity [photon]")
+    photometry, background = col("intensity [photon]"), col("offset [photon]")
     counter = UncertaintyScale(0.0, 0.0, 0.0, radius_px=FLAGS.radius)
     neighbours = np.zeros(len(rows), np.int64)
     for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
@@ -126,6 +127,7 @@ def score_cell(backend, density, photons, seed):
     row = offsets[metrics["matches"][:, 0]] + metrics["matches"][:, 1]
     err = metrics["errors"] * nm
     scores = {"z": err / std[row], "neighbours": neighbours[row], "photons": photometry[row],
+              "background": background[row],
               "uncertainty_nm": np.sqrt(np.mean(std[row] ** 2, axis=1)),
               "error_nm": np.sqrt(np.mean(err ** 2, axis=1))}
     ok = np.all(np.isfinite(scores["z"]), axis=1)
@@ -183,7 +185,9 @@ def _load(path):
             metas = sorted((k for k in f.files if k.startswith(part) and k.endswith("_meta")),
                            key=lambda k: int(k.split("_")[1]))
             result[part] = [(*json.loads(str(f[m]))[:3],
-                             {k: f[m.replace("meta", k)] for k in KEYS},
+                             {k: (f[m.replace("meta", k)] if m.replace("meta", k) in f.files
+                                  else np.full(len(f[m.replace("meta", "z")]), np.nan))
+                              for k in KEYS},
                              json.loads(str(f[m]))[3]) for m in metas]
         if FLAGS.check and not result["check"]:
             raise app.UsageError(f"{path} has no check cells; rerun without it")

@@ -65,7 +65,7 @@ def test_bundled_paper_model_has_its_fitted_scale(paper_models):
 
 
 def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
-    scale = load_models("wholefield").uncertainty_scale
+    scale = load_models(os.path.join(WEIGHTS_DIR, "wholefield")).uncertainty_scale
     assert isinstance(scale, UncertaintyScale)
     assert "calibration_wholefield_scale" in scale.fitted_on
     # Crowding widens, brightness narrows (docs/calibration.md, "The whole-field model's scale").
