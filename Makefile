@@ -75,8 +75,15 @@ reproduce-wholefield: $(STAMP)
 		$(REPRO)/phi_wf_anscombe/phi_config.json $(REPRO)/phi_wf_anscombe/sim_config.json \
 		$(REPRO)/wholefield/
 	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
+	rm -f $(REPRO)/wf_scale.npz $(REPRO)/wf_scale_200.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
-		--model $(REPRO)/wholefield --scale_out $(REPRO)/wholefield --nocheck
+		--model $(REPRO)/wholefield --nocheck --scores_cache $(REPRO)/wf_scale.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield --nocheck --photons 200 --seed_offset 20 \
+		--scores_cache $(REPRO)/wf_scale_200.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield --nocheck --scale_out $(REPRO)/wholefield \
+		--scores_cache $(REPRO)/wf_scale.npz,$(REPRO)/wf_scale_200.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 bench: $(STAMP)

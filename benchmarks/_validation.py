@@ -12,7 +12,7 @@ from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
-from smlm_tfdiff.uncertainty.scale import PHOTON_RANGE
+from smlm_tfdiff.uncertainty.scale import PHOTON_RANGE, neighbour_feature
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -99,12 +99,14 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     return {k: v[ok] for k, v in out.items()}
 
 
-def features(scores):
-    """[n, 3] design matrix (1, k, log(N / 200)) of scored localizations (their "neighbours" k
-    and "photons" N) for the scale of uncertainty.scale; a failed photometry (NaN) counts as 200
-    photons, its brightness term 0, and N is clipped to PHOTON_RANGE, as analyze does."""
+def features(scores, neighbour_term="linear"):
+    """[n, 3] design matrix (1, g(k), log(N / 200)) of scored localizations (their "neighbours"
+    k and "photons" N) for the scale of uncertainty.scale, g its neighbour_term; a failed
+    photometry (NaN) counts as 200 photons, its brightness term 0, and N is clipped to
+    PHOTON_RANGE, as analyze does."""
     photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), *PHOTON_RANGE)
-    return np.stack([np.ones(len(photons)), scores["neighbours"].astype(float),
+    return np.stack([np.ones(len(photons)),
+                     neighbour_feature(scores["neighbours"], neighbour_term),
                      np.log(photons / 200.0)], axis=1)
 
 

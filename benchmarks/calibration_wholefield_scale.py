@@ -4,8 +4,9 @@ densities and brightnesses; fitted on validation seeds, checked on held-out ones
 
     python benchmarks/calibration_wholefield_scale.py --model wholefield [--scale_out <folder>]
 
-The scale is the one of uncertainty.scale (log s = a + b k + c log(N / 200); k: the frame's other
-localizations within --radius camera px, N: their photometry, both from analyze's own table),
+The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 200), or b k with
+--neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
+photometry, both from analyze's own table),
 fitted by maximum likelihood of z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis,
 beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
@@ -16,7 +17,9 @@ localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
 Fit cells: seed 8300 + cell index; check cells: the same grid, seed 9300 + cell index (held out;
 never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
 mean reported std and the Spearman correlation of |error| with the reported std (sharpness).
---scores_cache keeps the scored localizations, so that a refit needs no new analysis. Prints a
+--scores_cache keeps the scored localizations, so that a refit needs no new analysis; several
+caches (comma-separated, each made by one run, e.g. with other --photons and --seed_offset) are
+merged for the fit and the check. Prints a
 table and one JSON line (--out also writes it). The cache also keeps each localization's fitted
 background (photons per pixel; NaN in caches written before it was kept) for a background term.
 """
@@ -47,12 +50,16 @@ flags.DEFINE_string("fit_from", None, "A JSON report of this script (--out): tak
                     "scale and score only the check cells (e.g. at another --background).")
 flags.DEFINE_integer("size", 64, "Frame side, camera px.")
 flags.DEFINE_integer("localizations", 150, "Emitters simulated per cell (fit and check).")
+flags.DEFINE_integer("seed_offset", 0, "Added to the cells' seeds: more cells for a fit without "
+                     "reusing a seed (e.g. another --photons into another --scores_cache).")
 flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (analyze's default).")
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
+flags.DEFINE_enum("neighbour_term", "log1p", ["linear", "log1p"], "How the neighbour count k "
+                  "enters log s: b k, or b log(1 + k) (uncertainty.scale).")
 flags.DEFINE_string("scale_out", None, "A model folder: write the fitted scale there as "
                     "uncertainty_scale.json, which analyze then applies.")
 flags.DEFINE_bool("check", True, "Score the held-out cells (--nocheck: fit only).")
-flags.DEFINE_string("scores_cache", None, "An .npz of the scored localizations: read if it "
+flags.DEFINE_list("scores_cache", None, "An .npz of the scored localizations: read if it "
                     "exists (and was made with the same cells), written otherwise.")
 flags.DEFINE_string("out", None, "JSON file for the results.")
 FLAGS = flags.FLAGS
@@ -145,7 +152,8 @@ def compute_scores():
         raise app.UsageError(f"{FLAGS.model} is not a whole-field model; for tiles of the paper "
                              "scene use benchmarks/calibration_density_scale.py")
     out = {}
-    for part, base in (("fit", FIT_SEED), ("check", CHECK_SEED)):
+    for part, base in (("fit", FIT_SEED + FLAGS.seed_offset),
+                       ("check", CHECK_SEED + FLAGS.seed_offset)):
         if (part == "check" and not FLAGS.check) or (part == "fit" and FLAGS.fit_from):
             continue
         out[part] = []
@@ -175,9 +183,9 @@ def _save(path, result):
     np.savez(path, **arrays)
 
 
-def _load(path):
+def _load(path, check_key=True):
     with np.load(path) as f:
-        if json.loads(str(f["cells"])) != _cache_key():
+        if check_key and json.loads(str(f["cells"])) != _cache_key():
             raise app.UsageError(f"{path} holds other cells (or another background); remove it "
                                  "or pass another --scores_cache")
         result = {}
@@ -194,40 +202,66 @@ def _load(path):
         return {k: v for k, v in result.items() if v}
 
 
+def _describe(rows):
+    """'seeds a-b, c-d: SxS px, 1 emitter per ... px^2 x N0 ...' of scored cells."""
+    seeds = sorted(seed for _, _, seed, _, _ in rows)
+    runs, start = [], seeds[0]
+    for prev, seed in zip(seeds, seeds[1:] + [None]):
+        if seed != prev + 1 if seed is not None else True:
+            runs.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = seed
+    densities = sorted({d for d, *_ in rows}, reverse=True)
+    photons = sorted({p for _, p, *_ in rows}, key=lambda p: _photons(p)[0])
+    return (f"seeds {', '.join(runs)}: {FLAGS.size}x{FLAGS.size} px, 1 emitter per "
+            f"{', '.join(f'{d:g}' for d in densities)} px^2 x N0 {', '.join(photons)}")
+
+
 def main(argv):
     del argv
-    if FLAGS.scores_cache and os.path.exists(FLAGS.scores_cache):
-        result = _load(FLAGS.scores_cache)
+    caches = FLAGS.scores_cache or []
+    if len(caches) > 1:  # Cells of several runs (e.g. more brightnesses), merged.
+        missing = [p for p in caches if not os.path.exists(p)]
+        if missing:
+            raise app.UsageError(f"--scores_cache lists several files, so all must exist (missing "
+                                 f"{missing}); make each with one run of its own flags")
+        result = {}
+        for path in caches:
+            for part, rows in _load(path, check_key=False).items():
+                result.setdefault(part, []).extend(rows)
+    elif caches and os.path.exists(caches[0]):
+        result = _load(caches[0])
     else:
         result = compute_scores()
-        if FLAGS.scores_cache:
-            _save(FLAGS.scores_cache, result)
+        if caches:
+            _save(caches[0], result)
     if FLAGS.fit_from:
         with open(FLAGS.fit_from) as f:
             fitted = json.load(f)["fit"]
+        if fitted.get("neighbour_term", "linear") != FLAGS.neighbour_term:
+            raise app.UsageError(f"{FLAGS.fit_from} was fitted with neighbour_term "
+                                 f"{fitted.get('neighbour_term', 'linear')}; pass that")
         beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
         constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
         print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
     else:
         fit = [scores for _, _, _, scores, _ in result["fit"]]
-        x = np.concatenate([features(s) for s in fit])
+        x = np.concatenate([features(s, FLAGS.neighbour_term) for s in fit])
         z = np.concatenate([s["z"] for s in fit])
         beta, beta_se = fit_log_scale(x, z)
         constant, _ = std_z(z)
+    g = "k" if FLAGS.neighbour_term == "linear" else "log(1 + k)"
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
-          f"{beta[0]:.3f} + {beta[1]:.4f} k + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
+          f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
           f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
     if FLAGS.scale_out and not FLAGS.fit_from:
         scale = UncertaintyScale(
             intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
             per_log_photons=round(float(beta[2]), 4), radius_px=FLAGS.radius,
-            reference_photons=200.0,
+            reference_photons=200.0, neighbour_term=FLAGS.neighbour_term,
             fitted_on=(f"python benchmarks/calibration_wholefield_scale.py --model "
                        f"{FLAGS.model}: {len(z)} localizations of analyze's table on validation "
-                       f"movies (seeds {FIT_SEED}-{FIT_SEED + len(cells()) - 1}: "
-                       f"{FLAGS.size}x{FLAGS.size} px, 1 emitter per "
-                       f"{', '.join(FLAGS.densities)} px^2 x N0 {', '.join(FLAGS.photons)}), "
-                       f"default recipe, {FLAGS.num_samples} samples; docs/calibration.md"))
+                       f"movies ({_describe(result['fit'])}), default recipe, "
+                       f"{FLAGS.num_samples} samples; docs/calibration.md"))
         path = os.path.join(FLAGS.scale_out, SCALE_FILE)
         with open(path, "w") as f:
             f.write(scale.to_json() + "\n")
@@ -238,7 +272,7 @@ def main(argv):
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
              "mean_neighbours": float(s["neighbours"].mean()),
              "std_z_constant": const, "std_z_constant_se": const_se,
-             **scaled_scores(s, np.exp(features(s) @ beta))}
+             **scaled_scores(s, np.exp(features(s, FLAGS.neighbour_term) @ beta))}
         rows.append(r)
         print(f"1/{density:3g} px^2 N0 {photons:>9}  locs {r['localizations']:4d} k "
               f"{r['mean_neighbours']:4.1f}  constant {const:.2f}  " + describe_scaled(r),
@@ -252,7 +286,9 @@ def main(argv):
               "background": FLAGS.background, "fit_from": FLAGS.fit_from,
               "num_samples": FLAGS.num_samples,
               "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
-                      "terms": ["1", "neighbours", "log(photons / 200)"],
+                      "terms": ["1", "neighbours" if FLAGS.neighbour_term == "linear"
+                                else "log(1 + neighbours)", "log(photons / 200)"],
+                      "neighbour_term": FLAGS.neighbour_term,
                       "localizations": int(len(z)), "constant_scale": constant},
               "check": rows}
     print(json.dumps(report))

@@ -2,6 +2,7 @@
 and analyze applying it (uncertainty columns scaled, uncertainty_raw_xy psi's own spread)."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -33,11 +34,24 @@ def test_factor_follows_the_formula():
     assert scale.factor(np.zeros((0, 2)), np.zeros(0)).shape == (0,)
     with pytest.raises(ValueError, match="one value per localization"):
         scale.factor(xy, photons[:2])
+    # log(1 + k) in place of k (the whole-field model's form).
+    log1p = dataclasses.replace(scale, neighbour_term="log1p")
+    xy4 = np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 5.0], [40.0, 0.0]])  # k = 2, 2, 2, 0.
+    np.testing.assert_allclose(log1p.factor(xy4, np.full(4, 200.0)),
+                               np.exp([0.1 + 0.05 * math.log(3.0)] * 3 + [0.1]), rtol=1e-12)
+    with pytest.raises(ValueError, match="neighbour_term must be one of"):
+        UncertaintyScale(0.0, 0.0, 0.0, neighbour_term="quadratic")
 
 
 def test_file_round_trip_and_bad_files(tmp_path):
     scale = UncertaintyScale(0.04, 0.07, -0.26, fitted_on="a test")
     assert UncertaintyScale.from_json(scale.to_json()) == scale
+    log1p = UncertaintyScale(0.1, 0.28, -0.36, neighbour_term="log1p")
+    assert UncertaintyScale.from_json(log1p.to_json()) == log1p
+    # Files written before neighbour_term existed read as "linear".
+    assert UncertaintyScale.from_json(json.dumps(
+        {"intercept": 0.04, "per_neighbour": 0.07, "per_log_photons": -0.26})).neighbour_term == \
+        "linear"
     with pytest.raises(ValueError, match="not valid JSON"):
         UncertaintyScale.from_json("{")
     with pytest.raises(ValueError, match="with the keys"):
@@ -68,8 +82,10 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
     scale = load_models(os.path.join(WEIGHTS_DIR, "wholefield")).uncertainty_scale
     assert isinstance(scale, UncertaintyScale)
     assert "calibration_wholefield_scale" in scale.fitted_on
-    # Crowding widens, brightness narrows (docs/calibration.md, "The whole-field model's scale").
+    # Crowding widens, brightness narrows (docs/calibration.md, "The whole-field model's scale");
+    # the first neighbours count most.
     assert scale.per_neighbour > 0 and scale.per_log_photons < 0
+    assert scale.neighbour_term == "log1p"
 
 
 def test_whole_field_windows_get_the_scale(tmp_path):

@@ -4,7 +4,8 @@
 psi's spread is too narrow where emitters crowd and too wide for lone bright ones; the errors
 follow the number of emitters nearby and the brightness. The scale
 
-    s = exp(a + b k + c log(N / N_ref))
+    s = exp(a + b k + c log(N / N_ref))     (neighbour_term "linear")
+    s = exp(a + b log(1 + k) + c log(N / N_ref))     (neighbour_term "log1p")
 
 with k the other localizations of the frame within `radius_px` camera px and N the localization's
 photometry (photons; io.photometry as analyze fits it) multiplies the posterior std of each
@@ -27,11 +28,15 @@ SCALE_FILE = "uncertainty_scale.json"
 # The photometry as the fit saw it: a failed fit (NaN) counts as N_ref (brightness term 0), and
 # values are clipped to this range (photons) so that an outlier cannot blow the scale up.
 PHOTON_RANGE = (20.0, 1e5)
+# How the neighbour count k enters log s: "linear" (b k) or "log1p" (b log(1 + k): the first
+# neighbours count most, as on whole-field scenes).
+NEIGHBOUR_TERMS = ("linear", "log1p")
 
 
 @dataclasses.dataclass(frozen=True)
 class UncertaintyScale:
-    """log s = intercept + per_neighbour k + per_log_photons log(N / reference_photons).
+    """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons),
+    g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p").
 
     radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
     (the command and the scenes), kept with them."""
@@ -41,6 +46,7 @@ class UncertaintyScale:
     per_log_photons: float
     radius_px: float = 8.0
     reference_photons: float = 200.0
+    neighbour_term: str = "linear"
     fitted_on: str = ""
 
     def __post_init__(self):
@@ -50,6 +56,9 @@ class UncertaintyScale:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
                                  f"{value!r})")
+        if self.neighbour_term not in NEIGHBOUR_TERMS:
+            raise ValueError(f"UncertaintyScale.neighbour_term must be one of {NEIGHBOUR_TERMS} "
+                             f"(got {self.neighbour_term!r})")
         if self.radius_px <= 0 or self.reference_photons <= 0:
             raise ValueError(f"UncertaintyScale radius_px and reference_photons must be > 0 (got "
                              f"{self.radius_px}, {self.reference_photons})")
@@ -90,5 +99,11 @@ class UncertaintyScale:
             raise ValueError(f"photons must hold one value per localization ({len(k)}; got "
                              f"{len(photons)})")
         n = np.clip(np.nan_to_num(photons, nan=self.reference_photons), *PHOTON_RANGE)
-        return np.exp(self.intercept + self.per_neighbour * k
+        return np.exp(self.intercept + self.per_neighbour * neighbour_feature(k, self.neighbour_term)
                       + self.per_log_photons * np.log(n / self.reference_photons))
+
+
+def neighbour_feature(k, term="linear"):
+    """g(k) of the scale: k itself ("linear") or log(1 + k) ("log1p"), float64."""
+    k = np.asarray(k, np.float64)
+    return np.log1p(k) if term == "log1p" else k
