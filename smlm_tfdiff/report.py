@@ -447,8 +447,9 @@ def _scale_text(scale):
         return ("No calibration scale was applied (the model has none, or the sampling is not "
                 "the recipe it was fitted for): the uncertainty is psi's own spread.")
     c = scale["per_log_photons"]
+    g = "log(1 + k)" if scale.get("neighbour_term") == "log1p" else "k"
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
-            f"{scale['per_neighbour']:g} k {'-' if c < 0 else '+'} {abs(c):g} log(N / "
+            f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} log(N / "
             f"{scale['reference_photons']:g})), k the other localizations within "
             f"{scale['radius_px']:g} px and N the photometry (photons).")
 

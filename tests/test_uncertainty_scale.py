@@ -88,6 +88,15 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
     assert scale.neighbour_term == "log1p"
 
 
+def test_report_names_the_scales_neighbour_term():
+    from smlm_tfdiff.report import _scale_text
+
+    linear = dataclasses.asdict(UncertaintyScale(0.04, 0.07, -0.26))
+    log1p = dataclasses.asdict(UncertaintyScale(0.1, 0.28, -0.36, neighbour_term="log1p"))
+    assert "exp(0.04 + 0.07 k - 0.26 log(N / 200))" in _scale_text(linear)
+    assert "exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200))" in _scale_text(log1p)
+
+
 def test_whole_field_windows_get_the_scale(tmp_path):
     """The scale applies where psi is sampled in windows of a whole-field frame, as in tiles."""
     backend = load_backend("wholefield", jit_compile=False)

@@ -99,7 +99,8 @@ class UncertaintyScale:
             raise ValueError(f"photons must hold one value per localization ({len(k)}; got "
                              f"{len(photons)})")
         n = np.clip(np.nan_to_num(photons, nan=self.reference_photons), *PHOTON_RANGE)
-        return np.exp(self.intercept + self.per_neighbour * neighbour_feature(k, self.neighbour_term)
+        g = neighbour_feature(k, self.neighbour_term)
+        return np.exp(self.intercept + self.per_neighbour * g
                       + self.per_log_photons * np.log(n / self.reference_photons))
 
 
