@@ -6,22 +6,21 @@ densities and brightnesses; fitted on validation seeds, checked on held-out ones
 
 The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 200), or b k with
 --neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
-photometry, both from analyze's own table),
-fitted by maximum likelihood of z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis,
-beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
+photometry, both from analyze's own table), fitted by maximum likelihood of
+z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
 range per emitter), with enough frames for --localizations emitters, analyzed by StackAnalyzer
 with the default settings (16 samples, the model's recipe) and no scale (its raw spread); the
 localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
-Fit cells: seed 8300 + cell index; check cells: the same grid, seed 9300 + cell index (held out;
-never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
+Fit cells: seed 8300 + --seed_offset + cell index; check cells: the same grid, seed 9300 +
+--seed_offset + cell index (held out; never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
 mean reported std and the Spearman correlation of |error| with the reported std (sharpness).
 --scores_cache keeps the scored localizations, so that a refit needs no new analysis; several
 caches (comma-separated, each made by one run, e.g. with other --photons and --seed_offset) are
-merged for the fit and the check. Prints a
-table and one JSON line (--out also writes it). The cache also keeps each localization's fitted
-background (photons per pixel; NaN in caches written before it was kept) for a background term.
+merged for the fit and the check. The cache also keeps each localization's fitted background
+(photons per pixel; NaN in caches written before it was kept) for a background term. Prints a
+table and one JSON line (--out also writes it).
 """
 
 import csv
