@@ -12,7 +12,8 @@ from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
-from smlm_tfdiff.uncertainty.scale import PHOTON_RANGE, neighbour_feature
+from smlm_tfdiff.uncertainty.scale import (PHOTON_RANGE, SCALE_FILE, UncertaintyScale,
+                                          neighbour_feature)
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -145,6 +146,22 @@ def fit_log_scale(x, z):
     # Standard errors from the inverse Fisher information of the Gaussian scale (4 x^T x).
     info = 4.0 * x.T @ x
     return beta, np.sqrt(np.diag(np.linalg.inv(info)))
+
+
+def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear"):
+    """Write the fitted scale (coefficients beta of features(), rounded to 4 digits) into the
+    model folder as SCALE_FILE, where analyze applies it; returns the path."""
+    import os
+
+    scale = UncertaintyScale(
+        intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
+        per_log_photons=round(float(beta[2]), 4), radius_px=radius, reference_photons=200.0,
+        neighbour_term=neighbour_term, fitted_on=fitted_on)
+    path = os.path.join(folder, SCALE_FILE)
+    with open(path, "w") as f:
+        f.write(scale.to_json() + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 def scaled_scores(scores, factor):

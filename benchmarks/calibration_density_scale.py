@@ -26,11 +26,10 @@ from absl import app, flags
 import numpy as np
 
 from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
-                         features, fit_log_scale, scaled_scores, std_z)
+                         features, fit_log_scale, scaled_scores, std_z, write_scale)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
-from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
 
 define_check_grid_flags()
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
@@ -65,19 +64,12 @@ def main(argv):
           f"{beta[0]:.3f} + {beta[1]:.4f} k + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
           f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
     if FLAGS.scale_out:
-        scale = UncertaintyScale(
-            intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
-            per_log_photons=round(float(beta[2]), 4), radius_px=FLAGS.radius,
-            reference_photons=200.0,
-            fitted_on=(f"python benchmarks/calibration_density_scale.py --model {FLAGS.model}: "
-                       f"{len(z)} localizations of validation scenes (seeds 8000-"
-                       f"{8000 + len(cells) - 1}: {', '.join(FLAGS.fit_emitters)} emitters in "
-                       f"the paper disc x N0 {', '.join(FLAGS.fit_photons)}), default recipe, "
-                       f"{FLAGS.num_samples} samples; docs/calibration.md"))
-        path = os.path.join(FLAGS.scale_out, SCALE_FILE)
-        with open(path, "w") as f:
-            f.write(scale.to_json() + "\n")
-        print(f"wrote {path}", flush=True)
+        write_scale(FLAGS.scale_out, beta, FLAGS.radius,
+                    f"python benchmarks/calibration_density_scale.py --model {FLAGS.model}: "
+                    f"{len(z)} localizations of validation scenes (seeds 8000-"
+                    f"{8000 + len(cells) - 1}: {', '.join(FLAGS.fit_emitters)} emitters in the "
+                    f"paper disc x N0 {', '.join(FLAGS.fit_photons)}), default recipe, "
+                    f"{FLAGS.num_samples} samples; docs/calibration.md")
     if not FLAGS.check:
         return
 

@@ -35,8 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 import numpy as np
 
-from _validation import describe_scaled, features, fit_log_scale, scaled_scores, std_z
-from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
+from _validation import (describe_scaled, features, fit_log_scale, scaled_scores, std_z,
+                         write_scale)
+from smlm_tfdiff.uncertainty.scale import UncertaintyScale
 
 flags.DEFINE_string("model", "wholefield", "A whole-field model (bundled name or folder).")
 flags.DEFINE_list("densities", ["400", "100", "40", "20", "15"],
@@ -253,18 +254,11 @@ def main(argv):
           f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
           f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
     if FLAGS.scale_out and not FLAGS.fit_from:
-        scale = UncertaintyScale(
-            intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
-            per_log_photons=round(float(beta[2]), 4), radius_px=FLAGS.radius,
-            reference_photons=200.0, neighbour_term=FLAGS.neighbour_term,
-            fitted_on=(f"python benchmarks/calibration_wholefield_scale.py --model "
-                       f"{FLAGS.model}: {len(z)} localizations of analyze's table on validation "
-                       f"movies ({_describe(result['fit'])}), default recipe, "
-                       f"{FLAGS.num_samples} samples; docs/calibration.md"))
-        path = os.path.join(FLAGS.scale_out, SCALE_FILE)
-        with open(path, "w") as f:
-            f.write(scale.to_json() + "\n")
-        print(f"wrote {path}", flush=True)
+        write_scale(FLAGS.scale_out, beta, FLAGS.radius,
+                    f"python benchmarks/calibration_wholefield_scale.py --model {FLAGS.model}: "
+                    f"{len(z)} localizations of analyze's table on validation movies "
+                    f"({_describe(result['fit'])}), default recipe, {FLAGS.num_samples} samples; "
+                    f"docs/calibration.md", FLAGS.neighbour_term)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
         const, const_se = std_z(s["z"] / constant)

@@ -115,12 +115,7 @@ def test_whole_field_windows_get_the_scale(tmp_path):
     rows = _rows(tmp_path / "out" / "movie.csv")
     raw = _column(rows, "uncertainty_raw_xy [nm]")
     assert np.isfinite(raw).sum() >= 8
-    frame = _column(rows, "frame")
-    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / config.pixel_size_nm
-    factor = np.empty(len(rows))
-    for f in np.unique(frame):
-        sel = frame == f
-        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+    factor = _factors(rows, scale, config.pixel_size_nm)
     np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
     assert not np.allclose(factor, 1.0)
 
@@ -132,6 +127,17 @@ def _rows(path):
 
 def _column(rows, key):
     return np.array([float(r[key]) for r in rows])
+
+
+def _factors(rows, scale, pixel_size_nm):
+    """The scale's factor of each CSV row from its frame's localizations and photometry."""
+    frame = _column(rows, "frame")
+    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / pixel_size_nm
+    factor = np.empty(len(rows))
+    for f in np.unique(frame):
+        sel = frame == f
+        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+    return factor
 
 
 @pytest.mark.slow
@@ -155,13 +161,7 @@ def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
     assert summary["uncertainty_scale"]["intercept"] == scale.intercept
     raw = _column(rows, "uncertainty_raw_xy [nm]")
     assert np.isfinite(raw).sum() >= 10
-    # The factor of each localization from its frame's localizations and photometry.
-    frame = _column(rows, "frame")
-    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / config.pixel_size_nm
-    factor = np.empty(len(rows))
-    for f in np.unique(frame):
-        sel = frame == f
-        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+    factor = _factors(rows, scale, config.pixel_size_nm)
     np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
     per_axis = np.sqrt((_column(rows, "uncertainty_x [nm]") ** 2
                         + _column(rows, "uncertainty_y [nm]") ** 2) / 2)
