@@ -181,6 +181,14 @@ def scaled_scores(scores, factor):
             "spearman_scaled": float(spearmanr(err, std * factor).correlation)}
 
 
+def check_row(scores, constant, factor):
+    """A check cell's figures: the mean neighbour count, std(z) under one constant scale (with
+    its standard error) and scaled_scores under factor [n]."""
+    const, const_se = std_z(scores["z"] / constant)
+    return {"mean_neighbours": float(scores["neighbours"].mean()), "std_z_constant": const,
+            "std_z_constant_se": const_se, **scaled_scores(scores, factor)}
+
+
 def describe_scaled(row):
     """One line of scaled_scores' figures."""
     return (f"std(z) raw {row['std_z_raw']:.2f} +- {row['std_z_raw_se']:.2f}  scaled "

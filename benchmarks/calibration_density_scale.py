@@ -26,7 +26,7 @@ from absl import app, flags
 import numpy as np
 
 from _validation import (check_grid, crowding_scores, define_check_grid_flags, describe_scaled,
-                         features, fit_log_scale, scaled_scores, std_z, write_scale)
+                         check_row, features, fit_log_scale, std_z, write_scale)
 from smlm_tfdiff.diffusion.sampler import PosteriorSampler
 from smlm_tfdiff.pretrained import load_phi_source
 from smlm_tfdiff.simulation.simulate import simulate
@@ -76,14 +76,12 @@ def main(argv):
     rows = []
     for n, photons, seed, cfg, data in check_grid(base):
         s = crowding_scores(sampler, data, cfg, FLAGS.radius, FLAGS.num_samples)
-        const, const_se = std_z(s["z"] / constant)
         r = {"emitters": n, "photons": photons, "seed": seed,
-             "mean_neighbours": float(s["neighbours"].mean()),
-             "std_z_constant": const, "std_z_constant_se": const_se,
-             **scaled_scores(s, np.exp(features(s) @ beta))}
+             **check_row(s, constant, np.exp(features(s) @ beta))}
         rows.append(r)
         print(f"N={n:3d} N0={photons:5.0f} locs {r['localizations']:4d} k "
-              f"{r['mean_neighbours']:4.1f}  constant {const:.2f}  " + describe_scaled(r),
+              f"{r['mean_neighbours']:4.1f}  constant {r['std_z_constant']:.2f}  "
+              + describe_scaled(r),
               flush=True)
     print(json.dumps({"model": FLAGS.model, "radius_px": FLAGS.radius,
                       "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),

@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 import numpy as np
 
-from _validation import (describe_scaled, features, fit_log_scale, scaled_scores, std_z,
+from _validation import (check_row, describe_scaled, features, fit_log_scale, std_z,
                          write_scale)
 from smlm_tfdiff.uncertainty.scale import UncertaintyScale
 
@@ -261,14 +261,12 @@ def main(argv):
                     f"docs/calibration.md", FLAGS.neighbour_term)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
-        const, const_se = std_z(s["z"] / constant)
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
-             "mean_neighbours": float(s["neighbours"].mean()),
-             "std_z_constant": const, "std_z_constant_se": const_se,
-             **scaled_scores(s, np.exp(features(s, FLAGS.neighbour_term) @ beta))}
+             **check_row(s, constant, np.exp(features(s, FLAGS.neighbour_term) @ beta))}
         rows.append(r)
         print(f"1/{density:3g} px^2 N0 {photons:>9}  locs {r['localizations']:4d} k "
-              f"{r['mean_neighbours']:4.1f}  constant {const:.2f}  " + describe_scaled(r),
+              f"{r['mean_neighbours']:4.1f}  constant {r['std_z_constant']:.2f}  "
+              + describe_scaled(r),
               flush=True)
     if rows:
         inside = lambda key: sum(0.8 <= r[key] <= 1.25 for r in rows)  # noqa: E731
