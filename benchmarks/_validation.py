@@ -4,7 +4,6 @@ calibration_crowding_scale.py, calibration_density_scale.py): never the evaluati
 trainers/evaluate_uncertainty.py."""
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from smlm_tfdiff.analyze import _crlb_nm  # analyze's crlb_xy, per axis.
 from smlm_tfdiff.io.photometry import photometry
@@ -13,7 +12,7 @@ from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 from smlm_tfdiff.uncertainty.scale import (PHOTON_RANGE, SCALE_FILE, UncertaintyScale,
-                                          neighbour_feature)
+                                          count_neighbours, neighbour_feature)
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -83,7 +82,7 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
         xy = loc["xy"]
         if not len(xy):
             continue
-        near = np.array([len(v) - 1 for v in cKDTree(xy).query_ball_point(xy, radius)])
+        near = count_neighbours(xy, radius)
         p, q = match(xy, truth, 5.0 / cfg.upsample)
         err = (xy[p] - truth[q]) * cfg.pixel_size_nm
         parts["z"].append(err / loc["std_nm"][p])

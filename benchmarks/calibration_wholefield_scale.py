@@ -37,7 +37,7 @@ import numpy as np
 
 from _validation import (check_row, describe_scaled, features, fit_log_scale, std_z,
                          write_scale)
-from smlm_tfdiff.uncertainty.scale import UncertaintyScale
+from smlm_tfdiff.uncertainty.scale import count_neighbours
 
 flags.DEFINE_string("model", "wholefield", "A whole-field model (bundled name or folder).")
 flags.DEFINE_list("densities", ["400", "100", "40", "20", "15"],
@@ -124,10 +124,9 @@ def score_cell(backend, density, photons, seed):
     xy = np.stack([col("x [nm]"), col("y [nm]")], axis=1).reshape(-1, 2) / nm
     std = np.stack([col("uncertainty_x [nm]"), col("uncertainty_y [nm]")], axis=1).reshape(-1, 2)
     photometry, background = col("intensity [photon]"), col("offset [photon]")
-    counter = UncertaintyScale(0.0, 0.0, 0.0, radius_px=FLAGS.radius)
     neighbours = np.zeros(len(rows), np.int64)
     for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
-        neighbours[frame_of == k] = counter.neighbours(xy[frame_of == k])
+        neighbours[frame_of == k] = count_neighbours(xy[frame_of == k], FLAGS.radius)
     pred = [xy[frame_of == k] for k in range(len(frames))]
     metrics = localization_metrics(pred, data, config)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pred])])

@@ -85,10 +85,7 @@ class UncertaintyScale:
     def neighbours(self, xy) -> np.ndarray:
         """[M] int: for each of the frame's localizations xy [M, 2] (camera px), how many others
         lie within radius_px."""
-        xy = np.asarray(xy, np.float64).reshape((-1, 2))
-        if len(xy) == 0:
-            return np.zeros(0, np.int64)
-        return cKDTree(xy).query_ball_point(xy, self.radius_px, return_length=True) - 1
+        return count_neighbours(xy, self.radius_px)
 
     def factor(self, xy, photons) -> np.ndarray:
         """[M] scale of the std of one frame's localizations xy [M, 2] (camera px, all of the
@@ -102,6 +99,15 @@ class UncertaintyScale:
         g = neighbour_feature(k, self.neighbour_term)
         return np.exp(self.intercept + self.per_neighbour * g
                       + self.per_log_photons * np.log(n / self.reference_photons))
+
+
+def count_neighbours(xy, radius_px):
+    """[M] int: for each of one frame's localizations xy [M, 2] (camera px), how many others lie
+    within radius_px (exactly at it included)."""
+    xy = np.asarray(xy, np.float64).reshape((-1, 2))
+    if len(xy) == 0:
+        return np.zeros(0, np.int64)
+    return cKDTree(xy).query_ball_point(xy, radius_px, return_length=True) - 1
 
 
 def neighbour_feature(k, term="linear"):
