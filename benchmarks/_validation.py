@@ -12,7 +12,8 @@ from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 from smlm_tfdiff.uncertainty.scale import (PHOTON_RANGE, SCALE_FILE, UncertaintyScale,
-                                          count_neighbours, neighbour_feature)
+                                          count_neighbours, neighbour_feature,
+                                          widening_feature)
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -99,22 +100,28 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     return {k: v[ok] for k, v in out.items()}
 
 
-def features(scores, neighbour_term="linear"):
+def features(scores, neighbour_term="linear", widening=False):
     """[n, 3] design matrix (1, g(k), log(N / 200)) of scored localizations (their "neighbours"
     k and "photons" N) for the scale of uncertainty.scale, g its neighbour_term; a failed
     photometry (NaN) counts as 200 photons, its brightness term 0, and N is clipped to
-    PHOTON_RANGE, as analyze does."""
+    PHOTON_RANGE, as analyze does. widening: a fourth column log w of their "widening" (the
+    background's widening of the CRLB, analyze.background_widening), [n, 4]."""
     photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), *PHOTON_RANGE)
-    return np.stack([np.ones(len(photons)),
-                     neighbour_feature(scores["neighbours"], neighbour_term),
-                     np.log(photons / 200.0)], axis=1)
+    columns = [np.ones(len(photons)), neighbour_feature(scores["neighbours"], neighbour_term),
+               np.log(photons / 200.0)]
+    if widening:
+        columns.append(widening_feature(scores["widening"]))
+    return np.stack(columns, axis=1)
 
 
-def fit_log_scale(x, z):
-    """Maximum-likelihood coefficients of log s = x @ beta for z [n, 2] ~ N(0, s^2) per axis, and
-    their standard errors. The negative log-likelihood is convex in beta; Newton's method with a
-    halving line search (BFGS stopped short of the optimum on whole-field scenes, whose z span
-    0.4-3 in scale)."""
+def fit_log_scale(x, z, offset=None):
+    """Maximum-likelihood coefficients of log s = offset + x @ beta for z [n, 2] ~ N(0, s^2) per
+    axis, and their standard errors; offset [n]: a part of log s held fixed (e.g. a scale fitted
+    before, when only a new term is fitted), 0 if None. The negative log-likelihood is convex in
+    beta; Newton's method with a halving line search (BFGS stopped short of the optimum on
+    whole-field scenes, whose z span 0.4-3 in scale)."""
+    if offset is not None:  # z / exp(offset) ~ N(0, exp(x @ beta)^2).
+        z = z / np.exp(np.asarray(offset, np.float64))[:, None]
     q = np.sum(z ** 2, axis=1)
 
     def nll(beta):
@@ -122,7 +129,7 @@ def fit_log_scale(x, z):
         return float(np.mean(2.0 * log_s + 0.5 * q * np.exp(-2.0 * log_s)))
 
     beta = np.zeros(x.shape[1])
-    beta[0] = np.log(np.std(z))
+    beta[0] = np.log(np.std(z)) if np.all(x[:, 0] == 1.0) else 0.0
     value = nll(beta)
     for _ in range(200):
         w = q * np.exp(-2.0 * (x @ beta))
@@ -148,14 +155,17 @@ def fit_log_scale(x, z):
 
 
 def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear"):
-    """Write the fitted scale (coefficients beta of features(), rounded to 4 digits) into the
-    model folder as SCALE_FILE, where analyze applies it; returns the path."""
+    """Write the fitted scale (coefficients beta of features(), 3 or 4 with the widening,
+    rounded to 4 digits) into the model folder as SCALE_FILE, where analyze applies it; returns
+    the path."""
     import os
 
     scale = UncertaintyScale(
         intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
         per_log_photons=round(float(beta[2]), 4), radius_px=radius, reference_photons=200.0,
-        neighbour_term=neighbour_term, fitted_on=fitted_on)
+        neighbour_term=neighbour_term,
+        per_log_widening=round(float(beta[3]), 4) if len(beta) > 3 else 0.0,
+        fitted_on=fitted_on)
     path = os.path.join(folder, SCALE_FILE)
     with open(path, "w") as f:
         f.write(scale.to_json() + "\n")

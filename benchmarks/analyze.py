@@ -12,6 +12,8 @@ whole frame, edges included; seed 123 + case index, never a training or validati
   sparse_64       64x64 px, 1 emitter per 400 px^2
   sparse_256      256x256 px, 1 emitter per 400 px^2
   bright_64       64x64 px, 1 per 400 px^2, N0 1000-5000 photons
+  background_64   64x64 px, 1 per 100 px^2 over a background of 20 photons per pixel (the other
+                  movies have none)
 Modes: `posterior` (psi's posterior uncertainty, the default analysis: psi sampled only in the
 tiles or windows that hold a localization), `posterior_all` (the path before: psi sampled in every
 tile, --sample_windows all) and `phi_only` (--num_samples 0: phi's localizations, the CRLB as
@@ -51,6 +53,7 @@ CASES = {
     "sparse_64": dict(size=(64, 64), per_px2=1 / 400),
     "sparse_256": dict(size=(256, 256), per_px2=1 / 400),
     "bright_64": dict(size=(64, 64), per_px2=1 / 400, photons_range=(1000.0, 5000.0)),
+    "background_64": dict(size=(64, 64), per_px2=1 / 100, background=20.0),
 }
 MODES = ("posterior", "posterior_all", "phi_only")
 EDGE_PX = 3.0
@@ -97,9 +100,7 @@ def movie(name, num_frames):
     case = CASES[name]
     h, w = case["size"]
     count = max(1, int(round(h * w * case["per_px2"])))
-    extra = {}
-    if "photons_range" in case:
-        extra = dict(photons_range=case["photons_range"])
+    extra = {k: case[k] for k in ("photons_range", "background") if k in case}
     config = SimulationConfig.preset("paper", frame_height=h, frame_width=w, region="frame",
                                      margin=0.0, num_emitters=count, **extra)
     data = simulate(config, num_frames, seed=FLAGS.seed + list(CASES).index(name))

@@ -6,7 +6,8 @@ densities and brightnesses; fitted on validation seeds, checked on held-out ones
 
 The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 200), or b k with
 --neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
-photometry, both from analyze's own table), fitted by maximum likelihood of
+photometry, both from analyze's own table; with --background_term or --base_scale + d log w, w the
+factor by which the fitted background widens the CRLB), fitted by maximum likelihood of
 z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
@@ -19,7 +20,10 @@ mean reported std and the Spearman correlation of |error| with the reported std 
 --scores_cache keeps the scored localizations, so that a refit needs no new analysis; several
 caches (comma-separated, each made by one run, e.g. with other --photons and --seed_offset) are
 merged for the fit and the check. The cache also keeps each localization's fitted background
-(photons per pixel; NaN in caches written before it was kept) for a background term. Prints a
+(photons per pixel) and its widening w. --background simulates every cell over a uniform
+background (photons per pixel; several values: every cell at each); the background term is fitted
+on such cells, with a, b, c either fitted jointly (--background_term) or kept from a scale fitted
+without background (--base_scale, the bundled scale's recipe: docs/calibration.md). Prints a
 table and one JSON line (--out also writes it).
 """
 
@@ -44,8 +48,8 @@ flags.DEFINE_list("densities", ["400", "100", "40", "20", "15"],
                   "px^2 per emitter of the cells.")
 flags.DEFINE_list("photons", ["150", "400", "1000-5000"],
                   "N0 of the cells: photons, or lo-hi (uniform per emitter).")
-flags.DEFINE_float("background", None, "Background, photons per pixel, of every cell (default: "
-                   "the paper preset's, 0).")
+flags.DEFINE_list("background", None, "Backgrounds, photons per pixel: every density x N0 cell "
+                  "at each (default: the paper preset's, 0).")
 flags.DEFINE_string("fit_from", None, "A JSON report of this script (--out): take its fitted "
                     "scale and score only the check cells (e.g. at another --background).")
 flags.DEFINE_integer("size", 64, "Frame side, camera px.")
@@ -56,6 +60,12 @@ flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (analyze's 
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
 flags.DEFINE_enum("neighbour_term", "log1p", ["linear", "log1p"], "How the neighbour count k "
                   "enters log s: b k, or b log(1 + k) (uncertainty.scale).")
+flags.DEFINE_bool("background_term", False, "Fit a fourth term d log w, w the fitted "
+                  "background's widening of the CRLB (analyze.background_widening), jointly with "
+                  "the others.")
+flags.DEFINE_string("base_scale", None, "An uncertainty_scale.json whose a, b, c (fitted on "
+                    "cells without background) are kept: fit only the background term d, on "
+                    "these cells (with --background).")
 flags.DEFINE_string("scale_out", None, "A model folder: write the fitted scale there as "
                     "uncertainty_scale.json, which analyze then applies.")
 flags.DEFINE_bool("check", True, "Score the held-out cells (--nocheck: fit only).")
@@ -65,7 +75,7 @@ flags.DEFINE_string("out", None, "JSON file for the results.")
 FLAGS = flags.FLAGS
 
 FIT_SEED, CHECK_SEED = 8300, 9300
-KEYS = ("z", "neighbours", "photons", "background", "uncertainty_nm", "error_nm")
+KEYS = ("z", "neighbours", "photons", "background", "widening", "uncertainty_nm", "error_nm")
 
 
 def _photons(spec):
@@ -77,10 +87,12 @@ def _photons(spec):
 
 
 def cells():
-    return [(float(d), p) for d in FLAGS.densities for p in FLAGS.photons]
+    """(px^2 per emitter, N0 spec, background or None) of every cell."""
+    backgrounds = [None] if FLAGS.background is None else [float(b) for b in FLAGS.background]
+    return [(float(d), p, b) for b in backgrounds for d in FLAGS.densities for p in FLAGS.photons]
 
 
-def movie(density, photons, seed):
+def movie(density, photons, background, seed):
     """(frames [N, H, W] ADU, simulate() dict, config) of one cell."""
     from smlm_tfdiff import SimulationConfig
     from smlm_tfdiff.simulation.simulate import simulate
@@ -88,8 +100,8 @@ def movie(density, photons, seed):
     count = max(1, int(round(FLAGS.size ** 2 / density)))
     n0, photons_range = _photons(photons)
     extra = {} if photons_range is None else dict(photons_range=photons_range)
-    if FLAGS.background is not None:
-        extra["background"] = FLAGS.background
+    if background is not None:
+        extra["background"] = background
     config = SimulationConfig.preset("paper", frame_height=FLAGS.size, frame_width=FLAGS.size,
                                      region="frame", margin=0.0, num_emitters=count, photons=n0,
                                      **extra)
@@ -98,15 +110,15 @@ def movie(density, photons, seed):
     return data["frames"][..., 0], data, config
 
 
-def score_cell(backend, density, photons, seed):
+def score_cell(backend, density, photons, background, seed):
     """Scored localizations of one cell (dict of KEYS arrays; z [n, 2], the rest [n]) and its
     precision / recall."""
     import tifffile
 
-    from smlm_tfdiff.analyze import Camera, StackAnalyzer
+    from smlm_tfdiff.analyze import Camera, StackAnalyzer, background_widening
     from smlm_tfdiff.localization.metrics import localization_metrics
 
-    frames, data, config = movie(density, photons, seed)
+    frames, data, config = movie(density, photons, background, seed)
     analyzer = StackAnalyzer(backend, Camera(config.offset, config.gain), FLAGS.num_samples,
                              progress=False, maps=False, scale_uncertainty=False)
     work = tempfile.mkdtemp(prefix="wholefield-scale-")
@@ -123,7 +135,8 @@ def score_cell(backend, density, photons, seed):
     frame_of = col("frame").astype(np.int64) - 1
     xy = np.stack([col("x [nm]"), col("y [nm]")], axis=1).reshape(-1, 2) / nm
     std = np.stack([col("uncertainty_x [nm]"), col("uncertainty_y [nm]")], axis=1).reshape(-1, 2)
-    photometry, background = col("intensity [photon]"), col("offset [photon]")
+    photometry, fitted_background = col("intensity [photon]"), col("offset [photon]")
+    widening = background_widening(xy, photometry, fitted_background, config)
     neighbours = np.zeros(len(rows), np.int64)
     for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
         neighbours[frame_of == k] = count_neighbours(xy[frame_of == k], FLAGS.radius)
@@ -133,7 +146,7 @@ def score_cell(backend, density, photons, seed):
     row = offsets[metrics["matches"][:, 0]] + metrics["matches"][:, 1]
     err = metrics["errors"] * nm
     scores = {"z": err / std[row], "neighbours": neighbours[row], "photons": photometry[row],
-              "background": background[row],
+              "background": fitted_background[row], "widening": widening[row],
               "uncertainty_nm": np.sqrt(np.mean(std[row] ** 2, axis=1)),
               "error_nm": np.sqrt(np.mean(err ** 2, axis=1))}
     ok = np.all(np.isfinite(scores["z"]), axis=1)
@@ -156,11 +169,13 @@ def compute_scores():
         if (part == "check" and not FLAGS.check) or (part == "fit" and FLAGS.fit_from):
             continue
         out[part] = []
-        for index, (density, photons) in enumerate(cells()):
+        for index, (density, photons, background) in enumerate(cells()):
             start = time.perf_counter()
-            scores, metrics = score_cell(backend, density, photons, base + index)
+            scores, metrics = score_cell(backend, density, photons, background, base + index)
+            metrics["background"] = background
             out[part].append((density, photons, base + index, scores, metrics))
-            print(f"{part} 1/{density:g} px^2 N0 {photons}: {metrics['frames']} frames, "
+            bg = "" if background is None else f" background {background:g}"
+            print(f"{part} 1/{density:g} px^2 N0 {photons}{bg}: {metrics['frames']} frames, "
                   f"{len(scores['z'])} matched, P {metrics['precision']:.3f} R "
                   f"{metrics['recall']:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     return out
@@ -168,7 +183,7 @@ def compute_scores():
 
 def _cache_key():
     """What a --scores_cache was made with: the cells (and the background, if set)."""
-    key = [[d, p] for d, p in cells()]
+    key = [[d, p] + ([] if b is None else [b]) for d, p, b in cells()]
     return key if FLAGS.background is None else {"cells": key, "background": FLAGS.background}
 
 
@@ -196,9 +211,19 @@ def _load(path, check_key=True):
                                   else np.full(len(f[m.replace("meta", "z")]), np.nan))
                               for k in KEYS},
                              json.loads(str(f[m]))[3]) for m in metas]
-        if FLAGS.check and not result["check"]:
-            raise app.UsageError(f"{path} has no check cells; rerun without it")
         return {k: v for k, v in result.items() if v}
+
+
+def _base_scale():
+    """The UncertaintyScale of --base_scale, checked against --neighbour_term and --radius."""
+    from smlm_tfdiff.uncertainty.scale import UncertaintyScale
+
+    with open(FLAGS.base_scale) as f:
+        base = UncertaintyScale.from_json(f.read())
+    if base.neighbour_term != FLAGS.neighbour_term or base.radius_px != FLAGS.radius:
+        raise app.UsageError(f"{FLAGS.base_scale} has neighbour_term {base.neighbour_term} and "
+                             f"radius {base.radius_px:g} px; pass those")
+    return base
 
 
 def _describe(rows):
@@ -211,8 +236,11 @@ def _describe(rows):
             start = seed
     densities = sorted({d for d, *_ in rows}, reverse=True)
     photons = sorted({p for _, p, *_ in rows}, key=lambda p: _photons(p)[0])
+    backgrounds = sorted({m.get("background") or 0.0 for *_, m in rows})
     return (f"seeds {', '.join(runs)}: {FLAGS.size}x{FLAGS.size} px, 1 emitter per "
-            f"{', '.join(f'{d:g}' for d in densities)} px^2 x N0 {', '.join(photons)}")
+            f"{', '.join(f'{d:g}' for d in densities)} px^2 x N0 {', '.join(photons)}"
+            + ("" if backgrounds == [0.0] else
+               f" x background {', '.join(f'{b:g}' for b in backgrounds)} photons per pixel"))
 
 
 def main(argv):
@@ -233,6 +261,14 @@ def main(argv):
         result = compute_scores()
         if caches:
             _save(caches[0], result)
+    if caches and FLAGS.check and not result.get("check"):
+        raise app.UsageError(f"{', '.join(caches)} hold no check cells: pass --nocheck, or add "
+                             "a cache with check cells (a run with --fit_from scores only those)")
+    if not FLAGS.fit_from and not result.get("fit"):
+        raise app.UsageError(f"{', '.join(caches)} hold no fit cells: pass --fit_from, or add "
+                             "a cache with fit cells")
+    widening = FLAGS.background_term or FLAGS.base_scale is not None
+    fitted_on = ""
     if FLAGS.fit_from:
         with open(FLAGS.fit_from) as f:
             fitted = json.load(f)["fit"]
@@ -240,30 +276,43 @@ def main(argv):
             raise app.UsageError(f"{FLAGS.fit_from} was fitted with neighbour_term "
                                  f"{fitted.get('neighbour_term', 'linear')}; pass that")
         beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
+        widening = len(beta) > 3
         constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
         print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
     else:
         fit = [scores for _, _, _, scores, _ in result["fit"]]
-        x = np.concatenate([features(s, FLAGS.neighbour_term) for s in fit])
+        x = np.concatenate([features(s, FLAGS.neighbour_term, widening) for s in fit])
         z = np.concatenate([s["z"] for s in fit])
-        beta, beta_se = fit_log_scale(x, z)
+        if FLAGS.base_scale:  # a, b, c kept: log s = (a, b, c) . x[:, :3] + d log w.
+            base = _base_scale()
+            fixed = np.array([base.intercept, base.per_neighbour, base.per_log_photons])
+            d, d_se = fit_log_scale(x[:, 3:], z, offset=x[:, :3] @ fixed)
+            beta, beta_se = np.concatenate([fixed, d]), np.concatenate([np.zeros(3), d_se])
+            fitted_on = (f"a, b, c of {FLAGS.base_scale} ({base.fitted_on.rstrip('; ')}); d: ")
+        else:
+            beta, beta_se = fit_log_scale(x, z)
         constant, _ = std_z(z)
     g = "k" if FLAGS.neighbour_term == "linear" else "log(1 + k)"
+    term_d = (f" + {beta[3]:.4f} log w" if widening else "")
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
-          f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200)  (se {beta_se[0]:.3f}, "
-          f"{beta_se[1]:.4f}, {beta_se[2]:.3f}); constant scale {constant:.3f}", flush=True)
+          f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200){term_d}  (se "
+          f"{', '.join(f'{v:.4f}' for v in beta_se)}{'; a, b, c kept' if FLAGS.base_scale else ''}"
+          f"); constant scale {constant:.3f}", flush=True)
     if FLAGS.scale_out and not FLAGS.fit_from:
         write_scale(FLAGS.scale_out, beta, FLAGS.radius,
-                    f"python benchmarks/calibration_wholefield_scale.py --model {FLAGS.model}: "
+                    fitted_on + f"python benchmarks/calibration_wholefield_scale.py --model "
+                    f"{FLAGS.model}{' --background_term' if widening else ''}: "
                     f"{len(z)} localizations of analyze's table on validation movies "
                     f"({_describe(result['fit'])}), default recipe, {FLAGS.num_samples} samples; "
                     f"docs/calibration.md", FLAGS.neighbour_term)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
-             **check_row(s, constant, np.exp(features(s, FLAGS.neighbour_term) @ beta))}
+             **check_row(s, constant, np.exp(features(s, FLAGS.neighbour_term, widening) @ beta))}
         rows.append(r)
-        print(f"1/{density:3g} px^2 N0 {photons:>9}  locs {r['localizations']:4d} k "
+        bg = metrics.get("background")
+        print(f"1/{density:3g} px^2 N0 {photons:>9}{'' if bg is None else f' bg {bg:g}'}  locs "
+              f"{r['localizations']:4d} k "
               f"{r['mean_neighbours']:4.1f}  constant {r['std_z_constant']:.2f}  "
               + describe_scaled(r),
               flush=True)
@@ -277,7 +326,9 @@ def main(argv):
               "num_samples": FLAGS.num_samples,
               "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
                       "terms": ["1", "neighbours" if FLAGS.neighbour_term == "linear"
-                                else "log(1 + neighbours)", "log(photons / 200)"],
+                                else "log(1 + neighbours)", "log(photons / 200)"]
+                      + (["log(widening)"] if widening else []),
+                      "kept_from": FLAGS.base_scale,
                       "neighbour_term": FLAGS.neighbour_term,
                       "localizations": int(len(z)), "constant_scale": constant},
               "check": rows}

@@ -300,6 +300,25 @@ def _xy_average(std):
     return np.sqrt(np.mean(np.asarray(std) ** 2, axis=1))
 
 
+def background_widening(xy, intensity, background, config, bound_nm=None):
+    """[M] how much the fitted background widens each localization's CRLB: crlb_xy at its
+    photometry (intensity, background >= 0) over crlb_xy at the same intensity without
+    background, >= 1; 1 where the photometry failed. The background feature of a calibration
+    scale (uncertainty.scale). bound_nm: _crlb_nm's [M, 2] at the background, if already at hand.
+
+    xy: [M, 2] LR px in the frame of `config`; intensity, background: [M] photons (per pixel for
+    the background)."""
+    xy = np.asarray(xy, np.float64).reshape((-1, 2))
+    intensity = np.asarray(intensity, np.float64).reshape(-1)
+    background = np.asarray(background, np.float64).reshape(-1)
+    if bound_nm is None:
+        bound_nm = _crlb_nm(xy, intensity, background, config)
+    free = _crlb_nm(xy, intensity, np.zeros_like(background), config)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = _xy_average(bound_nm) / _xy_average(free)
+    return np.where(np.isfinite(ratio), np.maximum(ratio, 1.0), 1.0)
+
+
 MIN_FRAME = 4  # Camera pixels, each side.
 MIN_WINDOW = 8  # Camera px: the smallest posterior window (--window_px), 2 overlaps of context.
 # Overlap of a whole-field model's posterior windows, camera px: a localization is sampled in the
@@ -920,7 +939,7 @@ class StackAnalyzer:
                 if k not in ("crlb_xy [nm]", "uncertainty_is_crlb", "uncertainty_raw_xy [nm]")}
         crlb_in = []  # (xy [m, 2] for the CRLB's frame, intensity [m], background [m]) per frame.
         nm = self.pixel_size_nm
-        stds, fractions, factors = [], [], []
+        stds, fractions, scale_in = [], [], []  # scale_in: (xy, photometry) per frame.
         for b, xy in enumerate(found):
             grid = grids[b]
             m = len(xy)
@@ -948,7 +967,7 @@ class StackAnalyzer:
             stds.append(std)
             fractions.append(fraction)
             if self.uncertainty_scale is not None:
-                factors.append(self.uncertainty_scale.factor(xy, phot["intensity"]))
+                scale_in.append((xy, phot["intensity"]))
             cols["id"].append(np.arange(m) + next_id + sum(len(f) for f in found[:b]))
             cols["frame"].append(np.full(m, lo + b + 1))
             cols["x [nm]"].append(xy[:, 0] * nm)
@@ -963,14 +982,20 @@ class StackAnalyzer:
         # One batched CRLB for every localization of the batch.
         local, intensity, background = ((np.concatenate(v) for v in zip(*crlb_in)) if crlb_in
                                         else (np.zeros((0, 2)), np.zeros(0), np.zeros(0)))
-        bound = _crlb_nm(local, intensity, background,
-                         tile_config if frame_config is None else frame_config)
+        crlb_config = tile_config if frame_config is None else frame_config
+        bound = _crlb_nm(local, intensity, background, crlb_config)
         table["crlb_xy [nm]"] = _xy_average(bound)
         # Without psi (num_samples 0) the uncertainty columns hold the CRLB, and say so.
         std = bound if samples is None else (np.concatenate(stds) if stds else np.zeros((0, 2)))
         table["uncertainty_raw_xy [nm]"] = _xy_average(std)
-        if samples is not None and self.uncertainty_scale is not None and factors:
-            std = std * np.concatenate(factors)[:, None]
+        if samples is not None and self.uncertainty_scale is not None and scale_in:
+            scale = self.uncertainty_scale
+            widening = (background_widening(local, intensity, background, crlb_config, bound)
+                        if scale.uses_background else None)
+            starts = np.cumsum([0] + [len(xy) for xy, _ in scale_in])
+            std = std * np.concatenate([
+                scale.factor(xy, n, None if widening is None else widening[i:j])
+                for (xy, n), i, j in zip(scale_in, starts[:-1], starts[1:])])[:, None]
         table["uncertainty_xy [nm]"] = _xy_average(std)
         table["uncertainty_x [nm]"], table["uncertainty_y [nm]"] = std[:, 0], std[:, 1]
         table["uncertainty_is_crlb"] = np.full(len(std), 0.0 if samples is not None else 1.0)

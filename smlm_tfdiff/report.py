@@ -446,12 +446,14 @@ def _scale_text(scale):
     if not scale:
         return ("No calibration scale was applied (the model has none, or the sampling is not "
                 "the recipe it was fitted for): the uncertainty is psi's own spread.")
-    c = scale["per_log_photons"]
+    c, d = scale["per_log_photons"], scale.get("per_log_widening", 0.0)
     g = "log(1 + k)" if scale.get("neighbour_term") == "log1p" else "k"
+    w = f" {'-' if d < 0 else '+'} {abs(d):g} log w" if d else ""
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
             f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} log(N / "
-            f"{scale['reference_photons']:g})), k the other localizations within "
-            f"{scale['radius_px']:g} px and N the photometry (photons).")
+            f"{scale['reference_photons']:g}){w}), k the other localizations within "
+            f"{scale['radius_px']:g} px and N the photometry (photons)"
+            + (", w the factor by which the fitted background widens the CRLB." if d else "."))
 
 
 def _honest_text(s):

@@ -43,15 +43,54 @@ def test_factor_follows_the_formula():
         UncertaintyScale(0.0, 0.0, 0.0, neighbour_term="quadratic")
 
 
+def test_background_term_follows_the_formula():
+    scale = UncertaintyScale(intercept=0.1, per_neighbour=0.05, per_log_photons=-0.3,
+                             per_log_widening=0.8)
+    assert scale.uses_background and not dataclasses.replace(scale, per_log_widening=0.0) \
+        .uses_background
+    xy = np.array([[0.0, 0.0], [20.0, 0.0], [40.0, 0.0], [60.0, 0.0]])  # k = 0 for all.
+    photons = np.full(4, 200.0)
+    widening = np.array([1.0, 1.5, np.nan, 50.0])
+    expected = np.exp(0.1 + 0.8 * np.log([1.0, 1.5, 1.0, 10.0]))  # NaN: 1; clipped to 10.
+    np.testing.assert_allclose(scale.factor(xy, photons, widening), expected, rtol=1e-12)
+    # Without the widening (None) the term is 0, as on a frame without background.
+    np.testing.assert_allclose(scale.factor(xy, photons), np.exp(0.1), rtol=1e-12)
+    with pytest.raises(ValueError, match="widening must hold one value per localization"):
+        scale.factor(xy, photons, widening[:3])
+
+
+def test_background_widening_is_the_crlb_ratio():
+    from smlm_tfdiff import SimulationConfig
+    from smlm_tfdiff.analyze import background_widening
+    from smlm_tfdiff.simulation.physics.fisher import crlb
+
+    config = SimulationConfig.preset("paper", frame_height=20, frame_width=20)
+    xy = np.array([[5.3, 6.1], [12.0, 14.7], [9.5, 9.5], [3.0, 3.0]])
+    photons = np.array([150.0, 400.0, 2000.0, np.nan])
+    background = np.array([20.0, 20.0, 0.0, 10.0])
+    w = background_widening(xy, photons, background, config)
+    # The ratio of the bounds (N0 unknown, rms of the axes) with and without the background.
+    bound = crlb(xy[:3], config, photons[:3], estimate_photons=True, background=background[:3])
+    free = crlb(xy[:3], config, photons[:3], estimate_photons=True, background=np.zeros(3))
+    rms = lambda b: np.sqrt(np.mean(b[:, :2] ** 2, axis=1))  # noqa: E731
+    np.testing.assert_allclose(w[:3], rms(bound) / rms(free), rtol=1e-9)
+    # A background widens a dim emitter's bound more than a bright one's; none: 1; a failed
+    # photometry: 1 (no term).
+    assert w[0] > w[1] > 1.0 and w[2] == 1.0 and w[3] == 1.0
+    # N = 150 over 20 photons per pixel with the seeds' camera: ~1.6x (docs/calibration.md).
+    assert 1.45 < w[0] < 1.75
+
+
 def test_file_round_trip_and_bad_files(tmp_path):
     scale = UncertaintyScale(0.04, 0.07, -0.26, fitted_on="a test")
     assert UncertaintyScale.from_json(scale.to_json()) == scale
-    log1p = UncertaintyScale(0.1, 0.28, -0.36, neighbour_term="log1p")
+    log1p = UncertaintyScale(0.1, 0.28, -0.36, neighbour_term="log1p", per_log_widening=0.9)
     assert UncertaintyScale.from_json(log1p.to_json()) == log1p
-    # Files written before neighbour_term existed read as "linear".
-    assert UncertaintyScale.from_json(json.dumps(
-        {"intercept": 0.04, "per_neighbour": 0.07, "per_log_photons": -0.26})).neighbour_term == \
-        "linear"
+    # Files written before neighbour_term and the background term existed read as "linear",
+    # without a background term.
+    old = UncertaintyScale.from_json(json.dumps(
+        {"intercept": 0.04, "per_neighbour": 0.07, "per_log_photons": -0.26}))
+    assert old.neighbour_term == "linear" and old.per_log_widening == 0.0
     with pytest.raises(ValueError, match="not valid JSON"):
         UncertaintyScale.from_json("{")
     with pytest.raises(ValueError, match="with the keys"):
@@ -95,6 +134,10 @@ def test_report_names_the_scales_neighbour_term():
     log1p = dataclasses.asdict(UncertaintyScale(0.1, 0.28, -0.36, neighbour_term="log1p"))
     assert "exp(0.04 + 0.07 k - 0.26 log(N / 200))" in _scale_text(linear)
     assert "exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200))" in _scale_text(log1p)
+    background = dict(log1p, per_log_widening=0.9)
+    assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w)"
+            in _scale_text(background)) and "widens the CRLB" in _scale_text(background)
+    assert "widens" not in _scale_text(log1p)
 
 
 def test_whole_field_windows_get_the_scale(tmp_path):
@@ -115,9 +158,15 @@ def test_whole_field_windows_get_the_scale(tmp_path):
     rows = _rows(tmp_path / "out" / "movie.csv")
     raw = _column(rows, "uncertainty_raw_xy [nm]")
     assert np.isfinite(raw).sum() >= 8
-    factor = _factors(rows, scale, config.pixel_size_nm)
+    factor = _factors(rows, scale, config)
     np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
     assert not np.allclose(factor, 1.0)
+    # The same frames with the background term switched off: it widens every localization's
+    # reported std over this background (5 photons per pixel), by the scale's own factor.
+    if scale.uses_background:
+        plain = dataclasses.replace(scale, per_log_widening=0.0)
+        ratio = factor / _factors(rows, plain, config)
+        assert np.all(ratio >= 1.0) and ratio.mean() > 1.01
 
 
 def _rows(path):
@@ -129,14 +178,21 @@ def _column(rows, key):
     return np.array([float(r[key]) for r in rows])
 
 
-def _factors(rows, scale, pixel_size_nm):
-    """The scale's factor of each CSV row from its frame's localizations and photometry."""
+def _factors(rows, scale, config):
+    """The scale's factor of each CSV row from its frame's localizations, photometry and, where
+    the scale has a background term, the background's widening of the CRLB in `config`'s frame."""
+    from smlm_tfdiff.analyze import background_widening
+
     frame = _column(rows, "frame")
-    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / pixel_size_nm
+    xy = np.stack([_column(rows, "x [nm]"), _column(rows, "y [nm]")], 1) / config.pixel_size_nm
+    photons, background = _column(rows, "intensity [photon]"), _column(rows, "offset [photon]")
+    widening = (background_widening(xy, photons, background, config)
+                if scale.uses_background else None)
     factor = np.empty(len(rows))
     for f in np.unique(frame):
         sel = frame == f
-        factor[sel] = scale.factor(xy[sel], _column(rows, "intensity [photon]")[sel])
+        factor[sel] = scale.factor(xy[sel], photons[sel],
+                                   None if widening is None else widening[sel])
     return factor
 
 
@@ -161,7 +217,7 @@ def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
     assert summary["uncertainty_scale"]["intercept"] == scale.intercept
     raw = _column(rows, "uncertainty_raw_xy [nm]")
     assert np.isfinite(raw).sum() >= 10
-    factor = _factors(rows, scale, config.pixel_size_nm)
+    factor = _factors(rows, scale, config)
     np.testing.assert_allclose(_column(rows, "uncertainty_xy [nm]"), raw * factor, rtol=1e-4)
     per_axis = np.sqrt((_column(rows, "uncertainty_x [nm]") ** 2
                         + _column(rows, "uncertainty_y [nm]") ** 2) / 2)

@@ -4,15 +4,17 @@
 psi's spread is too narrow where emitters crowd and too wide for lone bright ones; the errors
 follow the number of emitters nearby and the brightness. The scale
 
-    s = exp(a + b k + c log(N / N_ref))     (neighbour_term "linear")
-    s = exp(a + b log(1 + k) + c log(N / N_ref))     (neighbour_term "log1p")
+    s = exp(a + b k + c log(N / N_ref) + d log w)     (neighbour_term "linear")
+    s = exp(a + b log(1 + k) + c log(N / N_ref) + d log w)     (neighbour_term "log1p")
 
-with k the other localizations of the frame within `radius_px` camera px and N the localization's
-photometry (photons; io.photometry as analyze fits it) multiplies the posterior std of each
-localization. a, b and c are fitted by maximum likelihood of z = error / (s std) ~ N(0, 1) on
-validation scenes (benchmarks/calibration_density_scale.py) and checked on held-out ones; they
-belong to one pair of models and one sampler recipe, and a model folder that has them keeps them
-in SCALE_FILE. Pure NumPy.
+with k the other localizations of the frame within `radius_px` camera px, N the localization's
+photometry (photons; io.photometry as analyze fits it) and w >= 1 the factor by which its fitted
+background widens its CRLB (analyze.background_widening; d = 0 in scales fitted without
+background) multiplies the posterior std of each localization. a, b, c and d are fitted by
+maximum likelihood of z = error / (s std) ~ N(0, 1) on validation scenes
+(benchmarks/calibration_density_scale.py, calibration_wholefield_scale.py) and checked on
+held-out ones; they belong to one pair of models and one sampler recipe, and a model folder that
+has them keeps them in SCALE_FILE. Pure NumPy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ SCALE_FILE = "uncertainty_scale.json"
 # The photometry as the fit saw it: a failed fit (NaN) counts as N_ref (brightness term 0), and
 # values are clipped to this range (photons) so that an outlier cannot blow the scale up.
 PHOTON_RANGE = (20.0, 1e5)
+# The background's widening of the CRLB as the fit saw it: NaN counts as 1 (no background), and
+# values are clipped to this range.
+WIDENING_RANGE = (1.0, 10.0)
 # How the neighbour count k enters log s: "linear" (b k) or "log1p" (b log(1 + k): the first
 # neighbours count most, as on whole-field scenes).
 NEIGHBOUR_TERMS = ("linear", "log1p")
@@ -35,8 +40,9 @@ NEIGHBOUR_TERMS = ("linear", "log1p")
 
 @dataclasses.dataclass(frozen=True)
 class UncertaintyScale:
-    """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons),
-    g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p").
+    """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons)
+    + per_log_widening log(w), g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p"), w the
+    background's widening of the CRLB (1 without background).
 
     radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
     (the command and the scenes), kept with them."""
@@ -47,11 +53,12 @@ class UncertaintyScale:
     radius_px: float = 8.0
     reference_photons: float = 200.0
     neighbour_term: str = "linear"
+    per_log_widening: float = 0.0
     fitted_on: str = ""
 
     def __post_init__(self):
         for name in ("intercept", "per_neighbour", "per_log_photons", "radius_px",
-                     "reference_photons"):
+                     "reference_photons", "per_log_widening"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
@@ -87,9 +94,16 @@ class UncertaintyScale:
         lie within radius_px."""
         return count_neighbours(xy, self.radius_px)
 
-    def factor(self, xy, photons) -> np.ndarray:
+    @property
+    def uses_background(self) -> bool:
+        """Whether the scale reads the background's widening of the CRLB (factor's widening)."""
+        return self.per_log_widening != 0.0
+
+    def factor(self, xy, photons, widening=None) -> np.ndarray:
         """[M] scale of the std of one frame's localizations xy [M, 2] (camera px, all of the
-        frame's) with their photometry photons [M] (NaN where it failed)."""
+        frame's) with their photometry photons [M] (NaN where it failed) and the background's
+        widening of their CRLB [M] (analyze.background_widening; None: 1, no background; NaN
+        counts as 1; values are clipped to WIDENING_RANGE)."""
         photons = np.asarray(photons, np.float64).reshape(-1)
         k = self.neighbours(xy)
         if len(photons) != len(k):
@@ -97,8 +111,15 @@ class UncertaintyScale:
                              f"{len(photons)})")
         n = np.clip(np.nan_to_num(photons, nan=self.reference_photons), *PHOTON_RANGE)
         g = neighbour_feature(k, self.neighbour_term)
-        return np.exp(self.intercept + self.per_neighbour * g
-                      + self.per_log_photons * np.log(n / self.reference_photons))
+        log_s = (self.intercept + self.per_neighbour * g
+                 + self.per_log_photons * np.log(n / self.reference_photons))
+        if widening is not None:
+            w = np.asarray(widening, np.float64).reshape(-1)
+            if len(w) != len(k):
+                raise ValueError(f"widening must hold one value per localization ({len(k)}; "
+                                 f"got {len(w)})")
+            log_s = log_s + self.per_log_widening * widening_feature(w)
+        return np.exp(log_s)
 
 
 def count_neighbours(xy, radius_px):
@@ -114,3 +135,9 @@ def neighbour_feature(k, term="linear"):
     """g(k) of the scale: k itself ("linear") or log(1 + k) ("log1p"), float64."""
     k = np.asarray(k, np.float64)
     return np.log1p(k) if term == "log1p" else k
+
+
+def widening_feature(widening):
+    """log w of the scale, w clipped to WIDENING_RANGE (NaN: w = 1), float64."""
+    w = np.asarray(widening, np.float64)
+    return np.log(np.clip(np.nan_to_num(w, nan=1.0), *WIDENING_RANGE))
