@@ -53,8 +53,8 @@ reproduce: $(STAMP)
 # phi with the seeds' linear input (5500 steps), psi fine-tuned from the bundled `paper` psi on
 # windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps);
 # the model folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
-# (benchmarks/calibration_wholefield_scale.py: ~25 min without background, then its background
-# term on cells with background, ~30 min). About 3.5 hours on a 2-core CPU.
+# (benchmarks/calibration_wholefield_scale.py on cells without and with background, ~35 min).
+# About 3.5 hours on a 2-core CPU.
 reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
 		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
@@ -76,21 +76,16 @@ reproduce-wholefield: $(STAMP)
 		$(REPRO)/phi_wf_anscombe/phi_config.json $(REPRO)/phi_wf_anscombe/sim_config.json \
 		$(REPRO)/wholefield/
 	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
-	rm -f $(REPRO)/wf_scale.npz $(REPRO)/wf_scale_200.npz
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
-		--model $(REPRO)/wholefield --nocheck --scores_cache $(REPRO)/wf_scale.npz
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
-		--model $(REPRO)/wholefield --nocheck --photons 200 --seed_offset 20 \
-		--scores_cache $(REPRO)/wf_scale_200.npz
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
-		--model $(REPRO)/wholefield --nocheck --scale_out $(REPRO)/wholefield \
-		--scores_cache $(REPRO)/wf_scale.npz,$(REPRO)/wf_scale_200.npz
-	rm -f $(REPRO)/wf_scale_bg.npz
+	rm -f $(REPRO)/wf_scale_bg0.npz $(REPRO)/wf_scale_bg.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
 		--model $(REPRO)/wholefield --nocheck --densities 400,40,15 \
-		--photons 150,400,1000-5000 --background 8,25 \
-		--base_scale $(REPRO)/wholefield/uncertainty_scale.json --scale_out $(REPRO)/wholefield \
-		--scores_cache $(REPRO)/wf_scale_bg.npz
+		--photons 150,400,1000-5000 --seed_offset 40 --scores_cache $(REPRO)/wf_scale_bg0.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield --nocheck --densities 400,40,15 \
+		--photons 150,400,1000-5000 --background 8,25 --scores_cache $(REPRO)/wf_scale_bg.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield --nocheck --background_term --scale_out $(REPRO)/wholefield \
+		--scores_cache $(REPRO)/wf_scale_bg0.npz,$(REPRO)/wf_scale_bg.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 bench: $(STAMP)

@@ -26,7 +26,8 @@ takes gigabytes); the time
 counts analyze() on the TIFF after a warm-up on 2 frames of the same size (tracing, compiling).
 Reported per case: localizations/s and frames/s, peak RSS, P / R / Jaccard / RMSE against the truth
 (tolerance 5 HR px, the seeds'), std(z) of z = (localization - truth) / reported uncertainty per
-axis (with its 95% interval from the chi-square distribution), and recall within 3 px of the frame
+axis (with its 95% interval from the chi-square distribution; in the JSON also std_z_raw, of psi's
+own spread before the model's calibration scale), and recall within 3 px of the frame
 edge against the centre, and the posterior windows sampled per frame (by side, for a whole-field
 model, whose window size is chosen per frame unless --window_px fixes it). Prints a table and
 writes the JSON.
@@ -161,6 +162,12 @@ def run_case(name, mode):
     rows_matched = offsets[matches[:, 0]] + matches[:, 1]
     z = (errors * nm / unc[rows_matched]).ravel()
     std_z, interval = _z_interval(z)
+    # psi's own spread (uncertainty_raw_xy): the reported std over the calibration scale's
+    # factor, which is the same for both axes.
+    factor = np.array([float(r["uncertainty_xy [nm]"]) / float(r["uncertainty_raw_xy [nm]"])
+                       for r in rows]).reshape(-1)
+    std_z_raw, interval_raw = _z_interval((errors * nm / unc[rows_matched]
+                                           * factor[rows_matched, None]).ravel())
     h, w = config.lr_shape
     recall_edge, recall_centre = edge_centre_recall(matches, data["positions"], data["mask"],
                                                     (h, w), EDGE_PX)
@@ -173,6 +180,7 @@ def run_case(name, mode):
         "precision": metrics["precision"], "recall": metrics["recall"],
         "jaccard": metrics["jaccard"], "rmse_nm": metrics["rmse_lateral_nm"],
         "std_z": std_z, "std_z_95": interval, "z_count": int(np.isfinite(z).sum()),
+        "std_z_raw": std_z_raw, "std_z_raw_95": interval_raw,
         "recall_edge": recall_edge, "recall_centre": recall_centre,
         "tiles_per_frame": summary["tiles_per_frame"],
         "windows_sampled_per_frame": round(summary["windows_sampled"] / num_frames, 2),

@@ -125,6 +125,9 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
     # the first neighbours count most.
     assert scale.per_neighbour > 0 and scale.per_log_photons < 0
     assert scale.neighbour_term == "log1p"
+    # A background widens the reported std as it widens the CRLB, in part ("The whole-field
+    # scale's background term").
+    assert scale.uses_background and 0 < scale.per_log_widening < 1
 
 
 def test_report_names_the_scales_neighbour_term():
