@@ -238,3 +238,25 @@ def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
         assert other_summary["uncertainty_scale"] is None, name
         np.testing.assert_array_equal(_column(other_rows, "uncertainty_xy [nm]"),
                                       _column(other_rows, "uncertainty_raw_xy [nm]"))
+
+
+def test_scale_fit_recovers_known_coefficients_with_and_without_a_kept_part():
+    """benchmarks/_validation.fit_log_scale on z drawn from a known scale: every coefficient
+    within 4 of its reported standard errors, jointly and with a, b, c kept as an offset."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from _validation import features, fit_log_scale
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    scores = {"neighbours": rng.integers(0, 12, n), "photons": np.exp(rng.uniform(4.6, 8.5, n)),
+              "widening": np.exp(rng.uniform(0.0, 0.6, n))}
+    x = features(scores, "log1p", widening=True)
+    truth = np.array([0.12, 0.23, -0.39, 0.55])
+    z = rng.normal(size=(n, 2)) * np.exp(x @ truth)[:, None]
+    beta, se = fit_log_scale(x, z)
+    assert np.all(np.abs(beta - truth) < 4 * se), (beta, se)
+    # Only d, the rest held fixed (--base_scale): the same d, with a smaller standard error.
+    d, d_se = fit_log_scale(x[:, 3:], z, offset=x[:, :3] @ truth[:3])
+    assert abs(d[0] - truth[3]) < 4 * d_se[0] and d_se[0] < se[3]
