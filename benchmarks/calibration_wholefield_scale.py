@@ -136,7 +136,8 @@ def score_cell(backend, density, photons, background, seed):
     xy = np.stack([col("x [nm]"), col("y [nm]")], axis=1).reshape(-1, 2) / nm
     std = np.stack([col("uncertainty_x [nm]"), col("uncertainty_y [nm]")], axis=1).reshape(-1, 2)
     photometry, fitted_background = col("intensity [photon]"), col("offset [photon]")
-    widening = background_widening(xy, photometry, fitted_background, config)
+    widening = background_widening(xy, photometry, fitted_background, config,
+                                   col("crlb_xy [nm]"))  # analyze's own CRLB at the background.
     neighbours = np.zeros(len(rows), np.int64)
     for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
         neighbours[frame_of == k] = count_neighbours(xy[frame_of == k], FLAGS.radius)

@@ -300,22 +300,23 @@ def _xy_average(std):
     return np.sqrt(np.mean(np.asarray(std) ** 2, axis=1))
 
 
-def background_widening(xy, intensity, background, config, bound_nm=None):
+def background_widening(xy, intensity, background, config, crlb_xy_nm=None):
     """[M] how much the fitted background widens each localization's CRLB: crlb_xy at its
     photometry (intensity, background >= 0) over crlb_xy at the same intensity without
     background, >= 1; 1 where the photometry failed. The background feature of a calibration
-    scale (uncertainty.scale). bound_nm: _crlb_nm's [M, 2] at the background, if already at hand.
+    scale (uncertainty.scale). crlb_xy_nm: [M] the crlb_xy column at the background, if already
+    at hand (analyze's table, or its CSV), else computed here.
 
     xy: [M, 2] LR px in the frame of `config`; intensity, background: [M] photons (per pixel for
     the background)."""
     xy = np.asarray(xy, np.float64).reshape((-1, 2))
     intensity = np.asarray(intensity, np.float64).reshape(-1)
     background = np.asarray(background, np.float64).reshape(-1)
-    if bound_nm is None:
-        bound_nm = _crlb_nm(xy, intensity, background, config)
+    if crlb_xy_nm is None:
+        crlb_xy_nm = _xy_average(_crlb_nm(xy, intensity, background, config))
     free = _crlb_nm(xy, intensity, np.zeros_like(background), config)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = _xy_average(bound_nm) / _xy_average(free)
+        ratio = np.asarray(crlb_xy_nm, np.float64).reshape(-1) / _xy_average(free)
     return np.where(np.isfinite(ratio), np.maximum(ratio, 1.0), 1.0)
 
 
@@ -990,7 +991,8 @@ class StackAnalyzer:
         table["uncertainty_raw_xy [nm]"] = _xy_average(std)
         if samples is not None and self.uncertainty_scale is not None and scale_in:
             scale = self.uncertainty_scale
-            widening = (background_widening(local, intensity, background, crlb_config, bound)
+            widening = (background_widening(local, intensity, background, crlb_config,
+                                            table["crlb_xy [nm]"])
                         if scale.uses_background else None)
             starts = np.cumsum([0] + [len(xy) for xy, _ in scale_in])
             std = std * np.concatenate([
