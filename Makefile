@@ -46,6 +46,9 @@ reproduce: $(STAMP)
 		--out_dir $(REPRO)/eval_psi
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_density_scale.py \
 		--model $(REPRO)/psi_paper_mix --scale_out $(REPRO)/psi_paper_mix --nocheck
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_pixel_scale.py \
+		--model $(REPRO)/psi_paper_mix --scale_out $(REPRO)/psi_paper_mix --nocheck \
+		--out $(REPRO)/calibration_pixel_scale.json
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m smlm_tfdiff.demo --model $(REPRO)/psi_paper_mix \
 		--out $(REPRO)/demo_output
 

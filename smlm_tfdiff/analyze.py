@@ -47,6 +47,7 @@ from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import StackError
 from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 from smlm_tfdiff.localization.batched import detect_batch, localization_uncertainty_batched
+from smlm_tfdiff.uncertainty.scale import pixel_factor_map
 
 
 @dataclasses.dataclass
@@ -103,7 +104,7 @@ class KerasBackend:
         self._estimate = None
         self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         self.jit_compile = bool(jit_compile)
-        self.uncertainty_scale = None
+        self.uncertainty_scale = self.pixel_scale = None
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
             self.sampling = self._sampler = self.method = self.window = self.window_factor = None
             self.max_images = None
@@ -131,6 +132,7 @@ class KerasBackend:
         # restart sweeps (StackAnalyzer also requires the recipe's num_steps).
         self.uncertainty_scale = (models.uncertainty_scale if self.sampling == models.recipe
                                   else None)
+        self.pixel_scale = models.pixel_scale if self.sampling == models.recipe else None
 
     @property
     def sampler(self):
@@ -183,6 +185,7 @@ class SavedModelBackend:
     jit_compile = False  # The export's graph runs as written (serving.py).
     window = None  # The export's posterior takes frames: a whole-field model sees them whole.
     uncertainty_scale = None  # Not part of an export: its posterior std is reported unscaled.
+    pixel_scale = None  # Nor the scale of its std maps.
     frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
 
     @property
@@ -523,10 +526,14 @@ class StackAnalyzer:
         # The model's calibration scale of psi's std (uncertainty.scale), where it has one and
         # the analysis is the one it was fitted for (the recipe's steps, phi's positions);
         # uncertainty_raw_xy keeps psi's own spread.
+        fitted_for = (scale_uncertainty and self.num_samples
+                      and self.num_steps == backend.num_steps and localize_on == "kde_estimate")
         scale = getattr(backend, "uncertainty_scale", None)
-        self.uncertainty_scale = (scale if scale is not None and scale_uncertainty
-                                  and self.num_samples and self.num_steps == backend.num_steps
-                                  and localize_on == "kde_estimate" else None)
+        self.uncertainty_scale = scale if scale is not None and fitted_for else None
+        # Likewise the scale of the per-pixel std maps (pixel_scale.json, fitted on per-pixel
+        # coverage), applied per pixel from its nearest localization (pixel_factor_map).
+        scale = getattr(backend, "pixel_scale", None)
+        self.pixel_scale = scale if scale is not None and fitted_for else None
         self.batch_frames, self.seed = int(batch_frames), seed
         self.localize_on, self.picasso, self.maps, self.progress = (localize_on, picasso, maps,
                                                                     progress)
@@ -671,6 +678,8 @@ class StackAnalyzer:
                   "jit_compile": self.backend.jit_compile,
                   "uncertainty_scale": (None if self.uncertainty_scale is None
                                         else dataclasses.asdict(self.uncertainty_scale)),
+                  "pixel_scale": (None if self.pixel_scale is None
+                                  else dataclasses.asdict(self.pixel_scale)),
                   "columns": stack_io.THUNDERSTORM_COLUMNS + stack_io.EXTRA_COLUMNS}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -865,18 +874,21 @@ class StackAnalyzer:
             clock["posterior_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             sr_sum += mean.sum(axis=0)
-            if self.maps:
-                writers["kde_estimate"].write(y_hat)
-                if posterior:
-                    writers["posterior_mean"].write(mean)
-                    writers["posterior_std"].write(np.sqrt(var))
-            clock["write_s"] += time.perf_counter() - tic
-            tic = time.perf_counter()
             if found is None:
                 found = self._detect(mean, tile_config)
             table = self._table(found, samples, photons, frame_grids, tile_config, frame_config,
                                 lo, next_id)
             clock["localize_s"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            if self.maps:
+                writers["kde_estimate"].write(y_hat)
+                if posterior:
+                    writers["posterior_mean"].write(mean)
+                    std_map = np.sqrt(var)
+                    if self.pixel_scale is not None:
+                        std_map = std_map * self._pixel_factors(table, lo, len(frames), shape)
+                    writers["posterior_std"].write(std_map)
+            clock["write_s"] += time.perf_counter() - tic
             tic = time.perf_counter()
             next_id += len(table["id"])
             csv_out.write(table)
@@ -916,10 +928,24 @@ class StackAnalyzer:
             "jit_compile": self.backend.jit_compile, "uncertainty": self.uncertainty,
             "uncertainty_scale": (None if self.uncertainty_scale is None
                                   else dataclasses.asdict(self.uncertainty_scale)),
+            "pixel_scale": (None if self.pixel_scale is None
+                            else dataclasses.asdict(self.pixel_scale)),
             "whole_field": self.whole_field, "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
+
+    def _pixel_factors(self, table, lo, count, shape):
+        """[count, uH, uW] pixel_scale factors of the std maps of frames lo..lo + count - 1
+        (0-based) of shape (H, W) camera px, from each frame's localizations in `table`."""
+        nm, frame = self.pixel_size_nm, table["frame"]
+        out = []
+        for b in range(count):
+            mine = frame == lo + b + 1
+            xy = np.stack([table["x [nm]"][mine], table["y [nm]"][mine]], axis=1) / nm
+            out.append(pixel_factor_map(self.pixel_scale, xy, table["intensity [photon]"][mine],
+                                        shape, self.model_config.upsample))
+        return np.stack(out)
 
     def _detect(self, images, tile_config):
         """Localizations [M, 2] (x, y) LR px of each whole-frame KDE of images [B, uH, uW].

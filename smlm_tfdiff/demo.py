@@ -169,10 +169,38 @@ def mcmc_vs_psi(sampler, iso, config, recipe, mcmc_results, map_samples, seed):
     return agree, ref.std, post
 
 
-def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05):
+def pixel_factors(scale, post, frames, config, detection):
+    """[B, uH, uW] the map scale (uncertainty.scale.pixel_factor_map) of each frame's posterior,
+    as analyze applies it to its std maps: from the localizations detected in phi's estimate
+    (post["y_hat"]) and their photometry in frames [B, H, W, 1] (ADU of config's camera)."""
+    from smlm_tfdiff.io.photometry import photometry
+    from smlm_tfdiff.localization.detection import detect
+    from smlm_tfdiff.uncertainty.scale import pixel_factor_map
+
+    out = []
+    for y_hat, frame in zip(post["y_hat"][..., 0], frames[..., 0]):
+        xy = np.asarray(detect(y_hat, config, detection=detection)).reshape((-1, 2))
+        photons = (photometry((frame - config.offset) / config.gain, xy,
+                              config.psf_sigma)["intensity"] if len(xy) else np.zeros(0))
+        out.append(pixel_factor_map(scale, xy, photons, frame.shape, config.upsample))
+    return np.stack(out)
+
+
+def scaled_samples(post, factors):
+    """post with its samples' deviations from their mean multiplied per pixel by factors
+    [B, uH, uW] (the map scale), and its std with them."""
+    s = np.asarray(post["samples"], np.float64)
+    mean = s.mean(axis=1, keepdims=True)
+    f = factors[:, None, ..., None]
+    return {**post, "samples": mean + f * (s - mean), "std": post["std"] * factors[..., None]}
+
+
+def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05, shipped=None):
     """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames).
     post, post_iso: posterior dicts with samples [B, S, uH, uW, 1]; kde, kde_iso: [B, uH, uW]
-    true KDEs; num_samples: S (for the quantile intervals' expected coverage)."""
+    true KDEs; num_samples: S (for the quantile intervals' expected coverage). shipped: the same
+    (dense, isolated) posteriors as analyze's maps are scaled (scaled_samples), or None without a
+    map scale; coverage_50 / _90 are then theirs, and coverage_own_50 / _90 psi's own."""
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty.evaluation import coverage_mask
 
@@ -181,8 +209,17 @@ def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05):
         mask = coverage_mask(t, p["mean"][..., 0], threshold)
         out[name] = cal.reliability(p["samples"][..., 0], t, mask=mask, axis=1)
     lv = out["dense"]["levels"]
-    out["coverage_50"] = out["dense"]["coverage_quantile"][lv.index(0.5)]
-    out["coverage_90"] = out["dense"]["coverage_quantile"][lv.index(0.9)]
+    out["coverage_own_50"] = out["dense"]["coverage_quantile"][lv.index(0.5)]
+    out["coverage_own_90"] = out["dense"]["coverage_quantile"][lv.index(0.9)]
+    out["shipped"] = None
+    if shipped is not None:
+        out["shipped"] = {}
+        for name, p, t in (("dense", shipped[0], kde), ("isolated", shipped[1], kde_iso)):
+            mask = coverage_mask(t, p["mean"][..., 0], threshold)
+            out["shipped"][name] = cal.reliability(p["samples"][..., 0], t, mask=mask, axis=1)
+    final = out["dense"] if shipped is None else out["shipped"]["dense"]
+    out["coverage_50"] = final["coverage_quantile"][lv.index(0.5)]
+    out["coverage_90"] = final["coverage_quantile"][lv.index(0.9)]
     out["expected_50"], out["expected_90"] = cal.expected_quantile_coverage(
         [0.5, 0.9], num_samples).tolist()
     return out
@@ -260,7 +297,20 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
     nc = min(coverage_frames, num_frames)
     dense = sampler(data["frames"][:nc], map_samples, seed=seed + 5, return_samples=True,
                     **recipe)
-    cov = coverage(dense, data["kde"][:nc, ..., 0], iso_post, iso["kde"][..., 0], map_samples)
+    shipped = None
+    if models.pixel_scale is not None and num_steps == backend.num_steps:
+        # As analyze's std maps: psi's raw samples, scaled per pixel by the model's map scale.
+        raw = dict(recipe, project=False)
+        dense_raw = (sampler(data["frames"][:nc], map_samples, seed=seed + 5,
+                             return_samples=True, **raw) if project else dense)
+        iso_raw = (sampler(iso["frames"], map_samples, seed=seed + 3, return_samples=True, **raw)
+                   if project else iso_post)
+        shipped = tuple(
+            scaled_samples(p, pixel_factors(models.pixel_scale, p, f, c, models.detection))
+            for p, f, c in ((dense_raw, data["frames"][:nc], cfg),
+                            (iso_raw, iso["frames"], iso_cfg)))
+    cov = coverage(dense, data["kde"][:nc, ..., 0], iso_post, iso["kde"][..., 0], map_samples,
+                   shipped=shipped)
     lap("coverage")
 
     # 4. Figures and report.
@@ -305,7 +355,8 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
                       "mcmc_results": mcmc_results, "mcmc_chains": 4,
                       "map_samples": map_samples, "coverage_frames": nc,
                       "project": project, "quick": quick, "jit_compile": jit_compile,
-                      "uncertainty_scale": an["uncertainty_scale"]},
+                      "uncertainty_scale": an["uncertainty_scale"],
+                      "pixel_scale": an.get("pixel_scale")},
          "physics": physics, **scores, "psi_vs_mcmc": agree, "coverage": cov,
          "files": files, "timing_s": timing}
     s["headline"] = headline(s)

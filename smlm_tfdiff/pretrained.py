@@ -39,6 +39,9 @@ class Pretrained:
     # uncertainty.scale.UncertaintyScale of psi's per-localization std (uncertainty_scale.json),
     # fitted by simulation for these models and recipe; None where the folder has none.
     uncertainty_scale: Optional[Any] = None
+    # The UncertaintyScale of psi's per-pixel std maps (pixel_scale.json; applied per pixel by
+    # uncertainty.scale.pixel_factor_map), fitted on per-pixel coverage; None where none.
+    pixel_scale: Optional[Any] = None
     # The PosteriorSampler that sample_posterior compiled for these models (kept for later calls).
     sampler: Optional[Any] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -157,15 +160,20 @@ def load_models(run_dir):
     with open(os.path.join(run_dir, "diffusion.json")) as f:
         models = _with_psi(models, psi_config, Recipe.from_json(f.read()))
     models.psi.load_weights(os.path.join(run_dir, "psi.weights.h5"))
-    from smlm_tfdiff.uncertainty.scale import SCALE_FILE, UncertaintyScale
-    path = os.path.join(run_dir, SCALE_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            try:
-                models.uncertainty_scale = UncertaintyScale.from_json(f.read())
-            except ValueError as err:
-                raise ValueError(f"{path}: {err}; fix or remove the file (without it analyze "
-                                 "reports psi's spread unscaled)") from None
+    from smlm_tfdiff.uncertainty.scale import PIXEL_SCALE_FILE, SCALE_FILE, UncertaintyScale
+    for name, field, what in ((SCALE_FILE, "uncertainty_scale", "psi's spread"),
+                              (PIXEL_SCALE_FILE, "pixel_scale", "psi's per-pixel std maps")):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                try:
+                    scale = UncertaintyScale.from_json(f.read())
+                    if field == "pixel_scale" and scale.uses_background:
+                        raise ValueError("a map scale with a background term is not supported")
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err}; fix or remove the file (without it "
+                                     f"analyze reports {what} unscaled)") from None
+            setattr(models, field, scale)
     return models
 
 

@@ -260,6 +260,12 @@ def targets(s):
          _within(cov["coverage_50"], 0.5 - COV_POINTS, 0.5 + COV_POINTS)),
         ("coverage of 90% intervals (dense frames)", cov["coverage_90"], coverage_text(0.9),
          _within(cov["coverage_90"], 0.9 - COV_POINTS, 0.9 + COV_POINTS)),
+    ]
+    if cov.get("shipped"):
+        rows += [(f"coverage of {lv}% intervals of psi's own samples, before the map scale",
+                  cov[f"coverage_own_{lv}"], "reported beside (the scaled ones above)", None)
+                 for lv in (50, 90)]
+    rows += [
         ("precision (analyze)", loc["analyze"]["precision"], ">= 0.99",
          _within(loc["analyze"]["precision"], 0.99, math.inf)),
         ("recall / oracle recall (analyze)", loc["recall_over_oracle"], ">= 0.97",
@@ -417,10 +423,9 @@ def write_report(s, out_dir):
           f"{st['map_samples']} samples a calibrated sampler gives {_f(cov['expected_50'])} / "
           f"{_f(cov['expected_90'])} at 50% / 90% (slightly under nominal).",
           "",
-          _table(["level", "dense (quantile)", "dense (rank / PIT)", "isolated (quantile)"],
-                 [(f"{lv:.1f}", _f(q), _f(r), _f(i)) for lv, q, r, i in zip(
-                     cov["dense"]["levels"], cov["dense"]["coverage_quantile"],
-                     cov["dense"]["coverage_rank"], cov["isolated"]["coverage_quantile"])]),
+          _pixel_scale_text(st.get("pixel_scale"), cov),
+          "",
+          _coverage_table(cov),
           "",
           "![reliability diagram](figures/fig5_reliability.png)",
           "",
@@ -454,6 +459,38 @@ def _scale_text(scale):
             f"{scale['reference_photons']:g}){w}), k the other localizations within "
             f"{scale['radius_px']:g} px and N the photometry (photons)"
             + (", w the factor by which the fitted background widens the CRLB." if d else "."))
+
+
+def _pixel_scale_text(scale, cov):
+    """The sentence on the map scale behind section 5's "as shipped" columns."""
+    if not cov.get("shipped"):
+        return ("The model has no map scale (or the sampling is not the recipe it was fitted "
+                "for): the columns are psi's own samples, as analyze's std maps are.")
+    c = scale["per_log_photons"] if scale else 0.0
+    text = (f"exp({scale['intercept']:g} + {scale['per_neighbour']:g} k "
+            f"{'-' if c < 0 else '+'} {abs(c):g} log(N / {scale['reference_photons']:g}))"
+            if scale else "the model's map scale")
+    return (f"\"As shipped\": psi's raw samples with their deviations from the mean scaled per "
+            f"pixel by {text}, k and N those of the pixel's nearest localization (the other "
+            f"localizations within {scale['radius_px'] if scale else 8:g} px, the photometry), "
+            "as analyze scales its `_posterior_std.tif` maps; \"psi's own\": the samples as "
+            "they come (projected where the settings say so).")
+
+
+def _coverage_table(cov):
+    """Section 5's table: coverage per level, as shipped (map scale) and psi's own."""
+    lv = cov["dense"]["levels"]
+    if not cov.get("shipped"):
+        return _table(["level", "dense (quantile)", "dense (rank / PIT)", "isolated (quantile)"],
+                      [(f"{v:.1f}", _f(q), _f(r), _f(i)) for v, q, r, i in zip(
+                          lv, cov["dense"]["coverage_quantile"], cov["dense"]["coverage_rank"],
+                          cov["isolated"]["coverage_quantile"])])
+    sh = cov["shipped"]
+    return _table(["level", "dense, as shipped", "isolated, as shipped", "dense, psi's own",
+                   "isolated, psi's own"],
+                  [(f"{v:.1f}", _f(a), _f(b), _f(c), _f(d)) for v, a, b, c, d in zip(
+                      lv, sh["dense"]["coverage_quantile"], sh["isolated"]["coverage_quantile"],
+                      cov["dense"]["coverage_quantile"], cov["isolated"]["coverage_quantile"])])
 
 
 def _honest_text(s):

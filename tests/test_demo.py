@@ -50,6 +50,11 @@ def test_quick_demo_writes_report_figures_and_summary(tmp_path, cli):
     assert summary["settings"]["uncertainty_scale"] is None
     assert summary["headline"]["std_z"] == summary["headline"]["std_z_raw"]
     assert "No calibration scale was applied" in text
+    # Nor the map scale: the coverage is psi's own samples' (the scaled path:
+    # test_pixel_scale.py).
+    assert summary["settings"]["pixel_scale"] is None and summary["coverage"]["shipped"] is None
+    assert summary["headline"]["coverage_90"] == summary["coverage"]["coverage_own_90"]
+    assert "The model has no map scale" in text
     # The report's results table gives every target of the summary with its verdict.
     verdict = {True: "pass", False: "FAIL", None: "n/a"}
     lines = text.splitlines()

@@ -141,3 +141,38 @@ def widening_feature(widening):
     """log w of the scale, w clipped to WIDENING_RANGE (NaN: w = 1), float64."""
     w = np.asarray(widening, np.float64)
     return np.log(np.clip(np.nan_to_num(w, nan=1.0), *WIDENING_RANGE))
+
+
+# ----------------------------------------------------------------------------- per-pixel maps
+# The scale of the posterior std maps (analyze's _posterior_std.tif): an UncertaintyScale of its
+# own, fitted on the coverage of per-pixel intervals (benchmarks/calibration_pixel_scale.py).
+PIXEL_SCALE_FILE = "pixel_scale.json"
+
+
+def pixel_factor_map(scale: UncertaintyScale, xy, photons, shape, upsample) -> np.ndarray:
+    """[upsample * H, upsample * W] scale of one frame's posterior std map: every camera pixel of
+    the frame (shape (H, W)) takes the factor (scale.factor) of the localization nearest its
+    centre, so a pixel is scaled for the crowding and brightness of the emitter that shapes it;
+    a frame without localizations takes exp(intercept) (k = 0, N = reference_photons).
+
+    xy [M, 2] (x, y) camera px, pixel centres at +0.5 (analyze's convention); photons [M] the
+    localizations' photometry (NaN where it failed). A scale with a background term is refused:
+    the maps' scales are fitted without background so far."""
+    if scale.uses_background:
+        raise ValueError("a per-pixel scale with a background term (per_log_widening != 0) is "
+                         "not supported: fit the map scale without it")
+    height, width = (int(v) for v in shape)
+    up = int(upsample)
+    if height < 1 or width < 1 or up < 1:
+        raise ValueError(f"shape must be positive (H, W) and upsample >= 1 (got {shape}, "
+                         f"{upsample})")
+    xy = np.asarray(xy, np.float64).reshape((-1, 2))
+    if len(xy) == 0:
+        lr = np.full((height, width), math.exp(scale.intercept))
+    else:
+        factor = scale.factor(xy, photons)
+        rows, cols = np.mgrid[0:height, 0:width]
+        centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
+        _, nearest = cKDTree(xy).query(centres)
+        lr = factor[nearest].reshape(height, width)
+    return np.repeat(np.repeat(lr, up, axis=0), up, axis=1)
