@@ -169,37 +169,11 @@ def mcmc_vs_psi(sampler, iso, config, recipe, mcmc_results, map_samples, seed):
     return agree, ref.std, post
 
 
-def pixel_factors(scale, post, frames, config, detection):
-    """[B, uH, uW] the map scale (uncertainty.scale.pixel_factor_map) of each frame's posterior,
-    as analyze applies it to its std maps: from the localizations detected in phi's estimate
-    (post["y_hat"]) and their photometry in frames [B, H, W, 1] (ADU of config's camera)."""
-    from smlm_tfdiff.io.photometry import photometry
-    from smlm_tfdiff.localization.detection import detect
-    from smlm_tfdiff.uncertainty.scale import pixel_factor_map
-
-    out = []
-    for y_hat, frame in zip(post["y_hat"][..., 0], frames[..., 0]):
-        xy = np.asarray(detect(y_hat, config, detection=detection)).reshape((-1, 2))
-        photons = (photometry((frame - config.offset) / config.gain, xy,
-                              config.psf_sigma)["intensity"] if len(xy) else np.zeros(0))
-        out.append(pixel_factor_map(scale, xy, photons, frame.shape, config.upsample))
-    return np.stack(out)
-
-
-def scaled_samples(post, factors):
-    """post with its samples' deviations from their mean multiplied per pixel by factors
-    [B, uH, uW] (the map scale), and its std with them."""
-    s = np.asarray(post["samples"], np.float64)
-    mean = s.mean(axis=1, keepdims=True)
-    f = factors[:, None, ..., None]
-    return {**post, "samples": mean + f * (s - mean), "std": post["std"] * factors[..., None]}
-
-
 def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05, shipped=None):
     """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames).
     post, post_iso: posterior dicts with samples [B, S, uH, uW, 1]; kde, kde_iso: [B, uH, uW]
     true KDEs; num_samples: S (for the quantile intervals' expected coverage). shipped: the same
-    (dense, isolated) posteriors as analyze's maps are scaled (scaled_samples), or None without a
+    (dense, isolated) posteriors as analyze's maps are scaled (evaluation.scaled_samples), or None without a
     map scale; coverage_50 / _90 are then theirs, and coverage_own_50 / _90 psi's own."""
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty.evaluation import coverage_mask
@@ -305,8 +279,11 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
                              return_samples=True, **raw) if project else dense)
         iso_raw = (sampler(iso["frames"], map_samples, seed=seed + 3, return_samples=True, **raw)
                    if project else iso_post)
+        from smlm_tfdiff.uncertainty import evaluation as ev
+
         shipped = tuple(
-            scaled_samples(p, pixel_factors(models.pixel_scale, p, f, c, models.detection))
+            ev.scaled_samples(p, ev.map_scale_factors(models.pixel_scale, p, f, c,
+                                                      models.detection))
             for p, f, c in ((dense_raw, data["frames"][:nc], cfg),
                             (iso_raw, iso["frames"], iso_cfg)))
     cov = coverage(dense, data["kde"][:nc, ..., 0], iso_post, iso["kde"][..., 0], map_samples,

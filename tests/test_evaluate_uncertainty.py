@@ -28,6 +28,13 @@ def test_evaluate_uncertainty_small(tmp_path, cli):
     assert set(m["psi_vs_mcmc"]["mcmc"]) == {"beta_1", "beta_0.2"}
     # Coverage of quantile intervals from S = 8 samples: expected l (S - 1) / (S + 1).
     assert m["coverage"]["expected_quantile_50_90"] == pytest.approx([0.5 * 7 / 9, 0.9 * 7 / 9])
+    # As analyze's std maps ship them: psi's raw samples times the paper model's map scale
+    # (the default recipe, which it was fitted for), scored the same way.
+    shipped = m["coverage_shipped"]
+    assert shipped["pixel_scale"]["per_neighbour"] > 0
+    assert shipped["expected_quantile_50_90"] == m["coverage"]["expected_quantile_50_90"]
+    assert 0 <= shipped["coverage_50"] <= shipped["coverage_90"] <= 1
+    assert "analyze's maps" in res.stdout
     # The recipe sweep's default recipe (t* = 100, 10 steps) on the first isolated frame is the
     # main comparison's first frame: the same seeds give the same numbers.
     row = m["recipes"]["rows"]["t100_s10"]

@@ -12,7 +12,8 @@ import pytest
 import tifffile
 
 from smlm_tfdiff.analyze import Camera, StackAnalyzer
-from smlm_tfdiff.demo import coverage, scaled_samples
+from smlm_tfdiff.demo import coverage
+from smlm_tfdiff.uncertainty.evaluation import scaled_samples
 from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_models
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty.scale import PIXEL_SCALE_FILE, UncertaintyScale, pixel_factor_map

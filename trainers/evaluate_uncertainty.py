@@ -19,6 +19,7 @@ Scores and targets: smlm_tfdiff/uncertainty/evaluation.py; statistics:
 smlm_tfdiff/uncertainty/calibration.py.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -154,6 +155,21 @@ def main(argv):
     dpost = sampler(dense["frames"], FLAGS.num_samples, seed=4, return_samples=True, **recipe)
     metrics["coverage"] = ev.pixel_coverage(dpost["samples"][..., 0], dense["kde"][..., 0],
                                             dpost["mean"][..., 0], FLAGS.threshold)
+    # As analyze's std maps ship them: psi's raw samples scaled per pixel by the model's map
+    # scale, where it has one and this is the recipe it was fitted for.
+    metrics["coverage_shipped"] = None
+    fitted_recipe = (recipe["num_steps"] == models.recipe.num_steps
+                     and recipe["t_start"] == models.recipe.t_start
+                     and recipe["method"] == models.recipe.method and FLAGS.restart_t is None)
+    if models.pixel_scale is not None and fitted_recipe:
+        raw = (sampler(dense["frames"], FLAGS.num_samples, seed=4, return_samples=True,
+                       **dict(recipe, project=False)) if FLAGS.project else dpost)
+        shipped = ev.scaled_samples(raw, ev.map_scale_factors(
+            models.pixel_scale, raw, dense["frames"], cfg, models.detection))
+        metrics["coverage_shipped"] = ev.pixel_coverage(
+            shipped["samples"][..., 0], dense["kde"][..., 0], shipped["mean"][..., 0],
+            FLAGS.threshold)
+        metrics["coverage_shipped"]["pixel_scale"] = dataclasses.asdict(models.pixel_scale)
     metrics["timing_s"]["coverage"] = time.perf_counter() - t0
     save(metrics, FLAGS.out_dir)
     reliability_figure(metrics["coverage"]["reliability"], sec1["coverage_vs_truth"],
@@ -328,6 +344,12 @@ def summary(m):
     row("dense coverage 50% (quantile)", c["coverage_50"], coverage_text(0.5))
     row("dense coverage 90% (quantile)", c["coverage_90"], coverage_text(0.9))
     row("dense coverage 50% / 90% (rank)", c["coverage_rank_50"], f"{c['coverage_rank_90']:.3f}")
+    if m.get("coverage_shipped"):
+        c = m["coverage_shipped"]
+        row("dense coverage 50%, analyze's maps (raw x map scale)", c["coverage_50"],
+            coverage_text(0.5))
+        row("dense coverage 90%, analyze's maps (raw x map scale)", c["coverage_90"],
+            coverage_text(0.9))
     z = m["localization_z"]
     for part in ("dense", "isolated"):
         zs = z[part]["z_phi_xy"]

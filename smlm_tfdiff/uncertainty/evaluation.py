@@ -32,7 +32,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from smlm_tfdiff.io.photometry import photometry
+from smlm_tfdiff.localization.detection import detect
 from smlm_tfdiff.uncertainty import calibration as cal
+from smlm_tfdiff.uncertainty.scale import pixel_factor_map
 
 # ------------------------------------------------------------------------------------- targets
 # The targets of the uncertainty: the demo's report and trainers/evaluate_uncertainty.py hold
@@ -265,6 +268,29 @@ def pixel_coverage(samples, truth_kde, posterior_mean, threshold=0.05) -> dict:
         "reliability": rel,
         "pit_histogram": cal.pit_histogram(cal.pit(samples, truth_kde, axis=1)[mask]),
         "target_within_5_points": cal.coverage_within(cov, [0.5, 0.9], COV_POINTS)}
+
+
+# ---------------------------------------------------------------------------- map scale
+def map_scale_factors(scale, post, frames, config, detection):
+    """[B, uH, uW] the map scale (uncertainty.scale.pixel_factor_map) of each frame's posterior,
+    as analyze applies it to its std maps: from the localizations detected in phi's estimate
+    (post["y_hat"]) and their photometry in frames [B, H, W, 1] (ADU of config's camera)."""
+    out = []
+    for y_hat, frame in zip(post["y_hat"][..., 0], frames[..., 0]):
+        xy = np.asarray(detect(y_hat, config, detection=detection)).reshape((-1, 2))
+        photons = (photometry((frame - config.offset) / config.gain, xy,
+                              config.psf_sigma)["intensity"] if len(xy) else np.zeros(0))
+        out.append(pixel_factor_map(scale, xy, photons, frame.shape, config.upsample))
+    return np.stack(out)
+
+
+def scaled_samples(post, factors):
+    """post with its samples' deviations from their mean multiplied per pixel by factors
+    [B, uH, uW] (the map scale), and its std with them."""
+    s = np.asarray(post["samples"], np.float64)
+    mean = s.mean(axis=1, keepdims=True)
+    f = factors[:, None, ..., None]
+    return {**post, "samples": mean + f * (s - mean), "std": post["std"] * factors[..., None]}
 
 
 # ---------------------------------------------------------------------------- per localization
