@@ -91,6 +91,29 @@ def backend():
     return cached_load_backend("paper", jit_compile=False)
 
 
+def write_small_movie(tmp_path, backend, seed, frames=2, side=24):
+    """A `frames`-frame uint16 ImageJ stack of side x side px simulated with the backend model's
+    camera (seed), written to tmp_path/movie.tif. Returns (config, path, analyze.Camera)."""
+    import numpy as np
+    import tifffile
+
+    from smlm_tfdiff.analyze import Camera
+    from smlm_tfdiff.simulation.simulate import simulate
+
+    config = backend.config.replace(frame_height=side, frame_width=side)
+    data = simulate(config, frames, seed)
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
+    return config, path, Camera(offset_adu=float(config.offset),
+                                gain_adu_per_photon=float(config.gain))
+
+
+@pytest.fixture
+def small_movie(tmp_path):
+    """write_small_movie into this test's tmp_path: small_movie(backend, seed)."""
+    return lambda backend, seed, **kwargs: write_small_movie(tmp_path, backend, seed, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def xla_backend():
     """analyze's default backend of the bundled paper model (XLA-compiled psi loop)."""

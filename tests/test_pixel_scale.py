@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from smlm_tfdiff.analyze import Camera, StackAnalyzer
+from smlm_tfdiff.analyze import StackAnalyzer
 from smlm_tfdiff.demo import coverage
 from smlm_tfdiff.uncertainty.evaluation import scaled_samples
 from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_models
-from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty.scale import PIXEL_SCALE_FILE, UncertaintyScale, pixel_factor_map
 
 
@@ -99,15 +98,11 @@ def _rows(path):
 
 
 @pytest.mark.slow
-def test_analyze_scales_its_std_maps(tmp_path, backend):
+def test_analyze_scales_its_std_maps(tmp_path, backend, small_movie):
     """The std map analyze writes is psi's own times the map scale of each pixel's nearest
     localization; the mean map and the table are untouched; --noscale_uncertainty and a
     num_steps the scale was not fitted for write psi's own map."""
-    config = backend.config.replace(frame_height=24, frame_width=24)
-    data = simulate(config, 2, 32)
-    stack = tmp_path / "movie.tif"
-    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
-    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    config, stack, camera = small_movie(backend, 32)
     scale = backend.pixel_scale
     assert scale is not None
     maps, rows, summaries = {}, {}, {}

@@ -200,12 +200,9 @@ def _factors(rows, scale, config):
 
 
 @pytest.mark.slow
-def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend):
-    config = backend.config.replace(frame_height=24, frame_width=24)
-    data = simulate(config, 2, 31)
-    stack = tmp_path / "movie.tif"
-    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
-    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+def test_analyze_applies_the_scale_and_keeps_the_raw_spread(tmp_path, backend,
+                                                           small_movie):
+    config, stack, camera = small_movie(backend, 31)
     scale = backend.uncertainty_scale
     assert scale is not None
     runs = {}
