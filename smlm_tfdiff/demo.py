@@ -173,8 +173,8 @@ def coverage(post, kde, post_iso, kde_iso, num_samples, threshold=0.05, shipped=
     """psi's per-pixel central-interval coverage of the true KDE (dense and isolated frames).
     post, post_iso: posterior dicts with samples [B, S, uH, uW, 1]; kde, kde_iso: [B, uH, uW]
     true KDEs; num_samples: S (for the quantile intervals' expected coverage). shipped: the same
-    (dense, isolated) posteriors as analyze's maps are scaled (evaluation.scaled_samples), or None without a
-    map scale; coverage_50 / _90 are then theirs, and coverage_own_50 / _90 psi's own."""
+    (dense, isolated) posteriors scaled as analyze's maps are (evaluation.scaled_samples), or
+    None without a map scale; coverage_50 / _90 are then theirs, coverage_own_50 / _90 psi's."""
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty.evaluation import coverage_mask
 
@@ -273,14 +273,14 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
                     **recipe)
     shipped = None
     if models.pixel_scale is not None and num_steps == backend.num_steps:
+        from smlm_tfdiff.uncertainty import evaluation as ev
+
         # As analyze's std maps: psi's raw samples, scaled per pixel by the model's map scale.
         raw = dict(recipe, project=False)
         dense_raw = (sampler(data["frames"][:nc], map_samples, seed=seed + 5,
                              return_samples=True, **raw) if project else dense)
         iso_raw = (sampler(iso["frames"], map_samples, seed=seed + 3, return_samples=True, **raw)
                    if project else iso_post)
-        from smlm_tfdiff.uncertainty import evaluation as ev
-
         shipped = tuple(
             ev.scaled_samples(p, ev.map_scale_factors(models.pixel_scale, p, f, c,
                                                       models.detection))
