@@ -81,20 +81,19 @@ def pixel_cell(sampler, models, cfg, data, num_samples, radius):
     over the coverage pixels: need [n, 2] the smallest scale of the samples' deviations whose
     50% / 90% quantile interval covers the truth (inf: none), x [n, 3] the features (1, k,
     log(N / 200)) of the pixel's nearest localization, std [n] psi's per-pixel std, err [n]
-    |truth - mean|, and the per-frame localizations (xy, photons) for pixel_factor_map."""
+    |truth - mean|."""
     post = sampler(data["frames"], num_samples, seed=2, return_samples=True)
     samples = post["samples"][..., 0].astype(np.float64)
     mean = samples.mean(axis=1)
     truth = data["kde"][..., 0]
     mask = coverage_mask(truth, post["mean"][..., 0], 0.05)
     photon_frames = (data["frames"][..., 0] - cfg.offset) / cfg.gain
-    need, x, std, err, locs = [], [], [], [], []
+    need, x, std, err = [], [], [], []
     u = cfg.upsample
     for b in range(len(samples)):
         xy = np.asarray(detect(post["y_hat"][b], cfg, detection=models.detection))
         n = (photometry(photon_frames[b], xy, cfg.psf_sigma)["intensity"] if len(xy)
              else np.zeros(0))
-        locs.append((xy, n))
         m = mask[b]
         dev = samples[b][:, m] - mean[b][m]
         t = truth[b][m] - mean[b][m]
@@ -109,8 +108,10 @@ def pixel_cell(sampler, models, cfg, data, num_samples, radius):
         # Features of each pixel's nearest localization, as pixel_factor_map takes them.
         h, w = truth.shape[1] // u, truth.shape[2] // u
         if len(xy):
+            # A scale exp(k) (exp(log(N / 200))) gives every pixel its nearest localization's k
+            # (N), exactly as analyze assigns pixels to localizations.
             probe = UncertaintyScale(0.0, 1.0, 0.0, radius_px=radius)
-            k_map = np.log(pixel_factor_map(probe, xy, n, (h, w), u))  # = k of the nearest.
+            k_map = np.log(pixel_factor_map(probe, xy, n, (h, w), u))
             probe_n = UncertaintyScale(0.0, 0.0, 1.0, radius_px=radius)
             n_map = np.log(pixel_factor_map(probe_n, xy, n, (h, w), u))
         else:
@@ -120,7 +121,7 @@ def pixel_cell(sampler, models, cfg, data, num_samples, radius):
         std.append(samples[b][:, m].std(axis=0, ddof=1))
         err.append(np.abs(t))
     return {"need": np.concatenate(need), "x": np.concatenate(x), "std": np.concatenate(std),
-            "err": np.concatenate(err), "locs": locs, "num_samples": num_samples}
+            "err": np.concatenate(err)}
 
 
 CELL_KEYS = ("need", "x", "std", "err")
