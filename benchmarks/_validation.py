@@ -11,9 +11,9 @@ from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
-from smlm_tfdiff.uncertainty.scale import (PHOTON_RANGE, SCALE_FILE, UncertaintyScale,
+from smlm_tfdiff.uncertainty.scale import (SCALE_FILE, UncertaintyScale,
                                           count_neighbours, neighbour_feature,
-                                          widening_feature)
+                                          photons_feature, widening_feature)
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -106,9 +106,9 @@ def features(scores, neighbour_term="linear", widening=False):
     photometry (NaN) counts as 200 photons, its brightness term 0, and N is clipped to
     PHOTON_RANGE, as analyze does. widening: a fourth column log w of their "widening" (the
     background's widening of the CRLB, analyze.background_widening), [n, 4]."""
-    photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), *PHOTON_RANGE)
-    columns = [np.ones(len(photons)), neighbour_feature(scores["neighbours"], neighbour_term),
-               np.log(photons / 200.0)]
+    columns = [np.ones(len(scores["photons"])),
+               neighbour_feature(scores["neighbours"], neighbour_term),
+               photons_feature(scores["photons"], 200.0)]
     if widening:
         columns.append(widening_feature(scores["widening"]))
     return np.stack(columns, axis=1)

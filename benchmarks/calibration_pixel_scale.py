@@ -46,7 +46,8 @@ from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import calibration as cal
 from smlm_tfdiff.uncertainty.evaluation import coverage_mask
 from smlm_tfdiff.uncertainty.scale import (PIXEL_SCALE_FILE, UncertaintyScale,
-                                          neighbour_feature, pixel_factor_map)
+                                          count_neighbours, nearest_localization,
+                                          neighbour_feature, photons_feature)
 
 define_check_grid_flags()
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
@@ -108,12 +109,9 @@ def pixel_cell(sampler, models, cfg, data, num_samples, radius):
         # Features of each pixel's nearest localization, as pixel_factor_map takes them.
         h, w = truth.shape[1] // u, truth.shape[2] // u
         if len(xy):
-            # A scale exp(k) (exp(log(N / 200))) gives every pixel its nearest localization's k
-            # (N), exactly as analyze assigns pixels to localizations.
-            probe = UncertaintyScale(0.0, 1.0, 0.0, radius_px=radius)
-            k_map = np.log(pixel_factor_map(probe, xy, n, (h, w), u))
-            probe_n = UncertaintyScale(0.0, 0.0, 1.0, radius_px=radius)
-            n_map = np.log(pixel_factor_map(probe_n, xy, n, (h, w), u))
+            nearest = np.repeat(np.repeat(nearest_localization(xy, (h, w)), u, 0), u, 1)
+            k_map = count_neighbours(xy, radius)[nearest]
+            n_map = photons_feature(n, 200.0)[nearest]
         else:
             k_map = np.zeros(truth.shape[1:])
             n_map = np.zeros(truth.shape[1:])

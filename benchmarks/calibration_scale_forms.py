@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 import numpy as np
 
-from smlm_tfdiff.uncertainty.scale import PHOTON_RANGE
+from smlm_tfdiff.uncertainty.scale import photons_feature
 from _validation import (check_grid, crowding_scores, define_check_grid_flags, fit_log_scale,
                          scaled_scores)
 
@@ -52,11 +52,10 @@ KEYS = ("z", "neighbours", "std_nm", "uncertainty_nm", "error_nm", "photons", "b
 def features(scores, terms):
     """[n, len(terms)] design matrix. A failed photometry (NaN) counts as 200 photons and r = 1
     (its brightness and ratio terms 0)."""
-    photons = np.clip(np.nan_to_num(scores["photons"], nan=200.0), *PHOTON_RANGE)
     crlb = np.sqrt(np.mean(scores["crlb_nm"] ** 2, axis=1))
     ratio = np.where(np.isfinite(crlb) & (crlb > 0), scores["uncertainty_nm"] / crlb, 1.0)
-    columns = {"1": np.ones(len(photons)), "k": scores["neighbours"].astype(float),
-               "logN": np.log(photons / 200.0), "logr": np.log(np.clip(ratio, 1e-2, 1e2))}
+    columns = {"1": np.ones(len(crlb)), "k": scores["neighbours"].astype(float),
+               "logN": photons_feature(scores["photons"], 200.0), "logr": np.log(np.clip(ratio, 1e-2, 1e2))}
     return np.stack([columns[t] for t in terms], axis=1)
 
 

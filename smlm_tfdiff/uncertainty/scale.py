@@ -109,10 +109,9 @@ class UncertaintyScale:
         if len(photons) != len(k):
             raise ValueError(f"photons must hold one value per localization ({len(k)}; got "
                              f"{len(photons)})")
-        n = np.clip(np.nan_to_num(photons, nan=self.reference_photons), *PHOTON_RANGE)
         g = neighbour_feature(k, self.neighbour_term)
         log_s = (self.intercept + self.per_neighbour * g
-                 + self.per_log_photons * np.log(n / self.reference_photons))
+                 + self.per_log_photons * photons_feature(photons, self.reference_photons))
         if widening is not None:
             w = np.asarray(widening, np.float64).reshape(-1)
             if len(w) != len(k):
@@ -135,6 +134,14 @@ def neighbour_feature(k, term="linear"):
     """g(k) of the scale: k itself ("linear") or log(1 + k) ("log1p"), float64."""
     k = np.asarray(k, np.float64)
     return np.log1p(k) if term == "log1p" else k
+
+
+def photons_feature(photons, reference_photons=200.0):
+    """log(N / reference_photons) of the scale, N clipped to PHOTON_RANGE (NaN, a failed
+    photometry: N = reference_photons, the term 0), float64."""
+    n = np.clip(np.nan_to_num(np.asarray(photons, np.float64), nan=reference_photons),
+                *PHOTON_RANGE)
+    return np.log(n / reference_photons)
 
 
 def widening_feature(widening):
@@ -170,9 +177,16 @@ def pixel_factor_map(scale: UncertaintyScale, xy, photons, shape, upsample) -> n
     if len(xy) == 0:
         lr = np.full((height, width), math.exp(scale.intercept))
     else:
-        factor = scale.factor(xy, photons)
-        rows, cols = np.mgrid[0:height, 0:width]
-        centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
-        _, nearest = cKDTree(xy).query(centres)
-        lr = factor[nearest].reshape(height, width)
+        lr = scale.factor(xy, photons)[nearest_localization(xy, (height, width))]
     return np.repeat(np.repeat(lr, up, axis=0), up, axis=1)
+
+
+def nearest_localization(xy, shape) -> np.ndarray:
+    """[H, W] int: for each camera pixel of a frame of shape (H, W), the index of the
+    localization of xy [M, 2] (x, y camera px, pixel centres at +0.5; M >= 1) nearest its
+    centre."""
+    height, width = (int(v) for v in shape)
+    rows, cols = np.mgrid[0:height, 0:width]
+    centres = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1)
+    _, nearest = cKDTree(np.asarray(xy, np.float64).reshape((-1, 2))).query(centres)
+    return nearest.reshape(height, width)
