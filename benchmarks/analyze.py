@@ -68,6 +68,8 @@ flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior 
 flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
 flags.DEFINE_integer("window_px", None, "Posterior window side, camera px (whole-field "
                      "models; default: chosen per frame, as analyze does).")
+flags.DEFINE_enum("in_samples", None, ["detect", "refit"], "How the posterior samples are "
+                  "localized (analyze --in_samples; default: the model's).")
 flags.DEFINE_integer("seed", 123, "Seed of the first movie (+ case index).")
 flags.DEFINE_string("out", None, "JSON file for the results (default: print only).")
 flags.DEFINE_string("case", None, "Internal: run one case (movie:mode) in this process.")
@@ -137,7 +139,8 @@ def run_case(name, mode):
     analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples,
                              FLAGS.num_steps if posterior else None, progress=False, maps=False,
                              sample_windows="all" if mode == "posterior_all" else "localized",
-                             window_px=FLAGS.window_px if posterior else None)
+                             window_px=FLAGS.window_px if posterior else None,
+                             in_samples=FLAGS.in_samples)
     work = tempfile.mkdtemp(prefix="bench-analyze-")
     path = os.path.join(work, "movie.tif")
     tifffile.imwrite(path, np.round(frames).astype(np.uint16), photometric="minisblack")
@@ -207,7 +210,8 @@ def main(argv):
                              f"{list(MODES)}")
     results = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "model": FLAGS.model,
                "num_samples": FLAGS.num_samples, "num_steps": FLAGS.num_steps,
-               "window_px": FLAGS.window_px, "seed": FLAGS.seed, "runs": []}
+               "window_px": FLAGS.window_px, "in_samples": FLAGS.in_samples, "seed": FLAGS.seed,
+               "runs": []}
     movies = tempfile.mkdtemp(prefix="bench-movies-")
     try:
         _run_all(results, movies)
@@ -230,7 +234,7 @@ def _run_all(results, movies):
                    f"--model={FLAGS.model}", f"--frames={FLAGS.frames}",
                    f"--posterior_frames={FLAGS.posterior_frames}",
                    f"--num_samples={FLAGS.num_samples}"]
-            cmd += [f"--{k}={FLAGS[k].value}" for k in ("num_steps", "window_px")
+            cmd += [f"--{k}={FLAGS[k].value}" for k in ("num_steps", "window_px", "in_samples")
                     if FLAGS[k].value is not None]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

@@ -47,6 +47,8 @@ from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import StackError
 from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
 from smlm_tfdiff.localization.batched import detect_batch, localization_uncertainty_batched
+from smlm_tfdiff.localization.config import IN_SAMPLES
+from smlm_tfdiff.localization.refit import localization_uncertainty_refit
 from smlm_tfdiff.uncertainty.scale import pixel_factor_map
 
 
@@ -492,7 +494,8 @@ class StackAnalyzer:
     def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
-                 sample_windows="localized", window_px=None, scale_uncertainty=True):
+                 sample_windows="localized", window_px=None, scale_uncertainty=True,
+                 in_samples=None):
         if num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
                              f"phi's localizations with the CRLB as uncertainty (got "
@@ -523,11 +526,18 @@ class StackAnalyzer:
         self.num_steps = None if num_steps is None else int(num_steps)
         # Which uncertainty the tables hold: psi's posterior std, or without psi the CRLB.
         self.uncertainty = "posterior" if self.num_samples else "crlb"
+        # How the localizations are found in each sample (DetectionConfig.in_samples): the
+        # model's way unless asked otherwise.
+        model_way = getattr(getattr(backend, "detection", None), "in_samples", "detect")
+        self.in_samples = model_way if in_samples is None else in_samples
+        if self.in_samples not in IN_SAMPLES:
+            raise ValueError(f"in_samples must be one of {IN_SAMPLES} (got {in_samples!r})")
         # The model's calibration scale of psi's std (uncertainty.scale), where it has one and
         # the analysis is the one it was fitted for (the recipe's steps, phi's positions);
         # uncertainty_raw_xy keeps psi's own spread.
         fitted_for = (scale_uncertainty and self.num_samples
-                      and self.num_steps == backend.num_steps and localize_on == "kde_estimate")
+                      and self.num_steps == backend.num_steps and localize_on == "kde_estimate"
+                      and self.in_samples == model_way)
         scale = getattr(backend, "uncertainty_scale", None)
         self.uncertainty_scale = scale if scale is not None and fitted_for else None
         # Likewise the scale of the per-pixel std maps (pixel_scale.json, fitted on per-pixel
@@ -672,6 +682,7 @@ class StackAnalyzer:
                   "windows": list(self.windows), "sample_windows": self.sample_windows,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
+                  "in_samples": self.in_samples,
                   "allow_partial": self.allow_partial, "series": self.series,
                   "pixel_size_nm": self.pixel_size_nm,
                   "method": getattr(self.backend, "method", None),
@@ -773,7 +784,7 @@ class StackAnalyzer:
                                  "num_steps": self.num_steps, **self.backend.recipe,
                                  "seed": self.seed,
                                  "localize_on": self.localize_on, "overlap_px": self.overlap,
-                                 "pad_px": self.pad, "batch_frames": self.batch_frames,
+                                 "in_samples": self.in_samples, "pad_px": self.pad, "batch_frames": self.batch_frames,
                                  "input": os.path.abspath(stack.path)}}, resume=r))
         writers = {}
         posterior = self.num_samples > 0
@@ -932,6 +943,7 @@ class StackAnalyzer:
                             else dataclasses.asdict(self.pixel_scale)),
             "whole_field": self.whole_field, "seed": self.seed,
             "localize_on": self.localize_on, "overlap_px": self.overlap, "pad_px": self.pad,
+            "in_samples": self.in_samples if self.num_samples else None,
             "timing": {k: round(v, 3) for k, v in clock.items()},
         }
 
@@ -985,9 +997,21 @@ class StackAnalyzer:
                 windows, frame_samples = samples[b]
                 position = {int(k): i for i, k in enumerate(windows)}
                 mine = [(owner == k, position[int(k)]) for k in np.unique(owner)]
-                results = localization_uncertainty_batched(
-                    frame_samples[[i for _, i in mine]], [local[sel] for sel, _ in mine],
-                    tile_config, self.backend.detection)
+                picked = frame_samples[[i for _, i in mine]]
+                reference = [local[sel] for sel, _ in mine]
+                if self.in_samples == "refit":
+                    # The frame's other localizations in or next to each window are refitted
+                    # with its own (their blobs reach into it), and not reported there.
+                    context = []
+                    for (sel, _), k in zip(mine, np.unique(owner)):
+                        near = grid.to_tile(xy[~sel], int(k))
+                        reach = ((near >= -1.0) & (near <= np.array(grid.tile[::-1]) + 1.0)).all(1)
+                        context.append(near[reach])
+                    results = localization_uncertainty_refit(
+                        picked, reference, tile_config, self.backend.detection, context=context)
+                else:
+                    results = localization_uncertainty_batched(
+                        picked, reference, tile_config, self.backend.detection)
                 for (sel, _), res in zip(mine, results):
                     std[sel] = res["std_nm"]
                     fraction[sel] = res["fraction"]
@@ -1111,6 +1135,11 @@ def define_flags():
                       "psi's own spread. Only with the model's sampling recipe and num_steps and "
                       "--localize_on kde_estimate, which it was fitted for; "
                       "--noscale_uncertainty reports psi's spread unscaled.")
+    flags.DEFINE_enum("in_samples", None, list(IN_SAMPLES), "How each posterior sample is "
+                      "localized for the per-localization uncertainty: 'detect' (detection "
+                      "afresh, then matching) or 'refit' (the localizations refitted from their "
+                      "positions, ~10x cheaper; docs/analyze.md). Default: the model's "
+                      "(detection.json); the calibration scale applies only to the model's way.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -1170,7 +1199,7 @@ def main(argv):
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
                                  FLAGS.allow_partial, series, FLAGS.sample_windows,
-                                 FLAGS.window_px, FLAGS.scale_uncertainty)
+                                 FLAGS.window_px, FLAGS.scale_uncertainty, FLAGS.in_samples)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

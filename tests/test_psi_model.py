@@ -242,3 +242,39 @@ def test_frame_conditioned_psi_started_from_one_without_the_frame():
     assert PsiConfig.from_json(FRAMED.to_json()) == FRAMED
     with pytest.raises(ValueError, match="frame_gain"):
         dataclasses.replace(FRAMED, frame_gain=0.0)
+
+
+def test_space_to_depth_runs_the_unet_on_a_coarser_grid(tmp_path):
+    """space_to_depth f: the U-Net sees f x f blocks as channels (no information pooled away),
+    eps comes back on the KDE grid; sizes must divide by f x 2^(levels - 1); the blocks are
+    ordered as tf.nn.space_to_depth orders them; weights round-trip through .weights.h5."""
+    from smlm_tfdiff.models.psi import DepthToSpace, SpaceToDepth
+
+    x = np.random.default_rng(0).standard_normal((2, 8, 12, 3)).astype(np.float32)
+    np.testing.assert_array_equal(SpaceToDepth(4)(x), tf.nn.space_to_depth(x, 4))
+    np.testing.assert_array_equal(DepthToSpace(4)(SpaceToDepth(4)(x)), x)
+    coarse = dataclasses.replace(TINY, space_to_depth=4, attention_resolutions=(), image_size=40)
+    assert coarse.downsample_factor == 8 and coarse.resolutions == (10, 5)
+    assert check_input_size(24, 40, coarse) == [(6, 10), (3, 5)]
+    with pytest.raises(ValueError, match="4x coarser grid needs height and width divisible by 8"):
+        check_input_size(20, 20, coarse)
+    with pytest.raises(ValueError, match="space_to_depth"):
+        dataclasses.replace(TINY, space_to_depth=0)
+    assert not coarse.same_network(TINY)
+    psi = build_psi(coarse)
+    out = np.asarray(psi(_batch(2, 24)))
+    assert out.shape == (2, 24, 24, 1)
+    np.testing.assert_array_equal(out, 0.0)
+    # A trained output conv puts its f^2 channels back into the f x f blocks.
+    keras.utils.set_random_seed(1)
+    conv = psi.get_layer("eps")
+    conv.set_weights([np.random.default_rng(1).normal(0, 0.1, w.shape).astype(np.float32)
+                      for w in conv.get_weights()])
+    out = np.asarray(psi(_batch(2, 24)))
+    assert np.std(out) > 0 and np.all(np.isfinite(out))
+    path = str(tmp_path / "psi.weights.h5")
+    psi.save_weights(path)
+    again = build_psi(coarse)
+    again.load_weights(path)
+    np.testing.assert_allclose(np.asarray(again(_batch(2, 24))), out, rtol=1e-5, atol=1e-6)
+    assert PsiConfig.from_json(coarse.to_json()) == coarse

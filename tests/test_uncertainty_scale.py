@@ -172,6 +172,41 @@ def test_whole_field_windows_get_the_scale(tmp_path):
         assert np.all(ratio >= 1.0) and ratio.mean() > 1.01
 
 
+def test_refit_in_samples_reports_psi_spread_unscaled(tmp_path):
+    """analyze --in_samples refit on a model whose scale was fitted with detection in the
+    samples: the same localizations, psi's spread from the refits (finite, of the order of the
+    detected one) and, the scale not being fitted for it, the raw spread as the uncertainty."""
+    backend = load_backend("wholefield", jit_compile=False)
+    assert backend.detection.in_samples == "detect"
+    config = backend.config.replace(frame_height=24, frame_width=24,
+                                    density_range=(1 / 40, 1 / 40), photons_range=(400.0, 400.0),
+                                    background_range=(0.0, 0.0))
+    data = simulate(config, 2, 43)
+    stack = tmp_path / "movie.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
+    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    runs = {}
+    for way in ("detect", "refit"):
+        summary = StackAnalyzer(backend, camera, num_samples=8, progress=False, maps=False,
+                                in_samples=way).analyze(stack, tmp_path / way)
+        assert summary["in_samples"] == way
+        runs[way] = (summary, _rows(tmp_path / way / "movie.csv"))
+    (detected, rows_d), (refitted, rows_r) = runs["detect"], runs["refit"]
+    assert detected["uncertainty_scale"] is not None and refitted["uncertainty_scale"] is None
+    assert len(rows_r) == len(rows_d) >= 10
+    np.testing.assert_array_equal(_column(rows_r, "x [nm]"), _column(rows_d, "x [nm]"))
+    raw_r, raw_d = (_column(r, "uncertainty_raw_xy [nm]") for r in (rows_r, rows_d))
+    np.testing.assert_array_equal(_column(rows_r, "uncertainty_xy [nm]"), raw_r)
+    ok = np.isfinite(raw_r) & np.isfinite(raw_d)
+    assert ok.mean() > 0.8
+    ratio = np.median(raw_r[ok] / raw_d[ok])
+    assert 0.6 < ratio < 1.5, ratio
+    fraction = _column(rows_r, "detection_fraction")
+    assert np.all((fraction >= 0) & (fraction <= 1)) and fraction.mean() > 0.8
+    with pytest.raises(ValueError, match="in_samples must be one of"):
+        StackAnalyzer(backend, camera, num_samples=8, in_samples="fit")
+
+
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))

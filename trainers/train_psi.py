@@ -27,6 +27,9 @@ flags.DEFINE_list("channel_multipliers", ["1", "2", "4", "8"], "psi: channel mul
 flags.DEFINE_integer("num_res_blocks", 1, "psi: res blocks per level (down; one more up).")
 flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with self-attention "
                   "(of the 80x80 paper KDE; the middle block always attends).")
+flags.DEFINE_integer("space_to_depth", 1, "psi: run the U-Net on a grid this many KDE pixels "
+                     "coarser per side (f x f blocks as f^2 channels; PsiConfig.space_to_depth): "
+                     "~f^2 cheaper per evaluation.")
 flags.DEFINE_float("dropout", 0.0, "psi: dropout in the res blocks.")
 flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
 flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine", "linear"],
@@ -92,7 +95,7 @@ def main(argv):
         image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
                     else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
-        **frame_fields(phi_models.config, FLAGS.frame_condition))
+        space_to_depth=FLAGS.space_to_depth, **frame_fields(phi_models.config, FLAGS.frame_condition))
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_psi = None
     if FLAGS.init_psi:
@@ -122,7 +125,8 @@ def main(argv):
                         psi_config.frame_condition),
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
-                                             FLAGS.mix_fraction, FLAGS.crop_size),
+                                             FLAGS.mix_fraction, FLAGS.crop_size,
+                                             psi_config.downsample_factor),
         eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed,
                               psi_config=psi_config),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,

@@ -19,6 +19,8 @@ LEGACY_KEYS = {"detect_threshold": "threshold", "detect_min_sigma": "min_sigma",
                "detect_max_sigma": "max_sigma", "detect_num_sigma": "num_sigma",
                "refine_radius": "refine_radius"}
 
+IN_SAMPLES = ("detect", "refit")  # DetectionConfig.in_samples
+
 
 @dataclasses.dataclass(frozen=True)
 class DetectionConfig:
@@ -29,6 +31,11 @@ class DetectionConfig:
     min_sigma, max_sigma, num_sigma: LoG scales in HR pixels. One scale by default: the KDE kernel
         width is known, and a scale search lets merged pairs suppress resolved ones.
     refine_radius: half-width of the sub-pixel refinement window, HR pixels.
+    in_samples: how analyze finds its localizations in each posterior sample for their
+        per-localization uncertainty: "detect" (this detection afresh in every sample, then a
+        one-to-one matching; localization.batched) or "refit" (the localizations refitted in
+        every sample from their positions, ~10x cheaper; localization.refit). A model's
+        calibration scale is fitted for one of them.
     """
 
     threshold: float = 0.2
@@ -36,6 +43,7 @@ class DetectionConfig:
     max_sigma: float = 2.0
     num_sigma: int = 1
     refine_radius: int = 3
+    in_samples: str = "detect"
 
     def __post_init__(self):
         def fail(field, message):
@@ -52,6 +60,8 @@ class DetectionConfig:
                 fail(field, f"must be an integer (got {value!r})")
             if value < 1:
                 fail(field, f"must be >= 1 (got {value})")
+        if self.in_samples not in IN_SAMPLES:
+            fail("in_samples", f"must be one of {IN_SAMPLES} (got {self.in_samples!r})")
         if not (np.isfinite(self.threshold) and self.threshold > 0):
             fail("threshold", f"must be a finite number > 0 (got {self.threshold!r})")
         if not (np.isfinite(self.min_sigma) and self.min_sigma > 0):

@@ -20,6 +20,13 @@ Layout (DDPM): conv_in -> per level [num_res_blocks x (res block, attention wher
 stride-2 conv down between levels -> middle (res, attention, res) -> mirrored up path with skip
 concatenations, nearest 2x upsampling + conv -> GroupNorm, swish, zero-initialised conv_out.
 Fully convolutional: any height and width divisible by 2^(levels - 1) works at call time.
+
+With PsiConfig.space_to_depth = f > 1 the U-Net runs on an f-times coarser grid: the inputs'
+f x f blocks of KDE pixels become f^2 channels of one position (space-to-depth) before conv_in,
+and eps_out's f^2 channels are put back into the blocks (depth-to-space) at the end. Nothing is
+lost (the blocks are rearranged, not pooled), and every convolution costs ~f^2 fewer positions;
+the KDE's kernel (3 HR px) still spans a coarse pixel or more at f <= 4. Height and width must
+then divide by f * 2^(levels - 1).
 """
 
 import dataclasses
@@ -65,11 +72,14 @@ class PsiConfig:
     frame_gain: float = 1.0  # ADU per photon.
     frame_readout_var: float = 0.0  # Readout variance, ADU^2.
     frame_upsample: int = 4  # KDE pixels per frame pixel along each axis.
+    # The U-Net's grid is this many KDE pixels per side coarser (module docstring); 1: the KDE's.
+    space_to_depth: int = 1
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
-        for name in ("base_channels", "num_res_blocks", "image_size", "groups", "num_heads"):
+        for name in ("base_channels", "num_res_blocks", "image_size", "groups", "num_heads",
+                     "space_to_depth"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PsiConfig.{name} must be >= 1 (got {getattr(self, name)})")
         if not self.channel_multipliers or min(self.channel_multipliers) < 1:
@@ -98,10 +108,11 @@ class PsiConfig:
                                  f"frame_readout_var >= 0 (got {self.frame_upsample}, "
                                  f"{self.frame_gain}, {self.frame_readout_var})")
             self.frame_upsample = int(self.frame_upsample)
+        self.space_to_depth = int(self.space_to_depth)
         factor = self.downsample_factor
         if self.image_size % factor:
             raise ValueError(f"PsiConfig.image_size = {self.image_size} must be divisible by "
-                             f"2^(levels - 1) = {factor}")
+                             f"space_to_depth x 2^(levels - 1) = {factor}")
         sizes = self.resolutions
         for r in self.attention_resolutions:
             if r not in sizes:
@@ -118,13 +129,14 @@ class PsiConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1)
+        """KDE pixels per feature-map pixel at the lowest level: input sides must divide by it."""
+        return self.space_to_depth * 2 ** (len(self.channel_multipliers) - 1)
 
     @property
     def resolutions(self) -> Tuple[int, ...]:
         """Feature-map side length per level for the reference image_size."""
         levels = range(len(self.channel_multipliers))
-        return tuple(self.image_size // 2 ** level for level in levels)
+        return tuple(self.image_size // self.space_to_depth // 2 ** level for level in levels)
 
     @property
     def attention_levels(self) -> Tuple[int, ...]:
@@ -162,20 +174,26 @@ def frame_fields(sim_config, frame_condition: bool) -> dict:
 
 
 def check_input_size(h, w, config: Optional[PsiConfig] = None):
-    """Raise ValueError unless an h x w input passes the U-Net (both divisible by 2^(levels-1)).
+    """Raise ValueError unless an h x w input passes the U-Net (both divisible by
+    space_to_depth x 2^(levels-1)).
 
-    Returns the feature-map sizes [(h, w), (h/2, w/2), ...] per level.
+    Returns the feature-map sizes [(h/f, w/f), (h/2f, w/2f), ...] per level (f: space_to_depth).
     """
     config = config or PsiConfig()
     factor = config.downsample_factor
     if int(h) < 1 or int(w) < 1 or h % factor or w % factor:
-        raise ValueError(f"psi with {len(config.channel_multipliers)} levels needs height and "
-                         f"width divisible by {factor} (got {h}x{w}); pad or crop the input")
+        raise ValueError(f"psi with {len(config.channel_multipliers)} levels"
+                         + (f" on a {config.space_to_depth}x coarser grid"
+                            if config.space_to_depth > 1 else "")
+                         + f" needs height and width divisible by {factor} (got {h}x{w}); pad "
+                         "or crop the input")
     u = config.frame_upsample
     if config.frame_condition and (h % u or w % u):
         raise ValueError(f"a frame-conditioned psi needs a KDE of whole frame pixels: height and "
                          f"width divisible by {u} (got {h}x{w})")
-    return [(h // 2 ** level, w // 2 ** level) for level in range(len(config.channel_multipliers))]
+    f = config.space_to_depth
+    return [(h // f // 2 ** level, w // f // 2 ** level)
+            for level in range(len(config.channel_multipliers))]
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
@@ -212,6 +230,58 @@ class ToDiffusionSpace(layers.Layer):
 
     def call(self, y):
         return 2.0 * y - 1.0
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class SpaceToDepth(layers.Layer):
+    """[B, H, W, C] -> [B, H/f, W/f, f*f*C]: each f x f block becomes the channels of one pixel,
+    ordered (block row, block column, channel) as tf.nn.space_to_depth orders them."""
+
+    def __init__(self, block=2, **kwargs):
+        super().__init__(**kwargs)
+        self.block = int(block)
+
+    def call(self, x):
+        f = self.block
+        shape = ops.shape(x)
+        b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
+        x = ops.reshape(x, (b, h // f, f, w // f, f, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(x, (b, h // f, w // f, f * f * c))
+
+    def compute_output_shape(self, input_shape):
+        f = self.block
+        b, h, w, c = input_shape
+        return (b, None if h is None else h // f, None if w is None else w // f, f * f * c)
+
+    def get_config(self):
+        return {**super().get_config(), "block": self.block}
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class DepthToSpace(layers.Layer):
+    """The inverse of SpaceToDepth: [B, h, w, f*f*C] -> [B, f h, f w, C]."""
+
+    def __init__(self, block=2, **kwargs):
+        super().__init__(**kwargs)
+        self.block = int(block)
+
+    def call(self, x):
+        f = self.block
+        shape = ops.shape(x)
+        b, h, w = shape[0], shape[1], shape[2]
+        c = x.shape[-1] // (f * f)
+        x = ops.reshape(x, (b, h, w, f, f, c))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(x, (b, h * f, w * f, c))
+
+    def compute_output_shape(self, input_shape):
+        f = self.block
+        b, h, w, c = input_shape
+        return (b, None if h is None else h * f, None if w is None else w * f, c // (f * f))
+
+    def get_config(self):
+        return {**super().get_config(), "block": self.block}
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
@@ -327,6 +397,9 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
                                           config.frame_readout_var, config.frame_upsample,
                                           name="frame_condition")(inputs["frame"]))
     x = layers.Concatenate(name="inputs")(channels_in)
+    f = config.space_to_depth
+    if f > 1:
+        x = SpaceToDepth(f, name="space_to_depth")(x)
     x = layers.Conv2D(config.channels[0], 3, padding="same", name="conv_in")(x)
 
     num_levels = len(config.channels)
@@ -361,8 +434,10 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
     x = layers.GroupNormalization(config.groups, epsilon=1e-5, name="out_norm")(x)
     x = layers.Activation("swish", name="out_act")(x)
     # Named "eps" in both parametrizations, so that the weights of either load into the other.
-    eps = layers.Conv2D(1, 3, padding="same", kernel_initializer="zeros", bias_initializer="zeros",
-                        name="eps")(x)
+    eps = layers.Conv2D(f * f, 3, padding="same", kernel_initializer="zeros",
+                        bias_initializer="zeros", name="eps")(x)
+    if f > 1:
+        eps = DepthToSpace(f, name="depth_to_space")(eps)
     if config.prediction != "eps":
         from smlm_tfdiff.experimental.prediction import eps_output
         eps = eps_output(config.prediction, eps, y_t, noise_level, cond)

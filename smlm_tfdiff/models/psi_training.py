@@ -42,7 +42,7 @@ def cut_windows(images, offsets, crop_size, upsample):
 
 def check_crop_size(sim_config, crop_size, psi_stride=8):
     """A crop_size (camera pixels) that fits the frame and whose HR window psi's U-Net can halve
-    down to its lowest level (psi_stride: 2^(levels - 1))."""
+    down to its lowest level (psi_stride: PsiConfig.downsample_factor)."""
     h, w = sim_config.lr_shape
     if not 1 <= crop_size <= min(h, w):
         raise ValueError(f"crop_size {crop_size} px must be between 1 and the frame's smaller "
@@ -54,7 +54,7 @@ def check_crop_size(sim_config, crop_size, psi_stride=8):
 
 
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
-                mix_fraction=0.0, crop_size=None):
+                mix_fraction=0.0, crop_size=None, psi_stride=8):
     """Infinite batches {frames, kde, t, gamma, eps} (and with crop_size, `offsets` [B, 2]); a run
     resumed at start_step draws fresh data.
 
@@ -66,7 +66,7 @@ def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, m
     sim_seed, noise_seed = seeds_lib.split(seeds_lib.fold_in(seed, start_step))
     hr = sim_config.hr_shape
     if crop_size is not None:
-        check_crop_size(sim_config, crop_size)
+        check_crop_size(sim_config, crop_size, psi_stride)
         hr = (crop_size * sim_config.upsample,) * 2
     num_mix = int(round(mix_fraction * batch_size)) if mix_config is not None else 0
     if not 0.0 <= mix_fraction <= 1.0:
