@@ -29,8 +29,9 @@ in HR pixels inside the fit (HR pixel J has centre J + 1/2), LR pixels at the in
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import erf
 
-from smlm_tfdiff.localization.batched import _integrals, _model_images, _stack
+from smlm_tfdiff.localization.batched import _integrals, _stack
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import DEBLEND_DEFAULTS
 from smlm_tfdiff.simulation.config import check_config
@@ -41,6 +42,13 @@ _DAMPING = 1e-3
 # Localizations closer than refine_radius + this many kernel widths (Chebyshev, HR px) are
 # coupled: their windows see each other's kernel.
 COUPLING_SIGMAS = 3.0
+
+
+def _kernel(coord, pixels, sigma):
+    """Integral of N(coord, sigma^2) over the pixels [j, j + 1): coord [..., 1], pixels [P]
+    (HR px) -> [..., P] (batched._integrals without the derivative)."""
+    z = (pixels - coord) / (np.sqrt(2.0) * sigma)
+    return 0.5 * (erf(z + 1.0 / (np.sqrt(2.0) * sigma)) - erf(z))
 
 
 def _colours(xy, valid, link):
@@ -88,13 +96,16 @@ def refit_positions(images, xy0, valid, config, detection=None, iterations=ITERA
     d = np.arange(-radius, radius + 1)
     cols = np.floor(xy0[..., 0]).astype(np.int64)[..., None] + d  # [N, M, K]
     rows = np.floor(xy0[..., 1]).astype(np.int64)[..., None] + d
-    inside = (((rows >= 0) & (rows < h))[..., :, None] & ((cols >= 0) & (cols < w))[..., None, :]
-              & valid[..., None, None])  # [N, M, K, K]
+    # Window pixels outside the image (or of padding) get zero kernels: the model is separable
+    # in rows and columns, so are these masks, and zero Jacobian rows drop those pixels.
+    col_in = ((cols >= 0) & (cols < w) & valid[..., None]).astype(np.float64)
+    row_in = ((rows >= 0) & (rows < h) & valid[..., None]).astype(np.float64)
     cols, rows = np.clip(cols, 0, w - 1), np.clip(rows, 0, h - 1)
     image_of = np.arange(n)[:, None, None, None]
     pixel_rows, pixel_cols = rows[..., :, None], cols[..., None, :]
     data = ims[image_of, pixel_rows, pixel_cols]  # [N, M, K, K]
     fcols, frows = cols.astype(np.float64), rows.astype(np.float64)
+    grid_cols, grid_rows = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)
     # Start amplitude: the image at the start over a centred unit kernel's peak pixel.
     peak = norm * _integrals(0.0, -0.5, sigma)[0] ** 2
     centre = data[..., radius, radius]
@@ -105,20 +116,33 @@ def refit_positions(images, xy0, valid, config, detection=None, iterations=ITERA
     colour = _colours(xy0, valid, radius + COUPLING_SIGMAS * sigma)
     for _ in range(int(iterations)):
         for c in range(int(colour.max()) + 1):
-            model = _model_images(xy, amp, valid, (h, w), sigma, norm)[image_of, pixel_rows,
-                                                                       pixel_cols]
+            # The model of every localization on the image grid, one product per image.
+            ex_all = _kernel(xy[..., 0:1], grid_cols, sigma)  # [N, M, W]
+            ey_all = _kernel(xy[..., 1:2], grid_rows, sigma) * amp[..., None]
+            model = norm * np.matmul(ey_all.transpose(0, 2, 1), ex_all)  # [N, H, W]
+            resid = data - model[image_of, pixel_rows, pixel_cols]  # [N, M, K, K]
             ex, dex = _integrals(xy[..., 0:1], fcols, sigma)  # [N, M, K]
             ey, dey = _integrals(xy[..., 1:2], frows, sigma)
-            unit = norm * ey[..., :, None] * ex[..., None, :]
-            jac = np.stack([norm * amp[..., None, None] * ey[..., :, None] * dex[..., None, :],
-                            norm * amp[..., None, None] * dey[..., :, None] * ex[..., None, :],
-                            unit], -1) * inside[..., None]  # [N, M, K, K, 3]
-            jac = jac.reshape(n, m, -1, 3)
-            resid = np.where(inside, data - model, 0.0).reshape(n, m, -1)
-            normal = np.einsum("nmki,nmkj->nmij", jac, jac)
+            ex, dex, ey, dey = ex * col_in, dex * col_in, ey * row_in, dey * row_in
+            # J = norm [a ey (x) dex, a dey (x) ex, ey (x) ex]: J^T J and J^T r by rows and
+            # columns separately.
+            r_ex = np.einsum("nmrc,nmc->nmr", resid, ex)
+            r_dex = np.einsum("nmrc,nmc->nmr", resid, dex)
+            s = {k: v.sum(-1) for k, v in (("ey2", ey * ey), ("dey2", dey * dey),
+                                           ("eydey", ey * dey), ("ex2", ex * ex),
+                                           ("dex2", dex * dex), ("exdex", ex * dex))}
+            a = amp
+            normal = norm ** 2 * np.stack([
+                np.stack([a * a * s["ey2"] * s["dex2"], a * a * s["eydey"] * s["exdex"],
+                          a * s["ey2"] * s["exdex"]], -1),
+                np.stack([a * a * s["eydey"] * s["exdex"], a * a * s["dey2"] * s["ex2"],
+                          a * s["eydey"] * s["ex2"]], -1),
+                np.stack([a * s["ey2"] * s["exdex"], a * s["eydey"] * s["ex2"],
+                          s["ey2"] * s["ex2"]], -1)], -2)  # [N, M, 3, 3]
+            grad = norm * np.stack([a * (ey * r_dex).sum(-1), a * (dey * r_ex).sum(-1),
+                                    (ey * r_ex).sum(-1)], -1)
             normal = normal + _DAMPING * eye * (
                 np.diagonal(normal, axis1=-2, axis2=-1)[..., None, :] + 1e-12)
-            grad = np.einsum("nmki,nmk->nmi", jac, resid)
             step = np.linalg.solve(normal, grad[..., None])[..., 0]
             step = np.where((valid & (colour == c))[..., None], step, 0.0)
             xy = np.clip(xy + step[..., :2], xy0 - slack, xy0 + slack)
