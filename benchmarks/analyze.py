@@ -2,7 +2,7 @@
 
     python benchmarks/analyze.py [--cases dense40_64,...] [--modes posterior,posterior_all,phi_only]
         [--frames 100] [--posterior_frames 4] [--out benchmarks/results/analyze.json]
-        [--window_px 20] [--num_steps 5] [--num_samples 16]
+        [--window_px 20] [--num_steps 5] [--num_samples 16] [--in_samples refit]
 
 Movies (the seeds' camera and optics, N0 = 200 photons unless said, emitters uniform over the
 whole frame, edges included; seed 123 + case index, never a training or validation seed;
