@@ -189,3 +189,20 @@ def test_crops_cut_phi_and_the_kde_at_the_drawn_windows(paper, paper_models):
         psi_dataset(paper, schedule, "snr", 8, 3, 0, crop_size=11)
     with pytest.raises(ValueError, match="smaller side"):
         psi_dataset(paper, schedule, "snr", 8, 3, 0, crop_size=22)
+
+
+@pytest.mark.slow
+def test_train_psi_on_a_coarser_grid_in_windows(tmp_path, cli):
+    """--space_to_depth 4 with --crop_size: the run trains, its psi loads with the setting and
+    samples windows whose sides divide by its stride (4 x 2 HR px), and a crop it cannot take is
+    refused with the size to pick."""
+    out = str(tmp_path / "coarse")
+    _train(cli, out, 2, "--space_to_depth=4", "--crop_size=10", "--eval_every=2")
+    models = st.load_models(out)
+    assert models.psi_config.space_to_depth == 4 and models.psi_config.downsample_factor == 8
+    y_hat = np.zeros((1, 24, 40, 1), np.float32)
+    post = PosteriorSampler(models, jit_compile=False)(None, 2, 2, seed=0, y_hat=y_hat,
+                                                       return_samples=True)
+    assert post["samples"].shape == (1, 2, 24, 40, 1)
+    log = _train(cli, str(tmp_path / "bad"), 1, "--space_to_depth=4", "--crop_size=9", ok=False)
+    assert "not divisible by psi's stride 8" in log

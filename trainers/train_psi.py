@@ -87,6 +87,13 @@ def main(argv):
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
     # diffusion.json: the schedule, the weighting and the sampler's defaults (t_start None: T).
     recipe = Recipe(schedule, FLAGS.weighting, FLAGS.sample_t_start or None, FLAGS.sample_steps)
+    if FLAGS.crop_size:  # Named in camera pixels before PsiConfig names its HR image_size.
+        from smlm_tfdiff.models.psi_training import check_crop_size
+        stride = FLAGS.space_to_depth * 2 ** (len(FLAGS.channel_multipliers) - 1)
+        try:
+            check_crop_size(sim_config, FLAGS.crop_size, stride)
+        except ValueError as err:
+            raise app.UsageError(f"--crop_size: {err}") from None
     psi_config = PsiConfig(
         base_channels=FLAGS.base_channels,
         channel_multipliers=tuple(int(m) for m in FLAGS.channel_multipliers),
@@ -95,7 +102,8 @@ def main(argv):
         image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
                     else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
-        space_to_depth=FLAGS.space_to_depth, **frame_fields(phi_models.config, FLAGS.frame_condition))
+        space_to_depth=FLAGS.space_to_depth,
+        **frame_fields(phi_models.config, FLAGS.frame_condition))
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_psi = None
     if FLAGS.init_psi:
