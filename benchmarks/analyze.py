@@ -3,6 +3,7 @@
     python benchmarks/analyze.py [--cases dense40_64,...] [--modes posterior,posterior_all,phi_only]
         [--frames 100] [--posterior_frames 4] [--out benchmarks/results/analyze.json]
         [--window_px 20] [--num_steps 5] [--num_samples 16] [--in_samples refit]
+        (unset: the model's own sampling, as analyze's defaults)
 
 Movies (the seeds' camera and optics, N0 = 200 photons unless said, emitters uniform over the
 whole frame, edges included; seed 123 + case index, never a training or validation seed;
@@ -64,7 +65,8 @@ flags.DEFINE_list("modes", list(MODES), "posterior, phi_only.")
 flags.DEFINE_string("model", "paper", "Model (bundled name or folder).")
 flags.DEFINE_integer("frames", 100, "Frames per movie in phi_only mode.")
 flags.DEFINE_integer("posterior_frames", 4, "Frames per movie in posterior mode.")
-flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (posterior mode).")
+flags.DEFINE_integer("num_samples", None, "Posterior samples per frame (posterior mode; "
+                     "default: the model's, as analyze's).")
 flags.DEFINE_integer("num_steps", None, "Reverse steps per sample (default: the model's).")
 flags.DEFINE_integer("window_px", None, "Posterior window side, camera px (whole-field "
                      "models; default: chosen per frame, as analyze does).")
@@ -135,7 +137,7 @@ def run_case(name, mode):
     num_frames = FLAGS.posterior_frames if posterior else FLAGS.frames
     frames, data, config = load_movie(name, num_frames, FLAGS.movie_dir)
     samples = FLAGS.num_samples if posterior else 0
-    backend = load_backend(FLAGS.model, need_psi=samples > 0)
+    backend = load_backend(FLAGS.model, need_psi=samples != 0)
     analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), samples,
                              FLAGS.num_steps if posterior else None, progress=False, maps=False,
                              sample_windows="all" if mode == "posterior_all" else "localized",
@@ -176,6 +178,8 @@ def run_case(name, mode):
                                                     (h, w), EDGE_PX)
     return {
         "movie": name, "mode": mode, "frames": num_frames, "size": [h, w],
+        "num_samples": analyzer.num_samples, "num_steps": analyzer.num_steps,
+        "in_samples": analyzer.in_samples,
         "emitters_per_frame": round(float(data["mask"].sum() / num_frames), 2),
         "seconds": round(seconds, 2), "frames_per_second": round(num_frames / seconds, 4),
         "localizations_per_second": round(len(rows) / seconds, 2),
@@ -232,9 +236,9 @@ def _run_all(results, movies):
             cmd = [sys.executable, os.path.abspath(__file__), f"--case={name}:{mode}",
                    f"--movie_dir={movies}",
                    f"--model={FLAGS.model}", f"--frames={FLAGS.frames}",
-                   f"--posterior_frames={FLAGS.posterior_frames}",
-                   f"--num_samples={FLAGS.num_samples}"]
-            cmd += [f"--{k}={FLAGS[k].value}" for k in ("num_steps", "window_px", "in_samples")
+                   f"--posterior_frames={FLAGS.posterior_frames}"]
+            cmd += [f"--{k}={FLAGS[k].value}"
+                    for k in ("num_samples", "num_steps", "window_px", "in_samples")
                     if FLAGS[k].value is not None]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]

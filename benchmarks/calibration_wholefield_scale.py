@@ -12,7 +12,7 @@ z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one cons
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
 range per emitter), with enough frames for --localizations emitters, analyzed by StackAnalyzer
-with the default settings (16 samples, the model's recipe) and no scale (its raw spread); the
+with the default settings (the model's samples per frame and recipe) and no scale (its raw spread); the
 localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
 Fit cells: seed 8300 + --seed_offset + cell index; check cells: the same grid, seed 9300 +
 --seed_offset + cell index (held out; never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
@@ -56,7 +56,8 @@ flags.DEFINE_integer("size", 64, "Frame side, camera px.")
 flags.DEFINE_integer("localizations", 150, "Emitters simulated per cell (fit and check).")
 flags.DEFINE_integer("seed_offset", 0, "Added to the cells' seeds: more cells for a fit without "
                      "reusing a seed (e.g. another --photons into another --scores_cache).")
-flags.DEFINE_integer("num_samples", 16, "Posterior samples per frame (analyze's default).")
+flags.DEFINE_integer("num_samples", None, "Posterior samples per frame (default: analyze's, "
+                     "the model's own).")
 flags.DEFINE_float("radius", 8.0, "Neighbourhood radius, camera px.")
 flags.DEFINE_enum("neighbour_term", "log1p", ["linear", "log1p"], "How the neighbour count k "
                   "enters log s: b k, or b log(1 + k) (uncertainty.scale).")
@@ -154,6 +155,20 @@ def score_cell(backend, density, photons, background, seed):
     return ({k: v[ok] for k, v in scores.items()},
             {"frames": len(frames), "precision": metrics["precision"],
              "recall": metrics["recall"]})
+
+
+def num_samples():
+    """Posterior samples per frame: --num_samples, else the model's recipe's, else analyze's
+    default (what StackAnalyzer draws)."""
+    if FLAGS.num_samples is not None:
+        return FLAGS.num_samples
+    from smlm_tfdiff.analyze import DEFAULT_NUM_SAMPLES
+    from smlm_tfdiff.diffusion.recipe import Recipe
+    from smlm_tfdiff.pretrained import WEIGHTS_DIR
+
+    folder = FLAGS.model if os.path.isdir(FLAGS.model) else os.path.join(WEIGHTS_DIR, FLAGS.model)
+    with open(os.path.join(folder, "diffusion.json")) as f:
+        return Recipe.from_json(f.read()).num_samples or DEFAULT_NUM_SAMPLES
 
 
 def compute_scores():
@@ -304,7 +319,7 @@ def main(argv):
                     fitted_on + f"python benchmarks/calibration_wholefield_scale.py --model "
                     f"{FLAGS.model}{' --background_term' if widening else ''}: "
                     f"{len(z)} localizations of analyze's table on validation movies "
-                    f"({_describe(result['fit'])}), default recipe, {FLAGS.num_samples} samples; "
+                    f"({_describe(result['fit'])}), default recipe, {num_samples()} samples; "
                     f"docs/calibration.md", FLAGS.neighbour_term)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
@@ -324,7 +339,7 @@ def main(argv):
               f"{inside('std_z_scaled')}", flush=True)
     report = {"model": FLAGS.model, "radius_px": FLAGS.radius, "size": FLAGS.size,
               "background": FLAGS.background, "fit_from": FLAGS.fit_from,
-              "num_samples": FLAGS.num_samples,
+              "num_samples": num_samples(),
               "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
                       "terms": ["1", "neighbours" if FLAGS.neighbour_term == "linear"
                                 else "log(1 + neighbours)", "log(photons / 200)"]

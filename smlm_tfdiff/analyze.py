@@ -110,7 +110,7 @@ class KerasBackend:
         if models.psi is None:  # phi only: the KDE estimate, no posterior (num_samples 0).
             self.sampling = self._sampler = self.method = self.window = self.window_factor = None
             self.max_images = None
-            self.num_steps, self.recipe = None, {}
+            self.num_steps, self.num_samples, self.recipe = None, None, {}
             return
         changes = {} if method is None else {"method": method}
         if restart_t is not None:
@@ -122,7 +122,8 @@ class KerasBackend:
         self._sampler = PosteriorSampler(models, jit_compile=self.jit_compile,
                                          recipe=self.sampling)
         self.method = self.sampling.method
-        self.num_steps = self.sampling.num_steps  # The default.
+        self.num_steps = self.sampling.num_steps  # The defaults.
+        self.num_samples = self.sampling.num_samples or DEFAULT_NUM_SAMPLES
         self.recipe = _sweeps(self.sampling)
         # psi's own window (camera px): the frame size, or crop, it was trained on; the posterior
         # of a whole-field model is sampled in windows of this size (posterior_windows).
@@ -180,7 +181,8 @@ class SavedModelBackend:
         self.detection = self._served.detection
         self.source = str(path)
         self.sampling = self._served.recipe  # Fixed at export, without restart sweeps.
-        self.num_steps = self.sampling.num_steps  # The export's default.
+        self.num_steps = self.sampling.num_steps  # The export's defaults.
+        self.num_samples = self.sampling.num_samples or DEFAULT_NUM_SAMPLES
         self.recipe = _sweeps(self.sampling)
 
     has_posterior = True
@@ -326,6 +328,9 @@ def background_widening(xy, intensity, background, config, crlb_xy_nm=None):
 
 
 MIN_FRAME = 4  # Camera pixels, each side.
+# Posterior samples per frame when neither the caller nor the model's recipe (diffusion.json's
+# num_samples) says otherwise.
+DEFAULT_NUM_SAMPLES = 16
 MIN_WINDOW = 8  # Camera px: the smallest posterior window (--window_px), 2 overlaps of context.
 # Overlap of a whole-field model's posterior windows, camera px: a localization is sampled in the
 # window whose centre is nearest, so it lies >= 2 px inside it (psi's context) unless at the frame
@@ -491,11 +496,13 @@ def _window_px(window_px, backend):
 class StackAnalyzer:
     """Runs one model over TIFF stacks. See the module docstring for the outputs."""
 
-    def __init__(self, backend, camera: Camera, num_samples=16, num_steps=None, batch_frames=8,
+    def __init__(self, backend, camera: Camera, num_samples=None, num_steps=None, batch_frames=8,
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
                  sample_windows="localized", window_px=None, scale_uncertainty=True,
                  in_samples=None):
+        if num_samples is None:  # The model's (its recipe's), else DEFAULT_NUM_SAMPLES.
+            num_samples = getattr(backend, "num_samples", None) or DEFAULT_NUM_SAMPLES
         if num_samples == 1 or num_samples < 0:
             raise ValueError(f"num_samples must be >= 2 to estimate a posterior std, or 0 for "
                              f"phi's localizations with the CRLB as uncertainty (got "
@@ -1105,9 +1112,11 @@ def define_flags():
                        "model's camera).")
     flags.DEFINE_float("pixel_size_nm", None, "Camera pixel size in the sample plane, nm "
                        "(default: the model's).")
-    shared_flags.define_sampling_flags(num_samples=16)
-    flags.FLAGS["num_samples"].help = ("Posterior samples per frame; 0: phi only, a quick look "
-                                       "with the CRLB as uncertainty (uncertainty_is_crlb = 1).")
+    shared_flags.define_sampling_flags(num_samples=None)
+    flags.FLAGS["num_samples"].help = (f"Posterior samples per frame (default: the model's, from "
+                                       f"its diffusion.json, else {DEFAULT_NUM_SAMPLES}); 0: phi "
+                                       "only, a quick look with the CRLB as uncertainty "
+                                       "(uncertainty_is_crlb = 1).")
     flags.DEFINE_integer("restart_t", None, "Restart sweeps of the sampler from this step "
                          "(with --restarts): the calibrated recipe of --model paper_wide is "
                          "--restart_t 100 --restarts 2 (docs/calibration.md); off by default.")

@@ -350,3 +350,19 @@ def test_restarts_are_gibbs_sweeps_towards_the_posterior(restarts):
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         sampler(FRAMES, num_samples=2, num_steps=steps, t_start=t, y_hat=_y_hat(), restart_t=t,
                 restarts=0)
+
+
+def test_recipe_carries_the_default_sample_count():
+    """diffusion.json's optional num_samples: written only when set, read back, checked; absent
+    in the files written before it (None: analyze's DEFAULT_NUM_SAMPLES)."""
+    schedule = NoiseSchedule.named("paper")
+    plain = Recipe(schedule, num_steps=10)
+    assert plain.num_samples is None and "num_samples" not in plain.to_dict()
+    eight = Recipe(schedule, num_steps=5, num_samples=8.0)
+    assert eight.num_samples == 8 and eight.to_dict()["num_samples"] == 8
+    assert Recipe.from_json(eight.to_json()) == eight and eight != plain
+    assert "num_samples=8" in repr(eight)
+    with pytest.raises(ValueError, match="num_samples must be >= 2"):
+        Recipe(schedule, num_samples=1)
+    with pytest.raises(ValueError, match="got unknown keys \\['samples'\\]"):
+        Recipe.from_dict({"schedule": schedule.get_config(), "samples": 8})

@@ -2,8 +2,8 @@
 
 One frozen `Recipe` carries the noise schedule psi was trained with, the loss weighting, and the
 sampler's defaults: the guided-start step t_start, the number of reverse steps num_steps from it,
-the method (ancestral "ddpm" or deterministic "ddim") and the restart sweeps (restart_t,
-restarts). The trainers write it (`to_json`), `pretrained.load_models` reads it (`from_json`), and
+the method (ancestral "ddpm" or deterministic "ddim"), the restart sweeps (restart_t,
+restarts) and the posterior samples analyze draws per frame (num_samples). The trainers write it (`to_json`), `pretrained.load_models` reads it (`from_json`), and
 the sampler, the export and analyze take their defaults from it, so a model samples the way it
 was trained and validated unless a caller asks otherwise.
 
@@ -15,6 +15,9 @@ diffusion.json (keys; files written before method and the sweeps existed lack th
   method       "ddpm" (default, the bundled models') or "ddim"
   restart_t    int in 1..T, only with restart sweeps: each sample is noised back to restart_t and
   restarts     denoised again, restarts times (sampler.PosteriorSampler)
+  num_samples  int >= 2, optional: posterior samples per frame analyze draws by default (absent:
+               analyze's DEFAULT_NUM_SAMPLES, 16); a model whose calibration scale was fitted
+               with fewer samples says so here
 A SavedModel's diffusion.json (serving.py) adds the export-only keys EXPORT_KEYS.
 """
 
@@ -47,6 +50,7 @@ class Recipe:
     method: str = DEFAULT_METHOD
     restart_t: Optional[int] = None
     restarts: Optional[int] = None
+    num_samples: Optional[int] = None
 
     def __post_init__(self):
         T = self.schedule.T
@@ -72,8 +76,15 @@ class Recipe:
             restarts = 1 if restarts is None else int(restarts)
             if restarts < 1:
                 raise ValueError(f"restarts must be >= 1 with restart_t (got {restarts})")
+        num_samples = self.num_samples
+        if num_samples is not None:
+            num_samples = int(num_samples)
+            if num_samples < 2:
+                raise ValueError(f"num_samples must be >= 2 to estimate a posterior std (got "
+                                 f"{self.num_samples})")
         for name, value in (("t_start", t_start), ("num_steps", num_steps),
-                            ("restart_t", restart_t), ("restarts", restarts)):
+                            ("restart_t", restart_t), ("restarts", restarts),
+                            ("num_samples", num_samples)):
             object.__setattr__(self, name, value)
 
     @property
@@ -94,11 +105,14 @@ class Recipe:
 
     # JSON -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """diffusion.json as a dict; restart_t and restarts only when the recipe has sweeps."""
+        """diffusion.json as a dict; restart_t and restarts only when the recipe has sweeps,
+        num_samples only when set."""
         out = {"schedule": self.schedule.get_config(), "weighting": self.weighting,
                "t_start": self.t_start, "num_steps": self.num_steps, "method": self.method}
         if self.restart_t is not None:
             out.update(restart_t=self.restart_t, restarts=self.restarts)
+        if self.num_samples is not None:
+            out["num_samples"] = self.num_samples
         return out
 
     def to_json(self) -> str:
@@ -115,7 +129,8 @@ class Recipe:
         unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
         if unknown or "schedule" not in config:
             raise ValueError(f"a diffusion recipe holds a schedule and optionally weighting, "
-                             f"t_start, num_steps, method, restart_t and restarts (got unknown "
+                             f"t_start, num_steps, method, restart_t, restarts and num_samples "
+                             f"(got unknown "
                              f"keys {sorted(unknown)}, schedule "
                              f"{'present' if 'schedule' in config else 'missing'})")
         config["schedule"] = NoiseSchedule.from_config(config["schedule"])
@@ -134,5 +149,6 @@ class Recipe:
     def __repr__(self):
         sweeps = (f", restart_t={self.restart_t}, restarts={self.restarts}"
                   if self.restart_t is not None else "")
+        samples = f", num_samples={self.num_samples}" if self.num_samples is not None else ""
         return (f"Recipe({self.schedule!r}, weighting={self.weighting!r}, t_start={self.t_start}, "
-                f"num_steps={self.num_steps}, method={self.method!r}{sweeps})")
+                f"num_steps={self.num_steps}, method={self.method!r}{sweeps}{samples})")
