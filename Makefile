@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean reproduce reproduce-wholefield
+.PHONY: demo test bench clean reproduce reproduce-wholefield reproduce-wholefield-fast
 
 $(STAMP): setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -90,6 +90,27 @@ reproduce-wholefield: $(STAMP)
 		--model $(REPRO)/wholefield --nocheck --background_term --scale_out $(REPRO)/wholefield \
 		--scores_cache $(REPRO)/wf_scale_bg0.npz,$(REPRO)/wf_scale_bg.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
+
+# Retrain the bundled `wholefield_fast` psi (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
+# the camera grid, from scratch on windows after the bundled wholefield phi (about 1.8 hours on a
+# 2-core CPU), its sampling defaults (8 samples x 5 steps, refits in the samples) and calibration
+# scale (~13 min).
+reproduce-wholefield-fast: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
+		--phi wholefield --preset wholefield --crop_size 20 --space_to_depth 4 \
+		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --steps 9000 \
+		--batch_size 32 --learning_rate 1e-3 --ema_decay 0.999 --jit_compile --eval_every 1500 \
+		--checkpoint_every 250 --val_frames 8 --noprogress
+	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
+	cp $(REPRO)/psi_wf_s2d4/psi.weights.h5 $(REPRO)/psi_wf_s2d4/psi_config.json \
+		$(REPRO)/psi_wf_s2d4/phi.weights.h5 $(REPRO)/psi_wf_s2d4/phi_config.json \
+		$(REPRO)/psi_wf_s2d4/sim_config.json smlm_tfdiff/weights/wholefield_fast/diffusion.json \
+		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
+	rm -f $(REPRO)/wff_scale.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
+		--model $(REPRO)/wholefield_fast --densities 400,40,15 --photons 150,400,1000-5000 \
+		--background 0,8,25 --background_term --scores_cache $(REPRO)/wff_scale.npz \
+		--scale_out $(REPRO)/wholefield_fast --out $(REPRO)/calibration_wholefield_fast_scale.json
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/simulate.py

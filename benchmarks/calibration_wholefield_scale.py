@@ -7,7 +7,8 @@ densities and brightnesses; fitted on validation seeds, checked on held-out ones
 The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 200), or b k with
 --neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
 photometry, both from analyze's own table; with --background_term or --base_scale + d log w, w the
-factor by which the fitted background widens the CRLB), fitted by maximum likelihood of
+factor by which the fitted background widens the CRLB; with --interaction_term + e log(1 + k)
+log(N / 200)), fitted by maximum likelihood of
 z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
@@ -64,6 +65,8 @@ flags.DEFINE_enum("neighbour_term", "log1p", ["linear", "log1p"], "How the neigh
 flags.DEFINE_bool("background_term", False, "Fit a fourth term d log w, w the fitted "
                   "background's widening of the CRLB (analyze.background_widening), jointly with "
                   "the others.")
+flags.DEFINE_bool("interaction_term", False, "Fit a further term e g(k) log(N / 200), the "
+                  "brightness slope changing with crowding (uncertainty.scale).")
 flags.DEFINE_string("base_scale", None, "An uncertainty_scale.json whose a, b, c (fitted on "
                     "cells without background) are kept: fit only the background term d, on "
                     "these cells (with --background).")
@@ -76,6 +79,7 @@ flags.DEFINE_string("out", None, "JSON file for the results.")
 FLAGS = flags.FLAGS
 
 FIT_SEED, CHECK_SEED = 8300, 9300
+INTERACTION_TERM = "neighbour term x log(photons / 200)"  # The report's name of it.
 KEYS = ("z", "neighbours", "photons", "background", "widening", "uncertainty_nm", "error_nm")
 
 
@@ -284,6 +288,10 @@ def main(argv):
         raise app.UsageError(f"{', '.join(caches)} hold no fit cells: pass --fit_from, or add "
                              "a cache with fit cells")
     widening = FLAGS.background_term or FLAGS.base_scale is not None
+    interaction = FLAGS.interaction_term
+    if interaction and FLAGS.base_scale:
+        raise app.UsageError("--interaction_term fits every term jointly; it does not combine "
+                             "with --base_scale")
     fitted_on = ""
     if FLAGS.fit_from:
         with open(FLAGS.fit_from) as f:
@@ -292,12 +300,14 @@ def main(argv):
             raise app.UsageError(f"{FLAGS.fit_from} was fitted with neighbour_term "
                                  f"{fitted.get('neighbour_term', 'linear')}; pass that")
         beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
-        widening = len(beta) > 3
+        terms = fitted.get("terms", [])
+        widening, interaction = "log(widening)" in terms, INTERACTION_TERM in terms
         constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
         print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
     else:
         fit = [scores for _, _, _, scores, _ in result["fit"]]
-        x = np.concatenate([features(s, FLAGS.neighbour_term, widening) for s in fit])
+        x = np.concatenate([features(s, FLAGS.neighbour_term, widening, interaction)
+                            for s in fit])
         z = np.concatenate([s["z"] for s in fit])
         if FLAGS.base_scale:  # a, b, c kept: log s = (a, b, c) . x[:, :3] + d log w.
             base = _base_scale()
@@ -309,7 +319,8 @@ def main(argv):
             beta, beta_se = fit_log_scale(x, z)
         constant, _ = std_z(z)
     g = "k" if FLAGS.neighbour_term == "linear" else "log(1 + k)"
-    term_d = (f" + {beta[3]:.4f} log w" if widening else "")
+    term_d = ((f" + {beta[3]:.4f} log w" if widening else "")
+              + (f" + {beta[-1]:.4f} {g} log(N/200)" if interaction else ""))
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
           f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200){term_d}  (se "
           f"{', '.join(f'{v:.4f}' for v in beta_se)}{'; a, b, c kept' if FLAGS.base_scale else ''}"
@@ -317,14 +328,16 @@ def main(argv):
     if FLAGS.scale_out and not FLAGS.fit_from:
         write_scale(FLAGS.scale_out, beta, FLAGS.radius,
                     fitted_on + f"python benchmarks/calibration_wholefield_scale.py --model "
-                    f"{FLAGS.model}{' --background_term' if widening else ''}: "
+                    f"{FLAGS.model}{' --background_term' if widening else ''}"
+                    f"{' --interaction_term' if interaction else ''}: "
                     f"{len(z)} localizations of analyze's table on validation movies "
                     f"({_describe(result['fit'])}), default recipe, {num_samples()} samples; "
-                    f"docs/calibration.md", FLAGS.neighbour_term)
+                    f"docs/calibration.md", FLAGS.neighbour_term, interaction)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
-             **check_row(s, constant, np.exp(features(s, FLAGS.neighbour_term, widening) @ beta))}
+             **check_row(s, constant, np.exp(
+                 features(s, FLAGS.neighbour_term, widening, interaction) @ beta))}
         rows.append(r)
         bg = metrics.get("background")
         print(f"1/{density:3g} px^2 N0 {photons:>9}{'' if bg is None else f' bg {bg:g}'}  locs "
@@ -343,7 +356,8 @@ def main(argv):
               "fit": {"log_scale": beta.tolist(), "se": beta_se.tolist(),
                       "terms": ["1", "neighbours" if FLAGS.neighbour_term == "linear"
                                 else "log(1 + neighbours)", "log(photons / 200)"]
-                      + (["log(widening)"] if widening else []),
+                      + (["log(widening)"] if widening else [])
+                      + ([INTERACTION_TERM] if interaction else []),
                       "kept_from": FLAGS.base_scale,
                       "neighbour_term": FLAGS.neighbour_term,
                       "localizations": int(len(z)), "constant_scale": constant},

@@ -453,10 +453,13 @@ def _scale_text(scale):
                 "the recipe it was fitted for): the uncertainty is psi's own spread.")
     c, d = scale["per_log_photons"], scale.get("per_log_widening", 0.0)
     g = "log(1 + k)" if scale.get("neighbour_term") == "log1p" else "k"
+    e = scale.get("per_neighbour_log_photons", 0.0)
     w = f" {'-' if d < 0 else '+'} {abs(d):g} log w" if d else ""
+    n = f"log(N / {scale['reference_photons']:g})"
+    w += f" {'-' if e < 0 else '+'} {abs(e):g} {g} {n}" if e else ""
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
-            f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} log(N / "
-            f"{scale['reference_photons']:g}){w}), k the other localizations within "
+            f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} {n}{w}), k "
+            f"the other localizations within "
             f"{scale['radius_px']:g} px and N the photometry (photons)"
             + (", w the factor by which the fitted background widens the CRLB." if d else "."))
 

@@ -59,6 +59,37 @@ def test_background_term_follows_the_formula():
         scale.factor(xy, photons, widening[:3])
 
 
+def test_interaction_term_follows_the_formula(tmp_path):
+    """per_neighbour_log_photons e: + e g(k) log(N / N_ref); absent from older files (0); the
+    benchmarks' design matrix and write_scale put it last."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from _validation import features, write_scale
+
+    scale = UncertaintyScale(intercept=0.1, per_neighbour=0.3, per_log_photons=-0.4,
+                             neighbour_term="log1p", per_log_widening=0.7,
+                             per_neighbour_log_photons=0.1)
+    xy = np.array([[0.0, 0.0], [3.0, 4.0], [40.0, 0.0]])  # k = 1, 1, 0.
+    photons = np.array([800.0, 50.0, 800.0])
+    widening = np.array([1.0, 2.0, 1.0])
+    g, p = np.log([2.0, 2.0, 1.0]), np.log(photons / 200.0)
+    expected = np.exp(0.1 + 0.3 * g - 0.4 * p + 0.7 * np.log(widening) + 0.1 * g * p)
+    np.testing.assert_allclose(scale.factor(xy, photons, widening), expected, rtol=1e-12)
+    old = json.loads(scale.to_json())
+    del old["per_neighbour_log_photons"]
+    assert UncertaintyScale.from_json(json.dumps(old)).per_neighbour_log_photons == 0.0
+    scores = {"neighbours": np.array([1, 1, 0]), "photons": photons, "widening": widening}
+    x = features(scores, "log1p", widening=True, interaction=True)
+    beta = np.array([0.1, 0.3, -0.4, 0.7, 0.1])
+    np.testing.assert_allclose(np.exp(x @ beta), expected, rtol=1e-12)
+    for terms, widen in ((beta, True), (beta[[0, 1, 2, 4]], False)):
+        write_scale(str(tmp_path), terms, 8.0, "test", "log1p", interaction=True)
+        written = UncertaintyScale.from_json((tmp_path / SCALE_FILE).read_text())
+        assert written.per_neighbour_log_photons == 0.1
+        assert written.per_log_widening == (0.7 if widen else 0.0)
+
+
 def test_background_widening_is_the_crlb_ratio():
     from smlm_tfdiff import SimulationConfig
     from smlm_tfdiff.analyze import background_widening
@@ -130,6 +161,17 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
     assert scale.uses_background and 0 < scale.per_log_widening < 1
 
 
+def test_bundled_fast_wholefield_model_has_its_own_scale():
+    """wholefield_fast's scale (MODEL.md there): fitted through analyze with the model's own
+    sampling (8 samples x 5 steps, refits), with the crowding x brightness interaction."""
+    scale = load_models(os.path.join(WEIGHTS_DIR, "wholefield_fast")).uncertainty_scale
+    assert "--model wholefield_fast --background_term --interaction_term" in scale.fitted_on
+    assert "8 samples" in scale.fitted_on
+    assert scale.per_neighbour > 0 and scale.per_log_photons < 0 and scale.uses_background
+    # A lone emitter's reported std falls with brightness faster than a crowded one's.
+    assert scale.per_neighbour_log_photons > 0
+
+
 def test_report_names_the_scales_neighbour_term():
     from smlm_tfdiff.report import _scale_text
 
@@ -141,6 +183,9 @@ def test_report_names_the_scales_neighbour_term():
     assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w)"
             in _scale_text(background)) and "widens the CRLB" in _scale_text(background)
     assert "widens" not in _scale_text(log1p)
+    both = dict(background, per_neighbour_log_photons=0.1)
+    assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w + 0.1 log(1 + k) "
+            "log(N / 200))" in _scale_text(both))
 
 
 def test_whole_field_windows_get_the_scale(tmp_path):

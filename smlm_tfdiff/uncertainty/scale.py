@@ -7,10 +7,14 @@ follow the number of emitters nearby and the brightness. The scale
     s = exp(a + b k + c log(N / N_ref) + d log w)     (neighbour_term "linear")
     s = exp(a + b log(1 + k) + c log(N / N_ref) + d log w)     (neighbour_term "log1p")
 
+and optionally + e g(k) log(N / N_ref), g(k) the neighbour term (the brightness slope changing
+with crowding: on whole-field scenes a lone emitter's error falls with N faster than a crowded
+one's),
+
 with k the other localizations of the frame within `radius_px` camera px, N the localization's
 photometry (photons; io.photometry as analyze fits it) and w >= 1 the factor by which its fitted
 background widens its CRLB (analyze.background_widening; d = 0 in scales fitted without
-background) multiplies the posterior std of each localization. a, b, c and d are fitted by
+background) multiplies the posterior std of each localization. a, b, c, d (and e) are fitted by
 maximum likelihood of z = error / (s std) ~ N(0, 1) on validation scenes
 (benchmarks/calibration_density_scale.py, calibration_wholefield_scale.py) and checked on
 held-out ones; they belong to one pair of models and one sampler recipe, and a model folder that
@@ -41,8 +45,9 @@ NEIGHBOUR_TERMS = ("linear", "log1p")
 @dataclasses.dataclass(frozen=True)
 class UncertaintyScale:
     """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons)
-    + per_log_widening log(w), g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p"), w the
-    background's widening of the CRLB (1 without background).
+    + per_log_widening log(w) + per_neighbour_log_photons g(k) log(N / reference_photons),
+    g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p"), w the background's widening of
+    the CRLB (1 without background).
 
     radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
     (the command and the scenes), kept with them."""
@@ -54,11 +59,12 @@ class UncertaintyScale:
     reference_photons: float = 200.0
     neighbour_term: str = "linear"
     per_log_widening: float = 0.0
+    per_neighbour_log_photons: float = 0.0
     fitted_on: str = ""
 
     def __post_init__(self):
         for name in ("intercept", "per_neighbour", "per_log_photons", "radius_px",
-                     "reference_photons", "per_log_widening"):
+                     "reference_photons", "per_log_widening", "per_neighbour_log_photons"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
@@ -110,8 +116,9 @@ class UncertaintyScale:
             raise ValueError(f"photons must hold one value per localization ({len(k)}; got "
                              f"{len(photons)})")
         g = neighbour_feature(k, self.neighbour_term)
-        log_s = (self.intercept + self.per_neighbour * g
-                 + self.per_log_photons * photons_feature(photons, self.reference_photons))
+        p = photons_feature(photons, self.reference_photons)
+        log_s = (self.intercept + self.per_neighbour * g + self.per_log_photons * p
+                 + self.per_neighbour_log_photons * g * p)
         if widening is not None:
             w = np.asarray(widening, np.float64).reshape(-1)
             if len(w) != len(k):
