@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from smlm_tfdiff.diffusion.schedule import q_sample, to_diffusion_space
 from smlm_tfdiff.models.psi import (NoiseLevelEmbedding, PsiConfig, build_psi,
-                                    check_input_size)
+                                    check_input_size, transfer_weights)
 
 TINY = PsiConfig(base_channels=8, channel_multipliers=(1, 2), attention_resolutions=(10,),
                  image_size=20, dropout=0.0, groups=4, embedding_dim=16)
@@ -278,3 +278,33 @@ def test_space_to_depth_runs_the_unet_on_a_coarser_grid(tmp_path):
     again.load_weights(path)
     np.testing.assert_allclose(np.asarray(again(_batch(2, 24))), out, rtol=1e-5, atol=1e-6)
     assert PsiConfig.from_json(coarse.to_json()) == coarse
+
+
+def test_output_head_starts_as_no_change_and_gets_gradients():
+    """output_head c: a psi on a coarser grid gains a head on the KDE grid. Given the weights of
+    the same psi without it (transfer_weights) it computes the same eps, and the loss reaches
+    every layer of the head (its zero output conv first: the head can learn from there). Its
+    effect on a trained psi is measured in weights/wholefield_fast/MODEL.md."""
+    coarse = dataclasses.replace(TINY, space_to_depth=4, attention_resolutions=(), image_size=32)
+    headed = dataclasses.replace(coarse, output_head=8)
+    assert headed.same_network(coarse) and PsiConfig.from_json(headed.to_json()) == headed
+    with pytest.raises(ValueError, match="output_head must be >= 0"):
+        dataclasses.replace(coarse, output_head=-1)
+    keras.utils.set_random_seed(2)
+    source = build_psi(coarse)
+    conv = source.get_layer("eps")
+    conv.set_weights([np.random.default_rng(2).normal(0, 0.1, w.shape).astype(np.float32)
+                      for w in conv.get_weights()])
+    target = build_psi(headed)
+    transfer_weights(source, target)
+    batch = _batch(2, 24)
+    np.testing.assert_array_equal(np.asarray(target(batch)), np.asarray(source(batch)))
+    head = [w for w in target.trainable_weights if w.path.startswith("head_")]
+    assert len(head) == 14 and target.count_params() == source.count_params() + sum(
+        int(np.prod(w.shape)) for w in head)
+    eps = np.random.default_rng(3).standard_normal((2, 24, 24, 1)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((target(batch, training=True) - eps) ** 2)
+    grads = tape.gradient(loss, head)
+    out = [g for g, w in zip(grads, head) if w.path.startswith("head_out")]
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in out)

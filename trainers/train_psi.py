@@ -30,6 +30,9 @@ flags.DEFINE_list("attention_resolutions", ["10"], "psi: feature-map sizes with 
 flags.DEFINE_integer("space_to_depth", 1, "psi: run the U-Net on a grid this many KDE pixels "
                      "coarser per side (f x f blocks as f^2 channels; PsiConfig.space_to_depth): "
                      "~f^2 cheaper per evaluation.")
+flags.DEFINE_integer("output_head", 0, "psi: channels of an output head on the KDE grid "
+                     "(PsiConfig.output_head; for a psi on a coarser grid): 0, none. With "
+                     "--init_psi from a psi without one, the head starts as no change.")
 flags.DEFINE_float("dropout", 0.0, "psi: dropout in the res blocks.")
 flags.DEFINE_integer("embedding_dim", 64, "psi: noise-level embedding width.")
 flags.DEFINE_enum("noise_schedule", "paper", ["paper", "paper_extended", "cosine", "linear"],
@@ -102,7 +105,7 @@ def main(argv):
         image_size=(FLAGS.crop_size * sim_config.upsample if FLAGS.crop_size
                     else sim_config.hr_shape[0]), dropout=FLAGS.dropout,
         embedding_dim=FLAGS.embedding_dim, prediction=FLAGS.prediction,
-        space_to_depth=FLAGS.space_to_depth,
+        space_to_depth=FLAGS.space_to_depth, output_head=FLAGS.output_head,
         **frame_fields(phi_models.config, FLAGS.frame_condition))
     mix_config = phi_models.scene_config(FLAGS.mix_preset) if FLAGS.mix_preset else None
     init_psi = None

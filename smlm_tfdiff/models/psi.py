@@ -27,6 +27,14 @@ and eps_out's f^2 channels are put back into the blocks (depth-to-space) at the 
 lost (the blocks are rearranged, not pooled), and every convolution costs ~f^2 fewer positions;
 the KDE's kernel (3 HR px) still spans a coarse pixel or more at f <= 4. Height and width must
 then divide by f * 2^(levels - 1).
+
+PsiConfig.output_head = c > 0 adds a small head on the KDE grid after depth-to-space: two 3x3
+convolutions of c channels over [y_t, 2 y_hat - 1, eps], each followed by a per-channel scale and
+shift from the noise-level embedding (FiLM) and swish, and a zero-initialised 3x3 convolution
+whose output is added to eps. At low noise eps is y_t's fine, per-pixel noise, amplified by
+1 / sqrt(1 - gamma); the coarse grid's channels carry it only through the whole U-Net, and a psi
+on the camera grid without the head leaves a floor of noise and an offset in its samples
+(weights/wholefield_fast/MODEL.md). The head costs ~c^2 x 9 multiply-adds per KDE pixel.
 """
 
 import dataclasses
@@ -74,6 +82,8 @@ class PsiConfig:
     frame_upsample: int = 4  # KDE pixels per frame pixel along each axis.
     # The U-Net's grid is this many KDE pixels per side coarser (module docstring); 1: the KDE's.
     space_to_depth: int = 1
+    # Channels of the output head on the KDE grid (module docstring); 0: none.
+    output_head: int = 0
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
@@ -109,6 +119,9 @@ class PsiConfig:
                                  f"{self.frame_gain}, {self.frame_readout_var})")
             self.frame_upsample = int(self.frame_upsample)
         self.space_to_depth = int(self.space_to_depth)
+        self.output_head = int(self.output_head)
+        if self.output_head < 0:
+            raise ValueError(f"PsiConfig.output_head must be >= 0 (got {self.output_head})")
         factor = self.downsample_factor
         if self.image_size % factor:
             raise ValueError(f"PsiConfig.image_size = {self.image_size} must be divisible by "
@@ -152,13 +165,14 @@ class PsiConfig:
 
     def same_network(self, other: "PsiConfig") -> bool:
         """True when `other` builds the same layers, up to the reference image_size (attention
-        compared by level), the output's reading (prediction) and the frame condition (which
-        adds one input channel to conv_in): `transfer_weights` moves the weights of one into
-        the other."""
+        compared by level), the output's reading (prediction), the frame condition (which
+        adds one input channel to conv_in) and the output head (whose last layer starts at
+        zero): `transfer_weights` moves the weights of one into the other."""
         def key(c):
             d = dataclasses.asdict(c)
             for name in ("image_size", "attention_resolutions", "prediction", "frame_condition",
-                         "frame_offset", "frame_gain", "frame_readout_var", "frame_upsample"):
+                         "frame_offset", "frame_gain", "frame_readout_var", "frame_upsample",
+                         "output_head"):
                 d.pop(name)
             return d, c.attention_levels
         return key(self) == key(other)
@@ -344,6 +358,31 @@ def _res_block(x, emb, channels, config, name):
     return layers.Add(name=f"{name}_out")([x, h])
 
 
+def _film(h, emb, channels, name):
+    """h [B, H, W, C] x (1 + Dense(emb)) + Dense(emb): a per-channel scale and shift from the
+    noise-level embedding [B, E], the scale starting at 1."""
+    scale = layers.Dense(channels, kernel_initializer="zeros", bias_initializer="ones",
+                         name=f"{name}_scale")(emb)
+    shift = layers.Dense(channels, name=f"{name}_shift")(emb)
+    h = layers.Multiply(name=f"{name}_scaled")(
+        [h, layers.Reshape((1, 1, channels), name=f"{name}_scale_4d")(scale)])
+    return layers.Add(name=f"{name}_shifted")(
+        [h, layers.Reshape((1, 1, channels), name=f"{name}_shift_4d")(shift)])
+
+
+def _output_head(eps, y_t, cond, emb, channels):
+    """eps + the head's correction on the KDE grid (module docstring); its last convolution is
+    zero-initialised, so a psi given a head starts as the same function."""
+    h = layers.Concatenate(name="head_inputs")([y_t, cond, eps])
+    for i in (1, 2):
+        h = layers.Conv2D(channels, 3, padding="same", name=f"head_conv{i}")(h)
+        h = _film(h, emb, channels, f"head_film{i}")
+        h = layers.Activation("swish", name=f"head_act{i}")(h)
+    out = layers.Conv2D(1, 3, padding="same", kernel_initializer="zeros",
+                        bias_initializer="zeros", name="head_out")(h)
+    return layers.Add(name="head_eps")([eps, out])
+
+
 def _attention(x, config, name):
     return SelfAttention2D(config.groups, config.num_heads, name=name)(x)
 
@@ -438,6 +477,8 @@ def build_psi(psi_config: Optional[PsiConfig] = None, image_size=None, name="psi
                         bias_initializer="zeros", name="eps")(x)
     if f > 1:
         eps = DepthToSpace(f, name="depth_to_space")(eps)
+    if config.output_head:
+        eps = _output_head(eps, y_t, cond, emb, config.output_head)
     if config.prediction != "eps":
         from smlm_tfdiff.experimental.prediction import eps_output
         eps = eps_output(config.prediction, eps, y_t, noise_level, cond)
@@ -448,7 +489,9 @@ def transfer_weights(source, target):
     """Copy psi `source`'s weights into `target`, a psi of the same network that may take more
     input channels (a frame-conditioned psi started from one that is not): conv_in's kernel gets
     the source's channels first and zeros for the new ones, so `target` starts as exactly the
-    function `source` computes. Any other difference of shapes raises ValueError."""
+    function `source` computes. The layers of an output head the source lacks keep their
+    initialisation (its last layer is zero: the same function again). Any other difference of
+    shapes raises ValueError."""
     for layer in target.layers:
         weights = layer.get_weights()
         if not weights:
@@ -456,6 +499,8 @@ def transfer_weights(source, target):
         try:
             src = source.get_layer(layer.name).get_weights()
         except ValueError:
+            if layer.name.startswith("head_"):
+                continue
             raise ValueError(f"psi layer {layer.name!r} has no counterpart in the source psi; "
                              "start from a psi of the same network") from None
         if len(src) != len(weights):
