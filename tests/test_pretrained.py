@@ -138,9 +138,9 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
 def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     """wholefield_fast (MODEL.md there): the wholefield phi with a psi on the camera grid
     (space-to-depth 4), sampled 8 x 5 steps by default and refitted in the samples. Its windows
-    of phi's estimate put the spread where the emitters are (measured on these frames: mean std
-    0.0073 where the true KDE exceeds 0.2, 0.0017 where it is below 1e-3, the floor MODEL.md
-    describes; 4.2x on two seeds), and analyze's defaults are the model's."""
+    of phi's estimate put the spread where the emitters are (measured on these frames: mean
+    per-pixel variance 0.0073 where the true KDE exceeds 0.2, 0.0017 where it is below 1e-3, the
+    floor MODEL.md describes; 4.2x on two seeds), and analyze's defaults are the model's."""
     from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
     from smlm_tfdiff.io.tiling import TileGrid
 
@@ -157,9 +157,9 @@ def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     grid = TileGrid((40, 40), (8, 8), 4, 4)
     windows = grid.cut_hr(y_hat[:1, ..., 0])[..., None]
     post = PosteriorSampler(models, jit_compile=False)(None, 8, seed=0, y_hat=windows)
-    std = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)[1][0]
+    variance = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)[1][0]
     truth_kde = data["kde"][0, ..., 0]
-    assert std[truth_kde > 0.2].mean() > 3 * std[truth_kde < 1e-3].mean()
+    assert variance[truth_kde > 0.2].mean() > 3 * variance[truth_kde < 1e-3].mean()
     backend = load_backend("wholefield_fast", jit_compile=False)
     analyzer = StackAnalyzer(backend, Camera(float(config.offset), float(config.gain)),
                              progress=False)
