@@ -768,6 +768,18 @@ def associate(found, reference, tolerance):
     return s[order], f[order], r[order]
 
 
+def several_frames(samples, reference) -> bool:
+    """Whether samples (an array) are [B, S, H, W(, 1)] with a list of B references (True) or
+    [S, H, W(, 1)] with one reference [M, 2] (False); ValueError for any other pairing."""
+    frames = samples.ndim == 5 or (samples.ndim == 4 and samples.shape[-1] != 1)
+    listed = isinstance(reference, (list, tuple))
+    if frames != listed or (frames and len(reference) != len(samples)):
+        raise ValueError(f"samples must be [S, H, W(, 1)] with reference [M, 2], or "
+                         f"[B, S, H, W(, 1)] with a list of B references (got samples "
+                         f"{samples.shape} and {type(reference).__name__} reference)")
+    return frames
+
+
 def localization_uncertainty_batched(samples, reference, config, detection=None,
                                      tolerance_hr=4.0):
     """Per-localization uncertainty from posterior samples (as
@@ -786,12 +798,7 @@ def localization_uncertainty_batched(samples, reference, config, detection=None,
     """
     check_config(config)
     arr = as_numpy(samples, "samples")
-    frames = arr.ndim == 5 or (arr.ndim == 4 and arr.shape[-1] != 1)
-    if frames != isinstance(reference, (list, tuple)) or (frames and len(reference) != len(arr)):
-        raise ValueError(f"samples must be [S, H, W(, 1)] with reference [M, 2], or "
-                         f"[B, S, H, W(, 1)] with a list of B references (got samples "
-                         f"{arr.shape} and {type(reference).__name__} reference)")
-    if not frames:
+    if not several_frames(arr, reference):
         return uncertainty_from_detections(detect_batch(arr, config, detection), reference,
                                            config, tolerance_hr)
     refs = [as_positions(r, f"reference[{i}]", count="M") for i, r in enumerate(reference)]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
-from smlm_tfdiff.localization.batched import _integrals, _stack
+from smlm_tfdiff.localization.batched import _integrals, _stack, several_frames
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import DEBLEND_DEFAULTS
 from smlm_tfdiff.simulation.config import check_config
@@ -169,11 +169,7 @@ def localization_uncertainty_refit(samples, reference, config, detection=None, t
     """
     check_config(config)
     arr = as_numpy(samples, "samples")
-    many = arr.ndim == 5 or (arr.ndim == 4 and arr.shape[-1] != 1)
-    if many != isinstance(reference, (list, tuple)) or (many and len(reference) != len(arr)):
-        raise ValueError(f"samples must be [S, H, W(, 1)] with reference [M, 2], or "
-                         f"[B, S, H, W(, 1)] with a list of B references (got samples "
-                         f"{arr.shape} and {type(reference).__name__} reference)")
+    many = several_frames(arr, reference)
     if not many:
         arr, reference = arr[None], [reference]
         context = None if context is None else [context]
