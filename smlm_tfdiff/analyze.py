@@ -791,7 +791,8 @@ class StackAnalyzer:
                                  "num_steps": self.num_steps, **self.backend.recipe,
                                  "seed": self.seed,
                                  "localize_on": self.localize_on, "overlap_px": self.overlap,
-                                 "in_samples": self.in_samples, "pad_px": self.pad, "batch_frames": self.batch_frames,
+                                 "in_samples": self.in_samples, "pad_px": self.pad,
+                                 "batch_frames": self.batch_frames,
                                  "input": os.path.abspath(stack.path)}}, resume=r))
         writers = {}
         posterior = self.num_samples > 0

@@ -38,7 +38,7 @@ from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
 
 ITERATIONS = 3  # Gauss-Seidel sweeps (module docstring).
-_DAMPING = 1e-3
+_DAMPING = 1e-3  # Levenberg-Marquardt damping of each 3x3 system, relative to its diagonal.
 # Localizations closer than refine_radius + this many kernel widths (Chebyshev, HR px) are
 # coupled: their windows see each other's kernel.
 COUPLING_SIGMAS = 3.0
@@ -64,7 +64,7 @@ def _colours(xy, valid, link):
         rows = np.repeat(np.arange(n)[:, None], j, 1)
         used[rows[taken >= 0], taken[taken >= 0]] = True
         colour[:, j] = np.argmin(used, axis=1)
-    return np.where(valid, colour, 0)  # Levenberg-Marquardt damping of each 3x3 system (relative to its diagonal).
+    return np.where(valid, colour, 0)
 
 
 def refit_positions(images, xy0, valid, config, detection=None, iterations=ITERATIONS):
