@@ -1,5 +1,6 @@
 """Detection and sub-pixel refinement on KDEs, one-to-one matching, SMLM metrics, the oracle."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -316,6 +317,14 @@ def test_pre_split_sim_config_files_still_load_with_their_detection_settings(tmp
     det = DetectionConfig.from_legacy(old)
     assert det == DetectionConfig(threshold=0.35, refine_radius=4)
     assert DetectionConfig.from_legacy(det.to_legacy()) == det
+    # An export's sim_config.json names in_samples only where it is not the default "detect",
+    # so that exports of the other models stay readable by versions without it.
+    assert "detect_in_samples" not in det.to_legacy()
+    refit = dataclasses.replace(det, in_samples="refit")
+    exported = {**st.SimulationConfig.preset("paper").to_dict(), **refit.to_legacy()}
+    assert exported["detect_in_samples"] == "refit"
+    assert DetectionConfig.from_legacy(exported) == refit
+    assert st.SimulationConfig.from_dict(exported) == st.SimulationConfig.preset("paper")
     # A model folder: detection.json wins over the legacy keys; without it the legacy keys count.
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_phi
     for name in ("phi.weights.h5", "phi_config.json"):

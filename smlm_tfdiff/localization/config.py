@@ -20,6 +20,7 @@ LEGACY_KEYS = {"detect_threshold": "threshold", "detect_min_sigma": "min_sigma",
                "refine_radius": "refine_radius"}
 
 IN_SAMPLES = ("detect", "refit")  # DetectionConfig.in_samples
+IN_SAMPLES_KEY = "detect_in_samples"  # Its key in a SavedModel's sim_config.json (to_legacy).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +98,16 @@ class DetectionConfig:
 
     def to_legacy(self) -> dict:
         """The pre-split sim_config.json keys (a SavedModel's sim_config.json carries these, so
-        exports stay readable by older versions)."""
+        exports stay readable by older versions), and IN_SAMPLES_KEY where in_samples is not the
+        default "detect" (an export that older versions cannot localize as meant)."""
         values = self.to_dict()
-        return {old: values[new] for old, new in LEGACY_KEYS.items()}
+        out = {old: values[new] for old, new in LEGACY_KEYS.items()}
+        if self.in_samples != "detect":
+            out[IN_SAMPLES_KEY] = self.in_samples
+        return out
 
     @classmethod
     def from_legacy(cls, sim_config: Mapping[str, Any]) -> "DetectionConfig":
         """The detection settings of a pre-split sim_config.json dict (defaults where absent)."""
-        return cls(**{new: sim_config[old] for old, new in LEGACY_KEYS.items()
-                      if old in sim_config})
+        keys = {**LEGACY_KEYS, IN_SAMPLES_KEY: "in_samples"}
+        return cls(**{new: sim_config[old] for old, new in keys.items() if old in sim_config})

@@ -25,9 +25,10 @@ _REGIONS = ("disc", "frame")
 _PAIR_UNITS = {"photons_range": "[low, high] photons", "disc_center": "[x, y] LR pixels",
                "density_range": "[low, high] emitters per LR px^2",
                "background_range": "[low, high] photons per pixel"}
-# Detection settings that sim_config.json held before localization.config.DetectionConfig.
+# Detection settings in a sim_config.json: the keys it held before localization.config.
+# DetectionConfig, and a SavedModel's in_samples (DetectionConfig.to_legacy).
 _LEGACY_DETECTION_KEYS = ("detect_threshold", "detect_min_sigma", "detect_max_sigma",
-                          "detect_num_sigma", "refine_radius")
+                          "detect_num_sigma", "refine_radius", "detect_in_samples")
 
 
 def _is_number(value) -> bool:
