@@ -92,8 +92,8 @@ reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 # Retrain the bundled `wholefield_fast` psi (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
-# the camera grid, from scratch on windows after the bundled wholefield phi (about 1.8 hours on a
-# 2-core CPU), its sampling defaults (8 samples x 5 steps, refits in the samples) and calibration
+# the camera grid, from scratch on windows after the bundled wholefield phi, then with its output
+# head (about 2.4 hours on a 2-core CPU), its sampling defaults (8 samples x 5 steps, refits in the samples) and calibration
 # scale (~13 min).
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
@@ -101,10 +101,17 @@ reproduce-wholefield-fast: $(STAMP)
 		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --steps 9000 \
 		--batch_size 32 --learning_rate 1e-3 --ema_decay 0.999 --jit_compile --eval_every 1500 \
 		--checkpoint_every 250 --val_frames 8 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4_head \
+		--phi wholefield --preset wholefield --crop_size 20 --space_to_depth 4 \
+		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --output_head 8 \
+		--init_psi $(REPRO)/psi_wf_s2d4 --steps 3000 --batch_size 32 --learning_rate 5e-4 \
+		--ema_decay 0.999 --jit_compile --eval_every 1500 --checkpoint_every 250 --val_frames 8 \
+		--noprogress
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
-	cp $(REPRO)/psi_wf_s2d4/psi.weights.h5 $(REPRO)/psi_wf_s2d4/psi_config.json \
-		$(REPRO)/psi_wf_s2d4/phi.weights.h5 $(REPRO)/psi_wf_s2d4/phi_config.json \
-		$(REPRO)/psi_wf_s2d4/sim_config.json smlm_tfdiff/weights/wholefield_fast/diffusion.json \
+	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
+		$(REPRO)/psi_wf_s2d4_head/phi.weights.h5 $(REPRO)/psi_wf_s2d4_head/phi_config.json \
+		$(REPRO)/psi_wf_s2d4_head/sim_config.json \
+		smlm_tfdiff/weights/wholefield_fast/diffusion.json \
 		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
 	rm -f $(REPRO)/wff_scale.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \

@@ -137,16 +137,18 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
 
 def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     """wholefield_fast (MODEL.md there): the wholefield phi with a psi on the camera grid
-    (space-to-depth 4), sampled 8 x 5 steps by default and refitted in the samples. Its windows
-    of phi's estimate put the spread where the emitters are (measured on these frames: mean
-    per-pixel variance 0.0073 where the true KDE exceeds 0.2, 0.0017 where it is below 1e-3, the
-    floor MODEL.md describes; 4.2x on two seeds), and analyze's defaults are the model's."""
+    (space-to-depth 4, an output head on the KDE grid), sampled 8 x 5 steps by default and
+    refitted in the samples. Its windows of phi's estimate put the spread where the emitters are
+    (measured on these frames: mean per-pixel variance 0.0050 where the true KDE exceeds 0.2,
+    5.3e-5 where it is below 1e-3, 94x, 91x on another seed; without the head 4.2x, the floor
+    MODEL.md describes), and analyze's defaults are the model's."""
     from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
     from smlm_tfdiff.io.tiling import TileGrid
 
     models = st.pretrained("wholefield_fast")
     assert models.config == st.pretrained("wholefield").config
     assert models.psi_config.space_to_depth == 4 and models.psi_config.downsample_factor == 8
+    assert models.psi_config.output_head == 8
     assert (models.recipe.num_samples, models.recipe.num_steps) == (8, 5)
     assert models.detection.in_samples == "refit"
     config = models.config.replace(frame_height=40, frame_width=40,
@@ -159,7 +161,7 @@ def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     post = PosteriorSampler(models, jit_compile=False)(None, 8, seed=0, y_hat=windows)
     variance = grid.stitch(post["mean"][..., 0], post["std"][..., 0] ** 2)[1][0]
     truth_kde = data["kde"][0, ..., 0]
-    assert variance[truth_kde > 0.2].mean() > 3 * variance[truth_kde < 1e-3].mean()
+    assert variance[truth_kde > 0.2].mean() > 20 * variance[truth_kde < 1e-3].mean()
     backend = load_backend("wholefield_fast", jit_compile=False)
     analyzer = StackAnalyzer(backend, Camera(float(config.offset), float(config.gain)),
                              progress=False)
