@@ -188,16 +188,23 @@ def test_report_names_the_scales_neighbour_term():
             "log(N / 200))" in _scale_text(both))
 
 
+def _whole_field_movie(tmp_path, backend, per_px2, photons, background, seed):
+    """(stack path, camera, config): 2 frames of 24x24 px of the backend's whole-field scene at
+    1 emitter per 1/per_px2 px^2, N0 in photons (lo, hi) over a uniform background."""
+    config = backend.config.replace(frame_height=24, frame_width=24,
+                                    density_range=(per_px2, per_px2), photons_range=photons,
+                                    background_range=(background, background))
+    data = simulate(config, 2, seed)
+    stack = tmp_path / "movie.tif"
+    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
+    return stack, Camera(offset_adu=float(config.offset),
+                         gain_adu_per_photon=float(config.gain)), config
+
+
 def test_whole_field_windows_get_the_scale(tmp_path):
     """The scale applies where psi is sampled in windows of a whole-field frame, as in tiles."""
     backend = load_backend("wholefield", jit_compile=False)
-    config = backend.config.replace(frame_height=24, frame_width=24,
-                                    density_range=(1 / 60, 1 / 60), photons_range=(300.0, 3000.0),
-                                    background_range=(5.0, 5.0))
-    data = simulate(config, 2, 41)
-    stack = tmp_path / "movie.tif"
-    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
-    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    stack, camera, config = _whole_field_movie(tmp_path, backend, 1 / 60, (300.0, 3000.0), 5.0, 41)
     summary = StackAnalyzer(backend, camera, num_samples=2, progress=False,
                             maps=False).analyze(stack, tmp_path / "out")
     scale = backend.uncertainty_scale
@@ -223,13 +230,7 @@ def test_refit_in_samples_reports_psi_spread_unscaled(tmp_path):
     detected one) and, the scale not being fitted for it, the raw spread as the uncertainty."""
     backend = load_backend("wholefield", jit_compile=False)
     assert backend.detection.in_samples == "detect"
-    config = backend.config.replace(frame_height=24, frame_width=24,
-                                    density_range=(1 / 40, 1 / 40), photons_range=(400.0, 400.0),
-                                    background_range=(0.0, 0.0))
-    data = simulate(config, 2, 43)
-    stack = tmp_path / "movie.tif"
-    tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)
-    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain))
+    stack, camera, _ = _whole_field_movie(tmp_path, backend, 1 / 40, (400.0, 400.0), 0.0, 43)
     runs = {}
     for way in ("detect", "refit"):
         summary = StackAnalyzer(backend, camera, num_samples=8, progress=False, maps=False,
