@@ -93,8 +93,8 @@ reproduce-wholefield: $(STAMP)
 
 # Retrain the bundled `wholefield_fast` psi (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
 # the camera grid, from scratch on windows after the bundled wholefield phi, then with its output
-# head (about 2.4 hours on a 2-core CPU), its sampling defaults (8 samples x 5 steps, refits in the samples) and calibration
-# scale (~13 min).
+# head (about 2.4 hours on a 2-core CPU); its sampling defaults (8 samples x 5 steps, refits in
+# the samples) and calibration scale (~13 min).
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
 		--phi wholefield --preset wholefield --crop_size 20 --space_to_depth 4 \
@@ -116,7 +116,8 @@ reproduce-wholefield-fast: $(STAMP)
 	rm -f $(REPRO)/wff_scale.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
 		--model $(REPRO)/wholefield_fast --densities 400,40,15 --photons 150,400,1000-5000 \
-		--background 0,8,25 --background_term --scores_cache $(REPRO)/wff_scale.npz \
+		--background 0,8,25 --background_term --interaction_term \
+		--scores_cache $(REPRO)/wff_scale.npz \
 		--scale_out $(REPRO)/wholefield_fast --out $(REPRO)/calibration_wholefield_fast_scale.json
 
 bench: $(STAMP)
