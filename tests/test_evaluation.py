@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.uncertainty import evaluation as ev
@@ -87,6 +88,11 @@ def test_score_localization_table_known_answer():
     assert u["uncertainty_median_nm"] == pytest.approx(uxy * nm)
     assert u["uncertainty_over_crlb_median"] == pytest.approx(np.median([uxy / 0.2, uxy / 0.05]))
     assert u["rms_error_per_axis_nm"] == pytest.approx(nm * math.sqrt((0.1 ** 2 + 0.2 ** 2) / 4))
+    # Sharpness over the four (|error|, std) pairs per axis: the larger stds hold the errors.
+    rho = u["sharpness"]["spearman_abs_error_vs_std"]
+    assert rho == pytest.approx(stats.spearmanr([0, 0.2, 0.1, 0], [0.05, 0.1, 0.1, 0.05])[0])
+    assert rho > 0.8 and u["sharpness"]["n"] == 4
+    assert u["sharpness"]["mean_std"] == pytest.approx(0.075 * nm)
 
 
 def _result(std_xy, converged=True, rhat=1.01, ess=500.0, acceptance=0.8):

@@ -350,7 +350,8 @@ def score_localization_table(pred, uncertainty_nm, crlb_nm, positions, mask, con
       scores  localization: analyze and oracle metrics (LOCALIZATION_KEYS), recall_over_oracle,
                 tolerance_nm, localizations;
               uncertainty: num_matched, z (`calibration.z_summary` of error / std per axis),
-                z_expected_calibrated, uncertainty_median_nm, crlb_median_nm,
+                z_expected_calibrated, sharpness (`calibration.sharpness` of the errors and
+                stds per axis), uncertainty_median_nm, crlb_median_nm,
                 uncertainty_over_crlb_median (uncertainty_xy = rms of the two axes' std, over
                 sqrt(CRLB)), rms_error_per_axis_nm, rms_error_over_crlb
       arrays  pred, truth (per frame), err_nm [TP, 2], crlb_nm [TP], unc_nm [TP] (uncertainty_xy),
@@ -377,6 +378,7 @@ def score_localization_table(pred, uncertainty_nm, crlb_nm, positions, mask, con
             "tolerance_nm": m["tolerance_nm"], "localizations": int(counts.sum())},
         "uncertainty": {
             "num_matched": int(len(matches)), "z": cal.z_summary(z),
+            "sharpness": cal.sharpness(err_nm, u),
             "z_expected_calibrated": math.sqrt((s - 1) / (s - 3)) if s > 3 else None,
             "uncertainty_median_nm": float(np.nanmedian(uxy)) if uxy.size else float("nan"),
             "crlb_median_nm": float(np.nanmedian(b)) if np.isfinite(b).any() else float("nan"),
