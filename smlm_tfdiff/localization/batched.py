@@ -17,8 +17,9 @@ keeps its own damping and stopping state, so every group follows detect's iterat
 as rounds in which every group with a candidate tries one split, residual adds as rounds in which
 every image tries one candidate, then the drop of weak fits and the merge of close ones. Groups are
 fitted in buckets of similar size (padding to the largest group of the stack would multiply the
-work), so the Python loops run over buckets, rounds and iterations, never over images or groups.
-Results equal detect's up to floating-point rounding (sums in another order); a rounding-level
+work), so the Python loops run over buckets, rounds and iterations, never over images or groups;
+groups of more than BLOCK_PEAKS peaks (crowded whole fields) are fitted by detect's block sweeps,
+all tiles of one colour of all such groups in one call. Results equal detect's up to floating-point rounding (sums in another order); a rounding-level
 difference can flip a threshold decision in rare borderline cases.
 """
 
@@ -34,8 +35,9 @@ from scipy.special import erf
 from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
-from smlm_tfdiff.localization.detection import (DEBLEND_DEFAULTS, FULL_REFIT_PEAKS, add_separation,
-                                                detect)
+from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, DEBLEND_DEFAULTS,
+                                                FULL_REFIT_PEAKS, add_separation, block_tiles,
+                                                detect, group_link, tile_box)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
@@ -161,11 +163,19 @@ def _integrals(coord, pixel, sigma):
 
 
 def _model_at(xy, amp, valid, rows, cols, sigma, norm):
-    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2]: [B, K]."""
-    ex, _ = _integrals(xy[:, :, None, 0], cols[:, None, :], sigma)
-    ey, _ = _integrals(xy[:, :, None, 1], rows[:, None, :], sigma)
+    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2]: [B, K].
+    The model is separable: kernels on the pixels' bounding box rows and columns (one erf per
+    box edge and peak, not per pixel), one product per image, then the pixels gathered."""
+    r0, c0 = rows.min(1), cols.min(1)
+    hb, wb = int((rows - r0[:, None]).max()) + 1, int((cols - c0[:, None]).max()) + 1
+    s = _SQRT2 * sigma
     a = np.where(valid, amp, 0.0)
-    return norm * np.einsum("bpk,bp->bk", ey * ex, a)
+    col_edges = (c0[:, None] + np.arange(wb + 1))[:, None, :] - xy[:, :, None, 0]
+    row_edges = (r0[:, None] + np.arange(hb + 1))[:, None, :] - xy[:, :, None, 1]
+    cx, cy = 0.5 * erf(col_edges / s), 0.5 * erf(row_edges / s)
+    ex, ey = cx[..., 1:] - cx[..., :-1], cy[..., 1:] - cy[..., :-1]  # [B, P, wb], [B, P, hb]
+    box = np.matmul(np.ascontiguousarray((ey * a[:, :, None]).transpose(0, 2, 1)), ex)
+    return norm * box[np.arange(len(rows))[:, None], rows - r0[:, None], cols - c0[:, None]]
 
 
 def _model_images(xy, amp, valid, shape, sigma, norm):
@@ -379,6 +389,62 @@ def fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius, background=No
         rows = np.repeat(sel[:, None], pb, 1)
         xy[rows[v], order[v]] = fxy[v]
         amp[rows[v], order[v]] = famp[v]
+    return xy, amp
+
+
+def _fit_blocks_batch(images, img, xy0, amp0, valid, sigma, norm, radius, link):
+    """detection._fit_blocks for groups [G, P] at once: per sweep and colour, one fit_groups call
+    over the tiles of that colour of every group, each tile against its tile_box's other peaks."""
+    xy, amp = xy0.astype(np.float64).copy(), amp0.astype(np.float64).copy()
+    tile, colour = block_tiles(xy0, link)
+    slack = radius + 0.5
+    for _ in range(BLOCK_SWEEPS):
+        for c in range(4):
+            gi, pi = np.nonzero(valid & (colour == c))  # Row-major: a tile's peaks in order.
+            if len(gi) == 0:
+                continue
+            xs, az = xy.copy(), amp.copy()
+            key = np.stack([gi, tile[gi, pi, 0], tile[gi, pi, 1]], 1)
+            uniq, sub = np.unique(key, axis=0, return_inverse=True)
+            sub = sub.reshape(-1)
+            order = np.argsort(sub, kind="stable")
+            gi, pi, sub = gi[order], pi[order], sub[order]
+            counts = np.bincount(sub)
+            slot = np.arange(len(sub)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[sub]
+            members = np.zeros((len(uniq), int(counts.max())), np.int64)
+            mvalid = np.zeros(members.shape, bool)
+            members[sub, slot], mvalid[sub, slot] = pi, True
+            sg = uniq[:, 0]
+            # Each tile's background: the other peaks of its group inside its tile_box.
+            low, high = tile_box(uniq[:, 1:], link)
+            near = (valid[sg] & np.all((xs[sg] >= low[:, None]) & (xs[sg] < high[:, None]), -1))
+            near[sub, pi] = False
+            bo = np.argsort(~near, axis=1, kind="stable")[:, :max(int(near.sum(1).max()), 1)]
+            background = (np.take_along_axis(xs[sg], bo[..., None], 1),
+                          np.take_along_axis(az[sg], bo, 1), np.take_along_axis(near, bo, 1))
+            rows = sg[:, None]
+            fxy, famp = fit_groups(images, img[sg], xs[rows, members], az[rows, members], mvalid,
+                                   sigma, norm, radius, background)
+            g_, p_ = sg[sub], pi
+            xy[g_, p_] = np.clip(fxy[sub, slot], xy0[g_, p_] - slack, xy0[g_, p_] + slack)
+            amp[g_, p_] = famp[sub, slot]
+    return xy, amp
+
+
+def fit_peak_groups(images, img, xy0, amp0, valid, sigma, norm, radius):
+    """The groups' fits of detection's gaussian refinement: fit_groups (jointly) for groups of
+    up to BLOCK_PEAKS peaks, block sweeps (_fit_blocks_batch) for bigger ones. Arguments and
+    returns as fit_groups (without a background)."""
+    big = valid.sum(1) > BLOCK_PEAKS
+    if not big.any():
+        return fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius)
+    xy, amp = xy0.astype(np.float64).copy(), amp0.astype(np.float64).copy()
+    for part, fit in ((~big, fit_groups), (big, _fit_blocks_batch)):
+        sel = np.nonzero(part)[0]
+        if len(sel):
+            extra = (group_link(radius, sigma),) if fit is _fit_blocks_batch else ()
+            xy[sel], amp[sel] = fit(images, img[sel], xy0[sel], amp0[sel], valid[sel], sigma,
+                                    norm, radius, *extra)
     return xy, amp
 
 
@@ -682,14 +748,14 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
         return log_peaks_batch(ims, threshold, log_sigma)
 
     peaks, pvalid = find(stack)
-    link = 2 * radius + 1 + math.ceil(4.0 * sigma)
+    link = group_link(radius, sigma)
     has_peaks = pvalid.any(1)
     if pvalid.any():
         gimg, members, mvalid = _groups(peaks, pvalid, link)
         prc = peaks[gimg[:, None], members]  # [G, Q, 2] (row, col)
         xy0 = prc[..., ::-1].astype(np.float64) + 0.5
         amp0 = np.maximum(stack[gimg[:, None], prc[..., 0], prc[..., 1]], 1e-3)
-        gxy, gamp = fit_groups(stack, gimg, xy0, amp0, mvalid, sigma, norm, radius)
+        gxy, gamp = fit_peak_groups(stack, gimg, xy0, amp0, mvalid, sigma, norm, radius)
         gval = mvalid
         if split is not None:
             gxy, gamp, gval = _deblend_batch(stack, gimg, gxy, gamp, gval, sigma, norm, radius,
