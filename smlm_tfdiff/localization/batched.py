@@ -162,30 +162,31 @@ def _integrals(coord, pixel, sigma):
     return val, der
 
 
-def _model_at(xy, amp, valid, rows, cols, sigma, norm):
-    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2]: [B, K].
-    The model is separable: kernels on the pixels' bounding box rows and columns (one erf per
-    box edge and peak, not per pixel), one product per image, then the pixels gathered."""
-    r0, c0 = rows.min(1), cols.min(1)
-    hb, wb = int((rows - r0[:, None]).max()) + 1, int((cols - c0[:, None]).max()) + 1
+def _box_model(xy, amp, valid, r0, c0, hb, wb, sigma, norm):
+    """Model [B, hb, wb] of peaks xy [B, P, 2] (x, y) HR px, amplitudes [B, P], on the box of HR
+    pixels rows r0 .. r0 + hb - 1, cols c0 .. c0 + wb - 1 (r0, c0 [B] or scalars). Separable:
+    one erf per box edge and peak, then one BLAS product per image ([hb, P] @ [P, wb])."""
     s = _SQRT2 * sigma
-    a = np.where(valid, amp, 0.0)
-    col_edges = (c0[:, None] + np.arange(wb + 1))[:, None, :] - xy[:, :, None, 0]
-    row_edges = (r0[:, None] + np.arange(hb + 1))[:, None, :] - xy[:, :, None, 1]
+    col_edges = (np.reshape(c0, (-1, 1)) + np.arange(wb + 1))[:, None, :] - xy[:, :, None, 0]
+    row_edges = (np.reshape(r0, (-1, 1)) + np.arange(hb + 1))[:, None, :] - xy[:, :, None, 1]
     cx, cy = 0.5 * erf(col_edges / s), 0.5 * erf(row_edges / s)
     ex, ey = cx[..., 1:] - cx[..., :-1], cy[..., 1:] - cy[..., :-1]  # [B, P, wb], [B, P, hb]
-    box = np.matmul(np.ascontiguousarray((ey * a[:, :, None]).transpose(0, 2, 1)), ex)
-    return norm * box[np.arange(len(rows))[:, None], rows - r0[:, None], cols - c0[:, None]]
+    a = np.where(valid, amp, 0.0)
+    return norm * np.matmul(np.ascontiguousarray((ey * a[:, :, None]).transpose(0, 2, 1)), ex)
+
+
+def _model_at(xy, amp, valid, rows, cols, sigma, norm):
+    """sum_p amp_p norm dEy_p dEx_p at pixels (rows, cols) [B, K] of peaks xy [B, P, 2]: [B, K]
+    (the model on the pixels' bounding box, then the pixels gathered)."""
+    r0, c0 = rows.min(1), cols.min(1)
+    hb, wb = int((rows - r0[:, None]).max()) + 1, int((cols - c0[:, None]).max()) + 1
+    box = _box_model(xy, amp, valid, r0, c0, hb, wb, sigma, norm)
+    return box[np.arange(len(rows))[:, None], rows - r0[:, None], cols - c0[:, None]]
 
 
 def _model_images(xy, amp, valid, shape, sigma, norm):
     """Model images [B, H, W] of peaks xy [B, P, 2] (x, y) HR px, amplitudes [B, P]."""
-    h, w = shape
-    ex, _ = _integrals(xy[:, :, None, 0], np.arange(w, dtype=np.float64)[None, None], sigma)
-    ey, _ = _integrals(xy[:, :, None, 1], np.arange(h, dtype=np.float64)[None, None], sigma)
-    a = np.where(valid, amp, 0.0)
-    # One BLAS product per image: [H, P] @ [P, W].
-    return norm * np.matmul(np.ascontiguousarray((ey * a[:, :, None]).transpose(0, 2, 1)), ex)
+    return _box_model(xy, amp, valid, 0, 0, shape[0], shape[1], sigma, norm)
 
 
 def _window_pixels(xy, shape, radius):
