@@ -165,6 +165,11 @@ def main(argv):
     print(table(results))
 
 
+def _ci(z):
+    """std(z) [95% interval] of a calibration.z_summary dict."""
+    return f"{z['std']:.2f} [{z['std_ci95'][0]:.2f}, {z['std_ci95'][1]:.2f}]"
+
+
 def table(results):
     """The results as a markdown table, a scene per row."""
     rows = ["| scene | P | R / oracle | RMSE nm | std(z) shipped [95%] | psi's own [95%] | "
@@ -174,11 +179,10 @@ def table(results):
         z, zr = s["std_z"]["shipped"], s["std_z"]["raw"]
         sh, sr = s["sharpness"]["shipped"], s["sharpness"]["raw"]
         c = s["coverage"]
-        ci = lambda q: f"{q['std']:.2f} [{q['std_ci95'][0]:.2f}, {q['std_ci95'][1]:.2f}]"  # noqa: E731
         rows.append(
             f"| {name} ({s['frames']} frames, {s['num_matched']} matched) | "
             f"{s['localization']['precision']:.3f} | {s['localization']['recall_over_oracle']:.3f}"
-            f" | {s['localization']['rmse_lateral_nm']:.1f} | {ci(z)} | {ci(zr)} | "
+            f" | {s['localization']['rmse_lateral_nm']:.1f} | {_ci(z)} | {_ci(zr)} | "
             f"{sh['spearman_abs_error_vs_std']:.2f} / {sr['spearman_abs_error_vs_std']:.2f} | "
             f"{sh['mean_std']:.1f} / {sr['mean_std']:.1f} | "
             f"{c['shipped']['coverage_50']:.3f} / {c['shipped']['coverage_90']:.3f} "

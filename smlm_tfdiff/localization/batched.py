@@ -19,8 +19,9 @@ every image tries one candidate, then the drop of weak fits and the merge of clo
 fitted in buckets of similar size (padding to the largest group of the stack would multiply the
 work), so the Python loops run over buckets, rounds and iterations, never over images or groups;
 groups of more than BLOCK_PEAKS peaks (crowded whole fields) are fitted by detect's block sweeps,
-all tiles of one colour of all such groups in one call. Results equal detect's up to floating-point rounding (sums in another order); a rounding-level
-difference can flip a threshold decision in rare borderline cases.
+all tiles of one colour of all such groups in one call. Results equal detect's up to
+floating-point rounding (sums in another order); a rounding-level difference can flip a threshold
+decision in rare borderline cases.
 """
 
 from __future__ import annotations
@@ -436,16 +437,16 @@ def fit_peak_groups(images, img, xy0, amp0, valid, sigma, norm, radius):
     """The groups' fits of detection's gaussian refinement: fit_groups (jointly) for groups of
     up to BLOCK_PEAKS peaks, block sweeps (_fit_blocks_batch) for bigger ones. Arguments and
     returns as fit_groups (without a background)."""
-    big = valid.sum(1) > BLOCK_PEAKS
-    if not big.any():
+    is_big = valid.sum(1) > BLOCK_PEAKS
+    if not is_big.any():
         return fit_groups(images, img, xy0, amp0, valid, sigma, norm, radius)
     xy, amp = xy0.astype(np.float64).copy(), amp0.astype(np.float64).copy()
-    for part, fit in ((~big, fit_groups), (big, _fit_blocks_batch)):
-        sel = np.nonzero(part)[0]
-        if len(sel):
-            extra = (group_link(radius, sigma),) if fit is _fit_blocks_batch else ()
-            xy[sel], amp[sel] = fit(images, img[sel], xy0[sel], amp0[sel], valid[sel], sigma,
-                                    norm, radius, *extra)
+    small, big = np.nonzero(~is_big)[0], np.nonzero(is_big)[0]
+    if len(small):
+        xy[small], amp[small] = fit_groups(images, img[small], xy0[small], amp0[small],
+                                           valid[small], sigma, norm, radius)
+    xy[big], amp[big] = _fit_blocks_batch(images, img[big], xy0[big], amp0[big], valid[big],
+                                          sigma, norm, radius, group_link(radius, sigma))
     return xy, amp
 
 

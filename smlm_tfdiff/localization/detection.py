@@ -19,8 +19,9 @@ Refinement (HR coordinates; HR pixel J has centre J + 1/2; divided by upsample a
               to the union of the (2 * refine_radius + 1)^2 windows around the detections;
               detections whose windows can interact are fitted together, so resolved neighbours do
               not bias each other (groups of more than BLOCK_PEAKS, which crowded whole fields
-              link into, by block sweeps that end near that joint fit: _fit_blocks). The exact model of the true KDE: unbiased for an isolated emitter
-              at any sub-pixel position, also at the image border. The amplitude counts emitters
+              link into, by block sweeps that end near that joint fit: _fit_blocks). The exact
+              model of the true KDE: unbiased for an isolated emitter at any sub-pixel position,
+              also at the image border. The amplitude counts emitters
               (1 for an isolated emitter), so with deblend=True a peak of amplitude >= 1.25 is tried
               as two (see _deblend) and kept split when the fit says so: this resolves most merged
               pairs (oracle recall 0.99 instead of 0.82 on the paper preset). Then emitters with no
