@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -59,12 +60,16 @@ def test_output_bound_never_clips_targets(paper_models):
         data = st.simulate(config, 200, seed=0)
         assert data["kde"].max() < bound
     # phi's inference output saturates there: a frame far brighter than any emitter gives the
-    # bound exactly (an untrained phi as well as the bundled one), never more.
+    # bound exactly (an untrained phi as well as the bundled one), never more. Whether an
+    # untrained phi's last layer points up or down at such a frame depends on its draw (3 of 72
+    # draws give 0 everywhere): a fixed draw that points up.
     config = st.SimulationConfig.preset("paper")
     x = np.full((1, 20, 20, 1), 100.0, np.float32)
     x[0, 8:12, 8:12, 0] = 1e6
+    keras.utils.set_random_seed(0)
     for phi in (build_phi(config), paper_models.phi):
-        assert np.asarray(phi(x, training=False)).max() == pytest.approx(output_bound(config))
+        out = np.asarray(phi(x, training=False))
+        assert out.min() >= 0.0 and out.max() == pytest.approx(output_bound(config))
 
 
 def test_hardtanh_is_identity_when_training(paper):
