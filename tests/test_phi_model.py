@@ -61,7 +61,7 @@ def test_output_bound_never_clips_targets(paper_models):
         assert data["kde"].max() < bound
     # phi's inference output saturates there: a frame far brighter than any emitter gives the
     # bound exactly (an untrained phi as well as the bundled one), never more. Whether an
-    # untrained phi's last layer points up or down at such a frame depends on its draw (3 of 72
+    # untrained phi's last layer points up or down at such a frame depends on its draw (3 of 80
     # draws give 0 everywhere): a fixed draw that points up.
     config = st.SimulationConfig.preset("paper")
     x = np.full((1, 20, 20, 1), 100.0, np.float32)
