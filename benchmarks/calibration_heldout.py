@@ -61,7 +61,7 @@ def scene_scores(backend, models, name, num_frames, seed, work_dir):
     """Simulate one scene, analyze its TIFF as smlm-tfdiff does, score it. Returns (scores, data,
     config)."""
     from smlm_tfdiff import demo
-    from smlm_tfdiff.analyze import Camera, StackAnalyzer
+    from smlm_tfdiff.analyze import StackAnalyzer
     from smlm_tfdiff.simulation.simulate import simulate
     import tifffile
 
@@ -70,10 +70,7 @@ def scene_scores(backend, models, name, num_frames, seed, work_dir):
     folder = os.path.join(work_dir, name)
     os.makedirs(folder, exist_ok=True)
     tif, _, _ = demo.write_stack(folder, data, config)
-    camera = Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain),
-                    readout_noise_adu=float(np.sqrt(config.readout_var)),
-                    pixel_size_nm=config.pixel_size_nm)
-    analyzer = StackAnalyzer(backend, camera, batch_frames=8, seed=seed + 2,
+    analyzer = StackAnalyzer(backend, demo.camera_of(config), batch_frames=8, seed=seed + 2,
                              progress=FLAGS.progress, overwrite=True)
     start = time.perf_counter()
     an = analyzer.analyze(tif, os.path.join(folder, "analysis"))

@@ -14,8 +14,7 @@ seeds' camera and optics (the paper preset, emitters uniform over the frame, edg
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
 range per emitter), with enough frames for --localizations emitters, analyzed by StackAnalyzer
 with the default settings (the model's samples per frame and recipe) and no scale (its raw
-spread); the
-localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
+spread); the localizations are matched to the truth as benchmarks/analyze.py does (5 HR px).
 Fit cells: seed 8300 + --seed_offset + cell index; check cells: the same grid, seed 9300 +
 --seed_offset + cell index (held out; never an evaluation seed). Per check cell: std(z) raw / constant / scaled with standard errors, the
 mean reported std and the Spearman correlation of |error| with the reported std (sharpness).

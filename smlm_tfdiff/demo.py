@@ -114,6 +114,16 @@ def write_stack(out, data, config):
     return tif, gt, npz
 
 
+def camera_of(config):
+    """analyze's Camera for stacks written by write_stack from frames of `config` (scalar camera:
+    offset, gain, readout noise, pixel size)."""
+    from smlm_tfdiff.analyze import Camera
+
+    return Camera(offset_adu=float(config.offset), gain_adu_per_photon=float(config.gain),
+                  readout_noise_adu=float(np.sqrt(config.readout_var)),
+                  pixel_size_nm=config.pixel_size_nm)
+
+
 def read_localizations(path, num_frames, pixel_size_nm, raw=False):
     """ThunderSTORM CSV -> per frame (xy [M, 2] LR px, unc [M, 2] nm, crlb [M] nm). raw: unc is
     psi's own spread, before the model's calibration scale (uncertainty_raw_xy over
@@ -215,7 +225,7 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
     """Everything above into the folder `out`; returns the summary dict (also written to
     <out>/summary.json). The arguments are the flags of the same names (define_flags)."""
     from smlm_tfdiff import report
-    from smlm_tfdiff.analyze import Camera, KerasBackend, StackAnalyzer
+    from smlm_tfdiff.analyze import KerasBackend, StackAnalyzer
     from smlm_tfdiff.pretrained import load_phi_source
     from smlm_tfdiff.simulation.simulate import simulate
 
@@ -247,9 +257,7 @@ def run_demo(out, model="paper", num_frames=8, seed=50_000, num_samples=16, num_
     lap("simulate")
 
     # 2. analyze on the TIFF, scored against the truth.
-    camera = Camera(offset_adu=float(cfg.offset), gain_adu_per_photon=float(cfg.gain),
-                    readout_noise_adu=float(np.sqrt(cfg.readout_var)),
-                    pixel_size_nm=cfg.pixel_size_nm)
+    camera = camera_of(cfg)
     # The demo owns <out>: a rerun replaces its earlier analysis folder whole.
     analyzer = StackAnalyzer(backend, camera, num_samples, num_steps,
                              batch_frames=8, seed=seed + 1, progress=not quick,

@@ -4,9 +4,9 @@ One frozen `Recipe` carries the noise schedule psi was trained with, the loss we
 sampler's defaults: the guided-start step t_start, the number of reverse steps num_steps from it,
 the method (ancestral "ddpm" or deterministic "ddim"), the restart sweeps (restart_t,
 restarts) and the posterior samples analyze draws per frame (num_samples). The trainers write it
-(`to_json`), `pretrained.load_models` reads it (`from_json`), and
-the sampler, the export and analyze take their defaults from it, so a model samples the way it
-was trained and validated unless a caller asks otherwise.
+(`to_json`), `pretrained.load_models` reads it (`from_json`), and the sampler, the export and
+analyze take their defaults from it, so a model samples the way it was trained and validated
+unless a caller asks otherwise.
 
 diffusion.json (keys; files written before method and the sweeps existed lack them):
   schedule     NoiseSchedule.get_config(), e.g. {"name": "paper", "T": 100, ...}

@@ -65,6 +65,14 @@ def _stack(images) -> np.ndarray:
     return arr
 
 
+def _ranks(labels, minlength=0):
+    """Counts [L] of sorted int labels [K] and each entry's rank among its label's entries [K]:
+    the slots that pack the entries into a padded [L, max count] array."""
+    counts = np.bincount(labels, minlength=minlength)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return counts, np.arange(len(labels)) - start[labels]
+
+
 def _split_options(deblend):
     if deblend is True:
         return dict(DEBLEND_DEFAULTS)
@@ -114,9 +122,7 @@ def log_peaks_batch(images, threshold, sigma, overlap=0.5):
     # peak_local_max's order: highest first (stable over row-major), per image.
     order = np.lexsort((-value, img))
     img, row, col = img[order], row[order], col[order]
-    counts = np.bincount(img, minlength=n)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(img)) - start[img]
+    counts, rank = _ranks(img, n)
     pmax = counts.max()
     rc = np.zeros((n, pmax, 2), np.int64)
     valid = np.zeros((n, pmax), bool)
@@ -405,27 +411,25 @@ def _fit_blocks_batch(images, img, xy0, amp0, valid, sigma, norm, radius, link):
             gi, pi = np.nonzero(valid & (colour == c))  # Row-major: a tile's peaks in order.
             if len(gi) == 0:
                 continue
-            xs, az = xy.copy(), amp.copy()
             key = np.stack([gi, tile[gi, pi, 0], tile[gi, pi, 1]], 1)
             uniq, sub = np.unique(key, axis=0, return_inverse=True)
             sub = sub.reshape(-1)
             order = np.argsort(sub, kind="stable")
             gi, pi, sub = gi[order], pi[order], sub[order]
-            counts = np.bincount(sub)
-            slot = np.arange(len(sub)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[sub]
+            counts, slot = _ranks(sub)
             members = np.zeros((len(uniq), int(counts.max())), np.int64)
             mvalid = np.zeros(members.shape, bool)
             members[sub, slot], mvalid[sub, slot] = pi, True
             sg = uniq[:, 0]
             # Each tile's background: the other peaks of its group inside its tile_box.
             low, high = tile_box(uniq[:, 1:], link)
-            near = (valid[sg] & np.all((xs[sg] >= low[:, None]) & (xs[sg] < high[:, None]), -1))
+            near = (valid[sg] & np.all((xy[sg] >= low[:, None]) & (xy[sg] < high[:, None]), -1))
             near[sub, pi] = False
             bo = np.argsort(~near, axis=1, kind="stable")[:, :max(int(near.sum(1).max()), 1)]
-            background = (np.take_along_axis(xs[sg], bo[..., None], 1),
-                          np.take_along_axis(az[sg], bo, 1), np.take_along_axis(near, bo, 1))
+            background = (np.take_along_axis(xy[sg], bo[..., None], 1),
+                          np.take_along_axis(amp[sg], bo, 1), np.take_along_axis(near, bo, 1))
             rows = sg[:, None]
-            fxy, famp = fit_groups(images, img[sg], xs[rows, members], az[rows, members], mvalid,
+            fxy, famp = fit_groups(images, img[sg], xy[rows, members], amp[rows, members], mvalid,
                                    sigma, norm, radius, background)
             g_, p_ = sg[sub], pi
             xy[g_, p_] = np.clip(fxy[sub, slot], xy0[g_, p_] - slack, xy0[g_, p_] + slack)
@@ -469,9 +473,7 @@ def _groups(peaks, valid, link):
     labels = rank_of[labels]
     order = np.lexsort((node, labels))
     node, labels = node[order], labels[order]
-    counts = np.bincount(labels)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slot = np.arange(len(node)) - start[labels]
+    counts, slot = _ranks(labels)
     g, q = len(counts), int(counts.max())
     members = np.zeros((g, q), np.int64)
     mvalid = np.zeros((g, q), bool)
@@ -767,9 +769,7 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
         gi = np.repeat(gimg[:, None], gval.shape[1], 1)[gval]
         order = np.argsort(gi, kind="stable")
         gi, fxy, famp = gi[order], gxy[gval][order], gamp[gval][order]
-        counts = np.bincount(gi, minlength=n)
-        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        slot = np.arange(len(gi)) - start[gi]
+        counts, slot = _ranks(gi, n)
         q = max(int(counts.max()), 1)
         xy = np.zeros((n, q, 2))
         amp = np.zeros((n, q))
