@@ -55,11 +55,17 @@ def scene(name, num_frames, size):
 
 
 def evaluate(backend, data, config):
+    from smlm_tfdiff.analyze import measure_emitter_photons
     from smlm_tfdiff.localization.batched import detect_batch
     from smlm_tfdiff.localization.metrics import edge_centre_recall, localization_metrics
 
+    n0 = None
+    if backend.brightness_reference is not None:  # Measured on these frames, as analyze does.
+        frames = data["frames"][..., 0]
+        n0, _ = measure_emitter_photons(backend, frames, (frames - config.offset) / config.gain,
+                                        config)
     start = time.perf_counter()
-    kde = backend.estimate(data["frames"])[..., 0]
+    kde = backend.estimate(data["frames"], n0)[..., 0]
     phi_s = time.perf_counter() - start
     start = time.perf_counter()
     found = detect_batch(kde, backend.config, backend.detection)
@@ -70,7 +76,7 @@ def evaluate(backend, data, config):
     return {"precision": metrics["precision"], "recall": metrics["recall"],
             "recall_edge": edge, "recall_centre": centre,
             "rmse_nm": metrics["rmse_lateral_nm"], "phi_s": round(phi_s, 2),
-            "detect_s": round(detect_s, 2)}
+            "detect_s": round(detect_s, 2), "n0": None if n0 is None else round(n0, 1)}
 
 
 def main(argv):
@@ -86,14 +92,15 @@ def main(argv):
           f"{'phi s':>6} {'detect s':>8}")
     for model in FLAGS.models:
         backend = load_backend(model, need_psi=False)
-        backend.estimate(scenes[FLAGS.cases[0]][0]["frames"][:1])  # Trace once, untimed.
+        backend.estimate(scenes[FLAGS.cases[0]][0]["frames"][:1], 1.0)  # Trace once, untimed.
         for name, (data, config) in scenes.items():
             row = {"model": model, "case": name, "frames": FLAGS.frames,
                    **evaluate(backend, data, config)}
             rows.append(row)
             print(f"{model:<28} {name:<16} {row['precision']:>6.3f} {row['recall']:>6.3f} "
                   f"{row['recall_edge']:>6.3f}/{row['recall_centre']:.3f} {row['rmse_nm']:>8.1f} "
-                  f"{row['phi_s']:>6.2f} {row['detect_s']:>8.2f}", flush=True)
+                  f"{row['phi_s']:>6.2f} {row['detect_s']:>8.2f}"
+                  + ("" if row["n0"] is None else f"  N0 {row['n0']:.0f}"), flush=True)
     if FLAGS.out:
         tmp = FLAGS.out + ".tmp"
         with open(tmp, "w") as f:

@@ -24,6 +24,9 @@ flags.DEFINE_integer("t_start", None, "Guided-start step of the reverse process 
                      "model's t_start); requests may ask for 1..t_start steps.", lower_bound=1)
 flags.DEFINE_integer("version", 1, "Version subfolder TF Serving loads.", lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty version folder.")
+flags.DEFINE_float("photons", None, "Photons per emitter (N0) of the dye the export is for: "
+                   "required for a model whose phi reads frames scaled to it (phi_config.json "
+                   "brightness_reference), refused for others.")
 flags.DEFINE_integer("max_images", 2048, "Most frames x num_samples one request may ask for; "
                      "larger requests fail with InvalidArgument instead of running out of memory "
                      "(export/README.md).", lower_bound=1)
@@ -50,7 +53,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # tf.saved_model.save logs every captured variable.
     try:
         path = export_savedmodel(models, target, method=FLAGS.method, t_start=FLAGS.t_start,
-                                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images)
+                                 overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
+                                 photons=FLAGS.photons)
     except FileExistsError as e:
         sys.exit(f"error: {e}")
     finally:

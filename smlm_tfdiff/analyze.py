@@ -104,6 +104,8 @@ class KerasBackend:
         self.source = models.source
         self._phi = models.phi
         self._estimate = None
+        # phi reads frames scaled to this many photons per emitter (PhiConfig), or None.
+        self.brightness_reference = getattr(models.phi_config, "brightness_reference", None)
         self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         self.jit_compile = bool(jit_compile)
         self.uncertainty_scale = self.pixel_scale = None
@@ -146,10 +148,24 @@ class KerasBackend:
     def has_posterior(self):
         return self._sampler is not None
 
-    def estimate(self, frames):
-        """phi's KDE estimate of frames [B, H, W, 1] ADU -> [B, uH, uW, 1] float32."""
+    def estimate(self, frames, photons=None):
+        """phi's KDE estimate of frames [B, H, W, 1] ADU -> [B, uH, uW, 1] float32.
+
+        photons: the movie's typical photons per emitter (N0), which a brightness-normalised phi
+        (brightness_reference) needs and other phis ignore."""
         import tensorflow as tf
 
+        if self.brightness_reference is not None:
+            if photons is None or not (np.isfinite(photons) and photons > 0):
+                raise ValueError(
+                    f"the phi of {self.source} reads frames scaled by the movie's photons per "
+                    f"emitter (N0); pass photons > 0 (got {photons!r}): analyze estimates it "
+                    "from the movie, or takes it from --photons")
+            from smlm_tfdiff.models.phi import normalize_brightness
+
+            offset = _scalar(self.config.offset, "offset")
+            frames = normalize_brightness(np.asarray(frames, np.float32), offset,
+                                          self.brightness_reference / float(photons))
         if self._estimate is None:
             self._estimate = tf.function(lambda x: self._phi(x, training=False),
                                          reduce_retracing=True)
@@ -191,14 +207,16 @@ class SavedModelBackend:
     uncertainty_scale = None  # Not part of an export: its posterior std is reported unscaled.
     pixel_scale = None  # Nor the scale of its std maps.
     frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
+    brightness_reference = None  # Exports take frames as they are.
 
     @property
     def max_images(self):
         """Frames x samples per request (posterior's chunks)."""
         return min(512, self._served.max_images or 512)
 
-    def estimate(self, frames):
-        """phi's KDE estimate (the export's `estimate` signature)."""
+    def estimate(self, frames, photons=None):
+        """phi's KDE estimate (the export's `estimate` signature; an export of a
+        brightness-normalised phi has its photons per emitter built in, so photons is unused)."""
         return self._served.estimate(frames)
 
     def posterior(self, frames, num_samples, num_steps, seed):
@@ -351,6 +369,24 @@ NOISE_VAR_FACTOR = 4.0  # Observed vs predicted background noise variance (2x in
 BRIGHTNESS_FACTOR = 10.0  # Brightest spots vs the model's emitters, either way.
 BACKGROUND_MARGIN_PHOTONS = 20.0  # Background above the model's by more than this (per pixel).
 CHECK_FRAMES = 32  # Frames read at the start for the check.
+BRIGHTNESS_FRAMES = 32  # Frames, spread over a stack, its photons per emitter are measured on.
+
+
+def measure_emitter_photons(backend, model_frames, photons, config):
+    """The photons per emitter (N0) of frames for the backend's brightness-normalised phi
+    (localization.brightness): phi on each frame, normalised by the current estimate, and the
+    model's detection give the spots. model_frames [N, H, W] model ADU, photons [N, H, W] the
+    same frames in photons, config the model's SimulationConfig at the frames' size.
+    Returns (n0, info) as estimate_emitter_photons."""
+    from smlm_tfdiff.localization.brightness import estimate_emitter_photons
+
+    def localize(n0):  # One frame per call, as analyze runs phi.
+        kde = np.concatenate([backend.estimate(f[None, ..., None], n0)[..., 0]
+                              for f in model_frames])
+        return detect_batch(kde, config, backend.detection)
+
+    return estimate_emitter_photons(photons, localize, float(config.psf_sigma),
+                                    fallback=backend.brightness_reference)
 
 
 def check_camera(frames, camera: Camera, config):
@@ -500,7 +536,7 @@ class StackAnalyzer:
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
                  sample_windows="localized", window_px=None, scale_uncertainty=True,
-                 in_samples=None):
+                 in_samples=None, photons=None):
         if num_samples is None:  # The model's (its recipe's), else DEFAULT_NUM_SAMPLES.
             num_samples = getattr(backend, "num_samples", None) or DEFAULT_NUM_SAMPLES
         if num_samples == 1 or num_samples < 0:
@@ -601,6 +637,13 @@ class StackAnalyzer:
         self.model_gain = _scalar(cfg.gain, "gain")
         self.model_offset = _scalar(cfg.offset, "offset")
         self.pixel_size_nm = float(camera.pixel_size_nm or cfg.pixel_size_nm)
+        # The movie's photons per emitter, for a brightness-normalised phi: given, or estimated
+        # from each stack (localization.brightness) when None.
+        if photons is not None and not (np.isfinite(photons) and photons > 0):
+            raise ValueError(f"photons (per emitter, N0) must be > 0 (got {photons!r}); leave "
+                             "it unset to estimate it from the movie")
+        self.photons = None if photons is None else float(photons)
+        self._n0 = None  # The current stack's N0.
         self._warn_mismatch()
 
     def _warn_mismatch(self):
@@ -659,7 +702,10 @@ class StackAnalyzer:
             camera_warnings, estimates = check_camera(sample, self.camera, self.model_config)
             for text in camera_warnings:
                 warnings.warn(f"{path}: {text}", stacklevel=2)
+            brightness = self._emitter_photons(stack)
             summary = self._run(stack, name, outputs)
+            if brightness is not None:
+                summary["emitter_photons"] = brightness
             summary["camera_check"] = {"estimates": estimates, "warnings": camera_warnings}
             summary["notes"] = list(stack.notes)
             if outputs.resumed is not None:
@@ -675,6 +721,30 @@ class StackAnalyzer:
             summary["files"] = outputs.commit()
         return summary
 
+    def _emitter_photons(self, stack):
+        """Sets the stack's N0 for a brightness-normalised phi (None for other phis); returns
+        what the summary records of it."""
+        self._n0 = None
+        reference = getattr(self.backend, "brightness_reference", None)
+        if reference is None:
+            return None
+        if self.photons is not None:
+            self._n0 = self.photons
+            return {"n0": self.photons, "source": "given"}
+        # Frames spread over the movie; deterministic, so a resumed run finds the same N0.
+        index = np.unique(np.linspace(0, stack.num_frames - 1,
+                                      min(BRIGHTNESS_FRAMES, stack.num_frames)).astype(int))
+        model_frames, photons = (np.concatenate(a) for a in zip(*(
+            self._to_model_adu(stack.read(int(i), int(i) + 1), int(i)) for i in index)))
+        config = self.model_config.replace(frame_height=stack.height, frame_width=stack.width,
+                                           pixel_size_nm=self.pixel_size_nm)
+        self._n0, info = measure_emitter_photons(self.backend, model_frames, photons, config)
+        if info["source"] == "fallback":
+            warnings.warn(f"{stack.path}: {info['reason']}, so the photons per emitter were not "
+                          f"measured; phi reads the frames as {reference:g} photons per emitter. "
+                          "Pass the dye's photons per frame with --photons", stacklevel=3)
+        return {"n0": round(self._n0, 2), "frames_used": int(len(index)), **info}
+
     def _resume_key(self, stack):
         """Fixes the input file (path, size, modification time) and every setting that changes
         the output: a killed run is resumed only by the same command on the same file."""
@@ -689,7 +759,7 @@ class StackAnalyzer:
                   "windows": list(self.windows), "sample_windows": self.sample_windows,
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
-                  "in_samples": self.in_samples,
+                  "in_samples": self.in_samples, "photons": self.photons,
                   "allow_partial": self.allow_partial, "series": self.series,
                   "pixel_size_nm": self.pixel_size_nm,
                   "method": getattr(self.backend, "method", None),
@@ -831,13 +901,13 @@ class StackAnalyzer:
             # per frame keeps the results independent of --batch_frames, as psi's per-frame
             # calls do.
             if self.window:  # phi on whole frames; psi's windows cut from its estimate.
-                y_hat = np.concatenate([self.backend.estimate(f[None, ..., None])[..., 0]
-                                        for f in model_frames])
+                y_hat = np.concatenate([self.backend.estimate(f[None, ..., None], self._n0)
+                                        [..., 0] for f in model_frames])
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
                 per_frame = len(inputs) // len(model_frames)
                 estimate = np.concatenate([
-                    self.backend.estimate(inputs[i:i + per_frame])[..., 0]
+                    self.backend.estimate(inputs[i:i + per_frame], self._n0)[..., 0]
                     for i in range(0, len(inputs), per_frame)])
                 y_hat = grid.stitch(estimate)
             clock["posterior_s"] += time.perf_counter() - tic
@@ -1150,6 +1220,11 @@ def define_flags():
                       "afresh, then matching) or 'refit' (the localizations refitted from their "
                       "positions, ~10x cheaper; docs/analyze.md). Default: the model's "
                       "(detection.json); the calibration scale applies only to the model's way.")
+    flags.DEFINE_float("photons", None, "Photons per emitter per frame (N0) of the dye, for a "
+                       "model whose phi reads frames scaled to it (phi_config.json "
+                       "brightness_reference); by default it is measured on each movie "
+                       "(photometry of isolated spots; the summary's emitter_photons). Other "
+                       "models ignore it.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -1209,7 +1284,8 @@ def main(argv):
                                  FLAGS.batch_frames, FLAGS.overlap, FLAGS.seed, FLAGS.localize_on,
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
                                  FLAGS.allow_partial, series, FLAGS.sample_windows,
-                                 FLAGS.window_px, FLAGS.scale_uncertainty, FLAGS.in_samples)
+                                 FLAGS.window_px, FLAGS.scale_uncertainty, FLAGS.in_samples,
+                                 FLAGS.photons)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

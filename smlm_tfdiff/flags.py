@@ -212,15 +212,20 @@ def define_phi_flags(dropout=False):
                       "(anscombe: dim and bright frames look alike; models/phi.py).")
     flags.DEFINE_float("photon_scale", None, "Divisor of phi's input (default 20 for linear, 4 "
                        "for anscombe).")
+    flags.DEFINE_float("brightness_reference", None, "phi reads frames scaled to this many "
+                       "photons per emitter (N0 of each training frame; analyze estimates a "
+                       "movie's N0): models/phi.py, PhiConfig.brightness_reference. Train with "
+                       "a scene of one N0 per frame (--set photons_frame_spread=...).")
     if dropout:
         flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling "
                            "block (> 0 makes an MC-dropout model, "
                            "smlm_tfdiff.uncertainty.mc_dropout).")
     flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a "
-                        "folder; fine-tuning): the same widths required; dropout, input_transform "
-                        "and photon_scale may differ. Ignored on resume.")
+                        "folder; fine-tuning): the same widths required; dropout, input_transform, "
+                        "photon_scale and brightness_reference may differ. Ignored on resume.")
     _key_flags("context_filters", "dilations", "upsample_filters", "prediction_filters",
-               "input_transform", "photon_scale", "init_phi", *(["dropout"] if dropout else []))
+               "input_transform", "photon_scale", "brightness_reference", "init_phi",
+               *(["dropout"] if dropout else []))
 
 
 def phi_config_from_flags():
@@ -236,7 +241,8 @@ def phi_config_from_flags():
                      upsample_filters=tuple(int(v) for v in f.upsample_filters),
                      prediction_filters=f.prediction_filters,
                      photon_scale=photon_scale, input_transform=f.input_transform,
-                     dropout=f.dropout if "dropout" in f else 0.0)
+                     dropout=f.dropout if "dropout" in f else 0.0,
+                     brightness_reference=f.brightness_reference)
 
 
 def init_phi_weights(phi_config):
@@ -248,7 +254,8 @@ def init_phi_weights(phi_config):
     from smlm_tfdiff.pretrained import load_phi_source
 
     init = load_phi_source(flags.FLAGS.init_phi)
-    free = dict(dropout=0.0, input_transform="linear", photon_scale=1.0)
+    free = dict(dropout=0.0, input_transform="linear", photon_scale=1.0,
+                brightness_reference=None)
     if dataclasses.replace(init.phi_config, **free) != dataclasses.replace(phi_config, **free):
         raise app.UsageError(f"--init_phi {flags.FLAGS.init_phi!r} has {init.phi_config}, this "
                              f"run {phi_config}: set the phi flags to match its widths")

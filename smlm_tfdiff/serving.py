@@ -91,7 +91,7 @@ class SamplerModule(tf.Module):
     start t_start (default: the models' recipe's) are fixed here."""
 
     def __init__(self, models, method=None, t_start=None, name="smlm_sampler",
-                 max_images=DEFAULT_MAX_IMAGES):
+                 max_images=DEFAULT_MAX_IMAGES, photons=None):
         super().__init__(name=name)
         if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) \
                 or max_images < 1:
@@ -111,6 +111,21 @@ class SamplerModule(tf.Module):
         recipe = models.recipe.replace(t_start=t_start, num_steps=default_steps, method=method,
                                        restart_t=None, restarts=None)
         self.phi = models.phi
+        # A brightness-normalised phi (PhiConfig.brightness_reference) is exported for one dye:
+        # the photons per emitter are fixed here and the frames scaled inside the graph.
+        reference = getattr(models.phi_config, "brightness_reference", None)
+        self._brightness_factor = None
+        if reference is not None:
+            if photons is None or not (np.isfinite(photons) and photons > 0):
+                raise ValueError(
+                    "this phi reads frames scaled by the movie's photons per emitter (N0; "
+                    "phi_config.json brightness_reference), which a SavedModel cannot measure: "
+                    f"export it for one dye with photons N0 > 0 (--photons; got {photons!r})")
+            self._brightness_factor = float(reference) / float(photons)
+        elif photons is not None:
+            raise ValueError("photons applies to a brightness-normalised phi only; this phi "
+                             "reads frames as they are: leave it unset")
+        self._offset = float(np.mean(models.config.offset))
         self.psi = models.psi
         self._frame_condition = models.psi_config.frame_condition
         self._method_name = method
@@ -167,6 +182,11 @@ class SamplerModule(tf.Module):
         self.sample = tf.function(self._sample, input_signature=POSTERIOR_SIGNATURE)
         self.estimate = tf.function(self._estimate, input_signature=[FRAMES_SPEC])
         self.config = tf.function(self._config, input_signature=[])
+
+    def _phi(self, frames):
+        if self._brightness_factor is not None:
+            frames = self._offset + (frames - self._offset) * self._brightness_factor
+        return self.phi(frames, training=False)
 
     def signatures(self):
         """{name: concrete function} for tf.saved_model.save."""
@@ -227,7 +247,7 @@ class SamplerModule(tf.Module):
             "larger --max_images if the accelerator has the memory",
             tf.shape(frames)[0], num_samples, images))
         with tf.control_dependencies(checks):
-            y_hat = self.phi(frames, training=False)
+            y_hat = self._phi(frames)
             gammas, _ = noise_levels_graph(self._gamma, num_steps, t_start)
             repeated = tf.repeat(y_hat, num_samples, axis=0)
             extra = {}
@@ -254,7 +274,7 @@ class SamplerModule(tf.Module):
 
     def _estimate(self, frames):
         frames = self._checked_frames(frames, check_size=False)
-        return {"kde_estimate": self.phi(frames, training=False)}
+        return {"kde_estimate": self._phi(frames)}
 
     def _config(self):
         return {"sim_config_json": tf.identity(self.sim_config_json),
@@ -263,9 +283,11 @@ class SamplerModule(tf.Module):
 
 
 def export_savedmodel(models, export_dir, method=None, t_start=None, overwrite=False,
-                      max_images=DEFAULT_MAX_IMAGES):
+                      max_images=DEFAULT_MAX_IMAGES, photons=None):
     """Write the SamplerModule of `models` as a SavedModel to export_dir and return export_dir.
     method, t_start: default the models' recipe's (module docstring).
+    photons: the dye's photons per emitter, required for (and only for) a brightness-normalised
+    phi, whose frames the export scales by brightness_reference / photons.
     max_images: the most frames x samples one request may ask for (module docstring).
 
     Atomic: saved to a temporary folder next to export_dir, then renamed. An existing non-empty
@@ -274,7 +296,8 @@ def export_savedmodel(models, export_dir, method=None, t_start=None, overwrite=F
     """
     export_dir = os.path.abspath(os.fspath(export_dir))
     check_export_dir(export_dir, overwrite)
-    module = SamplerModule(models, method=method, t_start=t_start, max_images=max_images)
+    module = SamplerModule(models, method=method, t_start=t_start, max_images=max_images,
+                           photons=photons)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     # A name TF Serving ignores (not an integer) while the export is incomplete.

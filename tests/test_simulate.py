@@ -45,7 +45,8 @@ def test_same_seed_same_data_different_seed_independent(paper):
 
 def test_simulate_returns_numpy_with_element_keys(paper):
     data = st.simulate(paper, 1500, seed=1)  # Crosses the internal chunk boundary.
-    assert set(data) == {"frames", "kde", "positions", "mask", "photons", "frame_background"}
+    assert set(data) == {"frames", "kde", "positions", "mask", "photons", "frame_background",
+                         "frame_photons"}
     assert np.all(data["frame_background"] == 0)  # No background_range.
     assert all(isinstance(v, np.ndarray) for v in data.values())
     assert data["frames"].shape == (1500, 20, 20, 1) and data["kde"].shape == (1500, 80, 80, 1)
@@ -125,6 +126,32 @@ def test_density_range_photon_and_background_distributions():
     a, b = st.simulate(plain, 8, 5), st.simulate(plain.replace(background_range=(0.0, 0.0)), 8, 5)
     np.testing.assert_array_equal(a["positions"], b["positions"])
     np.testing.assert_array_equal(a["frames"], b["frames"])
+
+
+def test_photons_per_frame_with_spread():
+    """photons_frame_spread: one log-uniform N0 per frame, emitters' photons log-normal around it
+    (log-sd = the spread); frame_photons reports the frame's N0. Without it frame_photons is the
+    range's typical value, and the draws are what they were before the field."""
+    config = st.SimulationConfig.preset("wholefield_dye", frame_height=12, frame_width=12)
+    assert config.photons_frame_spread == 0.25
+    n = 3000
+    data = st.simulate(config, n, seed=12)
+    n0 = data["frame_photons"].astype(np.float64)
+    u = (np.log(n0) - np.log(100.0)) / (np.log(5000.0) - np.log(100.0))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    on = data["mask"]
+    log_ratio = np.log(data["photons"].astype(np.float64) / n0[:, None])[on]
+    assert stats.kstest(log_ratio / 0.25, "norm").pvalue > 1e-3
+    plain = config.replace(photons_frame_spread=None)
+    a = st.simulate(plain, 8, 5)
+    np.testing.assert_allclose(a["frame_photons"], np.sqrt(100.0 * 5000.0), rtol=1e-6)
+    assert len(np.unique(a["photons"][a["mask"]])) == a["mask"].sum()  # Per emitter, as before.
+    np.testing.assert_array_equal(st.simulate(st.SimulationConfig.preset("paper"), 2, 1)[
+        "frame_photons"], 200.0)
+    with pytest.raises(ValueError, match="photons_frame_spread.*photons_range"):
+        st.SimulationConfig.preset("paper", photons_frame_spread=0.2)
+    with pytest.raises(ValueError, match="photons_frame_spread"):
+        config.replace(photons_frame_spread=-0.1)
 
 
 def test_kde_targets_match_render_kde_and_count(paper):

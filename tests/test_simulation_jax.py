@@ -81,7 +81,7 @@ def test_frames_have_the_camera_moments():
 
 def test_scene_distribution():
     disc = st.SimulationConfig.preset("paper")
-    pos, photons, mask = (np.asarray(a) for a in simulation_jax.sample_scene(
+    pos, photons, mask, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
         jax.random.PRNGKey(0), disc, 2000))
     assert mask.all() and mask.shape == (2000, 10)
     r2 = ((pos - np.array(disc.center)) ** 2).sum(-1)
@@ -92,7 +92,7 @@ def test_scene_distribution():
     np.testing.assert_array_equal(photons, 200.0)
 
     dense = st.SimulationConfig.preset("dense")
-    pos, photons, mask = (np.asarray(a) for a in simulation_jax.sample_scene(
+    pos, photons, mask, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
         jax.random.PRNGKey(1), dense, 4000))
     counts = mask.sum(1)
     # Poisson(10) (truncation at K = 30 is never reached in practice).

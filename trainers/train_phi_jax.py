@@ -55,7 +55,8 @@ def main(argv):
                 "phi_config": json.loads(phi_config.to_json()),
                 "phi_parameters": int(phi.count_params())}
     logging.info("phi %s: %d parameters", phi_config, run_info["phi_parameters"])
-    result = JaxPhiTrainer(config, phi, sim_config, save, run_info).fit()
+    result = JaxPhiTrainer(config, phi, sim_config, save, run_info,
+                           brightness_reference=phi_config.brightness_reference).fit()
     logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
 
 

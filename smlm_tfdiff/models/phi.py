@@ -8,13 +8,17 @@ Fully convolutional: any frame size works at inference.
 
 import dataclasses
 import json
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import keras
 from keras import layers, ops
 
 
 INPUT_TRANSFORMS = ("linear", "anscombe")
+# Log-sd of the N0 a brightness-normalised phi is told in training around the frame's true N0:
+# analyze estimates N0 from the movie (a median of photometry), never exactly.
+BRIGHTNESS_JITTER = 0.1
 
 
 @dataclasses.dataclass
@@ -35,6 +39,12 @@ class PhiConfig:
     # Dropout after every context and upsampling block (0: none). A phi trained with dropout is
     # the MC-dropout baseline of the uncertainty evaluation (smlm_tfdiff.uncertainty.mc_dropout).
     dropout: float = 0.0
+    # Set (photons): phi reads frames whose photons are scaled by brightness_reference / N0, N0
+    # the movie's typical photons per emitter (normalize_brightness; analyze estimates N0 or takes
+    # it from the user). One emitter is then as bright to phi in every movie, so a close pair
+    # (twice the light) is told from one brighter emitter, which a phi trained over a brightness
+    # range cannot do from the light alone. None: frames as they are.
+    brightness_reference: Optional[float] = None
 
     def __post_init__(self):
         self.dilations = tuple(int(d) for d in self.dilations)
@@ -55,6 +65,11 @@ class PhiConfig:
         self.dropout = float(self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PhiConfig.dropout must lie in [0, 1) (got {self.dropout})")
+        if self.brightness_reference is not None:
+            self.brightness_reference = float(self.brightness_reference)
+            if not (math.isfinite(self.brightness_reference) and self.brightness_reference > 0):
+                raise ValueError(f"PhiConfig.brightness_reference must be > 0 photons or None "
+                                 f"(got {self.brightness_reference})")
 
     @property
     def upsample(self) -> int:
@@ -66,6 +81,13 @@ class PhiConfig:
     @classmethod
     def from_json(cls, text: str) -> "PhiConfig":
         return cls(**json.loads(text))
+
+
+def normalize_brightness(frames, offset, factor):
+    """Frames [B, H, W, 1] ADU with their photons scaled by `factor` (brightness_reference / N0;
+    a number, or [B, 1, 1, 1] per frame), offset kept: offset + (frames - offset) * factor.
+    NumPy or TensorFlow, as given."""
+    return offset + (frames - offset) * factor
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")

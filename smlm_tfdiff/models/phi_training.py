@@ -4,13 +4,30 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
 from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
 
-def phi_dataset(sim_config, batch_size, seed, start_step):
-    """Infinite (frames, kde) batches; a run resumed at start_step draws fresh data."""
+def phi_dataset(sim_config, batch_size, seed, start_step, phi_config=None):
+    """Infinite (frames, kde) batches; a run resumed at start_step draws fresh data. For a
+    brightness-normalised phi (phi_config.brightness_reference) the frames are scaled by
+    reference / N0, N0 the frame's typical photons times exp(BRIGHTNESS_JITTER z)."""
     ds = make_dataset(sim_config, batch_size, seeds_lib.fold_in(seed, start_step), prefetch=0)
-    return ds.map(lambda b: {"frames": b["frames"], "kde": b["kde"]}).prefetch(tf.data.AUTOTUNE)
+    reference = phi_config.brightness_reference if phi_config is not None else None
+    if reference is None:
+        return ds.map(lambda b: {"frames": b["frames"], "kde": b["kde"]}).prefetch(
+            tf.data.AUTOTUNE)
+    jitter_seed = seeds_lib.fold_in(seeds_lib.fold_in(seed, start_step), 7)
+
+    def normalize(i, b):
+        z = tf.random.stateless_normal(tf.shape(b["frame_photons"]),
+                                       seeds_lib.fold_in(jitter_seed, i))
+        n0 = b["frame_photons"] * tf.exp(BRIGHTNESS_JITTER * z)
+        factor = tf.reshape(reference / n0, [-1, 1, 1, 1])
+        return {"frames": normalize_brightness(b["frames"], float(sim_config.offset), factor),
+                "kde": b["kde"]}
+
+    return ds.enumerate().map(normalize).prefetch(tf.data.AUTOTUNE)
 
 
 def phi_loss(model, batch, training):
@@ -47,10 +64,15 @@ def predict(model, frames, batch_size=256, jit_compile=True, chunk=32):
 class PhiValidation:
     """A fixed, seeded validation set and the hook the trainer calls."""
 
-    def __init__(self, sim_config, num_frames, seed, num_images=4):
+    def __init__(self, sim_config, num_frames, seed, num_images=4, phi_config=None):
         self.config = sim_config
         self.data = simulate(sim_config, num_frames, seed)
         self.num_images = num_images
+        reference = phi_config.brightness_reference if phi_config is not None else None
+        if reference is not None:  # The frames' true N0 (training adds jitter).
+            factor = (reference / self.data["frame_photons"])[:, None, None, None]
+            self.data["frames"] = normalize_brightness(
+                self.data["frames"], float(sim_config.offset), factor).astype(np.float32)
 
     def __call__(self, trainer, step):
         pred = predict(trainer.model, self.data["frames"])

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
 from smlm_tfdiff.models.training_jax import JaxTrainer
 from smlm_tfdiff.simulation import simulate_jax
 
@@ -25,18 +26,35 @@ class JaxPhiTrainer(JaxTrainer):
 
     state_file = "phi_jax_state.npz"
 
-    def __init__(self, config, phi, sim_config, save_fn, run_info=None):
+    def __init__(self, config, phi, sim_config, save_fn, run_info=None,
+                 brightness_reference=None):
         super().__init__(config, phi, save_fn, run_info)
         self.sim_config = sim_config
+        # A brightness-normalised phi (PhiConfig.brightness_reference) reads frames scaled by
+        # reference / N0, as phi_training.phi_dataset makes them.
+        self.brightness_reference = brightness_reference
         self._predict = jax.jit(
             lambda p, nt, x: phi.stateless_call(p, nt, x, training=False)[0])
         data = simulate_jax.simulate_batch(jax.random.PRNGKey(config.val_seed), sim_config,
                                            config.val_frames)
-        self._validation = {"frames": np.asarray(data["frames"]), "kde": np.asarray(data["kde"])}
+        frames = data["frames"]
+        if brightness_reference is not None:  # The frames' true N0 (training adds jitter).
+            frames = self._normalize(frames, data["frame_photons"])
+        self._validation = {"frames": np.asarray(frames), "kde": np.asarray(data["kde"])}
+
+    def _normalize(self, frames, n0):
+        factor = (self.brightness_reference / n0)[:, None, None, None]
+        return normalize_brightness(frames, float(np.mean(self.sim_config.offset)), factor)
 
     def loss(self, params, non_trainable, key):
-        data = simulate_jax.simulate_batch(key, self.sim_config, self.config.batch_size)
-        pred, non_trainable = self.model.stateless_call(params, non_trainable, data["frames"],
+        normalized = self.brightness_reference is not None
+        sim_key, jitter_key = jax.random.split(key) if normalized else (key, None)
+        data = simulate_jax.simulate_batch(sim_key, self.sim_config, self.config.batch_size)
+        frames = data["frames"]
+        if normalized:
+            z = jax.random.normal(jitter_key, data["frame_photons"].shape)
+            frames = self._normalize(frames, data["frame_photons"] * jnp.exp(BRIGHTNESS_JITTER * z))
+        pred, non_trainable = self.model.stateless_call(params, non_trainable, frames,
                                                         training=True)
         return jnp.mean(jnp.square(pred - data["kde"])), non_trainable
 

@@ -58,6 +58,10 @@ class SimulationConfig:
     photons: float = 200.0  # N0 per emitter when photons_range is None.
     photons_range: Optional[Tuple[float, float]] = None  # N0 ~ photons_distribution(lo, hi) when set.
     photons_distribution: str = "uniform"  # Of N0 in photons_range: "uniform" or "log_uniform".
+    # Set (with photons_range): one N0 per frame from photons_range, and each emitter of the frame
+    # N0 exp(photons_frame_spread z), z ~ N(0, 1), as one dye in one movie (a log-sd; 0: all
+    # alike). None: every emitter draws its own N0 from photons_range.
+    photons_frame_spread: Optional[float] = None
     num_emitters: int = 10  # Fixed count, or the Poisson mean when emitter_count == "poisson".
     emitter_count: str = "fixed"  # "fixed" or "poisson" (truncated at max_emitters).
     max_emitters: Optional[int] = None  # Padding size K; default num_emitters (fixed) or mean + 6 sd.
@@ -114,6 +118,9 @@ class SimulationConfig:
                                           or not hasattr(value, "__len__") or len(value) != 2
                                           or not all(_is_number(v) for v in value)):
                     fail(name, f"must be a pair of numbers {pair}, or null (got {value!r})")
+            elif name == "photons_frame_spread":
+                if value is not None and not _is_number(value):
+                    fail(name, f"must be a number (a log-sd) or null (got {value!r})")
             elif name == "max_emitters":
                 if value is not None and not _is_integer(value):
                     fail(name, f"must be an integer or null (got {value!r})")
@@ -168,6 +175,13 @@ class SimulationConfig:
             lo, hi = self.photons_range
             if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
                 fail("photons_range", f"needs 0 < low <= high photons (got {self.photons_range!r})")
+        if self.photons_frame_spread is not None:
+            if self.photons_range is None:
+                fail("photons_frame_spread", "draws one N0 per frame from photons_range: set "
+                     "photons_range too (or drop photons_frame_spread)")
+            if not (np.isfinite(self.photons_frame_spread) and self.photons_frame_spread >= 0):
+                fail("photons_frame_spread", f"must be a finite log-sd >= 0 "
+                     f"(got {self.photons_frame_spread!r})")
         if self.photons_distribution not in _PHOTON_DISTRIBUTIONS:
             fail("photons_distribution", f"must be one of {_PHOTON_DISTRIBUTIONS} "
                  f"(got {self.photons_distribution!r})")
@@ -316,6 +330,16 @@ def check_config(config) -> None:
                         "use SimulationConfig.preset('paper') or SimulationConfig(...)")
 
 
+
+def typical_photons(config) -> float:
+    """A scene's typical N0, photons: config.photons, or the middle of photons_range (geometric
+    for log-uniform draws)."""
+    if config.photons_range is None:
+        return float(config.photons)
+    lo, hi = config.photons_range
+    return math.sqrt(lo * hi) if config.photons_distribution == "log_uniform" else (lo + hi) / 2
+
+
 PRESETS = {
     # The seeds' section 4, camera values from the authors' code.
     "paper": dict(),
@@ -335,3 +359,7 @@ PRESETS = {
                        photons_range=(100.0, 5000.0), photons_distribution="log_uniform",
                        background_range=(0.0, 30.0)),
 }
+# The whole-field scene with one dye per movie: one N0 per frame (100-5000 log-uniform) and the
+# frame's emitters spread around it (log-sd 0.25), for a phi that reads frames scaled to the
+# movie's N0 (PhiConfig.brightness_reference).
+PRESETS["wholefield_dye"] = dict(PRESETS["wholefield"], photons_frame_spread=0.25)

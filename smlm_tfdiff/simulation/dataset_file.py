@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import tifffile
 
-from smlm_tfdiff.simulation.config import SimulationConfig
+from smlm_tfdiff.simulation.config import SimulationConfig, typical_photons
 from smlm_tfdiff.simulation.simulate import ELEMENT_KEYS
 
 
@@ -41,6 +41,8 @@ def save_dataset(path, data, config, write_tiff=True):
     arrays = {k: np.asarray(data[k]) for k in ELEMENT_KEYS}
     n = arrays["frames"].shape[0]
     arrays["frame_background"] = np.asarray(data.get("frame_background", np.zeros(n, np.float32)))
+    arrays["frame_photons"] = np.asarray(data.get(
+        "frame_photons", np.full(n, typical_photons(config), np.float32)))
     bad = [k for k, v in arrays.items() if v.shape[0] != n]
     if bad:
         raise ValueError(f"arrays {bad} do not have {n} frames like 'frames'")
@@ -72,4 +74,8 @@ def load_dataset(path):
         # Files written before per-frame backgrounds existed: none.
         data["frame_background"] = (f["frame_background"] if "frame_background" in f
                                     else np.zeros(len(data["frames"]), np.float32))
+        # Files written before per-frame N0 existed: the scene's typical N0.
+        data["frame_photons"] = (f["frame_photons"] if "frame_photons" in f
+                                 else np.full(len(data["frames"]), typical_photons(config),
+                                              np.float32))
     return data, config

@@ -2,8 +2,10 @@
 
 Elements: frames [B, H, W, 1] float32 ADU, kde [B, 4H, 4W, 1] float32, positions [B, K, 2]
 float32 LR pixels (x, y) padded with zeros, mask [B, K] bool, photons [B, K] float32 (0 where padded),
-and frame_background [B] float32, the per-frame background (config.background_range) on top of
-config.background, photons per pixel (0 without a range).
+frame_background [B] float32, the per-frame background (config.background_range) on top of
+config.background, photons per pixel (0 without a range), and frame_photons [B] float32, the
+frame's typical N0 (config.photons_frame_spread: the frame's draw; a fixed N0: that; N0 drawn per
+emitter: the middle of the range, geometric for log-uniform draws).
 """
 
 import math
@@ -15,16 +17,17 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.simulation.physics.camera import sample_frames
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch
 from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
-from smlm_tfdiff.simulation.config import check_config
+from smlm_tfdiff.simulation.config import check_config, typical_photons
 from smlm_tfdiff.validation import as_positions
 
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")  # Those a dataset file holds.
-_OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background",)
+_OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background", "frame_photons")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
 
 
-def sample_scene(config, batch_size, seed):
-    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool."""
+def sample_scene(config, batch_size, seed, return_frame_photons=False):
+    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool (and the frames'
+    typical N0 [B] with return_frame_photons)."""
     k = config.padded_emitters
     count_seed, r_seed, a_seed, n_seed = seeds_lib.split(seed, 4)
     if config.emitter_count == "fixed":
@@ -51,16 +54,27 @@ def sample_scene(config, batch_size, seed):
         m = config.margin
         xy = tf.stack([m + (config.frame_width - 2 * m) * u,
                        m + (config.frame_height - 2 * m) * v], axis=-1)
+    frame_photons = typical_photons(config) * tf.ones([batch_size], tf.float32)
     if config.photons_range is None:
         photons = tf.fill([batch_size, k], tf.constant(config.photons, tf.float32))
-    elif config.photons_distribution == "log_uniform":
-        lo, hi = (math.log(p) for p in config.photons_range)
-        photons = tf.exp(tf.random.stateless_uniform([batch_size, k], n_seed, lo, hi))
+    elif config.photons_frame_spread is not None:
+        frame_photons = _draw_photons(config, [batch_size], n_seed)
+        z = tf.random.stateless_normal([batch_size, k], seeds_lib.fold_in(n_seed, 1))
+        photons = frame_photons[:, None] * tf.exp(config.photons_frame_spread * z)
     else:
-        lo, hi = config.photons_range
-        photons = tf.random.stateless_uniform([batch_size, k], n_seed, lo, hi)
+        photons = _draw_photons(config, [batch_size, k], n_seed)
     maskf = tf.cast(mask, tf.float32)
-    return xy * maskf[..., None], photons * maskf, mask
+    out = (xy * maskf[..., None], photons * maskf, mask)
+    return out + (frame_photons,) if return_frame_photons else out
+
+
+def _draw_photons(config, shape, seed):
+    """N0 ~ config.photons_distribution over config.photons_range, float32 of `shape`."""
+    if config.photons_distribution == "log_uniform":
+        lo, hi = (math.log(p) for p in config.photons_range)
+        return tf.exp(tf.random.stateless_uniform(shape, seed, lo, hi))
+    lo, hi = config.photons_range
+    return tf.random.stateless_uniform(shape, seed, lo, hi)
 
 
 _RENDERERS = {}
@@ -88,10 +102,12 @@ def sample_background(config, batch_size, seed):
     return tf.random.stateless_uniform([batch_size], seed, lo, hi)
 
 
-def simulate_scene(positions, photons, mask, config, seed, frame_background=None):
+def simulate_scene(positions, photons, mask, config, seed, frame_background=None,
+                   frame_photons=None):
     """Frames and KDE for given emitters: a dict of element tensors ([B, ...]).
 
-    frame_background: [B] photons per pixel added to config.background (None: none)."""
+    frame_background: [B] photons per pixel added to config.background (None: none).
+    frame_photons: [B] the frames' typical N0, photons, passed through (None: typical_photons)."""
     rate, kde = _renderer(config)(tf.cast(positions, tf.float32), tf.cast(photons, tf.float32),
                                   tf.cast(mask, tf.bool))
     if frame_background is None:
@@ -99,6 +115,8 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
     frame_background = tf.cast(frame_background, tf.float32)
     rate = rate + frame_background[:, None, None]
     frames = sample_frames(rate, config, seed)
+    if frame_photons is None:
+        frame_photons = typical_photons(config) * tf.ones(tf.shape(rate)[:1], tf.float32)
     return {
         "frames": frames[..., None],
         "kde": kde[..., None],
@@ -106,16 +124,19 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
         "mask": tf.cast(mask, tf.bool),
         "photons": tf.cast(photons, tf.float32),
         "frame_background": frame_background,
+        "frame_photons": tf.cast(frame_photons, tf.float32),
     }
 
 
 def simulate_batch(config, batch_size, seed):
     """One vectorised batch of simulated frames and targets (tensors)."""
     scene_seed, camera_seed = seeds_lib.split(seed)
-    positions, photons, mask = sample_scene(config, batch_size, scene_seed)
+    positions, photons, mask, frame_photons = sample_scene(config, batch_size, scene_seed,
+                                                           return_frame_photons=True)
     # Its own stream, so the scenes and frames of configs without a range are unchanged.
     background = sample_background(config, batch_size, seeds_lib.fold_in(scene_seed, 2))
-    return simulate_scene(positions, photons, mask, config, camera_seed, background)
+    return simulate_scene(positions, photons, mask, config, camera_seed, background,
+                          frame_photons)
 
 
 def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):

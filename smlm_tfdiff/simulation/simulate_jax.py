@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smlm_tfdiff.simulation.config import typical_photons
+
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -52,8 +54,17 @@ def render_kde(positions, mask, config):
                                         config.kde_sigma, mask.astype(jnp.float32))
 
 
+def _draw_photons(key, config, shape):
+    """N0 ~ config.photons_distribution over config.photons_range."""
+    lo, hi = config.photons_range
+    if config.photons_distribution == "log_uniform":
+        return jnp.exp(jax.random.uniform(key, shape, minval=math.log(lo), maxval=math.log(hi)))
+    return jax.random.uniform(key, shape, minval=lo, maxval=hi)
+
+
 def sample_scene(key, config, batch_size):
-    """Random emitters as `simulate.sample_scene` draws them: (positions, photons, mask)."""
+    """Random emitters as `simulate.sample_scene` draws them: (positions, photons, mask,
+    frame_photons [B], the frames' typical N0)."""
     k = config.padded_emitters
     count_key, u_key, v_key, n_key = jax.random.split(key, 4)
     if config.emitter_count == "fixed":
@@ -80,16 +91,17 @@ def sample_scene(key, config, batch_size):
         m = config.margin
         xy = jnp.stack([m + (config.frame_width - 2 * m) * u,
                         m + (config.frame_height - 2 * m) * v], axis=-1)
+    frame_photons = jnp.full([batch_size], typical_photons(config), jnp.float32)
     if config.photons_range is None:
         photons = jnp.full([batch_size, k], config.photons, jnp.float32)
-    elif config.photons_distribution == "log_uniform":
-        lo, hi = (math.log(p) for p in config.photons_range)
-        photons = jnp.exp(jax.random.uniform(n_key, [batch_size, k], minval=lo, maxval=hi))
+    elif config.photons_frame_spread is not None:  # One N0 per frame, a spread around it.
+        frame_photons = _draw_photons(n_key, config, [batch_size])
+        z = jax.random.normal(jax.random.fold_in(n_key, 1), [batch_size, k])
+        photons = frame_photons[:, None] * jnp.exp(config.photons_frame_spread * z)
     else:
-        lo, hi = config.photons_range
-        photons = jax.random.uniform(n_key, [batch_size, k], minval=lo, maxval=hi)
+        photons = _draw_photons(n_key, config, [batch_size, k])
     maskf = mask.astype(jnp.float32)
-    return xy * maskf[..., None], photons * maskf, mask
+    return xy * maskf[..., None], photons * maskf, mask, frame_photons
 
 
 def sample_frames(key, rate, config):
@@ -102,9 +114,9 @@ def sample_frames(key, rate, config):
 
 def simulate_batch(key, config, batch_size):
     """One batch {frames [B, H, W, 1], kde [B, 4H, 4W, 1], positions, photons, mask,
-    frame_background [B]} (see `simulate`)."""
+    frame_background [B], frame_photons [B]} (see `simulate`)."""
     scene_key, camera_key = jax.random.split(key)
-    positions, photons, mask = sample_scene(scene_key, config, batch_size)
+    positions, photons, mask, frame_photons = sample_scene(scene_key, config, batch_size)
     if config.background_range is None:
         background = jnp.zeros([batch_size], jnp.float32)
     else:
@@ -115,4 +127,4 @@ def simulate_batch(key, config, batch_size):
     frames = sample_frames(camera_key, rate, config)
     return {"frames": frames[..., None], "kde": render_kde(positions, mask, config)[..., None],
             "positions": positions, "photons": photons, "mask": mask,
-            "frame_background": background}
+            "frame_background": background, "frame_photons": frame_photons}
