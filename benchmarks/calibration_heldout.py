@@ -109,10 +109,19 @@ def coverage_scores(models, backend, data, config, num_frames, num_samples, seed
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty import evaluation as ev
 
+    from smlm_tfdiff.analyze import measure_emitter_photons
+
     frames = data["frames"][:num_frames]
     truth = data["kde"][:num_frames, ..., 0]
+    y_hat = None
+    if backend.brightness_reference is not None:  # phi at N0 measured as analyze does.
+        lr = frames[..., 0]
+        n0, _ = measure_emitter_photons(backend, lr, (lr - config.offset) / config.gain,
+                                        config)
+        y_hat = backend.estimate(frames, n0)
     post = backend.sampler(frames, num_samples, seed=seed, return_samples=True,
-                           num_steps=backend.num_steps, method=backend.method, project=False)
+                           num_steps=backend.num_steps, method=backend.method, project=False,
+                           y_hat=y_hat)
     out = {"frames": int(len(frames)), "samples": num_samples,
            "expected": cal.expected_quantile_coverage([0.5, 0.9], num_samples).tolist(),
            "own": ev.pixel_coverage(post["samples"][..., 0], truth, post["mean"][..., 0])}
@@ -122,7 +131,7 @@ def coverage_scores(models, backend, data, config, num_frames, num_samples, seed
         out["shipped"] = ev.pixel_coverage(scaled["samples"][..., 0], truth,
                                            scaled["mean"][..., 0])
     else:
-        out["shipped"] = out["own"]
+        out["shipped"] = dict(out["own"])
     for key in ("own", "shipped"):
         out[key].pop("reliability")
         out[key].pop("pit_histogram")

@@ -369,7 +369,7 @@ NOISE_VAR_FACTOR = 4.0  # Observed vs predicted background noise variance (2x in
 BRIGHTNESS_FACTOR = 10.0  # Brightest spots vs the model's emitters, either way.
 BACKGROUND_MARGIN_PHOTONS = 20.0  # Background above the model's by more than this (per pixel).
 CHECK_FRAMES = 32  # Frames read at the start for the check.
-BRIGHTNESS_FRAMES = 32  # Frames, spread over a stack, its photons per emitter are measured on.
+BRIGHTNESS_FRAMES = 16  # Frames, spread over a stack, its photons per emitter are measured on.
 
 
 def measure_emitter_photons(backend, model_frames, photons, config):

@@ -248,6 +248,10 @@ class PosteriorSampler:
             restart_nfe = restarts * restart_steps * num_samples
 
         if y_hat is None:
+            if getattr(self.models.phi_config, "brightness_reference", None) is not None:
+                raise ValueError("this phi reads frames scaled by the movie's photons per "
+                                 "emitter, which the sampler does not know: pass y_hat, phi's "
+                                 "estimate at that N0 (KerasBackend.estimate(frames, photons))")
             y_hat = np.concatenate([self._phi(tf.constant(frames[i:i + 256])).numpy()
                                     for i in range(0, len(frames), 256)])
         per_call = max(1, self.max_images // num_samples)  # Frames per compiled call.
