@@ -124,7 +124,8 @@ def test_analyze_measures_or_takes_the_photons_per_emitter(tmp_path):
 
 def test_export_fixes_the_photons_per_emitter(tmp_path):
     """A brightness-normalised phi exports for one dye only: photons is required and its scaling
-    is built into the graph (the export's phi equals analyze's at that N0); other phis refuse it."""
+    is built into the graph (the export's phi equals analyze's at that N0); other phis refuse it.
+    The sampler refuses frames without phi's estimate for such a phi."""
     from smlm_tfdiff.pretrained import WEIGHTS_DIR, load_models
     from smlm_tfdiff.serving import SamplerModule
 
@@ -139,5 +140,32 @@ def test_export_fixes_the_photons_per_emitter(tmp_path):
     backend = load_backend(folder, jit_compile=False)
     np.testing.assert_allclose(module._phi(frames).numpy(), backend.estimate(frames, 1500.0),
                                atol=1e-5)
+    # The in-package sampler cannot scale frames it is not told the N0 of.
+    from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+
+    with pytest.raises(ValueError, match="pass y_hat"):
+        PosteriorSampler(models, jit_compile=False)(frames, 2, 1)
     with pytest.raises(ValueError, match="brightness-normalised phi only"):
         SamplerModule(load_models(os.path.join(WEIGHTS_DIR, "wholefield")), photons=1500.0)
+
+
+def test_psi_dataset_gives_phi_the_scaled_frames():
+    """psi of a brightness-normalised phi: batches carry phi_frames, the frames scaled as phi's
+    own training scales them (reference / N0 e^(j z)); psi's frames stay as they are."""
+    from smlm_tfdiff import seeds
+    from smlm_tfdiff.diffusion.schedule import NoiseSchedule
+    from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER
+    from smlm_tfdiff.models.psi_training import psi_dataset
+    from smlm_tfdiff.simulation.simulate import make_dataset
+
+    config = SimulationConfig.preset("wholefield_dye", frame_height=16, frame_width=16)
+    schedule = NoiseSchedule.named("paper", 100)
+    batch = next(iter(psi_dataset(config, schedule, "snr", 256, 9, 0,
+                                  brightness_reference=700.0)))
+    raw = next(iter(make_dataset(config, 256, seeds.split(seeds.fold_in(9, 0))[0])))
+    np.testing.assert_array_equal(batch["frames"], raw["frames"])
+    assert "phi_frames" not in next(iter(psi_dataset(config, schedule, "snr", 4, 9, 0)))
+    excess = (raw["frames"].numpy()[..., 0] - config.offset).sum(axis=(1, 2))
+    scaled = (batch["phi_frames"].numpy()[..., 0] - config.offset).sum(axis=(1, 2))
+    z = np.log(scaled / excess * raw["frame_photons"].numpy() / 700.0) / -BRIGHTNESS_JITTER
+    assert stats.kstest(z, "norm").pvalue > 1e-3

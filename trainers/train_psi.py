@@ -85,6 +85,8 @@ def main(argv):
         phi_models = load_phi_source(FLAGS.phi)
     phi = phi_models.phi
     phi.trainable = False
+    # A brightness-normalised phi reads frames scaled to their N0 (PhiConfig).
+    brightness = getattr(phi_models.phi_config, "brightness_reference", None)
     # phi's camera and optics with the scene of --preset (or --sim_config), then --set.
     sim_config = sim_config_from_flags(phi_models.scene_config(FLAGS.preset))
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)
@@ -137,9 +139,9 @@ def main(argv):
         dataset_fn=lambda start: psi_dataset(sim_config, schedule, FLAGS.weighting,
                                              cfg.batch_size, cfg.seed, start, mix_config,
                                              FLAGS.mix_fraction, FLAGS.crop_size,
-                                             psi_config.downsample_factor),
+                                             psi_config.downsample_factor, brightness),
         eval_fn=PsiValidation(sim_config, phi, recipe, FLAGS.val_frames, FLAGS.val_seed,
-                              psi_config=psi_config),
+                              psi_config=psi_config, brightness_reference=brightness),
         run_info={"preset": FLAGS.preset, "phi": FLAGS.phi, "init_psi": FLAGS.init_psi,
                   "mix_preset": FLAGS.mix_preset, "crop_size": FLAGS.crop_size,
                   "mix_fraction": FLAGS.mix_fraction if FLAGS.mix_preset else 0.0, "sim_config": sim_config.to_dict(),

@@ -110,7 +110,8 @@ def main(argv):
     logging.info("psi %s: %d parameters", psi_config, run_info["psi_parameters"])
     trainer = JaxPsiTrainer(config, phi, psi, sim_config, schedule, FLAGS.weighting, save,
                             mix_config, FLAGS.mix_fraction, run_info, FLAGS.prediction,
-                            psi_config.frame_condition)
+                            psi_config.frame_condition,
+                            getattr(phi_models.phi_config, "brightness_reference", None))
     result = trainer.fit()
     logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
 

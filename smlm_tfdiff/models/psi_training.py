@@ -18,6 +18,7 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.diffusion.schedule import (BUCKETS, T_MIN, buckets_for, diffusion_loss_weights,  # noqa: F401
                                    per_example_loss, q_sample, sample_training_noise_level,
                                    to_diffusion_space)
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
 from smlm_tfdiff.models.psi import PREDICTIONS
 from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
@@ -54,9 +55,13 @@ def check_crop_size(sim_config, crop_size, psi_stride=8):
 
 
 def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, mix_config=None,
-                mix_fraction=0.0, crop_size=None, psi_stride=8):
+                mix_fraction=0.0, crop_size=None, psi_stride=8, brightness_reference=None):
     """Infinite batches {frames, kde, t, gamma, eps} (and with crop_size, `offsets` [B, 2]); a run
     resumed at start_step draws fresh data.
+
+    brightness_reference: that of a brightness-normalised phi (PhiConfig); the batches then hold
+    `phi_frames` too, the frames scaled as phi reads them (reference / N0, N0 the frame's
+    typical photons times exp(BRIGHTNESS_JITTER z), as phi_training.phi_dataset).
 
     mix_config, mix_fraction: a second scene (same camera and frame size, e.g. the isolated
     preset) that fills round(mix_fraction * batch_size) frames of every batch, so psi also learns
@@ -91,6 +96,12 @@ def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, m
         frames = tf.concat([b["frames"] for b in batches], 0)
         kde = tf.concat([b["kde"] for b in batches], 0)
         batch = {"frames": frames, "kde": kde, "t": t, "gamma": gamma, "eps": eps}
+        if brightness_reference is not None:
+            n0 = tf.concat([b["frame_photons"] for b in batches], 0)
+            n0 = n0 * tf.exp(BRIGHTNESS_JITTER * tf.random.stateless_normal(
+                [batch_size], seeds_lib.fold_in(eps_seed, 2)))
+            factor = tf.reshape(brightness_reference / n0, [-1, 1, 1, 1])
+            batch["phi_frames"] = normalize_brightness(frames, float(sim_config.offset), factor)
         if crop_size is not None:
             batch["offsets"] = crop_offsets(sim_config, crop_size, batch_size,
                                             seeds_lib.fold_in(eps_seed, 1))
@@ -124,7 +135,8 @@ class PsiLoss:
 
     def __call__(self, model, batch, training):
         frames = batch["frames"]
-        y_hat = tf.stop_gradient(self.phi(frames, training=False))
+        # A brightness-normalised phi reads the frames scaled (psi_dataset's phi_frames).
+        y_hat = tf.stop_gradient(self.phi(batch.get("phi_frames", frames), training=False))
         kde = batch["kde"]
         if self.crop_size is not None:
             y_hat = cut_windows(y_hat, batch["offsets"], self.crop_size, self.upsample)
@@ -154,12 +166,17 @@ class PsiValidation:
     """
 
     def __init__(self, sim_config, phi, recipe, num_frames, seed, num_sample_frames=8,
-                 num_samples=16, psi_config=None):
+                 num_samples=16, psi_config=None, brightness_reference=None):
         self.psi_config = psi_config
         schedule = recipe.schedule
         self.config, self.phi, self.recipe, self.schedule = sim_config, phi, recipe, schedule
         self.data = simulate(sim_config, num_frames, seed)
-        self.y_hat = np.concatenate([phi(self.data["frames"][i:i + 256], training=False).numpy()
+        phi_frames = self.data["frames"]
+        if brightness_reference is not None:  # The frames' true N0 (training adds jitter).
+            factor = (brightness_reference / self.data["frame_photons"])[:, None, None, None]
+            phi_frames = normalize_brightness(phi_frames, float(sim_config.offset),
+                                              factor).astype(np.float32)
+        self.y_hat = np.concatenate([phi(phi_frames[i:i + 256], training=False).numpy()
                                      for i in range(0, num_frames, 256)])
         rng = np.random.default_rng(seed)
         self.t = 1 + (np.arange(num_frames) * schedule.T) // num_frames  # Every bucket covered.

@@ -18,6 +18,7 @@ import numpy as np
 from smlm_tfdiff.simulation import simulate_jax as simulation_jax
 from smlm_tfdiff.diffusion.schedule import (T_MIN, buckets_for, loss_weight_table, per_example_loss,
                                    q_sample, to_diffusion_space)
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
 from smlm_tfdiff.models.training_jax import JaxTrainConfig, JaxTrainer, learning_rate_at
 
 __all__ = ["JaxPsiTrainer", "JaxTrainConfig", "learning_rate_at", "noise_level_draw"]
@@ -49,9 +50,12 @@ class JaxPsiTrainer(JaxTrainer):
 
     def __init__(self, config, phi, psi, sim_config, schedule, weighting, save_fn,
                  mix_config=None, mix_fraction=0.0, run_info=None, prediction="eps",
-                 frame_condition=False):
+                 frame_condition=False, brightness_reference=None):
         super().__init__(config, psi, save_fn, run_info)
         self.phi, self.psi = phi, psi
+        # A brightness-normalised phi (PhiConfig) reads frames scaled by reference / N0, as
+        # psi_training.psi_dataset's phi_frames.
+        self.brightness_reference = brightness_reference
         self.sim_config, self.mix_config = sim_config, mix_config
         self.schedule, self.weighting = schedule, weighting
         self.num_mix = int(round(mix_fraction * config.batch_size)) if mix_config else 0
@@ -80,12 +84,23 @@ class JaxPsiTrainer(JaxTrainer):
         if self.num_mix:
             parts.append(simulation_jax.simulate_batch(mix_key, self.mix_config, self.num_mix))
         return (jnp.concatenate([p["frames"] for p in parts]),
-                jnp.concatenate([p["kde"] for p in parts]))
+                jnp.concatenate([p["kde"] for p in parts]),
+                jnp.concatenate([p["frame_photons"] for p in parts]))
+
+    def _phi_frames(self, frames, n0):
+        """The frames as phi reads them (scaled by reference / n0 for a normalised phi)."""
+        if self.brightness_reference is None:
+            return frames
+        factor = (self.brightness_reference / n0)[:, None, None, None]
+        return normalize_brightness(frames, float(np.mean(self.sim_config.offset)), factor)
 
     def loss(self, params, non_trainable, key):
         data_key, level_key, eps_key = jax.random.split(key, 3)
-        frames, kde = self._batch(data_key)
-        y_hat = jax.lax.stop_gradient(self.phi(frames, training=False))
+        frames, kde, n0 = self._batch(data_key)
+        if self.brightness_reference is not None:
+            n0 = n0 * jnp.exp(BRIGHTNESS_JITTER * jax.random.normal(
+                jax.random.fold_in(eps_key, 1), n0.shape))
+        y_hat = jax.lax.stop_gradient(self.phi(self._phi_frames(frames, n0), training=False))
         t, gamma = noise_level_draw(level_key, self.schedule, self.config.batch_size, self.t_min)
         eps = jax.random.normal(eps_key, kde.shape)
         y_t = q_sample(to_diffusion_space(kde), gamma, eps)
@@ -109,7 +124,8 @@ class JaxPsiTrainer(JaxTrainer):
         n = self.config.val_frames
         data = simulation_jax.simulate_batch(jax.random.PRNGKey(self.config.val_seed),
                                              self.sim_config, n)
-        y_hat = np.concatenate([np.asarray(self.phi(data["frames"][i:i + 256], training=False))
+        phi_frames = self._phi_frames(data["frames"], data["frame_photons"])
+        y_hat = np.concatenate([np.asarray(self.phi(phi_frames[i:i + 256], training=False))
                                 for i in range(0, n, 256)])
         rng = np.random.default_rng(self.config.val_seed)
         t = 1 + (np.arange(n) * self.schedule.T) // n
