@@ -54,10 +54,11 @@ reproduce: $(STAMP)
 
 # Retrain the bundled `wholefield` pair with the commands in smlm_tfdiff/weights/wholefield/MODEL.md:
 # phi with the seeds' linear input (5500 steps), psi fine-tuned from the bundled `paper` psi on
-# windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps);
-# the model folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
-# (benchmarks/calibration_wholefield_scale.py on cells without and with background, ~35 min).
-# About 3.5 hours on a 2-core CPU.
+# windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps) and
+# then reading frames scaled to the movie's photons per emitter (4000 + 3000 steps, one N0 per
+# frame); the model folder $(REPRO)/wholefield pairs that phi with the psi, and gets its
+# calibration scale (benchmarks/calibration_wholefield_scale.py on cells without and with
+# background, ~35 min). About 4.3 hours on a 2-core CPU.
 reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
 		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
@@ -73,10 +74,19 @@ reproduce-wholefield: $(STAMP)
 		--preset wholefield --input_transform anscombe --init_phi $(REPRO)/phi_wholefield \
 		--steps 3000 --batch_size 32 --learning_rate 2e-3 --eval_every 3000 \
 		--checkpoint_every 250 --val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_dye025 \
+		--preset wholefield_dye --set photons_frame_spread=0.25 --input_transform anscombe \
+		--brightness_reference 700 --init_phi $(REPRO)/phi_wf_anscombe --steps 4000 \
+		--batch_size 32 --learning_rate 2e-3 --eval_every 4000 --checkpoint_every 250 \
+		--val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_dye \
+		--preset wholefield_dye --input_transform anscombe --brightness_reference 700 \
+		--init_phi $(REPRO)/phi_wf_dye025 --steps 3000 --batch_size 32 --learning_rate 1e-3 \
+		--eval_every 3000 --checkpoint_every 250 --val_frames 32 --noprogress
 	rm -rf $(REPRO)/wholefield && mkdir -p $(REPRO)/wholefield
 	cp $(REPRO)/psi_wholefield/psi.weights.h5 $(REPRO)/psi_wholefield/psi_config.json \
-		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_anscombe/phi.weights.h5 \
-		$(REPRO)/phi_wf_anscombe/phi_config.json $(REPRO)/phi_wf_anscombe/sim_config.json \
+		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_dye/phi.weights.h5 \
+		$(REPRO)/phi_wf_dye/phi_config.json $(REPRO)/phi_wf_dye/sim_config.json \
 		$(REPRO)/wholefield/
 	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
 	rm -f $(REPRO)/wf_scale_bg0.npz $(REPRO)/wf_scale_bg.npz
@@ -92,25 +102,27 @@ reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
 # Retrain the bundled `wholefield_fast` psi (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
-# the camera grid, from scratch on windows after the bundled wholefield phi, then with its output
-# head (about 2.4 hours on a 2-core CPU); its sampling defaults (8 samples x 5 steps, refits in
-# the samples) and calibration scale (~13 min).
+# the camera grid, from scratch on windows after the variance-stabilised wholefield phi (the
+# bundled one before it read frames scaled to N0; `make reproduce-wholefield` first), then with
+# its output head (about 2.4 hours on a 2-core CPU); paired with the bundled-to-be phi of
+# reproduce-wholefield, its sampling defaults (8 samples x 5 steps, refits in the samples) and
+# calibration scale (~13 min).
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
-		--phi wholefield --preset wholefield --crop_size 20 --space_to_depth 4 \
+		--phi $(REPRO)/phi_wf_anscombe --preset wholefield --crop_size 20 --space_to_depth 4 \
 		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --steps 9000 \
 		--batch_size 32 --learning_rate 1e-3 --ema_decay 0.999 --jit_compile --eval_every 1500 \
 		--checkpoint_every 250 --val_frames 8 --noprogress
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4_head \
-		--phi wholefield --preset wholefield --crop_size 20 --space_to_depth 4 \
+		--phi $(REPRO)/phi_wf_anscombe --preset wholefield --crop_size 20 --space_to_depth 4 \
 		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --output_head 8 \
 		--init_psi $(REPRO)/psi_wf_s2d4 --steps 3000 --batch_size 32 --learning_rate 5e-4 \
 		--ema_decay 0.999 --jit_compile --eval_every 1500 --checkpoint_every 250 --val_frames 8 \
 		--noprogress
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
 	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
-		$(REPRO)/psi_wf_s2d4_head/phi.weights.h5 $(REPRO)/psi_wf_s2d4_head/phi_config.json \
-		$(REPRO)/psi_wf_s2d4_head/sim_config.json \
+		$(REPRO)/phi_wf_dye/phi.weights.h5 $(REPRO)/phi_wf_dye/phi_config.json \
+		$(REPRO)/phi_wf_dye/sim_config.json \
 		smlm_tfdiff/weights/wholefield_fast/diffusion.json \
 		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
 	rm -f $(REPRO)/wff_scale.npz

@@ -57,6 +57,24 @@ def test_matches_detect_on_noisy_kdes(paper, scenes):
     _assert_same(detect_batch(scenes[..., None], paper), reference)
 
 
+def test_split_offset_is_a_detection_setting(paper, scenes):
+    """DetectionConfig.split_offset moves where split parts start: detect and detect_batch agree
+    with it, the merged pair is still resolved, and a bad value is refused."""
+    wide = DetectionConfig(split_offset=0.75)
+    reference = [st.detect(im, paper, detection=wide) for im in scenes]
+    assert len(reference[1]) == 2
+    _assert_same(detect_batch(scenes, paper, wide), reference)
+    truth = np.array([[10.0, 10.0], [11.0, 10.3]])
+    for found in (reference[1], st.detect(scenes[1], paper)):  # Either start ends at the pair.
+        np.testing.assert_allclose(found[np.argsort(found[:, 0])], truth, atol=0.05)
+    with pytest.raises(ValueError, match="split_offset"):
+        DetectionConfig(split_offset=0.0)
+    legacy = wide.to_legacy()
+    assert legacy["detect_split_offset"] == 0.75
+    assert DetectionConfig.from_legacy(legacy) == wide
+    assert "detect_split_offset" not in DetectionConfig().to_legacy()
+
+
 def test_block_sweeps_approach_the_joint_fit():
     """A crowded field's one big group (emitters >= 6 HR px apart, blobs overlapping, noise):
     the block sweeps detection uses for groups of more than BLOCK_PEAKS end close to the joint

@@ -133,7 +133,7 @@ def test_photons_per_frame_with_spread():
     (log-sd = the spread); frame_photons reports the frame's N0. Without it frame_photons is the
     range's typical value, and the draws are what they were before the field."""
     config = st.SimulationConfig.preset("wholefield_dye", frame_height=12, frame_width=12)
-    assert config.photons_frame_spread == 0.25
+    assert config.photons_frame_spread == 0.4
     n = 3000
     data = st.simulate(config, n, seed=12)
     n0 = data["frame_photons"].astype(np.float64)
@@ -141,7 +141,7 @@ def test_photons_per_frame_with_spread():
     assert stats.kstest(u, "uniform").pvalue > 1e-3
     on = data["mask"]
     log_ratio = np.log(data["photons"].astype(np.float64) / n0[:, None])[on]
-    assert stats.kstest(log_ratio / 0.25, "norm").pvalue > 1e-3
+    assert stats.kstest(log_ratio / 0.4, "norm").pvalue > 1e-3
     plain = config.replace(photons_frame_spread=None)
     a = st.simulate(plain, 8, 5)
     np.testing.assert_allclose(a["frame_photons"], np.sqrt(100.0 * 5000.0), rtol=1e-6)

@@ -37,8 +37,8 @@ from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, DEBLEND_DEFAULTS,
-                                                FULL_REFIT_PEAKS, add_separation, block_tiles,
-                                                detect, group_link, tile_box)
+                                                FULL_REFIT_PEAKS, SPLIT_OFFSET, add_separation,
+                                                block_tiles, detect, group_link, tile_box)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
@@ -546,7 +546,7 @@ def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split, link
         cov = np.stack([np.stack([np.sum(wgt * dx * dx, 1), sxy], -1),
                         np.stack([sxy, np.sum(wgt * dy * dy, 1)], -1)], -2)
         u = np.linalg.eigh(cov)[1][:, :, 1]
-        offset = 0.25 * sigma * u
+        offset = split[SPLIT_OFFSET] * sigma * u
         new_slot = count[act]
         ar = np.arange(len(act))
         xt, at, vt = xa.copy(), aa.copy(), va.copy()
@@ -740,6 +740,8 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
     elif not isinstance(detection, DetectionConfig):
         raise TypeError(f"detection must be a DetectionConfig (got {type(detection).__name__})")
     split = _split_options(deblend)
+    if split is not None:
+        split[SPLIT_OFFSET] = float(detection.split_offset)
     if detection.num_sigma > 1:
         return detect(stack, config, detection=detection, deblend=deblend if split else False,
                       merge_distance=merge_distance, return_amplitude=return_amplitude)

@@ -72,6 +72,8 @@ BLOCK_PEAKS = 32
 BLOCK_SWEEPS = 3
 DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32,
                         max_adds=16, add_min_amplitude=0.6, keep_amplitude=0.5)
+# Not a deblend option: DetectionConfig.split_offset, the split parts' start (KDE sigmas).
+SPLIT_OFFSET = "offset"
 
 
 # ------------------------------------------------------------------------------------ input
@@ -434,7 +436,7 @@ def _deblend(image, xy, amp, sigma, norm, radius, split, link):
         win = _window(image.shape, xy[k], radius)
         rss = np.sum((_model_image(image.shape, xy, amp, sigma, norm) - image)[win] ** 2)
         u = _split_direction(image, xy, amp, k, sigma, norm, radius)
-        offset = 0.25 * sigma * u
+        offset = split[SPLIT_OFFSET] * sigma * u
         xy_try = np.concatenate([xy, xy[k:k + 1] - offset])
         xy_try[k] += offset
         amp_try = np.concatenate([amp, amp[k:k + 1] / 2])
@@ -522,6 +524,8 @@ def detect(kde, config, threshold=None, refine="gaussian", *, detection=None, mi
         split = {**DEBLEND_DEFAULTS, **deblend}
     else:
         raise ValueError(f"deblend must be True, False or a dict of options (got {deblend!r})")
+    if split is not None:
+        split[SPLIT_OFFSET] = float(detection.split_offset)
 
     positions, amplitudes = [], []
     for image in images:

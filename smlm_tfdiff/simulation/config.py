@@ -360,6 +360,6 @@ PRESETS = {
                        background_range=(0.0, 30.0)),
 }
 # The whole-field scene with one dye per movie: one N0 per frame (100-5000 log-uniform) and the
-# frame's emitters spread around it (log-sd 0.25), for a phi that reads frames scaled to the
+# frame's emitters spread around it (log-sd 0.4), for a phi that reads frames scaled to the
 # movie's N0 (PhiConfig.brightness_reference).
-PRESETS["wholefield_dye"] = dict(PRESETS["wholefield"], photons_frame_spread=0.25)
+PRESETS["wholefield_dye"] = dict(PRESETS["wholefield"], photons_frame_spread=0.4)
