@@ -118,7 +118,7 @@ def test_analyze_measures_or_takes_the_photons_per_emitter(tmp_path):
     with pytest.raises(ValueError, match="photons .* must be > 0"):
         StackAnalyzer(backend, camera, num_samples=0, progress=False, photons=-1.0)
     # Other phis ignore it and record nothing.
-    plain = load_backend("wholefield", need_psi=False)
+    plain = load_backend("paper", need_psi=False)
     summary = StackAnalyzer(plain, camera, num_samples=0, progress=False,
                             photons=1200.0).analyze(path, tmp_path / "out3")
     assert "emitter_photons" not in summary
