@@ -374,11 +374,11 @@ BRIGHTNESS_FRAMES = 16  # Frames, spread over a stack, its photons per emitter a
 
 def measure_emitter_photons(backend, model_frames, photons, config):
     """The photons per emitter (N0) of frames for the backend's brightness-normalised phi
-    (localization.brightness): phi on each frame, normalised by the current estimate, and the
+    (io.brightness): phi on each frame, normalised by the current estimate, and the
     model's detection give the spots. model_frames [N, H, W] model ADU, photons [N, H, W] the
     same frames in photons, config the model's SimulationConfig at the frames' size.
     Returns (n0, info) as estimate_emitter_photons."""
-    from smlm_tfdiff.localization.brightness import estimate_emitter_photons
+    from smlm_tfdiff.io.brightness import estimate_emitter_photons
 
     def localize(n0):  # One frame per call, as analyze runs phi.
         kde = np.concatenate([backend.estimate(f[None, ..., None], n0)[..., 0]
@@ -640,7 +640,7 @@ class StackAnalyzer:
         self.model_offset = _scalar(cfg.offset, "offset")
         self.pixel_size_nm = float(camera.pixel_size_nm or cfg.pixel_size_nm)
         # The movie's photons per emitter, for a brightness-normalised phi: given, or estimated
-        # from each stack (localization.brightness) when None.
+        # from each stack (io.brightness) when None.
         if photons is not None and not (np.isfinite(photons) and photons > 0):
             raise ValueError(f"photons (per emitter, N0) must be > 0 (got {photons!r}); leave "
                              "it unset to estimate it from the movie")

@@ -1,4 +1,4 @@
-"""A movie's photons per emitter (localization.brightness) and the brightness-normalised phi."""
+"""A movie's photons per emitter (io.brightness) and the brightness-normalised phi."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from scipy import stats
 
 from smlm_tfdiff import SimulationConfig
 from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
-from smlm_tfdiff.localization import brightness
+from smlm_tfdiff.io import brightness
 from smlm_tfdiff.simulation.simulate import simulate
 
 
@@ -148,7 +148,7 @@ def test_export_fixes_the_photons_per_emitter(tmp_path):
     with pytest.raises(ValueError, match="pass y_hat"):
         PosteriorSampler(models, jit_compile=False)(frames, 2, 1)
     with pytest.raises(ValueError, match="brightness-normalised phi only"):
-        SamplerModule(load_models(os.path.join(WEIGHTS_DIR, "wholefield")), photons=1500.0)
+        SamplerModule(load_models(os.path.join(WEIGHTS_DIR, "paper")), photons=1500.0)
 
 
 def test_psi_dataset_gives_phi_the_scaled_frames():

@@ -102,6 +102,18 @@ def test_bundled_wide_psi_denoises_better_than_the_paper_psi():
     assert np.mean(mse["wide"] < mse["paper"]) > 0.8
 
 
+def _phi_at_n0(models, data, config):
+    """phi's estimate of simulated frames, each scaled by its true photons per emitter (the
+    whole-field phi reads frames scaled to N0; analyze measures N0 instead)."""
+    from smlm_tfdiff.models.phi import normalize_brightness
+
+    reference = models.phi_config.brightness_reference
+    assert reference is not None
+    factor = (reference / data["frame_photons"])[:, None, None, None]
+    frames = normalize_brightness(data["frames"], float(config.offset), factor)
+    return models.phi(frames.astype(np.float32), training=False).numpy()
+
+
 def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows():
     """wholefield (MODEL.md there): phi trained on emitters anywhere in the frame and up to 1 px
     beyond, psi on 20x20 px windows of such frames. On 48x48 frames with emitters everywhere
@@ -117,7 +129,7 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
                                    density_range=(1 / 150, 1 / 150), photons_range=(1000.0, 3000.0),
                                    background_range=None)
     data = st.simulate(config, 8, seed=123_458)
-    y_hat = models.phi(data["frames"], training=False).numpy()
+    y_hat = _phi_at_n0(models, data, config)
     found = [detect_batch(image[None, ..., 0], config, models.detection)[0] for image in y_hat]
     metrics = st.localization_metrics(found, data, config)
     assert metrics["precision"] >= 0.95 and metrics["recall"] >= 0.9, metrics
@@ -155,7 +167,7 @@ def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
                                    density_range=(1 / 100, 1 / 100), photons_range=(400.0, 400.0),
                                    background_range=None)
     data = st.simulate(config, 2, seed=123_459)
-    y_hat = models.phi(data["frames"], training=False).numpy()
+    y_hat = _phi_at_n0(models, data, config)
     grid = TileGrid((40, 40), (8, 8), 4, 4)
     windows = grid.cut_hr(y_hat[:1, ..., 0])[..., None]
     post = PosteriorSampler(models, jit_compile=False)(None, 8, seed=0, y_hat=windows)
