@@ -140,7 +140,8 @@ def test_photons_per_frame_with_spread():
     u = (np.log(n0) - np.log(100.0)) / (np.log(5000.0) - np.log(100.0))
     assert stats.kstest(u, "uniform").pvalue > 1e-3
     on = data["mask"]
-    log_ratio = np.log(data["photons"].astype(np.float64) / n0[:, None])[on]
+    log_ratio = np.log(data["photons"][on].astype(np.float64)
+                       / np.broadcast_to(n0[:, None], on.shape)[on])
     assert stats.kstest(log_ratio / 0.4, "norm").pvalue > 1e-3
     plain = config.replace(photons_frame_spread=None)
     a = st.simulate(plain, 8, 5)
