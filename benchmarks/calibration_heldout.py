@@ -115,9 +115,7 @@ def coverage_scores(models, backend, data, config, num_frames, num_samples, seed
     truth = data["kde"][:num_frames, ..., 0]
     y_hat = None
     if backend.brightness_reference is not None:  # phi at N0 measured as analyze does.
-        lr = frames[..., 0]
-        n0, _ = measure_emitter_photons(backend, lr, (lr - config.offset) / config.gain,
-                                        config)
+        n0, _ = measure_emitter_photons(backend, frames[..., 0], config)
         y_hat = backend.estimate(frames, n0)
     post = backend.sampler(frames, num_samples, seed=seed, return_samples=True,
                            num_steps=backend.num_steps, method=backend.method, project=False,

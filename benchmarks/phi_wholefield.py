@@ -61,9 +61,7 @@ def evaluate(backend, data, config):
 
     n0 = None
     if backend.brightness_reference is not None:  # Measured on these frames, as analyze does.
-        frames = data["frames"][..., 0]
-        n0, _ = measure_emitter_photons(backend, frames, (frames - config.offset) / config.gain,
-                                        config)
+        n0, _ = measure_emitter_photons(backend, data["frames"][..., 0], config)
     start = time.perf_counter()
     kde = backend.estimate(data["frames"], n0)[..., 0]
     phi_s = time.perf_counter() - start

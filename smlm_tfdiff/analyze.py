@@ -165,7 +165,7 @@ class KerasBackend:
 
             offset = _scalar(self.config.offset, "offset")
             frames = normalize_brightness(np.asarray(frames, np.float32), offset,
-                                          self.brightness_reference / float(photons))
+                                          self.brightness_reference, float(photons))
         if self._estimate is None:
             self._estimate = tf.function(lambda x: self._phi(x, training=False),
                                          reduce_retracing=True)
@@ -372,13 +372,14 @@ CHECK_FRAMES = 32  # Frames read at the start for the check.
 BRIGHTNESS_FRAMES = 16  # Frames, spread over a stack, its photons per emitter are measured on.
 
 
-def measure_emitter_photons(backend, model_frames, photons, config):
+def measure_emitter_photons(backend, model_frames, config):
     """The photons per emitter (N0) of frames for the backend's brightness-normalised phi
     (io.brightness): phi on each frame, normalised by the current estimate, and the
-    model's detection give the spots. model_frames [N, H, W] model ADU, photons [N, H, W] the
-    same frames in photons, config the model's SimulationConfig at the frames' size.
-    Returns (n0, info) as estimate_emitter_photons."""
+    model's detection give the spots. model_frames [N, H, W] model ADU, config the model's
+    SimulationConfig at the frames' size. Returns (n0, info) as estimate_emitter_photons."""
     from smlm_tfdiff.io.brightness import estimate_emitter_photons
+
+    photons = (model_frames - _scalar(config.offset, "offset")) / _scalar(config.gain, "gain")
 
     def localize(n0):  # One frame per call, as analyze runs phi.
         kde = np.concatenate([backend.estimate(f[None, ..., None], n0)[..., 0]
@@ -737,11 +738,11 @@ class StackAnalyzer:
         # Frames spread over the movie; deterministic, so a resumed run finds the same N0.
         index = np.unique(np.linspace(0, stack.num_frames - 1,
                                       min(BRIGHTNESS_FRAMES, stack.num_frames)).astype(int))
-        model_frames, photons = (np.concatenate(a) for a in zip(*(
-            self._to_model_adu(stack.read(int(i), int(i) + 1), int(i)) for i in index)))
+        model_frames = np.concatenate([
+            self._to_model_adu(stack.read(int(i), int(i) + 1), int(i))[0] for i in index])
         config = self.model_config.replace(frame_height=stack.height, frame_width=stack.width,
                                            pixel_size_nm=self.pixel_size_nm)
-        self._n0, info = measure_emitter_photons(self.backend, model_frames, photons, config)
+        self._n0, info = measure_emitter_photons(self.backend, model_frames, config)
         if info["source"] == "fallback":
             warnings.warn(f"{stack.path}: {info['reason']}, so the photons per emitter were not "
                           f"measured; phi reads the frames as {reference:g} photons per emitter. "

@@ -76,9 +76,9 @@ class Pretrained:
 # What a preset's data is, beyond the camera, optics and KDE grid of the model: the frame size,
 # the emitters, their brightness and the background, with the per-frame distributions of each.
 SCENE_FIELDS = ("frame_height", "frame_width", "photons", "photons_range",
-                "photons_distribution", "photons_frame_spread", "num_emitters", "emitter_count", "max_emitters",
-                "density_range", "region", "disc_radius", "disc_center", "margin", "background",
-                "background_range")
+                "photons_distribution", "photons_frame_spread", "num_emitters", "emitter_count",
+                "max_emitters", "density_range", "region", "disc_radius", "disc_center", "margin",
+                "background", "background_range")
 
 
 def load_phi(run_dir):

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.localization.config import DetectionConfig
+from smlm_tfdiff.models.phi import normalize_brightness
 from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.diffusion.recipe import METHODS, Recipe
 from smlm_tfdiff.diffusion.schedule import from_diffusion_space
@@ -114,14 +115,14 @@ class SamplerModule(tf.Module):
         # A brightness-normalised phi (PhiConfig.brightness_reference) is exported for one dye:
         # the photons per emitter are fixed here and the frames scaled inside the graph.
         reference = getattr(models.phi_config, "brightness_reference", None)
-        self._brightness_factor = None
+        self._brightness = None  # (reference, photons) of such a phi.
         if reference is not None:
             if photons is None or not (np.isfinite(photons) and photons > 0):
                 raise ValueError(
                     "this phi reads frames scaled by the movie's photons per emitter (N0; "
                     "phi_config.json brightness_reference), which a SavedModel cannot measure: "
                     f"export it for one dye with photons N0 > 0 (--photons; got {photons!r})")
-            self._brightness_factor = float(reference) / float(photons)
+            self._brightness = (float(reference), float(photons))
         elif photons is not None:
             raise ValueError("photons applies to a brightness-normalised phi only; this phi "
                              "reads frames as they are: leave it unset")
@@ -184,8 +185,8 @@ class SamplerModule(tf.Module):
         self.config = tf.function(self._config, input_signature=[])
 
     def _phi(self, frames):
-        if self._brightness_factor is not None:
-            frames = self._offset + (frames - self._offset) * self._brightness_factor
+        if self._brightness is not None:
+            frames = normalize_brightness(frames, self._offset, *self._brightness)
         return self.phi(frames, training=False)
 
     def signatures(self):

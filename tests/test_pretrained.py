@@ -109,8 +109,8 @@ def _phi_at_n0(models, data, config):
 
     reference = models.phi_config.brightness_reference
     assert reference is not None
-    factor = (reference / data["frame_photons"])[:, None, None, None]
-    frames = normalize_brightness(data["frames"], float(config.offset), factor)
+    frames = normalize_brightness(data["frames"], float(config.offset), reference,
+                                  data["frame_photons"])
     return models.phi(frames.astype(np.float32), training=False).numpy()
 
 

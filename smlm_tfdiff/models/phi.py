@@ -83,10 +83,13 @@ class PhiConfig:
         return cls(**json.loads(text))
 
 
-def normalize_brightness(frames, offset, factor):
-    """Frames [B, H, W, 1] ADU with their photons scaled by `factor` (brightness_reference / N0;
-    a number, or [B, 1, 1, 1] per frame), offset kept: offset + (frames - offset) * factor.
-    NumPy or TensorFlow, as given."""
+def normalize_brightness(frames, offset, reference, n0):
+    """Frames [B, H, W, 1] ADU as a brightness-normalised phi reads them: their photons scaled
+    by reference / n0, offset kept (offset + (frames - offset) reference / n0). n0: the photons
+    per emitter, a number or [B] per frame. NumPy, TensorFlow or JAX, as given."""
+    factor = reference / n0
+    if getattr(factor, "ndim", 0):  # Per frame.
+        factor = factor[:, None, None, None]
     return offset + (frames - offset) * factor
 
 

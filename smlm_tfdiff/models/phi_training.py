@@ -23,8 +23,8 @@ def phi_dataset(sim_config, batch_size, seed, start_step, phi_config=None):
         z = tf.random.stateless_normal(tf.shape(b["frame_photons"]),
                                        seeds_lib.fold_in(jitter_seed, i))
         n0 = b["frame_photons"] * tf.exp(BRIGHTNESS_JITTER * z)
-        factor = tf.reshape(reference / n0, [-1, 1, 1, 1])
-        return {"frames": normalize_brightness(b["frames"], float(sim_config.offset), factor),
+        return {"frames": normalize_brightness(b["frames"], float(sim_config.offset), reference,
+                                               n0),
                 "kde": b["kde"]}
 
     return ds.enumerate().map(normalize).prefetch(tf.data.AUTOTUNE)
@@ -70,9 +70,9 @@ class PhiValidation:
         self.num_images = num_images
         reference = phi_config.brightness_reference if phi_config is not None else None
         if reference is not None:  # The frames' true N0 (training adds jitter).
-            factor = (reference / self.data["frame_photons"])[:, None, None, None]
             self.data["frames"] = normalize_brightness(
-                self.data["frames"], float(sim_config.offset), factor).astype(np.float32)
+                self.data["frames"], float(sim_config.offset), reference,
+                self.data["frame_photons"]).astype(np.float32)
 
     def __call__(self, trainer, step):
         pred = predict(trainer.model, self.data["frames"])

@@ -37,14 +37,12 @@ class JaxPhiTrainer(JaxTrainer):
             lambda p, nt, x: phi.stateless_call(p, nt, x, training=False)[0])
         data = simulate_jax.simulate_batch(jax.random.PRNGKey(config.val_seed), sim_config,
                                            config.val_frames)
+        self._offset = float(np.mean(sim_config.offset))
         frames = data["frames"]
         if brightness_reference is not None:  # The frames' true N0 (training adds jitter).
-            frames = self._normalize(frames, data["frame_photons"])
+            frames = normalize_brightness(frames, self._offset, brightness_reference,
+                                          data["frame_photons"])
         self._validation = {"frames": np.asarray(frames), "kde": np.asarray(data["kde"])}
-
-    def _normalize(self, frames, n0):
-        factor = (self.brightness_reference / n0)[:, None, None, None]
-        return normalize_brightness(frames, float(np.mean(self.sim_config.offset)), factor)
 
     def loss(self, params, non_trainable, key):
         normalized = self.brightness_reference is not None
@@ -53,7 +51,8 @@ class JaxPhiTrainer(JaxTrainer):
         frames = data["frames"]
         if normalized:
             z = jax.random.normal(jitter_key, data["frame_photons"].shape)
-            frames = self._normalize(frames, data["frame_photons"] * jnp.exp(BRIGHTNESS_JITTER * z))
+            frames = normalize_brightness(frames, self._offset, self.brightness_reference,
+                                          data["frame_photons"] * jnp.exp(BRIGHTNESS_JITTER * z))
         pred, non_trainable = self.model.stateless_call(params, non_trainable, frames,
                                                         training=True)
         return jnp.mean(jnp.square(pred - data["kde"])), non_trainable

@@ -100,8 +100,8 @@ def psi_dataset(sim_config, schedule, weighting, batch_size, seed, start_step, m
             n0 = tf.concat([b["frame_photons"] for b in batches], 0)
             n0 = n0 * tf.exp(BRIGHTNESS_JITTER * tf.random.stateless_normal(
                 [batch_size], seeds_lib.fold_in(eps_seed, 2)))
-            factor = tf.reshape(brightness_reference / n0, [-1, 1, 1, 1])
-            batch["phi_frames"] = normalize_brightness(frames, float(sim_config.offset), factor)
+            batch["phi_frames"] = normalize_brightness(frames, float(sim_config.offset),
+                                                       brightness_reference, n0)
         if crop_size is not None:
             batch["offsets"] = crop_offsets(sim_config, crop_size, batch_size,
                                             seeds_lib.fold_in(eps_seed, 1))
@@ -173,9 +173,9 @@ class PsiValidation:
         self.data = simulate(sim_config, num_frames, seed)
         phi_frames = self.data["frames"]
         if brightness_reference is not None:  # The frames' true N0 (training adds jitter).
-            factor = (brightness_reference / self.data["frame_photons"])[:, None, None, None]
             phi_frames = normalize_brightness(phi_frames, float(sim_config.offset),
-                                              factor).astype(np.float32)
+                                              brightness_reference,
+                                              self.data["frame_photons"]).astype(np.float32)
         self.y_hat = np.concatenate([phi(phi_frames[i:i + 256], training=False).numpy()
                                      for i in range(0, num_frames, 256)])
         rng = np.random.default_rng(seed)

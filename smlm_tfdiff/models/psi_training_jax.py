@@ -91,8 +91,8 @@ class JaxPsiTrainer(JaxTrainer):
         """The frames as phi reads them (scaled by reference / n0 for a normalised phi)."""
         if self.brightness_reference is None:
             return frames
-        factor = (self.brightness_reference / n0)[:, None, None, None]
-        return normalize_brightness(frames, float(np.mean(self.sim_config.offset)), factor)
+        return normalize_brightness(frames, float(np.mean(self.sim_config.offset)),
+                                    self.brightness_reference, n0)
 
     def loss(self, params, non_trainable, key):
         data_key, level_key, eps_key = jax.random.split(key, 3)

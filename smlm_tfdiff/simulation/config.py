@@ -330,7 +330,6 @@ def check_config(config) -> None:
                         "use SimulationConfig.preset('paper') or SimulationConfig(...)")
 
 
-
 def typical_photons(config) -> float:
     """A scene's typical N0, photons: config.photons, or the middle of photons_range (geometric
     for log-uniform draws)."""

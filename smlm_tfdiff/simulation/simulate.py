@@ -25,9 +25,9 @@ _OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background", "frame_photons")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
 
 
-def sample_scene(config, batch_size, seed, return_frame_photons=False):
-    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool (and the frames'
-    typical N0 [B] with return_frame_photons)."""
+def sample_scene(config, batch_size, seed):
+    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool, and the frames'
+    typical N0 [B]."""
     k = config.padded_emitters
     count_seed, r_seed, a_seed, n_seed = seeds_lib.split(seed, 4)
     if config.emitter_count == "fixed":
@@ -64,8 +64,7 @@ def sample_scene(config, batch_size, seed, return_frame_photons=False):
     else:
         photons = _draw_photons(config, [batch_size, k], n_seed)
     maskf = tf.cast(mask, tf.float32)
-    out = (xy * maskf[..., None], photons * maskf, mask)
-    return out + (frame_photons,) if return_frame_photons else out
+    return xy * maskf[..., None], photons * maskf, mask, frame_photons
 
 
 def _draw_photons(config, shape, seed):
@@ -131,8 +130,7 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
 def simulate_batch(config, batch_size, seed):
     """One vectorised batch of simulated frames and targets (tensors)."""
     scene_seed, camera_seed = seeds_lib.split(seed)
-    positions, photons, mask, frame_photons = sample_scene(config, batch_size, scene_seed,
-                                                           return_frame_photons=True)
+    positions, photons, mask, frame_photons = sample_scene(config, batch_size, scene_seed)
     # Its own stream, so the scenes and frames of configs without a range are unchanged.
     background = sample_background(config, batch_size, seeds_lib.fold_in(scene_seed, 2))
     return simulate_scene(positions, photons, mask, config, camera_seed, background,
