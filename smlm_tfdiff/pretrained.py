@@ -78,6 +78,7 @@ class Pretrained:
 SCENE_FIELDS = ("frame_height", "frame_width", "photons", "photons_range",
                 "photons_distribution", "photons_frame_spread", "num_emitters", "emitter_count",
                 "max_emitters", "density_range", "region", "disc_radius", "disc_center", "margin",
+                "cluster_fraction", "cluster_radius_range", "cluster_density_range",
                 "background", "background_range")
 
 

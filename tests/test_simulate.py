@@ -155,6 +155,83 @@ def test_photons_per_frame_with_spread():
         config.replace(photons_frame_spread=-0.1)
 
 
+def test_clustered_frames():
+    """cluster_fraction: that fraction of frames holds one disc of emitters (radius uniform in
+    cluster_radius_range, wholly inside the emitter region, density log-uniform in
+    cluster_density_range, Poisson count); fraction 0 draws what a scene without the fields draws."""
+    from smlm_tfdiff.simulation.simulate import _sample_clusters
+
+    config = st.SimulationConfig.preset("wholefield_clusters", frame_height=24, frame_width=24)
+    n = 4000
+    cluster, mean = _sample_clusters(config, n, [3, 4])
+    is_cluster = np.asarray(cluster["is_cluster"])
+    p = config.cluster_fraction
+    assert abs(is_cluster.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    radius = np.asarray(cluster["radius"], np.float64)
+    assert stats.kstest((radius - 3.0) / 7.0, "uniform").pvalue > 1e-3
+    m = config.margin
+    for c in ("cx", "cy"):
+        centre = np.asarray(cluster[c], np.float64)
+        assert np.all(centre - radius >= m - 1e-4) and np.all(centre + radius <= 24 - m + 1e-4)
+    density = np.asarray(mean, np.float64) / (np.pi * radius ** 2)
+    u = (np.log(density) - np.log(1 / 25)) / (np.log(1 / 10) - np.log(1 / 25))
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+
+    # Every frame one cluster of radius 4 at 1 per 10 px^2: emitters within 8 px of each other,
+    # the count Poisson(16 pi / 10).
+    tight = config.replace(cluster_fraction=1.0, cluster_radius_range=(4.0, 4.0),
+                           cluster_density_range=(0.1, 0.1))
+    data = st.simulate(tight, n, seed=9)
+    counts = data["mask"].sum(1)
+    lam = 16 * np.pi / 10
+    assert abs(counts.mean() - lam) < 5 * np.sqrt(lam / n)
+    for pos, on in zip(data["positions"][:500], data["mask"][:500]):
+        q = pos[on]
+        if len(q) > 1:
+            assert np.sqrt(((q[:, None] - q[None]) ** 2).sum(-1)).max() <= 8.0 + 1e-4
+    # Uniform on the disc: r^2 / R^2 ~ U(0, 1) about the centre the scene drew.
+    from smlm_tfdiff import seeds as seeds_lib
+    from smlm_tfdiff.simulation.simulate import sample_scene
+
+    pos, _, on, _ = (np.asarray(v) for v in sample_scene(tight, 1000, [5, 6]))
+    drawn, _ = _sample_clusters(tight, 1000, seeds_lib.fold_in(seeds_lib.split([5, 6], 4)[0], 2))
+    centre = np.stack([np.asarray(drawn["cx"]), np.asarray(drawn["cy"])], -1)[:, None]
+    u = (((pos - centre) ** 2).sum(-1) / 16.0)[on]
+    assert u.max() <= 1 + 1e-5 and stats.kstest(u, "uniform").pvalue > 1e-3
+    plain = config.replace(cluster_fraction=None, cluster_radius_range=None,
+                           cluster_density_range=None)
+    zero = config.replace(cluster_fraction=0.0)
+    a, b = st.simulate(plain, 16, seed=2), st.simulate(zero, 16, seed=2)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+    with pytest.raises(ValueError, match="cluster_density_range"):
+        plain.replace(cluster_fraction=0.2, cluster_radius_range=(3.0, 5.0))
+    with pytest.raises(ValueError, match="cluster_radius_range.*does not fit"):
+        config.replace(cluster_radius_range=(3.0, 14.0))
+    with pytest.raises(ValueError, match="cluster_fraction.*region 'frame'"):
+        st.SimulationConfig.preset("paper", cluster_fraction=0.5, cluster_radius_range=(1.0, 2.0),
+                                   cluster_density_range=(0.1, 0.2))
+    with pytest.raises(ValueError, match="cluster_fraction"):
+        config.replace(cluster_fraction=1.5)
+    with pytest.raises(ValueError, match="cluster_fraction.*number"):
+        config.replace(cluster_fraction="many")
+
+
+def test_big_frames_render_a_few_at_a_time(monkeypatch):
+    """simulate() of big frames renders them in parts (memory); the same bytes as in one call."""
+    from smlm_tfdiff.simulation import simulate as simulate_module
+
+    config = st.SimulationConfig.preset("dense", frame_height=24, frame_width=24)
+    whole = st.simulate(config, 12, seed=21)
+    per_frame = config.padded_emitters * config.hr_shape[0] * config.hr_shape[1]
+    monkeypatch.setattr(simulate_module, "_RENDER_ELEMENTS", 5 * per_frame)  # 5 frames a call.
+    monkeypatch.setattr(simulate_module, "_RENDERERS", {})
+    parts = st.simulate(config, 12, seed=21)
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], parts[key])
+
+
 def test_kde_targets_match_render_kde_and_count(paper):
     data = st.simulate(st.SimulationConfig.preset("dense"), 20, seed=4)
     config = st.SimulationConfig.preset("dense")

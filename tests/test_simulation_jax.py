@@ -108,6 +108,38 @@ def test_scene_distribution():
     np.testing.assert_array_equal(photons[~mask], 0.0)
 
 
+def test_clustered_scene_distribution():
+    """Clustered frames as the TF simulator draws them: the fraction of cluster frames, each
+    cluster uniform on its disc, wholly inside the emitter region, with a Poisson count."""
+    config = st.SimulationConfig.preset("wholefield_clusters", frame_height=24, frame_width=24)
+    n = 4000
+    cluster, mean = simulation_jax._sample_clusters(jax.random.PRNGKey(3), config, n)
+    is_cluster, radius = np.asarray(cluster["is_cluster"]), np.asarray(cluster["radius"])
+    p = config.cluster_fraction
+    assert abs(is_cluster.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    assert radius.min() >= 3.0 and radius.max() <= 10.0
+    assert abs(radius.mean() - 6.5) < 5 * 7.0 / np.sqrt(12 * n)
+    for c in ("cx", "cy"):
+        centre = np.asarray(cluster[c])
+        assert np.all(centre - radius >= config.margin - 1e-4)
+        assert np.all(centre + radius <= 24 - config.margin + 1e-4)
+    density = np.asarray(mean) / (np.pi * radius ** 2)
+    assert density.min() >= 1 / 25 * (1 - 1e-5) and density.max() <= 1 / 10 * (1 + 1e-5)
+
+    tight = config.replace(cluster_fraction=1.0, cluster_radius_range=(4.0, 4.0),
+                           cluster_density_range=(0.1, 0.1))
+    key = jax.random.PRNGKey(4)
+    pos, _, on, _ = (np.asarray(a) for a in simulation_jax.sample_scene(key, tight, n))
+    lam = 16 * np.pi / 10
+    assert abs(on.sum(1).mean() - lam) < 5 * np.sqrt(lam / n)
+    # sample_scene's own draw of the centres (the count key's stream 2).
+    count_key = jax.random.split(key, 4)[0]
+    drawn, _ = simulation_jax._sample_clusters(jax.random.fold_in(count_key, 2), tight, n)
+    centre = np.stack([np.asarray(drawn["cx"]), np.asarray(drawn["cy"])], -1)[:, None]
+    u = (((pos - centre) ** 2).sum(-1) / 16.0)[on]
+    assert u.max() <= 1 + 1e-5 and abs(u.mean() - 0.5) < 5 * np.sqrt(1 / 12 / u.size)
+
+
 def test_batch_shapes_and_keys():
     config = st.SimulationConfig.preset("paper")
     a = simulation_jax.simulate_batch(jax.random.PRNGKey(5), config, 4)

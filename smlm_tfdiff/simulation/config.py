@@ -24,6 +24,8 @@ _PHOTON_DISTRIBUTIONS = ("uniform", "log_uniform")
 _REGIONS = ("disc", "frame")
 _PAIR_UNITS = {"photons_range": "[low, high] photons", "disc_center": "[x, y] LR pixels",
                "density_range": "[low, high] emitters per LR px^2",
+               "cluster_radius_range": "[low, high] LR pixels",
+               "cluster_density_range": "[low, high] emitters per LR px^2",
                "background_range": "[low, high] photons per pixel"}
 # Detection settings in a sim_config.json: the keys it held before localization.config.
 # DetectionConfig, and a SavedModel's in_samples (DetectionConfig.to_legacy).
@@ -74,6 +76,14 @@ class SimulationConfig:
     # LR pixels kept free at each border when region == "frame"; negative: emitters up to -margin
     # px outside the frame, whose light reaches in (as on a camera chip, edges included).
     margin: float = 1.0
+    # Structured samples (region "frame", Poisson counts): this fraction of the frames holds one
+    # cluster instead, a disc of radius ~ Uniform(cluster_radius_range) at a random place inside
+    # the emitter region, its density log-uniform in cluster_density_range (the seeds' scene is
+    # one such disc: radius 7 px, 1 per 15 px^2). A dense spot in an empty frame is not
+    # background. None: every frame uniform.
+    cluster_fraction: Optional[float] = None
+    cluster_radius_range: Optional[Tuple[float, float]] = None
+    cluster_density_range: Optional[Tuple[float, float]] = None
     background: ScalarOrMap = 0.0  # Photons per pixel per frame.
     # Per frame, a further background ~ Uniform(lo, hi) photons per pixel on top of `background`.
     background_range: Optional[Tuple[float, float]] = None
@@ -118,7 +128,7 @@ class SimulationConfig:
                                           or not hasattr(value, "__len__") or len(value) != 2
                                           or not all(_is_number(v) for v in value)):
                     fail(name, f"must be a pair of numbers {pair}, or null (got {value!r})")
-            elif name == "photons_frame_spread":
+            elif name in ("photons_frame_spread", "cluster_fraction"):
                 if value is not None and not _is_number(value):
                     fail(name, f"must be a number (a log-sd) or null (got {value!r})")
             elif name == "max_emitters":
@@ -210,6 +220,7 @@ class SimulationConfig:
         if self.region not in _REGIONS:
             fail("region", f"must be one of {_REGIONS} (got {self.region!r})")
         h, w = self.frame_height, self.frame_width
+        self._validate_clusters(fail)
         if self.region == "disc":
             cx, cy = self.center
             if not (np.isfinite(self.disc_radius) and self.disc_radius >= 0):
@@ -240,6 +251,34 @@ class SimulationConfig:
                 fail(field, "must be > 0 ADU per photon everywhere")
             if field in ("readout_var", "background") and np.any(arr < 0):
                 fail(field, "must be >= 0 everywhere")
+
+    def _validate_clusters(self, fail) -> None:
+        cluster_fields = ("cluster_fraction", "cluster_radius_range", "cluster_density_range")
+        given = [name for name in cluster_fields if getattr(self, name) is not None]
+        if not given:
+            return
+        if len(given) < 3:
+            missing = [name for name in cluster_fields if name not in given]
+            fail(missing[0], f"clustered frames need all of {', '.join(cluster_fields)} "
+                 f"(set {', '.join(missing)} or drop {', '.join(given)})")
+        if not (np.isfinite(self.cluster_fraction) and 0 <= self.cluster_fraction <= 1):
+            fail("cluster_fraction", f"must be a fraction of frames in [0, 1] "
+                 f"(got {self.cluster_fraction!r})")
+        if self.region != "frame" or self.emitter_count != "poisson":
+            fail("cluster_fraction", "clusters are drawn in frame scenes with Poisson counts: "
+                 "set region 'frame' and emitter_count 'poisson'")
+        lo, hi = self.cluster_radius_range
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+            fail("cluster_radius_range", f"needs 0 < low <= high LR pixels "
+                 f"(got {self.cluster_radius_range!r})")
+        if 2 * (self.margin + hi) > min(self.frame_height, self.frame_width):
+            fail("cluster_radius_range", f"a cluster of radius {hi} px does not fit in the "
+                 f"{self.frame_width}x{self.frame_height} frame with margin {self.margin}; "
+                 "shrink it or use larger frames")
+        lo, hi = self.cluster_density_range
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+            fail("cluster_density_range", f"needs 0 < low <= high emitters per LR px^2 "
+                 f"(got {self.cluster_density_range!r})")
 
     # ------------------------------------------------------------ derived values
     @property
@@ -273,6 +312,9 @@ class SimulationConfig:
             return int(self.num_emitters)
         mean = (float(self.num_emitters) if self.density_range is None
                 else self.density_range[1] * self.region_area)
+        if self.cluster_fraction:
+            mean = max(mean, self.cluster_density_range[1] * math.pi
+                       * self.cluster_radius_range[1] ** 2)
         return max(1, int(math.ceil(mean + 6.0 * math.sqrt(mean) + 1)))
 
     @property
@@ -362,3 +404,8 @@ PRESETS = {
 # frame's emitters spread around it (log-sd 0.4), for a phi that reads frames scaled to the
 # movie's N0 (PhiConfig.brightness_reference).
 PRESETS["wholefield_dye"] = dict(PRESETS["wholefield"], photons_frame_spread=0.4)
+# The one-dye whole-field scene with structure: a quarter of the frames hold one dense cluster
+# (radius 3-10 px, 1 per 25 to 1 per 10 px^2; the seeds' disc is radius 7 px at 1 per 15 px^2).
+PRESETS["wholefield_clusters"] = dict(PRESETS["wholefield_dye"], cluster_fraction=0.25,
+                                      cluster_radius_range=(3.0, 10.0),
+                                      cluster_density_range=(1.0 / 25.0, 1.0 / 10.0))

@@ -23,6 +23,7 @@ from smlm_tfdiff.validation import as_positions
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")  # Those a dataset file holds.
 _OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background", "frame_photons")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
+_RENDER_ELEMENTS = 2 ** 28  # Frames x emitters x HR pixels per fused rendering (1 GiB float32).
 
 
 def sample_scene(config, batch_size, seed):
@@ -40,6 +41,10 @@ def sample_scene(config, batch_size, seed):
             log_density = tf.random.stateless_uniform(
                 [batch_size], seeds_lib.fold_in(count_seed, 1), lo, hi)
             mean = tf.exp(log_density) * config.region_area
+        if config.cluster_fraction:
+            cluster, cluster_mean = _sample_clusters(config, batch_size,
+                                                     seeds_lib.fold_in(count_seed, 2))
+            mean = tf.where(cluster["is_cluster"], cluster_mean, mean)
         counts = tf.random.stateless_poisson([batch_size], count_seed, mean, tf.int32)
         counts = tf.minimum(counts, k)  # Truncated at max_emitters.
     mask = tf.range(k)[None, :] < counts[:, None]
@@ -54,6 +59,12 @@ def sample_scene(config, batch_size, seed):
         m = config.margin
         xy = tf.stack([m + (config.frame_width - 2 * m) * u,
                        m + (config.frame_height - 2 * m) * v], axis=-1)
+        if config.cluster_fraction:  # The same u, v: uniform on the frame's disc instead.
+            radius = cluster["radius"][:, None] * tf.sqrt(u)
+            angle = 2.0 * math.pi * v
+            disc = tf.stack([cluster["cx"][:, None] + radius * tf.cos(angle),
+                             cluster["cy"][:, None] + radius * tf.sin(angle)], axis=-1)
+            xy = tf.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = typical_photons(config) * tf.ones([batch_size], tf.float32)
     if config.photons_range is None:
         photons = tf.fill([batch_size, k], tf.constant(config.photons, tf.float32))
@@ -65,6 +76,24 @@ def sample_scene(config, batch_size, seed):
         photons = _draw_photons(config, [batch_size, k], n_seed)
     maskf = tf.cast(mask, tf.float32)
     return xy * maskf[..., None], photons * maskf, mask, frame_photons
+
+
+def _sample_clusters(config, batch_size, seed):
+    """Per frame: whether it holds a cluster, the cluster's centre (cx, cy) and radius (LR px),
+    as a dict of [B] tensors, and the Poisson mean of its count [B] (density x disc area)."""
+    s = seeds_lib.split(seed, 5)
+    is_cluster = tf.random.stateless_uniform([batch_size], s[0]) < config.cluster_fraction
+    r_lo, r_hi = config.cluster_radius_range
+    radius = tf.random.stateless_uniform([batch_size], s[1], r_lo, r_hi)
+    d_lo, d_hi = (math.log(d) for d in config.cluster_density_range)
+    density = tf.exp(tf.random.stateless_uniform([batch_size], s[2], d_lo, d_hi))
+    m = config.margin  # The whole disc inside the emitter region.
+    cx = m + radius + (config.frame_width - 2 * m - 2 * radius) * tf.random.stateless_uniform(
+        [batch_size], s[3])
+    cy = m + radius + (config.frame_height - 2 * m - 2 * radius) * tf.random.stateless_uniform(
+        [batch_size], s[4])
+    cluster = {"is_cluster": is_cluster, "radius": radius, "cx": cx, "cy": cy}
+    return cluster, density * math.pi * radius ** 2
 
 
 def _draw_photons(config, shape, seed):
@@ -107,8 +136,20 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
 
     frame_background: [B] photons per pixel added to config.background (None: none).
     frame_photons: [B] the frames' typical N0, photons, passed through (None: typical_photons)."""
-    rate, kde = _renderer(config)(tf.cast(positions, tf.float32), tf.cast(photons, tf.float32),
-                                  tf.cast(mask, tf.bool))
+    positions = tf.cast(positions, tf.float32)
+    photons, mask = tf.cast(photons, tf.float32), tf.cast(mask, tf.bool)
+    render = _renderer(config)
+    # The fused rendering holds [frames, K, 4H, 4W]: big frames are rendered a few at a time
+    # (the same numbers: each frame's rendering is its own), so a long movie of big frames fits.
+    n, k = positions.shape[0], positions.shape[1]
+    per_call = max(1, _RENDER_ELEMENTS // max(1, (k or 1) * config.hr_shape[0]
+                                               * config.hr_shape[1]))
+    if n is None or n <= per_call:
+        rate, kde = render(positions, photons, mask)
+    else:
+        parts = [render(positions[i:i + per_call], photons[i:i + per_call],
+                        mask[i:i + per_call]) for i in range(0, n, per_call)]
+        rate, kde = (tf.concat([part[j] for part in parts], 0) for j in (0, 1))
     if frame_background is None:
         frame_background = tf.zeros(tf.shape(rate)[:1], tf.float32)
     frame_background = tf.cast(frame_background, tf.float32)

@@ -62,6 +62,24 @@ def _draw_photons(key, config, shape):
     return jax.random.uniform(key, shape, minval=lo, maxval=hi)
 
 
+def _sample_clusters(key, config, batch_size):
+    """`simulate._sample_clusters` in jax.numpy: ({is_cluster, radius, cx, cy} [B], Poisson
+    mean of the count [B])."""
+    k = jax.random.split(key, 5)
+    is_cluster = jax.random.uniform(k[0], [batch_size]) < config.cluster_fraction
+    r_lo, r_hi = config.cluster_radius_range
+    radius = jax.random.uniform(k[1], [batch_size], minval=r_lo, maxval=r_hi)
+    d_lo, d_hi = (math.log(d) for d in config.cluster_density_range)
+    density = jnp.exp(jax.random.uniform(k[2], [batch_size], minval=d_lo, maxval=d_hi))
+    m = config.margin  # The whole disc inside the emitter region.
+    cx = m + radius + (config.frame_width - 2 * m - 2 * radius) * jax.random.uniform(
+        k[3], [batch_size])
+    cy = m + radius + (config.frame_height - 2 * m - 2 * radius) * jax.random.uniform(
+        k[4], [batch_size])
+    cluster = {"is_cluster": is_cluster, "radius": radius, "cx": cx, "cy": cy}
+    return cluster, density * math.pi * radius ** 2
+
+
 def sample_scene(key, config, batch_size):
     """Random emitters as `simulate.sample_scene` draws them: (positions, photons, mask,
     frame_photons [B], the frames' typical N0)."""
@@ -77,6 +95,10 @@ def sample_scene(key, config, batch_size):
             log_density = jax.random.uniform(jax.random.fold_in(count_key, 1), [batch_size],
                                              minval=lo, maxval=hi)
             mean = jnp.exp(log_density) * config.region_area
+        if config.cluster_fraction:
+            cluster, cluster_mean = _sample_clusters(jax.random.fold_in(count_key, 2), config,
+                                                     batch_size)
+            mean = jnp.where(cluster["is_cluster"], cluster_mean, mean)
         counts = jax.random.poisson(count_key, mean, [batch_size])
         counts = jnp.minimum(counts, k).astype(jnp.int32)  # Truncated at max_emitters.
     mask = jnp.arange(k)[None, :] < counts[:, None]
@@ -91,6 +113,12 @@ def sample_scene(key, config, batch_size):
         m = config.margin
         xy = jnp.stack([m + (config.frame_width - 2 * m) * u,
                         m + (config.frame_height - 2 * m) * v], axis=-1)
+        if config.cluster_fraction:  # The same u, v: uniform on the frame's disc instead.
+            radius = cluster["radius"][:, None] * jnp.sqrt(u)
+            angle = 2.0 * math.pi * v
+            disc = jnp.stack([cluster["cx"][:, None] + radius * jnp.cos(angle),
+                              cluster["cy"][:, None] + radius * jnp.sin(angle)], axis=-1)
+            xy = jnp.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = jnp.full([batch_size], typical_photons(config), jnp.float32)
     if config.photons_range is None:
         photons = jnp.full([batch_size, k], config.photons, jnp.float32)
