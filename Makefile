@@ -56,9 +56,11 @@ reproduce: $(STAMP)
 # phi with the seeds' linear input (5500 steps), psi fine-tuned from the bundled `paper` psi on
 # windows after that phi, then phi fine-tuned with the variance-stabilised input (3000 steps) and
 # then reading frames scaled to the movie's photons per emitter (4000 + 3000 steps, one N0 per
-# frame); the model folder $(REPRO)/wholefield pairs that phi with the psi, and gets its
-# calibration scale (benchmarks/calibration_wholefield_scale.py on cells without and with
-# background, ~35 min). About 4.3 hours on a 2-core CPU.
+# frame), then on frames of which a quarter, then half hold one dense cluster (3000 + 4000
+# steps) and, last, with a 12 px receptive field (dilations 1,2,4,2,2,1; 4000 steps); the model
+# folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
+# (benchmarks/calibration_wholefield_scale.py on cells without and with background, ~35 min).
+# About 5.2 hours on a 2-core CPU.
 reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
 		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
@@ -83,10 +85,25 @@ reproduce-wholefield: $(STAMP)
 		--preset wholefield_dye --input_transform anscombe --brightness_reference 700 \
 		--init_phi $(REPRO)/phi_wf_dye025 --steps 3000 --batch_size 32 --learning_rate 1e-3 \
 		--eval_every 3000 --checkpoint_every 250 --val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_clusters \
+		--preset wholefield_clusters --input_transform anscombe --brightness_reference 700 \
+		--init_phi $(REPRO)/phi_wf_dye --steps 3000 --batch_size 32 --learning_rate 1e-3 \
+		--eval_every 3000 --checkpoint_every 250 --val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_clusters50 \
+		--preset wholefield_clusters --set cluster_fraction=0.5 --input_transform anscombe \
+		--brightness_reference 700 --init_phi $(REPRO)/phi_wf_clusters --steps 4000 \
+		--batch_size 32 --learning_rate 1e-3 --eval_every 4000 --checkpoint_every 250 \
+		--val_frames 32 --noprogress
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_rf12 \
+		--preset wholefield_clusters --set cluster_fraction=0.5 --input_transform anscombe \
+		--brightness_reference 700 --dilations 1,2,4,2,2,1 \
+		--init_phi $(REPRO)/phi_wf_clusters50 --steps 4000 --batch_size 32 \
+		--learning_rate 2e-3 --eval_every 4000 --checkpoint_every 250 --val_frames 32 \
+		--noprogress
 	rm -rf $(REPRO)/wholefield && mkdir -p $(REPRO)/wholefield
 	cp $(REPRO)/psi_wholefield/psi.weights.h5 $(REPRO)/psi_wholefield/psi_config.json \
-		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_dye/phi.weights.h5 \
-		$(REPRO)/phi_wf_dye/phi_config.json $(REPRO)/phi_wf_dye/sim_config.json \
+		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_rf12/phi.weights.h5 \
+		$(REPRO)/phi_wf_rf12/phi_config.json $(REPRO)/phi_wf_rf12/sim_config.json \
 		$(REPRO)/wholefield/
 	cp smlm_tfdiff/weights/wholefield/detection.json $(REPRO)/wholefield/
 	rm -f $(REPRO)/wf_scale_bg0.npz $(REPRO)/wf_scale_bg.npz
@@ -121,8 +138,8 @@ reproduce-wholefield-fast: $(STAMP)
 		--noprogress
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
 	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
-		$(REPRO)/phi_wf_dye/phi.weights.h5 $(REPRO)/phi_wf_dye/phi_config.json \
-		$(REPRO)/phi_wf_dye/sim_config.json \
+		$(REPRO)/phi_wf_rf12/phi.weights.h5 $(REPRO)/phi_wf_rf12/phi_config.json \
+		$(REPRO)/phi_wf_rf12/sim_config.json \
 		smlm_tfdiff/weights/wholefield_fast/diffusion.json \
 		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
 	rm -f $(REPRO)/wff_scale.npz

@@ -222,7 +222,8 @@ def define_phi_flags(dropout=False):
                            "smlm_tfdiff.uncertainty.mc_dropout).")
     flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a "
                         "folder; fine-tuning): the same widths required; dropout, input_transform, "
-                        "photon_scale and brightness_reference may differ. Ignored on resume.")
+                        "photon_scale, brightness_reference and the dilation rates (as many) "
+                        "may differ. Ignored on resume.")
     _key_flags("context_filters", "dilations", "upsample_filters", "prediction_filters",
                "input_transform", "photon_scale", "brightness_reference", "init_phi",
                *(["dropout"] if dropout else []))
@@ -256,6 +257,8 @@ def init_phi_weights(phi_config):
     init = load_phi_source(flags.FLAGS.init_phi)
     free = dict(dropout=0.0, input_transform="linear", photon_scale=1.0,
                 brightness_reference=None)
+    if len(init.phi_config.dilations) == len(phi_config.dilations):
+        free["dilations"] = phi_config.dilations  # The same kernels at other rates.
     if dataclasses.replace(init.phi_config, **free) != dataclasses.replace(phi_config, **free):
         raise app.UsageError(f"--init_phi {flags.FLAGS.init_phi!r} has {init.phi_config}, this "
                              f"run {phi_config}: set the phi flags to match its widths")

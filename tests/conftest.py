@@ -100,7 +100,8 @@ def write_small_movie(tmp_path, backend, seed, frames=2, side=24):
     from smlm_tfdiff.analyze import Camera
     from smlm_tfdiff.simulation.simulate import simulate
 
-    config = backend.config.replace(frame_height=side, frame_width=side)
+    config = backend.config.replace(frame_height=side, frame_width=side,
+                                    cluster_fraction=None)  # Uniform frames.
     data = simulate(config, frames, seed)
     path = tmp_path / "movie.tif"
     tifffile.imwrite(path, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)

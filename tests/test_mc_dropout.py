@@ -97,11 +97,17 @@ def test_train_phi_fine_tunes_with_dropout(tmp_path, cli):
     models = st.load_phi(tuned)
     assert models.phi_config.dropout == 0.1 and dropout_layers(models.phi)
     assert (models.phi_config.input_transform, models.phi_config.photon_scale) == ("anscombe", 4.0)
-    # Mismatched widths are refused with the fix in the message.
-    res = cli(script, f"--out_dir={tmp_path / 'bad'}", "--steps=1", f"--init_phi={base}",
-              *common[:-4], "--context_filters=16", "--dilations=1,2", "--upsample_filters=8,4",
-              "--prediction_filters=4")
-    assert res.returncode != 0 and "set the phi flags to match it" in res.stderr
+    # Other dilation rates (as many): the same kernels, another receptive field.
+    rates = str(tmp_path / "rates")
+    res = cli(script, f"--out_dir={rates}", "--steps=1", f"--init_phi={base}", *common,
+              "--dilations=2,1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert st.load_phi(rates).phi_config.dilations == (2, 1)
+    # Mismatched widths, or another number of rates, are refused with the fix in the message.
+    for wrong in (["--context_filters=16"], ["--dilations=1,2,4"]):
+        res = cli(script, f"--out_dir={tmp_path / 'bad'}", "--steps=1", f"--init_phi={base}",
+                  *common, *wrong)
+        assert res.returncode != 0 and "set the phi flags to match it" in res.stderr
 
 
 def test_bundled_mc_dropout_phi():

@@ -127,7 +127,7 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
     assert models.psi_config.image_size == 4 * 20  # Trained on 20x20 px windows.
     config = models.config.replace(frame_height=48, frame_width=48,
                                    density_range=(1 / 150, 1 / 150), photons_range=(1000.0, 3000.0),
-                                   background_range=None)
+                                   background_range=None, cluster_fraction=None)
     data = st.simulate(config, 8, seed=123_458)
     y_hat = _phi_at_n0(models, data, config)
     found = [detect_batch(image[None, ..., 0], config, models.detection)[0] for image in y_hat]
@@ -165,7 +165,7 @@ def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     assert models.detection.in_samples == "refit"
     config = models.config.replace(frame_height=40, frame_width=40,
                                    density_range=(1 / 100, 1 / 100), photons_range=(400.0, 400.0),
-                                   background_range=None)
+                                   background_range=None, cluster_fraction=None)
     data = st.simulate(config, 2, seed=123_459)
     y_hat = _phi_at_n0(models, data, config)
     grid = TileGrid((40, 40), (8, 8), 4, 4)

@@ -193,7 +193,8 @@ def _whole_field_movie(tmp_path, backend, per_px2, photons, background, seed):
     1 emitter per 1/per_px2 px^2, N0 in photons (lo, hi) over a uniform background."""
     config = backend.config.replace(frame_height=24, frame_width=24,
                                     density_range=(per_px2, per_px2), photons_range=photons,
-                                    background_range=(background, background))
+                                    background_range=(background, background),
+                                    cluster_fraction=None)
     data = simulate(config, 2, seed)
     stack = tmp_path / "movie.tif"
     tifffile.imwrite(stack, np.round(data["frames"][..., 0]).astype(np.uint16), imagej=True)

@@ -77,10 +77,11 @@ class SimulationConfig:
     # px outside the frame, whose light reaches in (as on a camera chip, edges included).
     margin: float = 1.0
     # Structured samples (region "frame", Poisson counts): this fraction of the frames holds one
-    # cluster instead, a disc of radius ~ Uniform(cluster_radius_range) at a random place inside
-    # the emitter region, its density log-uniform in cluster_density_range (the seeds' scene is
-    # one such disc: radius 7 px, 1 per 15 px^2). A dense spot in an empty frame is not
-    # background. None: every frame uniform.
+    # cluster instead, a disc of radius ~ Uniform(cluster_radius_range) (capped at what fits) at
+    # a random place inside the emitter region, its density log-uniform in
+    # cluster_density_range (the seeds' scene is one such disc: radius 7 px, 1 per 15 px^2). A
+    # dense spot in an empty frame is not background. None: every frame uniform (the ranges
+    # unused).
     cluster_fraction: Optional[float] = None
     cluster_radius_range: Optional[Tuple[float, float]] = None
     cluster_density_range: Optional[Tuple[float, float]] = None
@@ -130,7 +131,8 @@ class SimulationConfig:
                     fail(name, f"must be a pair of numbers {pair}, or null (got {value!r})")
             elif name in ("photons_frame_spread", "cluster_fraction"):
                 if value is not None and not _is_number(value):
-                    fail(name, f"must be a number (a log-sd) or null (got {value!r})")
+                    what = "a log-sd" if name == "photons_frame_spread" else "a fraction of frames"
+                    fail(name, f"must be a number ({what}) or null (got {value!r})")
             elif name == "max_emitters":
                 if value is not None and not _is_integer(value):
                     fail(name, f"must be an integer or null (got {value!r})")
@@ -146,7 +148,8 @@ class SimulationConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "SimulationConfig":
-        """Named presets: 'paper', 'isolated', 'bright', 'bright500', 'dense', 'wholefield'."""
+        """Named presets: 'paper', 'isolated', 'bright', 'bright500', 'dense', 'wholefield',
+        'wholefield_dye', 'wholefield_clusters'."""
         try:
             base = PRESETS[name]
         except KeyError:
@@ -253,14 +256,13 @@ class SimulationConfig:
                 fail(field, "must be >= 0 everywhere")
 
     def _validate_clusters(self, fail) -> None:
-        cluster_fields = ("cluster_fraction", "cluster_radius_range", "cluster_density_range")
-        given = [name for name in cluster_fields if getattr(self, name) is not None]
-        if not given:
+        if self.cluster_fraction is None:  # No clusters; the ranges, if any, unused.
             return
-        if len(given) < 3:
-            missing = [name for name in cluster_fields if name not in given]
-            fail(missing[0], f"clustered frames need all of {', '.join(cluster_fields)} "
-                 f"(set {', '.join(missing)} or drop {', '.join(given)})")
+        missing = [name for name in ("cluster_radius_range", "cluster_density_range")
+                   if getattr(self, name) is None]
+        if missing:
+            fail(missing[0], f"clustered frames (cluster_fraction {self.cluster_fraction}) "
+                 f"need {' and '.join(missing)} too")
         if not (np.isfinite(self.cluster_fraction) and 0 <= self.cluster_fraction <= 1):
             fail("cluster_fraction", f"must be a fraction of frames in [0, 1] "
                  f"(got {self.cluster_fraction!r})")
@@ -271,10 +273,6 @@ class SimulationConfig:
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
             fail("cluster_radius_range", f"needs 0 < low <= high LR pixels "
                  f"(got {self.cluster_radius_range!r})")
-        if 2 * (self.margin + hi) > min(self.frame_height, self.frame_width):
-            fail("cluster_radius_range", f"a cluster of radius {hi} px does not fit in the "
-                 f"{self.frame_width}x{self.frame_height} frame with margin {self.margin}; "
-                 "shrink it or use larger frames")
         lo, hi = self.cluster_density_range
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
             fail("cluster_density_range", f"needs 0 < low <= high emitters per LR px^2 "
@@ -314,8 +312,16 @@ class SimulationConfig:
                 else self.density_range[1] * self.region_area)
         if self.cluster_fraction:
             mean = max(mean, self.cluster_density_range[1] * math.pi
-                       * self.cluster_radius_range[1] ** 2)
+                       * self.cluster_radii[1] ** 2)
         return max(1, int(math.ceil(mean + 6.0 * math.sqrt(mean) + 1)))
+
+    @property
+    def cluster_radii(self) -> Tuple[float, float]:
+        """cluster_radius_range capped at the largest disc that fits inside the emitter region
+        (LR px), so that a model's scene fits frames of any size."""
+        fit = (min(self.frame_height, self.frame_width) - 2 * self.margin) / 2
+        lo, hi = self.cluster_radius_range
+        return min(lo, fit), min(hi, fit)
 
     @property
     def hr_pixel_size_nm(self) -> float:

@@ -83,7 +83,7 @@ def _sample_clusters(config, batch_size, seed):
     as a dict of [B] tensors, and the Poisson mean of its count [B] (density x disc area)."""
     s = seeds_lib.split(seed, 5)
     is_cluster = tf.random.stateless_uniform([batch_size], s[0]) < config.cluster_fraction
-    r_lo, r_hi = config.cluster_radius_range
+    r_lo, r_hi = config.cluster_radii
     radius = tf.random.stateless_uniform([batch_size], s[1], r_lo, r_hi)
     d_lo, d_hi = (math.log(d) for d in config.cluster_density_range)
     density = tf.exp(tf.random.stateless_uniform([batch_size], s[2], d_lo, d_hi))

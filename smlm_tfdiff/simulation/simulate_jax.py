@@ -67,7 +67,7 @@ def _sample_clusters(key, config, batch_size):
     mean of the count [B])."""
     k = jax.random.split(key, 5)
     is_cluster = jax.random.uniform(k[0], [batch_size]) < config.cluster_fraction
-    r_lo, r_hi = config.cluster_radius_range
+    r_lo, r_hi = config.cluster_radii
     radius = jax.random.uniform(k[1], [batch_size], minval=r_lo, maxval=r_hi)
     d_lo, d_hi = (math.log(d) for d in config.cluster_density_range)
     density = jnp.exp(jax.random.uniform(k[2], [batch_size], minval=d_lo, maxval=d_hi))
