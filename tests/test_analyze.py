@@ -543,7 +543,9 @@ def test_whole_field_windows_follow_the_emitters(tmp_path):
     _, pred_fixed = _frames_from_csv(tmp_path / "w20" / "mixed.csv", 2, base.pixel_size_nm)
     np.testing.assert_array_equal(pred[0], pred_fixed[0])  # Localizations are phi's.
     unc = np.array([float(r["uncertainty_xy [nm]"]) for r in rows if r["frame"] == "1"])
-    assert np.all(np.isfinite(unc)) and np.all(unc > 0)
+    # With 2 samples detected afresh, a localization neither sample holds has NaN (docs/analyze.md;
+    # 5-6 of ~42 on 8 such frames, either phi); the others have psi's spread.
+    assert np.isfinite(unc).mean() >= 0.8 and np.all(unc[np.isfinite(unc)] > 0), unc
     maps = {key: tifffile.imread(tmp_path / "wNone" / f"mixed_{key}.tif")
             for key in ("kde_estimate", "posterior_std")}
     # psi's spread at each isolated emitter, none far from all of them.
