@@ -51,19 +51,14 @@ def sample_scene(config, batch_size, seed):
     u = tf.random.stateless_uniform([batch_size, k], r_seed)
     v = tf.random.stateless_uniform([batch_size, k], a_seed)
     if config.region == "disc":
-        cx, cy = config.center
-        radius = config.disc_radius * tf.sqrt(u)  # Uniform density on the disc.
-        angle = 2.0 * math.pi * v
-        xy = tf.stack([cx + radius * tf.cos(angle), cy + radius * tf.sin(angle)], axis=-1)
+        xy = _on_disc(*config.center, config.disc_radius, u, v)
     else:
         m = config.margin
         xy = tf.stack([m + (config.frame_width - 2 * m) * u,
                        m + (config.frame_height - 2 * m) * v], axis=-1)
         if config.cluster_fraction:  # The same u, v: uniform on the frame's disc instead.
-            radius = cluster["radius"][:, None] * tf.sqrt(u)
-            angle = 2.0 * math.pi * v
-            disc = tf.stack([cluster["cx"][:, None] + radius * tf.cos(angle),
-                             cluster["cy"][:, None] + radius * tf.sin(angle)], axis=-1)
+            disc = _on_disc(cluster["cx"][:, None], cluster["cy"][:, None],
+                            cluster["radius"][:, None], u, v)
             xy = tf.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = typical_photons(config) * tf.ones([batch_size], tf.float32)
     if config.photons_range is None:
@@ -76,6 +71,14 @@ def sample_scene(config, batch_size, seed):
         photons = _draw_photons(config, [batch_size, k], n_seed)
     maskf = tf.cast(mask, tf.float32)
     return xy * maskf[..., None], photons * maskf, mask, frame_photons
+
+
+def _on_disc(cx, cy, radius, u, v):
+    """Positions [..., 2] (x, y) uniform on the disc of `radius` about (cx, cy) (LR px), from
+    uniform draws u (radial) and v (angular) of the same shape."""
+    r = radius * tf.sqrt(u)  # Uniform density on the disc.
+    angle = 2.0 * math.pi * v
+    return tf.stack([cx + r * tf.cos(angle), cy + r * tf.sin(angle)], axis=-1)
 
 
 def _sample_clusters(config, batch_size, seed):

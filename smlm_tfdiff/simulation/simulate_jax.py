@@ -62,6 +62,14 @@ def _draw_photons(key, config, shape):
     return jax.random.uniform(key, shape, minval=lo, maxval=hi)
 
 
+def _on_disc(cx, cy, radius, u, v):
+    """Positions [..., 2] (x, y) uniform on the disc of `radius` about (cx, cy) (LR px), from
+    uniform draws u (radial) and v (angular) of the same shape."""
+    r = radius * jnp.sqrt(u)  # Uniform density on the disc.
+    angle = 2.0 * math.pi * v
+    return jnp.stack([cx + r * jnp.cos(angle), cy + r * jnp.sin(angle)], axis=-1)
+
+
 def _sample_clusters(key, config, batch_size):
     """`simulate._sample_clusters` in jax.numpy: ({is_cluster, radius, cx, cy} [B], Poisson
     mean of the count [B])."""
@@ -105,19 +113,14 @@ def sample_scene(key, config, batch_size):
     u = jax.random.uniform(u_key, [batch_size, k])
     v = jax.random.uniform(v_key, [batch_size, k])
     if config.region == "disc":
-        cx, cy = config.center
-        radius = config.disc_radius * jnp.sqrt(u)  # Uniform density on the disc.
-        angle = 2.0 * math.pi * v
-        xy = jnp.stack([cx + radius * jnp.cos(angle), cy + radius * jnp.sin(angle)], axis=-1)
+        xy = _on_disc(*config.center, config.disc_radius, u, v)
     else:
         m = config.margin
         xy = jnp.stack([m + (config.frame_width - 2 * m) * u,
                         m + (config.frame_height - 2 * m) * v], axis=-1)
         if config.cluster_fraction:  # The same u, v: uniform on the frame's disc instead.
-            radius = cluster["radius"][:, None] * jnp.sqrt(u)
-            angle = 2.0 * math.pi * v
-            disc = jnp.stack([cluster["cx"][:, None] + radius * jnp.cos(angle),
-                              cluster["cy"][:, None] + radius * jnp.sin(angle)], axis=-1)
+            disc = _on_disc(cluster["cx"][:, None], cluster["cy"][:, None],
+                            cluster["radius"][:, None], u, v)
             xy = jnp.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = jnp.full([batch_size], typical_photons(config), jnp.float32)
     if config.photons_range is None:
