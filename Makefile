@@ -60,7 +60,7 @@ reproduce: $(STAMP)
 # steps) and, last, with a 12 px receptive field (dilations 1,2,4,2,2,1; 4000 steps); the model
 # folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
 # (benchmarks/calibration_wholefield_scale.py on cells without and with background, ~35 min).
-# About 5.2 hours on a 2-core CPU.
+# About 5.5 hours on a 2-core CPU.
 reproduce-wholefield: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
 		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
