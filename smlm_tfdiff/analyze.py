@@ -349,7 +349,9 @@ MIN_FRAME = 4  # Camera pixels, each side.
 # Posterior samples per frame when neither the caller nor the model's recipe (diffusion.json's
 # num_samples) says otherwise.
 DEFAULT_NUM_SAMPLES = 16
-MIN_WINDOW = 8  # Camera px: the smallest posterior window (--window_px), 2 overlaps of context.
+# Camera px: the smallest posterior window (--window_px). With the overlap of 4 px every
+# localization sampled in it lies 2-3 px inside it (psi's context), 2-4 px in one of 8 px.
+MIN_WINDOW = 6
 # Overlap of a whole-field model's posterior windows, camera px: a localization is sampled in the
 # window whose centre is nearest, so it lies >= 2 px inside it (psi's context) unless at the frame
 # edge.
@@ -798,7 +800,7 @@ class StackAnalyzer:
         frame index)), so the samples of a frame do not depend on batch_frames.
 
         inputs: the frame's tiles [n, h, w, 1] (model ADU), or for a whole-field model the
-        windows of phi's estimate [n, uh, uw, 1]; windows: the tile indices to sample;
+        windows of phi's estimate [n, uh, uw, 1]; windows: the indices into inputs to sample;
         frame_windows: the same windows of the frame [n, h, w, 1] (model ADU), for a
         frame-conditioned psi sampled in windows."""
         n = len(windows)
@@ -930,37 +932,43 @@ class StackAnalyzer:
                 for b in range(len(frames)):
                     xy = None if found is None else found[b]
                     if self.window:
+                        # psi's windows are cut from phi's one estimate of the whole frame, so
+                        # where a sampled window reaches only sampled windows speak, and
+                        # elsewhere the posterior is that estimate: only the sampled windows are
+                        # cut and stitched (TileGrid.stitch_over).
                         g, windows = self._choose_grid(grids, xy)
                         frame_grids[b] = g
-                        estimate_b = g.cut_hr(y_hat[b:b + 1])
-                        inputs_b = estimate_b[..., None]
-                        frame_windows = (g.cut(model_frames[b:b + 1])[..., None]
+                        inputs_b = g.cut_hr(y_hat[b:b + 1], tiles=windows)[..., None]
+                        frame_windows = (g.cut(model_frames[b:b + 1])[windows][..., None]
                                          if self.backend.frame_condition else None)
+                        part = (self._posterior(inputs_b, np.arange(len(windows)), lo + b,
+                                                frame_windows)
+                                if len(windows) else None)
+                        if part is None:
+                            m, v = y_hat[b].astype(np.float64), np.zeros(y_hat[b].shape)
+                        else:
+                            m, v = g.stitch_over(y_hat[b], windows, part["mean"][..., 0],
+                                                 part["std"][..., 0] ** 2)
+                        means.append(m)
+                        variances.append(v)
                     else:
+                        # The paper's overlapping tiles each hold their own estimate of the same
+                        # pixels, whose spread the stitched variance keeps.
                         g, windows = grid, self._sampled_windows(grid, xy)
                         rows = slice(b * len(g), (b + 1) * len(g))
-                        estimate_b, inputs_b, frame_windows = estimate[rows], inputs[rows], None
-                    n = len(g)
-                    part = (self._posterior(inputs_b, windows, lo + b, frame_windows)
-                            if len(windows) else {"samples": None})
-                    mean_tiles = estimate_b.astype(np.float64)
-                    var_tiles = np.zeros(estimate_b.shape)
-                    if len(windows):
-                        mean_tiles[windows] = part["mean"][..., 0]
-                        var_tiles[windows] = part["std"][..., 0] ** 2
-                    samples.append((windows, part["samples"]))
+                        estimate_b, inputs_b = estimate[rows], inputs[rows]
+                        part = (self._posterior(inputs_b, windows, lo + b)
+                                if len(windows) else None)
+                        mean_tiles = estimate_b.astype(np.float64)
+                        var_tiles = np.zeros(estimate_b.shape)
+                        if part is not None:
+                            mean_tiles[windows] = part["mean"][..., 0]
+                            var_tiles[windows] = part["std"][..., 0] ** 2
+                        m, v = g.stitch(mean_tiles, var_tiles)
+                        means.append(m[0])
+                        variances.append(v[0])
+                    samples.append((windows, None if part is None else part["samples"]))
                     sampled[g.tile[0]] = sampled.get(g.tile[0], 0) + len(windows)
-                    # A whole-field model's windows all hold phi's one estimate of the frame,
-                    # so where a sampled window reaches, only sampled windows speak; the
-                    # paper's overlapping tiles each hold their own estimate of the same pixels,
-                    # whose spread the stitched variance keeps.
-                    preferred = None
-                    if self.window:
-                        preferred = np.zeros(n, bool)
-                        preferred[windows] = True
-                    m, v = g.stitch(mean_tiles, var_tiles, preferred=preferred)
-                    means.append(m[0])
-                    variances.append(v[0])
                 mean, var = np.stack(means), np.stack(variances)
                 var_sum += var.sum(axis=0)
             else:

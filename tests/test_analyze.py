@@ -99,6 +99,36 @@ def test_stitch_prefers_the_sampled_tiles_where_they_reach():
                                                                       + grid.weights()[0, 0]))
 
 
+@pytest.mark.parametrize("pad", [0, 2])
+def test_stitch_over_equals_stitch_of_every_tile(pad):
+    """stitch_over (the sampled windows over phi's estimate) gives what stitch gives with every
+    window cut from the estimate and the sampled ones preferred, at the cost of those alone."""
+    rng = np.random.default_rng(4)
+    grid = TileGrid((14, 11), (6, 6), overlap=4, upsample=2, pad=pad)
+    base = rng.random((28, 22))
+    sampled = np.array([0, 3, len(grid) - 1, 7])
+    means = rng.random((len(sampled), 12, 12))
+    variances = rng.random((len(sampled), 12, 12)) * 0.1
+    np.testing.assert_array_equal(grid.cut_hr(base[None], tiles=sampled),
+                                  grid.cut_hr(base[None])[sampled])
+    assert grid.cut_hr(base[None], tiles=[]).shape == (0, 12, 12)
+    mean_tiles = grid.cut_hr(base[None])
+    var_tiles = np.zeros_like(mean_tiles)
+    mean_tiles[sampled], var_tiles[sampled] = means, variances
+    preferred = np.zeros(len(grid), bool)
+    preferred[sampled] = True
+    want_mean, want_var = grid.stitch(mean_tiles, var_tiles, preferred=preferred)
+    mean, var = grid.stitch_over(base, sampled, means, variances)
+    np.testing.assert_allclose(mean, want_mean[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, want_var[0], rtol=1e-9, atol=1e-12)
+    # Nothing sampled: the estimate, with no spread.
+    mean, var = grid.stitch_over(base, [], np.zeros((0, 12, 12)), np.zeros((0, 12, 12)))
+    np.testing.assert_array_equal(mean, base)
+    assert not var.any()
+    with pytest.raises(ValueError, match="HR pixels"):
+        grid.stitch_over(base[1:], sampled, means, variances)
+
+
 # -------------------------------------------------------------------------------- photometry
 def test_photometry_recovers_photons_and_background():
     config = SimulationConfig.preset("isolated", background=5.0)
@@ -515,7 +545,7 @@ def test_a_frame_conditioned_psi_sees_the_frame_under_its_window(tmp_path, paper
 
 def test_whole_field_windows_follow_the_emitters(tmp_path):
     """A whole-field model's posterior windows are chosen per frame: psi's smallest windows
-    (8 px) around isolated emitters, its training window (20 px) over a crowded frame, whichever
+    (6 px) around isolated emitters, its training window (20 px) over a crowded frame, whichever
     samples fewer pixels; window_px fixes one size, and a size psi cannot take is named."""
     backend = load_backend("wholefield", jit_compile=False)
     base = SimulationConfig.preset("wholefield", frame_height=28, frame_width=28,
@@ -533,11 +563,11 @@ def test_whole_field_windows_follow_the_emitters(tmp_path):
                                  window_px=window)
         runs[window] = analyzer.analyze(stack, tmp_path / f"w{window}")
     auto, fixed = runs[None], runs[20]
-    assert auto["window_sizes_px"] == [8, 20] and fixed["window_sizes_px"] == [20]
+    assert auto["window_sizes_px"] == [6, 20] and fixed["window_sizes_px"] == [20]
     rows, pred = _frames_from_csv(tmp_path / "wNone" / "mixed.csv", 2, base.pixel_size_nm)
-    grid = TileGrid((28, 28), (8, 8), 4, 4)
-    # The sparse frame: one 8 px window per isolated localization; the dense one: 20 px windows.
-    assert auto["windows_sampled_by_size"] == {"8": len(np.unique(grid.owner(pred[0]))),
+    grid = TileGrid((28, 28), (6, 6), 4, 4)
+    # The sparse frame: one 6 px window per isolated localization; the dense one: 20 px windows.
+    assert auto["windows_sampled_by_size"] == {"6": len(np.unique(grid.owner(pred[0]))),
                                                "20": 4}
     assert fixed["windows_sampled_by_size"]["20"] < auto["windows_sampled"]
     _, pred_fixed = _frames_from_csv(tmp_path / "w20" / "mixed.csv", 2, base.pixel_size_nm)
@@ -555,16 +585,16 @@ def test_whole_field_windows_follow_the_emitters(tmp_path):
     hr = (np.arange(112) + 0.5) / 4
     dist = np.min(np.hypot(hr[:, None, None] - pred[0][:, 1], hr[None, :, None] - pred[0][:, 0]),
                   axis=-1)
-    # An 8 px window reaches <= 6 px from its localizations in x and y (<= 7.5 px at the frame
+    # A 6 px window reaches <= 4 px from its localizations in x and y (<= 6 px at the frame
     # edge, where windows align with it).
-    assert maps["posterior_std"][0][dist > 7.5 * np.sqrt(2)].max() < 1e-8
+    assert maps["posterior_std"][0][dist > 6.0 * np.sqrt(2)].max() < 1e-8
     # An overlap the small windows cannot take leaves psi's training window.
     wide = StackAnalyzer(backend, camera, num_samples=4, overlap=10, progress=False)
     assert wide.windows == (20,)
     with pytest.raises(ValueError, match="multiple of 2 px"):
         StackAnalyzer(backend, camera, num_samples=4, window_px=9, progress=False)
-    with pytest.raises(ValueError, match="integer >= 8"):
-        StackAnalyzer(backend, camera, num_samples=4, window_px=6, progress=False)
+    with pytest.raises(ValueError, match="integer >= 6"):
+        StackAnalyzer(backend, camera, num_samples=4, window_px=4, progress=False)
     paper = load_backend("paper", jit_compile=False)
     with pytest.raises(ValueError, match="training tiles"):
         StackAnalyzer(paper, camera, num_samples=4, window_px=12, progress=False)

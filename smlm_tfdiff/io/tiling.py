@@ -99,10 +99,11 @@ class TileGrid:
         tiles = [frames[:, r:r + th, c:c + tw] for r, c in self.origins]
         return np.stack(tiles, axis=1).reshape((-1, th, tw))
 
-    def cut_hr(self, images: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    def cut_hr(self, images: np.ndarray, fill: float = 0.0, tiles=None) -> np.ndarray:
         """HR maps of whole frames [B, u*H, u*W] -> their tiles [B * n_tiles, u*h, u*w]
         (frame-major), the padding filled with `fill` (0: an empty KDE). Windows of a whole-field
-        model's estimate, which phi computed on the whole frame."""
+        model's estimate, which phi computed on the whole frame. tiles: indices of the tiles to
+        cut (default all), [B * len(tiles), u*h, u*w] then."""
         images = np.asarray(images)
         u = self.upsample
         b, h, w = images.shape
@@ -116,8 +117,13 @@ class TileGrid:
             padded[:, p:p + h, p:p + w] = images
             images = padded
         th, tw = u * self.tile[0], u * self.tile[1]
-        tiles = [images[:, u * r:u * r + th, u * c:u * c + tw] for r, c in self.origins]
-        return np.stack(tiles, axis=1).reshape((-1, th, tw))
+        origins = self.origins
+        if tiles is not None:
+            origins = [origins[int(k)] for k in np.asarray(tiles).reshape(-1)]
+        if not origins:
+            return np.zeros((0, th, tw), images.dtype)
+        cut = [images[:, u * r:u * r + th, u * c:u * c + tw] for r, c in origins]
+        return np.stack(cut, axis=1).reshape((-1, th, tw))
 
     def weights(self) -> np.ndarray:
         """Stitching weights [u*h, u*w] (HR), the same for every tile (module doc)."""
@@ -171,6 +177,44 @@ class TileGrid:
             var = np.maximum((second / norm)[crop] - mean ** 2, 0.0)
             return (mean[..., None], var[..., None]) if channel else (mean, var)
         return mean[..., None] if channel else mean
+
+    def stitch_over(self, base: np.ndarray, tiles, means: np.ndarray, variances: np.ndarray):
+        """One frame's HR map base [u*H, u*W] with some of its tiles replaced: (mean, variance)
+        [u*H, u*W] float64, where the tiles `tiles` [k] (indices) with their means and variances
+        [k, u*h, u*w] cover, their blend (weights and mixture as `stitch`), elsewhere base with
+        variance 0.
+
+        The same as `stitch` of every tile, the unlisted ones cut from base with variance 0,
+        with the listed ones preferred (a pixel they cover is blended from them alone): a pixel no
+        listed tile covers is the blend of copies of base there. It costs what the listed tiles
+        do, not what the grid does (a 256x256 frame has ~16,000 windows of 6 px)."""
+        base = np.asarray(base, np.float64)
+        u = self.upsample
+        if base.shape != (u * self.frame[0], u * self.frame[1]):
+            raise ValueError(f"base is {base.shape}, this grid's frames are "
+                             f"{u * self.frame[0]}x{u * self.frame[1]} HR pixels")
+        tiles = np.asarray(tiles, np.int64).reshape(-1)
+        th, tw = u * self.tile[0], u * self.tile[1]
+        means = np.asarray(means, np.float64).reshape((len(tiles), th, tw))
+        variances = np.asarray(variances, np.float64).reshape((len(tiles), th, tw))
+        ph, pw = u * self.padded[0], u * self.padded[1]
+        total, second, norm = np.zeros((ph, pw)), np.zeros((ph, pw)), np.zeros((ph, pw))
+        weights = self.weights()
+        origins = self.origins
+        for k, m, v in zip(tiles, means, variances):
+            r, c = origins[int(k)]
+            sl = (slice(u * r, u * r + th), slice(u * c, u * c + tw))
+            total[sl] += weights * m
+            second[sl] += weights * (v + m * m)
+            norm[sl] += weights
+        crop = (slice(u * self.pad, u * (self.pad + self.frame[0])),
+                slice(u * self.pad, u * (self.pad + self.frame[1])))
+        total, second, norm = total[crop], second[crop], norm[crop]
+        covered = norm > 0
+        mean, var = base.copy(), np.zeros_like(base)
+        mean[covered] = total[covered] / norm[covered]
+        var[covered] = np.maximum(second[covered] / norm[covered] - mean[covered] ** 2, 0.0)
+        return mean, var
 
     def owner(self, xy: np.ndarray) -> np.ndarray:
         """For positions (x, y) [M, 2] in frame LR pixels: index of the tile whose centre is
