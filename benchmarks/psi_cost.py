@@ -2,8 +2,8 @@
 
     python benchmarks/psi_cost.py --out benchmarks/results/psi_cost.json
 
-analyze samples a whole-field model's posterior in 8x8 px windows (32x32 on the KDE grid), 16
-samples x 10 steps each: the time of one network evaluation of one window sets the speed with
+analyze samples a whole-field model's posterior in small windows (8x8 px when this was written,
+32x32 on the KDE grid; 6x6 px since), 16 samples x 10 steps each for `wholefield`: the time of one network evaluation of one window sets the speed with
 uncertainty. This times psi's forward pass (XLA-compiled, as analyze runs it; untrained weights,
 which cost the same) on a batch of windows for the bundled configuration and for cheaper ones:
 fewer levels, fewer channels, and the same U-Net on a 2x or 4x coarser grid (the input side
