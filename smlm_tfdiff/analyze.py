@@ -1139,6 +1139,12 @@ class StackAnalyzer:
             std = std * np.concatenate([
                 scale.factor(xy, n, None if widening is None else widening[i:j])
                 for (xy, n), i, j in zip(scale_in, starts[:-1], starts[1:])])[:, None]
+            # Not below the CRLB, per axis: no unbiased estimate from one frame does better.
+            # A spread from the few samples that held a localization (2 of 8: one degree of
+            # freedom per axis) comes out near zero by chance now and then; NaN (no sample held
+            # it) stays NaN.
+            floored = np.isfinite(std) & np.isfinite(bound) & (std < bound)
+            std = np.where(floored, bound, std)
         table["uncertainty_xy [nm]"] = _xy_average(std)
         table["uncertainty_x [nm]"], table["uncertainty_y [nm]"] = std[:, 0], std[:, 1]
         table["uncertainty_is_crlb"] = np.full(len(std), 0.0 if samples is not None else 1.0)
