@@ -1139,11 +1139,12 @@ class StackAnalyzer:
             std = std * np.concatenate([
                 scale.factor(xy, n, None if widening is None else widening[i:j])
                 for (xy, n), i, j in zip(scale_in, starts[:-1], starts[1:])])[:, None]
-            # Not below the CRLB, per axis: no unbiased estimate from one frame does better.
-            # A spread from the few samples that held a localization (2 of 8: one degree of
-            # freedom per axis) comes out near zero by chance now and then; NaN (no sample held
-            # it) stays NaN.
-            floored = np.isfinite(std) & np.isfinite(bound) & (std < bound)
+            # A spread from fewer than half the samples (2 of 8: one degree of freedom per
+            # axis) comes out near zero by chance now and then: there, not below the CRLB, per
+            # axis, which no unbiased estimate from one frame beats. NaN (fewer than 2 samples
+            # held it) stays NaN.
+            few = np.concatenate(fractions) < 0.5
+            floored = few[:, None] & np.isfinite(std) & np.isfinite(bound) & (std < bound)
             std = np.where(floored, bound, std)
         table["uncertainty_xy [nm]"] = _xy_average(std)
         table["uncertainty_x [nm]"], table["uncertainty_y [nm]"] = std[:, 0], std[:, 1]

@@ -14,6 +14,7 @@ var = sum w (v + m^2) / sum w - mean^2.
 """
 
 import dataclasses
+import functools
 from typing import List, Tuple
 
 import numpy as np
@@ -72,9 +73,10 @@ class TileGrid:
         return (max(self.frame[0] + 2 * self.pad, self.tile[0]),
                 max(self.frame[1] + 2 * self.pad, self.tile[1]))
 
-    @property
+    @functools.cached_property
     def origins(self) -> List[Tuple[int, int]]:
-        """(row, col) of each tile's top-left corner in the padded frame, LR pixels."""
+        """(row, col) of each tile's top-left corner in the padded frame, LR pixels (computed
+        once per grid: a 256x256 frame has ~16,000 windows of 6 px, and to_tile reads one)."""
         rows = _starts(self.padded[0], self.tile[0], self.overlap)
         cols = _starts(self.padded[1], self.tile[1], self.overlap)
         return [(r, c) for r in rows for c in cols]
