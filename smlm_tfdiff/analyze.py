@@ -939,7 +939,7 @@ class StackAnalyzer:
                         g, windows = self._choose_grid(grids, xy)
                         frame_grids[b] = g
                         inputs_b = g.cut_hr(y_hat[b:b + 1], tiles=windows)[..., None]
-                        frame_windows = (g.cut(model_frames[b:b + 1])[windows][..., None]
+                        frame_windows = (g.cut(model_frames[b:b + 1], tiles=windows)[..., None]
                                          if self.backend.frame_condition else None)
                         part = (self._posterior(inputs_b, np.arange(len(windows)), lo + b,
                                                 frame_windows)

@@ -112,6 +112,11 @@ def test_stitch_over_equals_stitch_of_every_tile(pad):
     np.testing.assert_array_equal(grid.cut_hr(base[None], tiles=sampled),
                                   grid.cut_hr(base[None])[sampled])
     assert grid.cut_hr(base[None], tiles=[]).shape == (0, 12, 12)
+    lr = rng.random((2, 14, 11))
+    np.testing.assert_array_equal(grid.cut(lr, tiles=sampled),
+                                  grid.cut(lr).reshape(2, len(grid), 6, 6)[:, sampled]
+                                  .reshape(-1, 6, 6))
+    assert grid.cut(lr, tiles=[]).shape == (0, 6, 6)
     mean_tiles = grid.cut_hr(base[None])
     var_tiles = np.zeros_like(mean_tiles)
     mean_tiles[sampled], var_tiles[sampled] = means, variances

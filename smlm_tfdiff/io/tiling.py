@@ -84,8 +84,15 @@ class TileGrid:
     def __len__(self):
         return len(self.origins)
 
-    def cut(self, frames: np.ndarray) -> np.ndarray:
-        """frames [B, H, W] -> tiles [B * n_tiles, h, w] (frame-major)."""
+    def _origins_of(self, tiles=None) -> List[Tuple[int, int]]:
+        """The origins of the tiles with indices `tiles` (any int array), all with None."""
+        if tiles is None:
+            return self.origins
+        return [self.origins[int(k)] for k in np.asarray(tiles).reshape(-1)]
+
+    def cut(self, frames: np.ndarray, tiles=None) -> np.ndarray:
+        """frames [B, H, W] -> tiles [B * n_tiles, h, w] (frame-major); tiles: indices of the
+        tiles to cut (default all), [B * len(tiles), h, w] then."""
         frames = np.asarray(frames)
         b, h, w = frames.shape
         if (h, w) != tuple(self.frame):
@@ -98,8 +105,11 @@ class TileGrid:
             padded[:, p:p + h, p:p + w] = frames
             frames = padded
         th, tw = self.tile
-        tiles = [frames[:, r:r + th, c:c + tw] for r, c in self.origins]
-        return np.stack(tiles, axis=1).reshape((-1, th, tw))
+        origins = self._origins_of(tiles)
+        if not origins:
+            return np.zeros((0, th, tw), frames.dtype)
+        cut = [frames[:, r:r + th, c:c + tw] for r, c in origins]
+        return np.stack(cut, axis=1).reshape((-1, th, tw))
 
     def cut_hr(self, images: np.ndarray, fill: float = 0.0, tiles=None) -> np.ndarray:
         """HR maps of whole frames [B, u*H, u*W] -> their tiles [B * n_tiles, u*h, u*w]
@@ -119,9 +129,7 @@ class TileGrid:
             padded[:, p:p + h, p:p + w] = images
             images = padded
         th, tw = u * self.tile[0], u * self.tile[1]
-        origins = self.origins
-        if tiles is not None:
-            origins = [origins[int(k)] for k in np.asarray(tiles).reshape(-1)]
+        origins = self._origins_of(tiles)
         if not origins:
             return np.zeros((0, th, tw), images.dtype)
         cut = [images[:, u * r:u * r + th, u * c:u * c + tw] for r, c in origins]
@@ -202,9 +210,7 @@ class TileGrid:
         ph, pw = u * self.padded[0], u * self.padded[1]
         total, second, norm = np.zeros((ph, pw)), np.zeros((ph, pw)), np.zeros((ph, pw))
         weights = self.weights()
-        origins = self.origins
-        for k, m, v in zip(tiles, means, variances):
-            r, c = origins[int(k)]
+        for (r, c), m, v in zip(self._origins_of(tiles), means, variances):
             sl = (slice(u * r, u * r + th), slice(u * c, u * c + tw))
             total[sl] += weights * m
             second[sl] += weights * (v + m * m)
