@@ -61,45 +61,37 @@ reproduce: $(STAMP)
 # folder $(REPRO)/wholefield pairs that phi with the psi, and gets its calibration scale
 # (benchmarks/calibration_wholefield_scale.py on cells without and with background, ~35 min).
 # About 5.5 hours on a 2-core CPU.
+# The run settings every whole-field phi stage shares.
+TRAIN_WF_PHI := TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --batch_size 32 \
+	--checkpoint_every 250 --val_frames 32 --noprogress
 reproduce-wholefield: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
-		--preset wholefield --steps 4000 --batch_size 32 --learning_rate 2e-3 --eval_every 4000 \
-		--checkpoint_every 250 --val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wholefield \
-		--preset wholefield --steps 5500 --batch_size 32 --learning_rate 2e-3 --eval_every 5500 \
-		--checkpoint_every 250 --val_frames 32 --noprogress
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wholefield --preset wholefield --steps 4000 \
+		--learning_rate 2e-3 --eval_every 4000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wholefield --preset wholefield --steps 5500 \
+		--learning_rate 2e-3 --eval_every 5500
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wholefield \
 		--phi $(REPRO)/phi_wholefield --preset wholefield --crop_size 20 --init_psi paper \
 		--steps 2500 --batch_size 32 --learning_rate 5e-4 --ema_decay 0.998 --jit_compile \
 		--eval_every 2500 --checkpoint_every 250 --val_frames 8 --noprogress --log_every 50
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_anscombe \
-		--preset wholefield --input_transform anscombe --init_phi $(REPRO)/phi_wholefield \
-		--steps 3000 --batch_size 32 --learning_rate 2e-3 --eval_every 3000 \
-		--checkpoint_every 250 --val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_dye025 \
-		--preset wholefield_dye --set photons_frame_spread=0.25 --input_transform anscombe \
-		--brightness_reference 700 --init_phi $(REPRO)/phi_wf_anscombe --steps 4000 \
-		--batch_size 32 --learning_rate 2e-3 --eval_every 4000 --checkpoint_every 250 \
-		--val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_dye \
-		--preset wholefield_dye --input_transform anscombe --brightness_reference 700 \
-		--init_phi $(REPRO)/phi_wf_dye025 --steps 3000 --batch_size 32 --learning_rate 1e-3 \
-		--eval_every 3000 --checkpoint_every 250 --val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_clusters \
-		--preset wholefield_clusters --input_transform anscombe --brightness_reference 700 \
-		--init_phi $(REPRO)/phi_wf_dye --steps 3000 --batch_size 32 --learning_rate 1e-3 \
-		--eval_every 3000 --checkpoint_every 250 --val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_clusters50 \
-		--preset wholefield_clusters --set cluster_fraction=0.5 --input_transform anscombe \
-		--brightness_reference 700 --init_phi $(REPRO)/phi_wf_clusters --steps 4000 \
-		--batch_size 32 --learning_rate 1e-3 --eval_every 4000 --checkpoint_every 250 \
-		--val_frames 32 --noprogress
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_wf_rf12 \
-		--preset wholefield_clusters --set cluster_fraction=0.5 --input_transform anscombe \
-		--brightness_reference 700 --dilations 1,2,4,2,2,1 \
-		--init_phi $(REPRO)/phi_wf_clusters50 --steps 4000 --batch_size 32 \
-		--learning_rate 2e-3 --eval_every 4000 --checkpoint_every 250 --val_frames 32 \
-		--noprogress
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_anscombe --preset wholefield \
+		--input_transform anscombe --init_phi $(REPRO)/phi_wholefield --steps 3000 \
+		--learning_rate 2e-3 --eval_every 3000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_dye025 --preset wholefield_dye \
+		--set photons_frame_spread=0.25 --input_transform anscombe --brightness_reference 700 \
+		--init_phi $(REPRO)/phi_wf_anscombe --steps 4000 --learning_rate 2e-3 --eval_every 4000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_dye --preset wholefield_dye \
+		--input_transform anscombe --brightness_reference 700 --init_phi $(REPRO)/phi_wf_dye025 \
+		--steps 3000 --learning_rate 1e-3 --eval_every 3000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_clusters --preset wholefield_clusters \
+		--input_transform anscombe --brightness_reference 700 --init_phi $(REPRO)/phi_wf_dye \
+		--steps 3000 --learning_rate 1e-3 --eval_every 3000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_clusters50 --preset wholefield_clusters \
+		--set cluster_fraction=0.5 --input_transform anscombe --brightness_reference 700 \
+		--init_phi $(REPRO)/phi_wf_clusters --steps 4000 --learning_rate 1e-3 --eval_every 4000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_rf12 --preset wholefield_clusters \
+		--set cluster_fraction=0.5 --input_transform anscombe --brightness_reference 700 \
+		--dilations 1,2,4,2,2,1 --init_phi $(REPRO)/phi_wf_clusters50 --steps 4000 \
+		--learning_rate 2e-3 --eval_every 4000
 	rm -rf $(REPRO)/wholefield && mkdir -p $(REPRO)/wholefield
 	cp $(REPRO)/psi_wholefield/psi.weights.h5 $(REPRO)/psi_wholefield/psi_config.json \
 		$(REPRO)/psi_wholefield/diffusion.json $(REPRO)/phi_wf_rf12/phi.weights.h5 \
