@@ -137,7 +137,7 @@ reproduce-wholefield-fast: $(STAMP)
 	rm -f $(REPRO)/wff_scale.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_wholefield_scale.py \
 		--model $(REPRO)/wholefield_fast --densities 400,40,15 --photons 150,400,1000-5000 \
-		--background 0,8,25 --background_term --interaction_term \
+		--background 0,8,25 --background_term --photons_squared_term --interaction_term \
 		--scores_cache $(REPRO)/wff_scale.npz \
 		--scale_out $(REPRO)/wholefield_fast --out $(REPRO)/calibration_wholefield_fast_scale.json
 

@@ -100,18 +100,22 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     return {k: v[ok] for k, v in out.items()}
 
 
-def features(scores, neighbour_term="linear", widening=False, interaction=False):
+def features(scores, neighbour_term="linear", widening=False, interaction=False,
+             photons_squared=False):
     """[n, 3] design matrix (1, g(k), log(N / 200)) of scored localizations (their "neighbours"
     k and "photons" N) for the scale of uncertainty.scale, g its neighbour_term; a failed
     photometry (NaN) counts as 200 photons, its brightness term 0, and N is clipped to
     PHOTON_RANGE, as analyze does. widening: a further column log w of their "widening" (the
-    background's widening of the CRLB, analyze.background_widening); interaction: a last column
-    g(k) log(N / 200). [n, 3 + widening + interaction]."""
+    background's widening of the CRLB, analyze.background_widening); photons_squared: a further
+    column log(N / 200)^2; interaction: a last column g(k) log(N / 200).
+    [n, 3 + widening + photons_squared + interaction]."""
     columns = [np.ones(len(scores["photons"])),
                neighbour_feature(scores["neighbours"], neighbour_term),
                photons_feature(scores["photons"], 200.0)]
     if widening:
         columns.append(widening_feature(scores["widening"]))
+    if photons_squared:
+        columns.append(columns[2] ** 2)
     if interaction:
         columns.append(columns[1] * columns[2])
     return np.stack(columns, axis=1)
@@ -157,18 +161,22 @@ def fit_log_scale(x, z, offset=None):
     return beta, np.sqrt(np.diag(np.linalg.inv(info)))
 
 
-def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear", interaction=False):
-    """Write the fitted scale (coefficients beta of features(): 3, a 4th with the widening, and
-    the interaction last when interaction; rounded to 4 digits) into the model folder as
-    SCALE_FILE, where analyze applies it; returns the path."""
+def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear", interaction=False,
+                photons_squared=False):
+    """Write the fitted scale (coefficients beta of features(): 3, a 4th with the widening, then
+    log(N / 200)^2 when photons_squared, and the interaction last when interaction; rounded to 4
+    digits) into the model folder as SCALE_FILE, where analyze applies it; returns the path."""
     import os
 
+    widening = len(beta) - interaction - photons_squared > 3
     scale = UncertaintyScale(
         intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
         per_log_photons=round(float(beta[2]), 4), radius_px=radius, reference_photons=200.0,
         neighbour_term=neighbour_term,
-        per_log_widening=round(float(beta[3]), 4) if len(beta) - interaction > 3 else 0.0,
+        per_log_widening=round(float(beta[3]), 4) if widening else 0.0,
         per_neighbour_log_photons=round(float(beta[-1]), 4) if interaction else 0.0,
+        per_log_photons_squared=(round(float(beta[3 + widening]), 4) if photons_squared
+                                 else 0.0),
         fitted_on=fitted_on)
     path = os.path.join(folder, SCALE_FILE)
     with open(path, "w") as f:

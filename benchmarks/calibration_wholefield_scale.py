@@ -7,8 +7,8 @@ densities and brightnesses; fitted on validation seeds, checked on held-out ones
 The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 200), or b k with
 --neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
 photometry, both from analyze's own table; with --background_term or --base_scale + d log w, w the
-factor by which the fitted background widens the CRLB; with --interaction_term + e log(1 + k)
-log(N / 200)), fitted by maximum likelihood of
+factor by which the fitted background widens the CRLB; with --photons_squared_term
++ f log(N / 200)^2; with --interaction_term + e log(1 + k) log(N / 200)), fitted by maximum likelihood of
 z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
@@ -67,6 +67,8 @@ flags.DEFINE_bool("background_term", False, "Fit a fourth term d log w, w the fi
                   "the others.")
 flags.DEFINE_bool("interaction_term", False, "Fit a further term e g(k) log(N / 200), the "
                   "brightness slope changing with crowding (uncertainty.scale).")
+flags.DEFINE_bool("photons_squared_term", False, "Fit a further term f log(N / 200)^2, the "
+                  "brightness slope changing with brightness (uncertainty.scale).")
 flags.DEFINE_string("base_scale", None, "An uncertainty_scale.json whose a, b, c (fitted on "
                     "cells without background) are kept: fit only the background term d, on "
                     "these cells (with --background).")
@@ -79,7 +81,8 @@ flags.DEFINE_string("out", None, "JSON file for the results.")
 FLAGS = flags.FLAGS
 
 FIT_SEED, CHECK_SEED = 8300, 9300
-INTERACTION_TERM = "neighbour term x log(photons / 200)"  # The report's name of it.
+INTERACTION_TERM = "neighbour term x log(photons / 200)"  # The report's names of them.
+SQUARED_TERM = "log(photons / 200)^2"
 KEYS = ("z", "neighbours", "photons", "background", "widening", "uncertainty_nm", "error_nm")
 
 
@@ -288,10 +291,10 @@ def main(argv):
         raise app.UsageError(f"{', '.join(caches)} hold no fit cells: pass --fit_from, or add "
                              "a cache with fit cells")
     widening = FLAGS.background_term or FLAGS.base_scale is not None
-    interaction = FLAGS.interaction_term
-    if interaction and FLAGS.base_scale:
-        raise app.UsageError("--interaction_term fits every term jointly; it does not combine "
-                             "with --base_scale")
+    interaction, squared = FLAGS.interaction_term, FLAGS.photons_squared_term
+    if (interaction or squared) and FLAGS.base_scale:
+        raise app.UsageError("--interaction_term and --photons_squared_term fit every term "
+                             "jointly; they do not combine with --base_scale")
     fitted_on = ""
     if FLAGS.fit_from:
         with open(FLAGS.fit_from) as f:
@@ -302,11 +305,12 @@ def main(argv):
         beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
         terms = fitted.get("terms", [])
         widening, interaction = "log(widening)" in terms, INTERACTION_TERM in terms
+        squared = SQUARED_TERM in terms
         constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
         print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
     else:
         fit = [scores for _, _, _, scores, _ in result["fit"]]
-        x = np.concatenate([features(s, FLAGS.neighbour_term, widening, interaction)
+        x = np.concatenate([features(s, FLAGS.neighbour_term, widening, interaction, squared)
                             for s in fit])
         z = np.concatenate([s["z"] for s in fit])
         if FLAGS.base_scale:  # a, b, c kept: log s = (a, b, c) . x[:, :3] + d log w.
@@ -320,6 +324,7 @@ def main(argv):
         constant, _ = std_z(z)
     g = "k" if FLAGS.neighbour_term == "linear" else "log(1 + k)"
     term_d = ((f" + {beta[3]:.4f} log w" if widening else "")
+              + (f" + {beta[3 + widening]:.4f} log(N/200)^2" if squared else "")
               + (f" + {beta[-1]:.4f} {g} log(N/200)" if interaction else ""))
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
           f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200){term_d}  (se "
@@ -329,15 +334,16 @@ def main(argv):
         write_scale(FLAGS.scale_out, beta, FLAGS.radius,
                     fitted_on + f"python benchmarks/calibration_wholefield_scale.py --model "
                     f"{FLAGS.model}{' --background_term' if widening else ''}"
+                    f"{' --photons_squared_term' if squared else ''}"
                     f"{' --interaction_term' if interaction else ''}: "
                     f"{len(z)} localizations of analyze's table on validation movies "
                     f"({_describe(result['fit'])}), default recipe, {num_samples()} samples; "
-                    f"docs/calibration.md", FLAGS.neighbour_term, interaction)
+                    f"docs/calibration.md", FLAGS.neighbour_term, interaction, squared)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
              **check_row(s, constant, np.exp(
-                 features(s, FLAGS.neighbour_term, widening, interaction) @ beta))}
+                 features(s, FLAGS.neighbour_term, widening, interaction, squared) @ beta))}
         rows.append(r)
         bg = metrics.get("background")
         print(f"1/{density:3g} px^2 N0 {photons:>9}{'' if bg is None else f' bg {bg:g}'}  locs "
@@ -357,6 +363,7 @@ def main(argv):
                       "terms": ["1", "neighbours" if FLAGS.neighbour_term == "linear"
                                 else "log(1 + neighbours)", "log(photons / 200)"]
                       + (["log(widening)"] if widening else [])
+                      + ([SQUARED_TERM] if squared else [])
                       + ([INTERACTION_TERM] if interaction else []),
                       "kept_from": FLAGS.base_scale,
                       "neighbour_term": FLAGS.neighbour_term,

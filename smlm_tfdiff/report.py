@@ -462,6 +462,8 @@ def _scale_text(scale):
     e = scale.get("per_neighbour_log_photons", 0.0)
     w = f" {'-' if d < 0 else '+'} {abs(d):g} log w" if d else ""
     n = f"log(N / {scale['reference_photons']:g})"
+    f = scale.get("per_log_photons_squared", 0.0)
+    w += f" {'-' if f < 0 else '+'} {abs(f):g} {n}^2" if f else ""
     w += f" {'-' if e < 0 else '+'} {abs(e):g} {g} {n}" if e else ""
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
             f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} {n}{w}), k "

@@ -90,6 +90,53 @@ def test_interaction_term_follows_the_formula(tmp_path):
         assert written.per_log_widening == (0.7 if widen else 0.0)
 
 
+def test_photons_squared_term_follows_the_formula(tmp_path):
+    """per_log_photons_squared f: + f log(N / N_ref)^2 (a failed photometry, NaN: N_ref, the term
+    0); absent from older files (0); the benchmarks' design matrix puts it after the widening and
+    before the interaction, and write_scale reads it from there."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from _validation import features, write_scale
+
+    scale = UncertaintyScale(intercept=0.1, per_neighbour=0.3, per_log_photons=-0.6,
+                             neighbour_term="log1p", per_log_widening=0.7,
+                             per_neighbour_log_photons=0.1, per_log_photons_squared=0.05)
+    xy = np.array([[0.0, 0.0], [3.0, 4.0], [40.0, 0.0], [40.0, 40.0]])  # k = 1, 1, 0, 0.
+    photons = np.array([800.0, 50.0, 3000.0, np.nan])
+    widening = np.array([1.0, 2.0, 1.0, 1.5])
+    g = np.log([2.0, 2.0, 1.0, 1.0])
+    p = np.log(np.array([800.0, 50.0, 3000.0, 200.0]) / 200.0)
+    expected = np.exp(0.1 + 0.3 * g - 0.6 * p + 0.7 * np.log(widening) + 0.1 * g * p
+                      + 0.05 * p ** 2)
+    np.testing.assert_allclose(scale.factor(xy, photons, widening), expected, rtol=1e-12)
+    # The curvature: the step in log s from 800 to 3000 photons is not the one from 200 to 800
+    # times log(3000 / 800) / log(4), as it is without the term.
+    without = dataclasses.replace(scale, per_log_photons_squared=0.0)
+    lone = np.array([[0.0, 0.0]])
+    steps = [np.log(s.factor(lone, [3000.0]) / s.factor(lone, [800.0]))
+             / np.log(s.factor(lone, [800.0]) / s.factor(lone, [200.0]))
+             for s in (scale, without)]
+    assert abs(steps[1][0] - np.log(3000 / 800) / np.log(4)) < 1e-12
+    assert abs(steps[0][0] - steps[1][0]) > 0.1
+    old = json.loads(scale.to_json())
+    del old["per_log_photons_squared"]
+    assert UncertaintyScale.from_json(json.dumps(old)).per_log_photons_squared == 0.0
+    scores = {"neighbours": np.array([1, 1, 0, 0]), "photons": photons, "widening": widening}
+    x = features(scores, "log1p", widening=True, interaction=True, photons_squared=True)
+    beta = np.array([0.1, 0.3, -0.6, 0.7, 0.05, 0.1])
+    np.testing.assert_allclose(np.exp(x @ beta), expected, rtol=1e-12)
+    for terms, widen, inter in ((beta, True, True), (beta[[0, 1, 2, 4, 5]], False, True),
+                                (beta[[0, 1, 2, 4]], False, False),
+                                (beta[[0, 1, 2, 3, 4]], True, False)):
+        write_scale(str(tmp_path), terms, 8.0, "test", "log1p", interaction=inter,
+                    photons_squared=True)
+        written = UncertaintyScale.from_json((tmp_path / SCALE_FILE).read_text())
+        assert written.per_log_photons_squared == 0.05
+        assert written.per_log_widening == (0.7 if widen else 0.0)
+        assert written.per_neighbour_log_photons == (0.1 if inter else 0.0)
+
+
 def test_background_widening_is_the_crlb_ratio():
     from smlm_tfdiff import SimulationConfig
     from smlm_tfdiff.analyze import background_widening
@@ -163,13 +210,16 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
 
 def test_bundled_fast_wholefield_model_has_its_own_scale():
     """wholefield_fast's scale (MODEL.md there): fitted through analyze with the model's own
-    sampling (8 samples x 5 steps, refits), with the crowding x brightness interaction."""
+    sampling (8 samples x 5 steps, refits), with the crowding x brightness interaction and the
+    brightness slope's curvature."""
     scale = load_models(os.path.join(WEIGHTS_DIR, "wholefield_fast")).uncertainty_scale
-    assert "--model wholefield_fast --background_term --interaction_term" in scale.fitted_on
+    assert ("--model wholefield_fast --background_term --photons_squared_term "
+            "--interaction_term" in scale.fitted_on)
     assert "8 samples" in scale.fitted_on
     assert scale.per_neighbour > 0 and scale.per_log_photons < 0 and scale.uses_background
-    # A lone emitter's reported std falls with brightness faster than a crowded one's.
-    assert scale.per_neighbour_log_photons > 0
+    # A lone emitter's reported std falls with brightness faster than a crowded one's, and
+    # more slowly among bright emitters than dim ones.
+    assert scale.per_neighbour_log_photons > 0 and scale.per_log_photons_squared > 0
 
 
 def test_report_names_the_scales_neighbour_term():
@@ -186,6 +236,9 @@ def test_report_names_the_scales_neighbour_term():
     both = dict(background, per_neighbour_log_photons=0.1)
     assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w + 0.1 log(1 + k) "
             "log(N / 200))" in _scale_text(both))
+    curved = dict(both, per_log_photons_squared=0.05)
+    assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w + 0.05 log(N / 200)^2 "
+            "+ 0.1 log(1 + k) log(N / 200))" in _scale_text(curved))
 
 
 def _whole_field_movie(tmp_path, backend, per_px2, photons, background, seed):

@@ -9,7 +9,7 @@ follow the number of emitters nearby and the brightness. The scale
 
 and optionally + e g(k) log(N / N_ref), g(k) the neighbour term (the brightness slope changing
 with crowding: on whole-field scenes a lone emitter's error falls with N faster than a crowded
-one's),
+one's), and + f log(N / N_ref)^2 (the brightness slope changing with brightness itself),
 
 with k the other localizations of the frame within `radius_px` camera px, N the localization's
 photometry (photons; io.photometry as analyze fits it) and w >= 1 the factor by which its fitted
@@ -45,9 +45,9 @@ NEIGHBOUR_TERMS = ("linear", "log1p")
 @dataclasses.dataclass(frozen=True)
 class UncertaintyScale:
     """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons)
-    + per_log_widening log(w) + per_neighbour_log_photons g(k) log(N / reference_photons),
-    g(k) = k (neighbour_term "linear") or log(1 + k) ("log1p"), w the background's widening of
-    the CRLB (1 without background).
+    + per_log_widening log(w) + per_neighbour_log_photons g(k) log(N / reference_photons)
+    + per_log_photons_squared log(N / reference_photons)^2, g(k) = k (neighbour_term "linear")
+    or log(1 + k) ("log1p"), w the background's widening of the CRLB (1 without background).
 
     radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
     (the command and the scenes), kept with them."""
@@ -60,11 +60,13 @@ class UncertaintyScale:
     neighbour_term: str = "linear"
     per_log_widening: float = 0.0
     per_neighbour_log_photons: float = 0.0
+    per_log_photons_squared: float = 0.0
     fitted_on: str = ""
 
     def __post_init__(self):
         for name in ("intercept", "per_neighbour", "per_log_photons", "radius_px",
-                     "reference_photons", "per_log_widening", "per_neighbour_log_photons"):
+                     "reference_photons", "per_log_widening", "per_neighbour_log_photons",
+                     "per_log_photons_squared"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
@@ -118,7 +120,7 @@ class UncertaintyScale:
         g = neighbour_feature(k, self.neighbour_term)
         p = photons_feature(photons, self.reference_photons)
         log_s = (self.intercept + self.per_neighbour * g + self.per_log_photons * p
-                 + self.per_neighbour_log_photons * g * p)
+                 + self.per_neighbour_log_photons * g * p + self.per_log_photons_squared * p * p)
         if widening is not None:
             w = np.asarray(widening, np.float64).reshape(-1)
             if len(w) != len(k):
