@@ -70,15 +70,18 @@ def scene(name, num_frames, size):
 
 
 def evaluate(backend, data, config):
-    from smlm_tfdiff.analyze import measure_emitter_photons
+    from smlm_tfdiff.analyze import MEASURE_SPREAD, measure_emitter_photons
     from smlm_tfdiff.localization.batched import detect_batch
     from smlm_tfdiff.localization.metrics import edge_centre_recall, localization_metrics
 
-    n0 = None
+    n0 = spread = None
     if backend.brightness_reference is not None:  # Measured on these frames, as analyze does.
-        n0, _ = measure_emitter_photons(backend, data["frames"][..., 0], config)
+        n0, info = measure_emitter_photons(backend, data["frames"][..., 0], config)
+        spread = info.get("spread")
+        if spread is not None and not np.isfinite(spread):
+            spread = MEASURE_SPREAD  # analyze's fallback.
     start = time.perf_counter()
-    kde = backend.estimate(data["frames"], n0)[..., 0]
+    kde = backend.estimate(data["frames"], n0, spread)[..., 0]
     phi_s = time.perf_counter() - start
     start = time.perf_counter()
     found = detect_batch(kde, backend.config, backend.detection)
@@ -93,7 +96,9 @@ def evaluate(backend, data, config):
             "oracle_recall": oracle["recall"],
             "recall_edge": edge, "recall_centre": centre,
             "rmse_nm": metrics["rmse_lateral_nm"], "phi_s": round(phi_s, 2),
-            "detect_s": round(detect_s, 2), "n0": None if n0 is None else round(n0, 1)}
+            "detect_s": round(detect_s, 2), "n0": None if n0 is None else round(n0, 1),
+            "spread": None if spread is None else round(float(spread), 3),
+            "true_spread": round(float(np.mean(data["frame_spread"])), 3)}
 
 
 def main(argv):
@@ -109,7 +114,7 @@ def main(argv):
           f"{'RMSE nm':>8} {'phi s':>6} {'detect s':>8}")
     for model in FLAGS.models:
         backend = load_backend(model, need_psi=False)
-        backend.estimate(scenes[FLAGS.cases[0]][0]["frames"][:1], 1.0)  # Trace once, untimed.
+        backend.estimate(scenes[FLAGS.cases[0]][0]["frames"][:1], 1.0, 0.0)  # Trace, untimed.
         for name, (data, config) in scenes.items():
             row = {"model": model, "case": name, "frames": FLAGS.frames,
                    **evaluate(backend, data, config)}
@@ -118,7 +123,9 @@ def main(argv):
                   f"{row['recall'] / row['oracle_recall']:>8.3f} "
                   f"{row['recall_edge']:>6.3f}/{row['recall_centre']:.3f} {row['rmse_nm']:>8.1f} "
                   f"{row['phi_s']:>6.2f} {row['detect_s']:>8.2f}"
-                  + ("" if row["n0"] is None else f"  N0 {row['n0']:.0f}"), flush=True)
+                  + ("" if row["n0"] is None else f"  N0 {row['n0']:.0f}")
+                  + ("" if row["spread"] is None else
+                     f"  spread {row['spread']:.2f} (true {row['true_spread']:.2f})"), flush=True)
     if FLAGS.out:
         tmp = FLAGS.out + ".tmp"
         with open(tmp, "w") as f:

@@ -27,6 +27,9 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty version fol
 flags.DEFINE_float("photons", None, "Photons per emitter (N0) of the dye the export is for: "
                    "required for a model whose phi reads frames scaled to it (phi_config.json "
                    "brightness_reference), refused for others.")
+flags.DEFINE_float("photon_spread", None, "The log-sd of the dye's photons about N0 the "
+                   "export is for: required for a model whose phi is told it (phi_config.json "
+                   "spread_input), refused for others.")
 flags.DEFINE_integer("max_images", 2048, "Most frames x num_samples one request may ask for; "
                      "larger requests fail with InvalidArgument instead of running out of memory "
                      "(export/README.md).", lower_bound=1)
@@ -54,7 +57,7 @@ def main(argv):
     try:
         path = export_savedmodel(models, target, method=FLAGS.method, t_start=FLAGS.t_start,
                                  overwrite=FLAGS.overwrite, max_images=FLAGS.max_images,
-                                 photons=FLAGS.photons)
+                                 photons=FLAGS.photons, spread=FLAGS.photon_spread)
     except FileExistsError as e:
         sys.exit(f"error: {e}")
     finally:

@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from smlm_tfdiff.io import stacks as stack_io
+from smlm_tfdiff.io.brightness import MIN_SPOTS
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.io.stacks import StackError
 from smlm_tfdiff.io.tiling import TileGrid, coverage_tiling
@@ -103,9 +104,12 @@ class KerasBackend:
         self.detection = models.detection
         self.source = models.source
         self._phi = models.phi
+        self._phi_config = models.phi_config
         self._estimate = None
         # phi reads frames scaled to this many photons per emitter (PhiConfig), or None.
         self.brightness_reference = getattr(models.phi_config, "brightness_reference", None)
+        # phi is also told the spread of the emitters' photons about N0 (PhiConfig).
+        self.spread_input = bool(getattr(models.phi_config, "spread_input", False))
         self.frame_condition = False  # psi sees the camera frame beside phi's estimate.
         self.jit_compile = bool(jit_compile)
         self.uncertainty_scale = self.pixel_scale = None
@@ -148,11 +152,12 @@ class KerasBackend:
     def has_posterior(self):
         return self._sampler is not None
 
-    def estimate(self, frames, photons=None):
+    def estimate(self, frames, photons=None, spread=None):
         """phi's KDE estimate of frames [B, H, W, 1] ADU -> [B, uH, uW, 1] float32.
 
         photons: the movie's typical photons per emitter (N0), which a brightness-normalised phi
-        (brightness_reference) needs and other phis ignore."""
+        (brightness_reference) needs and other phis ignore. spread: the log-sd of the emitters'
+        photons about N0, which a phi told it (spread_input) needs and other phis ignore."""
         import tensorflow as tf
 
         if self.brightness_reference is not None:
@@ -161,11 +166,17 @@ class KerasBackend:
                     f"the phi of {self.source} reads frames scaled by the movie's photons per "
                     f"emitter (N0); pass photons > 0 (got {photons!r}): analyze estimates it "
                     "from the movie, or takes it from --photons")
-            from smlm_tfdiff.models.phi import normalize_brightness
+            if self.spread_input and (spread is None or not (np.isfinite(spread)
+                                                             and spread >= 0)):
+                raise ValueError(
+                    f"the phi of {self.source} is told the spread of the emitters' photons "
+                    f"about N0 (a log-sd); pass spread >= 0 (got {spread!r}): analyze "
+                    "measures it on the movie, or takes it from --photon_spread")
+            from smlm_tfdiff.models.phi import phi_input
 
             offset = _scalar(self.config.offset, "offset")
-            frames = normalize_brightness(np.asarray(frames, np.float32), offset,
-                                          self.brightness_reference, float(photons))
+            frames = phi_input(np.asarray(frames, np.float32), offset, self._phi_config,
+                               float(photons), None if spread is None else float(spread))
         if self._estimate is None:
             self._estimate = tf.function(lambda x: self._phi(x, training=False),
                                          reduce_retracing=True)
@@ -208,15 +219,17 @@ class SavedModelBackend:
     pixel_scale = None  # Nor the scale of its std maps.
     frame_condition = False  # Its psi, if conditioned on the frame, gets it from the request.
     brightness_reference = None  # Exports take frames as they are.
+    spread_input = False  # An export of a phi told the spread has it built in.
 
     @property
     def max_images(self):
         """Frames x samples per request (posterior's chunks)."""
         return min(512, self._served.max_images or 512)
 
-    def estimate(self, frames, photons=None):
+    def estimate(self, frames, photons=None, spread=None):
         """phi's KDE estimate (the export's `estimate` signature; an export of a
-        brightness-normalised phi has its photons per emitter built in, so photons is unused)."""
+        brightness-normalised phi has its photons per emitter, and spread, built in, so photons
+        and spread are unused)."""
         return self._served.estimate(frames)
 
     def posterior(self, frames, num_samples, num_steps, seed):
@@ -372,26 +385,46 @@ BRIGHTNESS_FACTOR = 10.0  # Brightest spots vs the model's emitters, either way.
 BACKGROUND_MARGIN_PHOTONS = 20.0  # Background above the model's by more than this (per pixel).
 CHECK_FRAMES = 32  # Frames read at the start for the check.
 BRIGHTNESS_FRAMES = 16  # Frames, spread over a stack, its photons per emitter are measured on.
+# The spread (log-sd of the emitters' photons about N0) a phi told it reads while the spread is
+# measured, and where too few isolated spots measure it: the spread the whole-field phis were
+# trained at before (models/phi.py, PhiConfig.spread_input), at which phi rarely splits a bright
+# emitter, so that the isolated spots are single emitters.
+MEASURE_SPREAD = 0.4
 
 
-def measure_emitter_photons(backend, model_frames, config):
+def measure_emitter_photons(backend, model_frames, config, n0=None):
     """The photons per emitter (N0) of frames for the backend's brightness-normalised phi
     (io.brightness): phi on each frame, normalised by the current estimate, and the
     model's detection give the spots. model_frames [N, H, W] model ADU, config the model's
-    SimulationConfig at the frames' size. Returns (n0, info) as estimate_emitter_photons."""
-    from smlm_tfdiff.io.brightness import estimate_emitter_photons
+    SimulationConfig at the frames' size. Returns (n0, info) as estimate_emitter_photons; n0
+    given: that N0, not measured (info {"source": "given"}).
 
-    photons = (model_frames - _scalar(config.offset, "offset")) / _scalar(config.gain, "gain")
+    For a phi told the spread of the emitters' photons (spread_input), info also holds "spread"
+    (a log-sd) measured on the isolated spots phi finds told MEASURE_SPREAD
+    (io.brightness.estimate_emitter_spread; NaN where too few, "spread_spots" their count)."""
+    from smlm_tfdiff.io.brightness import estimate_emitter_photons, estimate_emitter_spread
+
+    gain = _scalar(config.gain, "gain")
+    photons = (model_frames - _scalar(config.offset, "offset")) / gain
 
     def localize(n0):  # One frame per call, as analyze runs phi.
-        kde = np.concatenate([backend.estimate(f[None, ..., None], n0)[..., 0]
+        kde = np.concatenate([backend.estimate(f[None, ..., None], n0, MEASURE_SPREAD)[..., 0]
                               for f in model_frames])
         # Without splitting merged blobs or adding from residuals (most of detection's time on
         # crowded frames): only isolated spots are measured, and a merged pair is rarely one.
         return detect_batch(kde, config, backend.detection, deblend=False)
 
-    return estimate_emitter_photons(photons, localize, float(config.psf_sigma),
-                                    fallback=backend.brightness_reference)
+    if n0 is None:
+        n0, info = estimate_emitter_photons(photons, localize, float(config.psf_sigma),
+                                            fallback=backend.brightness_reference)
+    else:
+        n0, info = float(n0), {"source": "given"}
+    if getattr(backend, "spread_input", False):
+        spread, spots = estimate_emitter_spread(
+            photons, localize(n0), float(config.psf_sigma),
+            _scalar(config.readout_var, "readout_var") / gain ** 2)
+        info = dict(info, spread=spread, spread_spots=spots)
+    return n0, info
 
 
 def check_camera(frames, camera: Camera, config):
@@ -541,7 +574,7 @@ class StackAnalyzer:
                  overlap=None, seed=0, localize_on="kde_estimate", picasso=False, maps=True,
                  progress=True, overwrite=False, allow_partial=False, series=None,
                  sample_windows="localized", window_px=None, scale_uncertainty=True,
-                 in_samples=None, photons=None):
+                 in_samples=None, photons=None, photon_spread=None):
         if num_samples is None:  # The model's (its recipe's), else DEFAULT_NUM_SAMPLES.
             num_samples = getattr(backend, "num_samples", None) or DEFAULT_NUM_SAMPLES
         if num_samples == 1 or num_samples < 0:
@@ -648,7 +681,14 @@ class StackAnalyzer:
             raise ValueError(f"photons (per emitter, N0) must be > 0 (got {photons!r}); leave "
                              "it unset to estimate it from the movie")
         self.photons = None if photons is None else float(photons)
-        self._n0 = None  # The current stack's N0.
+        # And the log-sd of the emitters' photons about N0, for a phi told it (spread_input):
+        # given, or measured on each stack when None.
+        if photon_spread is not None and not (np.isfinite(photon_spread) and photon_spread >= 0):
+            raise ValueError(f"photon_spread (the log-sd of the emitters' photons about N0) must "
+                             f"be >= 0 (got {photon_spread!r}); leave it unset to measure it on "
+                             "the movie")
+        self.photon_spread = None if photon_spread is None else float(photon_spread)
+        self._n0 = self._spread = None  # The current stack's N0 and spread.
         self._warn_mismatch()
 
     def _warn_mismatch(self):
@@ -729,13 +769,16 @@ class StackAnalyzer:
     def _emitter_photons(self, stack):
         """Sets the stack's N0 for a brightness-normalised phi (None for other phis); returns
         what the summary records of it."""
-        self._n0 = None
+        self._n0 = self._spread = None
         reference = getattr(self.backend, "brightness_reference", None)
         if reference is None:
             return None
-        if self.photons is not None:
-            self._n0 = self.photons
-            return {"n0": self.photons, "source": "given"}
+        told_spread = getattr(self.backend, "spread_input", False)
+        if self.photons is not None and (not told_spread or self.photon_spread is not None):
+            self._n0, self._spread = self.photons, self.photon_spread
+            return {"n0": self.photons, "source": "given",
+                    **({"spread": self.photon_spread, "spread_source": "given"}
+                       if told_spread else {})}
         start = time.perf_counter()
         # Frames spread over the movie; deterministic, so a resumed run finds the same N0.
         index = np.unique(np.linspace(0, stack.num_frames - 1,
@@ -744,11 +787,26 @@ class StackAnalyzer:
             self._to_model_adu(stack.read(int(i), int(i) + 1), int(i))[0] for i in index])
         config = self.model_config.replace(frame_height=stack.height, frame_width=stack.width,
                                            pixel_size_nm=self.pixel_size_nm)
-        self._n0, info = measure_emitter_photons(self.backend, model_frames, config)
+        self._n0, info = measure_emitter_photons(self.backend, model_frames, config,
+                                                 self.photons)
         if info["source"] == "fallback":
             warnings.warn(f"{stack.path}: {info['reason']}, so the photons per emitter were not "
                           f"measured; phi reads the frames as {reference:g} photons per emitter. "
                           "Pass the dye's photons per frame with --photons", stacklevel=3)
+        if told_spread:
+            if self.photon_spread is not None:
+                self._spread = self.photon_spread
+                info.update(spread=self.photon_spread, spread_source="given")
+            elif np.isfinite(info["spread"]):
+                self._spread = info["spread"]
+                info["spread_source"] = "estimated"
+            else:
+                self._spread = MEASURE_SPREAD
+                info.update(spread=MEASURE_SPREAD, spread_source="fallback")
+                warnings.warn(f"{stack.path}: fewer than {MIN_SPOTS} isolated spots in "
+                              f"{len(index)} frames, so the spread of the emitters' photons was "
+                              f"not measured; phi reads it as {MEASURE_SPREAD:g} (a log-sd). "
+                              "Pass the dye's with --photon_spread", stacklevel=3)
         return {"n0": round(self._n0, 2), "frames_used": int(len(index)), **info,
                 "seconds": round(time.perf_counter() - start, 2)}
 
@@ -767,6 +825,7 @@ class StackAnalyzer:
                   "batch_frames": self.batch_frames, "seed": self.seed, "overlap": self.overlap,
                   "localize_on": self.localize_on, "picasso": self.picasso, "maps": self.maps,
                   "in_samples": self.in_samples, "photons": self.photons,
+                  "photon_spread": self.photon_spread,
                   "allow_partial": self.allow_partial, "series": self.series,
                   "pixel_size_nm": self.pixel_size_nm,
                   "method": getattr(self.backend, "method", None),
@@ -908,13 +967,15 @@ class StackAnalyzer:
             # per frame keeps the results independent of --batch_frames, as psi's per-frame
             # calls do.
             if self.window:  # phi on whole frames; psi's windows cut from its estimate.
-                y_hat = np.concatenate([self.backend.estimate(f[None, ..., None], self._n0)
+                y_hat = np.concatenate([self.backend.estimate(f[None, ..., None], self._n0,
+                                                              self._spread)
                                         [..., 0] for f in model_frames])
             else:  # Tiles (or whole frames) through phi and psi alike.
                 inputs = grid.cut(model_frames)[..., None]
                 per_frame = len(inputs) // len(model_frames)
                 estimate = np.concatenate([
-                    self.backend.estimate(inputs[i:i + per_frame], self._n0)[..., 0]
+                    self.backend.estimate(inputs[i:i + per_frame], self._n0,
+                                          self._spread)[..., 0]
                     for i in range(0, len(inputs), per_frame)])
                 y_hat = grid.stitch(estimate)
             clock["posterior_s"] += time.perf_counter() - tic
@@ -1245,6 +1306,11 @@ def define_flags():
                        "brightness_reference); by default it is measured on each movie "
                        "(photometry of isolated spots; the summary's emitter_photons). Other "
                        "models ignore it.")
+    flags.DEFINE_float("photon_spread", None, "The log-sd of the emitters' photons about N0 "
+                       "(0: all alike; ~0.4 for a dye whose photons vary from frame to frame), "
+                       "for a model whose phi is told it (phi_config.json spread_input); by "
+                       "default it is measured on each movie (the summary's emitter_photons). "
+                       "Other models ignore it.")
     flags.DEFINE_bool("picasso", False, "Also write Picasso HDF5 + YAML.")
     flags.DEFINE_bool("maps", True, "Write KDE / posterior mean / std TIFF stacks.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -1305,7 +1371,7 @@ def main(argv):
                                  FLAGS.picasso, FLAGS.maps, FLAGS.progress, FLAGS.overwrite,
                                  FLAGS.allow_partial, series, FLAGS.sample_windows,
                                  FLAGS.window_px, FLAGS.scale_uncertainty, FLAGS.in_samples,
-                                 FLAGS.photons)
+                                 FLAGS.photons, FLAGS.photon_spread)
         analyzer.checkpoint_seconds = max(0.0, FLAGS.checkpoint_seconds)
         for path, out_dir in jobs:
             summary = analyzer.analyze(path, out_dir)

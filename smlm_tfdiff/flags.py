@@ -216,6 +216,11 @@ def define_phi_flags(dropout=False):
                        "photons per emitter (N0 of each training frame; analyze estimates a "
                        "movie's N0): models/phi.py, PhiConfig.brightness_reference. Train with "
                        "a scene of one N0 per frame (--set photons_frame_spread=...).")
+    flags.DEFINE_bool("spread_input", False, "phi is also told the spread (log-sd) of the "
+                      "emitters' photons about N0 (with --brightness_reference; models/phi.py, "
+                      "PhiConfig.spread_input). Train with a scene that draws it per frame "
+                      "(--set photons_frame_spread=null --set "
+                      "'photons_frame_spread_range=[0,0.6]').")
     if dropout:
         flags.DEFINE_float("dropout", 0.0, "phi: dropout after every context and upsampling "
                            "block (> 0 makes an MC-dropout model, "
@@ -223,9 +228,11 @@ def define_phi_flags(dropout=False):
     flags.DEFINE_string("init_phi", None, "Start from this phi's weights (a bundled name or a "
                         "folder; fine-tuning): the same widths required; dropout, input_transform, "
                         "photon_scale, brightness_reference and the dilation rates (as many) "
-                        "may differ. Ignored on resume.")
+                        "may differ, and a phi told the spread starts from one that is not (the "
+                        "spread's weights 0: the same function at first). Ignored on resume.")
     _key_flags("context_filters", "dilations", "upsample_filters", "prediction_filters",
-               "input_transform", "photon_scale", "brightness_reference", "init_phi",
+               "input_transform", "photon_scale", "brightness_reference", "spread_input",
+               "init_phi",
                *(["dropout"] if dropout else []))
 
 
@@ -243,7 +250,8 @@ def phi_config_from_flags():
                      prediction_filters=f.prediction_filters,
                      photon_scale=photon_scale, input_transform=f.input_transform,
                      dropout=f.dropout if "dropout" in f else 0.0,
-                     brightness_reference=f.brightness_reference)
+                     brightness_reference=f.brightness_reference,
+                     spread_input=f.spread_input)
 
 
 def init_phi_weights(phi_config):
@@ -256,10 +264,17 @@ def init_phi_weights(phi_config):
 
     init = load_phi_source(flags.FLAGS.init_phi)
     free = dict(dropout=0.0, input_transform="linear", photon_scale=1.0,
-                brightness_reference=None)
+                brightness_reference=None, spread_input=False)
     if len(init.phi_config.dilations) == len(phi_config.dilations):
         free["dilations"] = phi_config.dilations  # The same kernels at other rates.
     if dataclasses.replace(init.phi_config, **free) != dataclasses.replace(phi_config, **free):
         raise app.UsageError(f"--init_phi {flags.FLAGS.init_phi!r} has {init.phi_config}, this "
                              f"run {phi_config}: set the phi flags to match its widths")
+    if init.phi_config.spread_input and not phi_config.spread_input:
+        raise app.UsageError(f"--init_phi {flags.FLAGS.init_phi!r} is told the spread of the "
+                             "emitters' photons (spread_input); pass --spread_input too")
+    if phi_config.spread_input and not init.phi_config.spread_input:
+        from smlm_tfdiff.models.phi import add_spread_weights
+
+        return add_spread_weights(init.phi)
     return init.phi.get_weights()

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.localization.config import DetectionConfig
-from smlm_tfdiff.models.phi import normalize_brightness
+from smlm_tfdiff.models.phi import phi_input
 from smlm_tfdiff.simulation.config import SimulationConfig
 from smlm_tfdiff.diffusion.recipe import METHODS, Recipe
 from smlm_tfdiff.diffusion.schedule import from_diffusion_space
@@ -92,7 +92,7 @@ class SamplerModule(tf.Module):
     start t_start (default: the models' recipe's) are fixed here."""
 
     def __init__(self, models, method=None, t_start=None, name="smlm_sampler",
-                 max_images=DEFAULT_MAX_IMAGES, photons=None):
+                 max_images=DEFAULT_MAX_IMAGES, photons=None, spread=None):
         super().__init__(name=name)
         if isinstance(max_images, bool) or not isinstance(max_images, (int, np.integer)) \
                 or max_images < 1:
@@ -126,6 +126,20 @@ class SamplerModule(tf.Module):
         elif photons is not None:
             raise ValueError("photons applies to a brightness-normalised phi only; this phi "
                              "reads frames as they are: leave it unset")
+        # One told the spread of the emitters' photons (PhiConfig.spread_input) is exported for
+        # one dye's spread too.
+        self._phi_config = models.phi_config
+        self._spread = None
+        if getattr(models.phi_config, "spread_input", False):
+            if spread is None or not (np.isfinite(spread) and spread >= 0):
+                raise ValueError(
+                    "this phi is told the spread of the emitters' photons about N0 (a log-sd; "
+                    "phi_config.json spread_input), which a SavedModel cannot measure: export it "
+                    f"for one dye with spread >= 0 (--photon_spread; got {spread!r})")
+            self._spread = float(spread)
+        elif spread is not None:
+            raise ValueError("spread applies to a phi told the spread of the emitters' photons "
+                             "(phi_config.json spread_input) only: leave it unset")
         self._offset = float(np.mean(models.config.offset))
         self.psi = models.psi
         self._frame_condition = models.psi_config.frame_condition
@@ -186,7 +200,8 @@ class SamplerModule(tf.Module):
 
     def _phi(self, frames):
         if self._brightness is not None:
-            frames = normalize_brightness(frames, self._offset, *self._brightness)
+            frames = phi_input(frames, self._offset, self._phi_config, self._brightness[1],
+                               self._spread)
         return self.phi(frames, training=False)
 
     def signatures(self):
@@ -284,11 +299,12 @@ class SamplerModule(tf.Module):
 
 
 def export_savedmodel(models, export_dir, method=None, t_start=None, overwrite=False,
-                      max_images=DEFAULT_MAX_IMAGES, photons=None):
+                      max_images=DEFAULT_MAX_IMAGES, photons=None, spread=None):
     """Write the SamplerModule of `models` as a SavedModel to export_dir and return export_dir.
     method, t_start: default the models' recipe's (module docstring).
     photons: the dye's photons per emitter, required for (and only for) a brightness-normalised
-    phi, whose frames the export scales by brightness_reference / photons.
+    phi, whose frames the export scales by brightness_reference / photons; spread: the dye's
+    log-sd of photons about N0, required for (and only for) a phi told it (spread_input).
     max_images: the most frames x samples one request may ask for (module docstring).
 
     Atomic: saved to a temporary folder next to export_dir, then renamed. An existing non-empty
@@ -298,7 +314,7 @@ def export_savedmodel(models, export_dir, method=None, t_start=None, overwrite=F
     export_dir = os.path.abspath(os.fspath(export_dir))
     check_export_dir(export_dir, overwrite)
     module = SamplerModule(models, method=method, t_start=t_start, max_images=max_images,
-                           photons=photons)
+                           photons=photons, spread=spread)
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     # A name TF Serving ignores (not an integer) while the export is incomplete.

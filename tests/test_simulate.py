@@ -46,7 +46,7 @@ def test_same_seed_same_data_different_seed_independent(paper):
 def test_simulate_returns_numpy_with_element_keys(paper):
     data = st.simulate(paper, 1500, seed=1)  # Crosses the internal chunk boundary.
     assert set(data) == {"frames", "kde", "positions", "mask", "photons", "frame_background",
-                         "frame_photons"}
+                         "frame_photons", "frame_spread"}
     assert np.all(data["frame_background"] == 0)  # No background_range.
     assert all(isinstance(v, np.ndarray) for v in data.values())
     assert data["frames"].shape == (1500, 20, 20, 1) and data["kde"].shape == (1500, 80, 80, 1)
@@ -193,7 +193,7 @@ def test_clustered_frames():
     from smlm_tfdiff import seeds as seeds_lib
     from smlm_tfdiff.simulation.simulate import sample_scene
 
-    pos, _, on, _ = (np.asarray(v) for v in sample_scene(tight, 1000, [5, 6]))
+    pos, _, on, _, _ = (np.asarray(v) for v in sample_scene(tight, 1000, [5, 6]))
     drawn, _ = _sample_clusters(tight, 1000, seeds_lib.fold_in(seeds_lib.split([5, 6], 4)[0], 2))
     centre = np.stack([np.asarray(drawn["cx"]), np.asarray(drawn["cy"])], -1)[:, None]
     u = (((pos - centre) ** 2).sum(-1) / 16.0)[on]

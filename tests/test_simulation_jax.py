@@ -81,7 +81,7 @@ def test_frames_have_the_camera_moments():
 
 def test_scene_distribution():
     disc = st.SimulationConfig.preset("paper")
-    pos, photons, mask, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
+    pos, photons, mask, _, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
         jax.random.PRNGKey(0), disc, 2000))
     assert mask.all() and mask.shape == (2000, 10)
     r2 = ((pos - np.array(disc.center)) ** 2).sum(-1)
@@ -92,7 +92,7 @@ def test_scene_distribution():
     np.testing.assert_array_equal(photons, 200.0)
 
     dense = st.SimulationConfig.preset("dense")
-    pos, photons, mask, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
+    pos, photons, mask, _, _ = (np.asarray(a) for a in simulation_jax.sample_scene(
         jax.random.PRNGKey(1), dense, 4000))
     counts = mask.sum(1)
     # Poisson(10) (truncation at K = 30 is never reached in practice).
@@ -129,7 +129,7 @@ def test_clustered_scene_distribution():
     tight = config.replace(cluster_fraction=1.0, cluster_radius_range=(4.0, 4.0),
                            cluster_density_range=(0.1, 0.1))
     key = jax.random.PRNGKey(4)
-    pos, _, on, _ = (np.asarray(a) for a in simulation_jax.sample_scene(key, tight, n))
+    pos, _, on, _, _ = (np.asarray(a) for a in simulation_jax.sample_scene(key, tight, n))
     lam = 16 * np.pi / 10
     assert abs(on.sum(1).mean() - lam) < 5 * np.sqrt(lam / n)
     # sample_scene's own draw of the centres (the count key's stream 2).

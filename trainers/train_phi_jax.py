@@ -56,7 +56,7 @@ def main(argv):
                 "phi_parameters": int(phi.count_params())}
     logging.info("phi %s: %d parameters", phi_config, run_info["phi_parameters"])
     result = JaxPhiTrainer(config, phi, sim_config, save, run_info,
-                           brightness_reference=phi_config.brightness_reference).fit()
+                           phi_config=phi_config).fit()
     logging.info("Wrote %s at step %d: %s", FLAGS.out_dir, result["step"], result["validation"])
 
 

@@ -87,6 +87,10 @@ def main(argv):
     phi.trainable = False
     # A brightness-normalised phi reads frames scaled to their N0 (PhiConfig).
     brightness = getattr(phi_models.phi_config, "brightness_reference", None)
+    if getattr(phi_models.phi_config, "spread_input", False):
+        raise app.UsageError(f"--phi {FLAGS.phi} is told the spread of the emitters' photons "
+                             "(PhiConfig.spread_input), which psi training does not pass it yet; "
+                             "train psi on the KDEs of a phi without it (psi reads only the KDE)")
     # phi's camera and optics with the scene of --preset (or --sim_config), then --set.
     sim_config = sim_config_from_flags(phi_models.scene_config(FLAGS.preset))
     schedule = NoiseSchedule.named(FLAGS.noise_schedule, FLAGS.diffusion_steps)

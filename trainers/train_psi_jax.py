@@ -66,6 +66,10 @@ def main(argv):
     if not os.path.isdir(phi_dir):
         raise app.UsageError(f"--phi {FLAGS.phi!r} is neither a model folder nor a bundled model")
     phi_models = load_phi(phi_dir)
+    if getattr(phi_models.phi_config, "spread_input", False):
+        raise app.UsageError(f"--phi {FLAGS.phi} is told the spread of the emitters' photons "
+                             "(PhiConfig.spread_input), which psi training does not pass it yet; "
+                             "train psi on the KDEs of a phi without it (psi reads only the KDE)")
     phi = phi_models.phi
     phi.trainable = False
     sim_config = phi_models.scene_config(FLAGS.preset)

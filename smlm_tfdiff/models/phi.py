@@ -1,4 +1,5 @@
-"""phi: the Deep-STORM-style KDE estimator, frame [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1].
+"""phi: the Deep-STORM-style KDE estimator, frame [B, H, W, 1] ADU -> KDE [B, 4H, 4W, 1]
+([B, H, W, 2] with the emitters' brightness spread as a second channel: PhiConfig.spread_input).
 
 Seeds' appendix A.6 (after Nehme et al. 2020): input normalisation to photons, a multi-scale context
 aggregation module of dilated convolutions, an upsampling module of 2x nearest-neighbour
@@ -12,6 +13,7 @@ import math
 from typing import Optional, Tuple
 
 import keras
+import numpy as np
 from keras import layers, ops
 
 
@@ -19,6 +21,9 @@ INPUT_TRANSFORMS = ("linear", "anscombe")
 # Log-sd of the N0 a brightness-normalised phi is told in training around the frame's true N0:
 # analyze estimates N0 from the movie (a median of photometry), never exactly.
 BRIGHTNESS_JITTER = 0.1
+# Sd of the spread (log-sd) a phi told it (PhiConfig.spread_input) is told in training around the
+# frame's true one: analyze measures it from a few hundred spots' photometry.
+SPREAD_JITTER = 0.05
 
 
 @dataclasses.dataclass
@@ -45,6 +50,13 @@ class PhiConfig:
     # (twice the light) is told from one brighter emitter, which a phi trained over a brightness
     # range cannot do from the light alone. None: frames as they are.
     brightness_reference: Optional[float] = None
+    # True (with brightness_reference): phi is also told the log-sd of the movie's emitters'
+    # photons about N0 (the dye's spread: 0 when all emitters are alike, ~0.4 for a dye whose
+    # photons vary from frame to frame), as a second input channel holding that number at every
+    # pixel (phi_input; analyze measures it, io.brightness). Told no spread, a phi must guess
+    # whether twice the light is a close pair or one bright emitter; told it, it counts pairs
+    # where emitters are alike and does not split bright ones where they vary.
+    spread_input: bool = False
 
     def __post_init__(self):
         self.dilations = tuple(int(d) for d in self.dilations)
@@ -65,6 +77,10 @@ class PhiConfig:
         self.dropout = float(self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PhiConfig.dropout must lie in [0, 1) (got {self.dropout})")
+        self.spread_input = bool(self.spread_input)
+        if self.spread_input and self.brightness_reference is None:
+            raise ValueError("PhiConfig.spread_input tells phi the spread of the emitters' "
+                             "photons about N0: set brightness_reference too")
         if self.brightness_reference is not None:
             self.brightness_reference = float(self.brightness_reference)
             if not (math.isfinite(self.brightness_reference) and self.brightness_reference > 0):
@@ -91,6 +107,48 @@ def normalize_brightness(frames, offset, reference, n0):
     if getattr(factor, "ndim", 0):  # Per frame.
         factor = factor[:, None, None, None]
     return offset + (frames - offset) * factor
+
+
+def phi_input(frames, offset, phi_config, n0=None, spread=None):
+    """What phi reads for frames [B, H, W, 1] ADU: the frames as they are; scaled to N0 for a
+    brightness-normalised phi (normalize_brightness; n0 a number or [B]); and for one told the
+    spread (PhiConfig.spread_input), the spread (log-sd, a number or [B]) as a second channel
+    [B, H, W, 2]. NumPy, or tensors of the Keras backend, as given; a ValueError names a missing
+    value."""
+    if phi_config is None or phi_config.brightness_reference is None:
+        return frames
+    if n0 is None:
+        raise ValueError("this phi reads frames scaled to the movie's photons per emitter (N0): "
+                         "pass n0")
+    frames = normalize_brightness(frames, offset, phi_config.brightness_reference, n0)
+    if not phi_config.spread_input:
+        return frames
+    if spread is None:
+        raise ValueError("this phi is told the spread of the emitters' photons about N0 "
+                         "(PhiConfig.spread_input): pass spread (a log-sd >= 0)")
+    if isinstance(frames, np.ndarray):
+        value = np.reshape(np.asarray(spread, frames.dtype), (-1, 1, 1, 1))
+        return np.concatenate([frames, np.zeros_like(frames) + value], axis=-1)
+    value = ops.reshape(ops.cast(spread, frames.dtype), (-1, 1, 1, 1))
+    return ops.concatenate([frames, ops.zeros_like(frames) + value], axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="smlm_tfdiff")
+class InputChannels(layers.Layer):
+    """Channels [start, stop) of the input [B, H, W, C]."""
+
+    def __init__(self, start, stop, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = int(start), int(stop)
+
+    def call(self, x):
+        return x[..., self.start:self.stop]
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.stop - self.start,)
+
+    def get_config(self):
+        return {**super().get_config(), "start": self.start, "stop": self.stop}
 
 
 @keras.saving.register_keras_serializable(package="smlm_tfdiff")
@@ -208,6 +266,22 @@ def output_bound(sim_config) -> float:
     return float(max(4, sim_config.padded_emitters))
 
 
+def add_spread_weights(phi):
+    """The weights of phi (a model without PhiConfig.spread_input) for the same phi told the
+    spread: every convolution that reads the photons directly (context0 and each context block's
+    skip) gets a last input channel, the spread's, with zero weights, so the model computes the
+    same function until trained. A list in the order of the spread model's get_weights()."""
+    out = []
+    for layer in phi.layers:
+        for weight in layer.weights:
+            value = np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight)
+            if layer.name.startswith("context") and weight.name == "kernel":
+                value = np.concatenate([value, np.zeros(value.shape[:2] + (1,) + value.shape[3:],
+                                                        value.dtype)], axis=2)
+            out.append(value)
+    return out
+
+
 def build_phi(sim_config, phi_config=None, name="phi", fused_resize=True):
     """The phi model for a SimulationConfig (camera offset/gain, KDE upsample factor).
 
@@ -224,10 +298,15 @@ def build_phi(sim_config, phi_config=None, name="phi", fused_resize=True):
             raise ValueError(f"phi normalises with scalar {field}; for per-pixel camera maps convert "
                              "frames to photons first (physics.to_photons) and build phi from a "
                              "config with offset=0, gain=1")
-    frames = keras.Input(shape=(None, None, 1), name="frames")
+    spread = phi_config.spread_input
+    frames = keras.Input(shape=(None, None, 2 if spread else 1), name="frames")
+    camera = InputChannels(0, 1, name="frame")(frames) if spread else frames
     x0 = PhotonNormalization(sim_config.offset, sim_config.gain, phi_config.photon_scale,
                              phi_config.input_transform,
-                             sim_config.readout_var if anscombe else 0.0, name="photons")(frames)
+                             sim_config.readout_var if anscombe else 0.0, name="photons")(camera)
+    if spread:  # The spread beside the photons wherever they enter (a last input channel).
+        x0 = layers.Concatenate(name="photons_spread")(
+            [x0, InputChannels(1, 2, name="spread")(frames)])
     # Multi-scale context aggregation: dilated convs, each seeing the input features again.
     rate = phi_config.dropout
     x = _conv_block(x0, phi_config.context_filters, "context0", dropout=rate)

@@ -4,14 +4,16 @@ import numpy as np
 import tensorflow as tf
 
 from smlm_tfdiff import seeds as seeds_lib
-from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, SPREAD_JITTER, phi_input
 from smlm_tfdiff.simulation.simulate import make_dataset, simulate
 
 
 def phi_dataset(sim_config, batch_size, seed, start_step, phi_config=None):
     """Infinite (frames, kde) batches; a run resumed at start_step draws fresh data. For a
     brightness-normalised phi (phi_config.brightness_reference) the frames are scaled by
-    reference / N0, N0 the frame's typical photons times exp(BRIGHTNESS_JITTER z)."""
+    reference / N0, N0 the frame's typical photons times exp(BRIGHTNESS_JITTER z); a phi told the
+    spread (phi_config.spread_input) reads the frame's spread + SPREAD_JITTER z' (at least 0)
+    beside them (phi_input)."""
     ds = make_dataset(sim_config, batch_size, seeds_lib.fold_in(seed, start_step), prefetch=0)
     reference = phi_config.brightness_reference if phi_config is not None else None
     if reference is None:
@@ -23,8 +25,11 @@ def phi_dataset(sim_config, batch_size, seed, start_step, phi_config=None):
         z = tf.random.stateless_normal(tf.shape(b["frame_photons"]),
                                        seeds_lib.fold_in(jitter_seed, i))
         n0 = b["frame_photons"] * tf.exp(BRIGHTNESS_JITTER * z)
-        return {"frames": normalize_brightness(b["frames"], float(sim_config.offset), reference,
-                                               n0),
+        z2 = tf.random.stateless_normal(tf.shape(b["frame_spread"]),
+                                        seeds_lib.fold_in(seeds_lib.fold_in(jitter_seed, i), 1))
+        spread = tf.maximum(b["frame_spread"] + SPREAD_JITTER * z2, 0.0)
+        return {"frames": phi_input(b["frames"], float(sim_config.offset), phi_config, n0,
+                                    spread),
                 "kde": b["kde"]}
 
     return ds.enumerate().map(normalize).prefetch(tf.data.AUTOTUNE)
@@ -69,10 +74,10 @@ class PhiValidation:
         self.data = simulate(sim_config, num_frames, seed)
         self.num_images = num_images
         reference = phi_config.brightness_reference if phi_config is not None else None
-        if reference is not None:  # The frames' true N0 (training adds jitter).
-            self.data["frames"] = normalize_brightness(
-                self.data["frames"], float(sim_config.offset), reference,
-                self.data["frame_photons"]).astype(np.float32)
+        if reference is not None:  # The frames' true N0 and spread (training adds jitter).
+            self.data["frames"] = phi_input(
+                self.data["frames"], float(sim_config.offset), phi_config,
+                self.data["frame_photons"], self.data["frame_spread"]).astype(np.float32)
 
     def __call__(self, trainer, step):
         pred = predict(trainer.model, self.data["frames"])
@@ -80,7 +85,7 @@ class PhiValidation:
         metrics.update(self.localization(pred))
         with trainer.val_writer.as_default(step=step):
             n = self.num_images
-            frames = self.data["frames"][:n]
+            frames = self.data["frames"][:n, ..., :1]  # The camera channel.
             lo = frames.min(axis=(1, 2, 3), keepdims=True)
             hi = frames.max(axis=(1, 2, 3), keepdims=True)
             tf.summary.image("frame", (frames - lo) / np.maximum(hi - lo, 1e-6), step, n)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, normalize_brightness
+from smlm_tfdiff.models.phi import BRIGHTNESS_JITTER, SPREAD_JITTER, phi_input
 from smlm_tfdiff.models.training_jax import JaxTrainer
 from smlm_tfdiff.simulation import simulate_jax
 
@@ -26,22 +26,23 @@ class JaxPhiTrainer(JaxTrainer):
 
     state_file = "phi_jax_state.npz"
 
-    def __init__(self, config, phi, sim_config, save_fn, run_info=None,
-                 brightness_reference=None):
+    def __init__(self, config, phi, sim_config, save_fn, run_info=None, phi_config=None):
         super().__init__(config, phi, save_fn, run_info)
         self.sim_config = sim_config
         # A brightness-normalised phi (PhiConfig.brightness_reference) reads frames scaled by
-        # reference / N0, as phi_training.phi_dataset makes them.
-        self.brightness_reference = brightness_reference
+        # reference / N0, and one told the spread reads it beside them (phi_input), as
+        # phi_training.phi_dataset makes them.
+        self.phi_config = phi_config
+        self.brightness_reference = getattr(phi_config, "brightness_reference", None)
         self._predict = jax.jit(
             lambda p, nt, x: phi.stateless_call(p, nt, x, training=False)[0])
         data = simulate_jax.simulate_batch(jax.random.PRNGKey(config.val_seed), sim_config,
                                            config.val_frames)
         self._offset = float(np.mean(sim_config.offset))
         frames = data["frames"]
-        if brightness_reference is not None:  # The frames' true N0 (training adds jitter).
-            frames = normalize_brightness(frames, self._offset, brightness_reference,
-                                          data["frame_photons"])
+        if self.brightness_reference is not None:  # True N0 and spread (training: jitter).
+            frames = phi_input(frames, self._offset, phi_config, data["frame_photons"],
+                               data["frame_spread"])
         self._validation = {"frames": np.asarray(frames), "kde": np.asarray(data["kde"])}
 
     def loss(self, params, non_trainable, key):
@@ -51,8 +52,10 @@ class JaxPhiTrainer(JaxTrainer):
         frames = data["frames"]
         if normalized:
             z = jax.random.normal(jitter_key, data["frame_photons"].shape)
-            frames = normalize_brightness(frames, self._offset, self.brightness_reference,
-                                          data["frame_photons"] * jnp.exp(BRIGHTNESS_JITTER * z))
+            z2 = jax.random.normal(jax.random.fold_in(jitter_key, 1), data["frame_spread"].shape)
+            frames = phi_input(frames, self._offset, self.phi_config,
+                               data["frame_photons"] * jnp.exp(BRIGHTNESS_JITTER * z),
+                               jnp.maximum(data["frame_spread"] + SPREAD_JITTER * z2, 0.0))
         pred, non_trainable = self.model.stateless_call(params, non_trainable, frames,
                                                         training=True)
         return jnp.mean(jnp.square(pred - data["kde"])), non_trainable

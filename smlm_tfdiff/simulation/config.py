@@ -26,7 +26,8 @@ _PAIR_UNITS = {"photons_range": "[low, high] photons", "disc_center": "[x, y] LR
                "density_range": "[low, high] emitters per LR px^2",
                "cluster_radius_range": "[low, high] LR pixels",
                "cluster_density_range": "[low, high] emitters per LR px^2",
-               "background_range": "[low, high] photons per pixel"}
+               "background_range": "[low, high] photons per pixel",
+               "photons_frame_spread_range": "[low, high] log-sd"}
 # Detection settings in a sim_config.json: the keys it held before localization.config.
 # DetectionConfig, and a SavedModel's in_samples (DetectionConfig.to_legacy).
 _LEGACY_DETECTION_KEYS = ("detect_threshold", "detect_min_sigma", "detect_max_sigma",
@@ -64,6 +65,11 @@ class SimulationConfig:
     # N0 exp(photons_frame_spread z), z ~ N(0, 1), as one dye in one movie (a log-sd; 0: all
     # alike). None: every emitter draws its own N0 from photons_range.
     photons_frame_spread: Optional[float] = None
+    # Set (with photons_range, instead of photons_frame_spread): one N0 per frame as above, with
+    # the frame's log-sd drawn uniformly from this range, so that frames of alike emitters (0)
+    # and of a dye whose brightness varies from frame to frame (~0.4) are both seen; each frame's
+    # spread is in simulate()'s frame_spread (a phi told it: PhiConfig.spread_input).
+    photons_frame_spread_range: Optional[Tuple[float, float]] = None
     num_emitters: int = 10  # Fixed count, or the Poisson mean when emitter_count == "poisson".
     emitter_count: str = "fixed"  # "fixed" or "poisson" (truncated at max_emitters).
     max_emitters: Optional[int] = None  # Padding size K; default num_emitters (fixed) or mean + 6 sd.
@@ -195,6 +201,17 @@ class SimulationConfig:
             if not (np.isfinite(self.photons_frame_spread) and self.photons_frame_spread >= 0):
                 fail("photons_frame_spread", f"must be a finite log-sd >= 0 "
                      f"(got {self.photons_frame_spread!r})")
+        if self.photons_frame_spread_range is not None:
+            lo, hi = self.photons_frame_spread_range
+            if self.photons_range is None:
+                fail("photons_frame_spread_range", "draws one N0 per frame from photons_range: "
+                     "set photons_range too (or drop photons_frame_spread_range)")
+            if self.photons_frame_spread is not None:
+                fail("photons_frame_spread_range", "replaces photons_frame_spread: set one of "
+                     "them (photons_frame_spread=null with a range)")
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
+                fail("photons_frame_spread_range", f"needs 0 <= low <= high, log-sds "
+                     f"(got {self.photons_frame_spread_range!r})")
         if self.photons_distribution not in _PHOTON_DISTRIBUTIONS:
             fail("photons_distribution", f"must be one of {_PHOTON_DISTRIBUTIONS} "
                  f"(got {self.photons_distribution!r})")
@@ -385,6 +402,27 @@ def typical_photons(config) -> float:
         return float(config.photons)
     lo, hi = config.photons_range
     return math.sqrt(lo * hi) if config.photons_distribution == "log_uniform" else (lo + hi) / 2
+
+
+def typical_spread(config) -> float:
+    """The log-sd of a scene's emitters' N0 about the frame's typical N0 (simulate's frame_spread
+    where the scene does not draw it per frame): 0 for one N0, photons_frame_spread, or the
+    log-sd of the per-emitter draw from photons_range (uniform or log-uniform)."""
+    if config.photons_range is None:
+        return 0.0
+    if config.photons_frame_spread is not None:
+        return float(config.photons_frame_spread)
+    lo, hi = config.photons_range
+    if hi <= lo:
+        return 0.0
+    if config.photons_distribution == "log_uniform":
+        return (math.log(hi) - math.log(lo)) / math.sqrt(12.0)
+    # N ~ U(lo, hi): E[log N] and E[log^2 N] in closed form.
+    m1 = (hi * math.log(hi) - hi - lo * math.log(lo) + lo) / (hi - lo)
+    def second(x):
+        return x * (math.log(x) ** 2 - 2.0 * math.log(x) + 2.0)
+    m2 = (second(hi) - second(lo)) / (hi - lo)
+    return math.sqrt(max(m2 - m1 * m1, 0.0))
 
 
 PRESETS = {

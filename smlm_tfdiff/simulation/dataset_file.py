@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 import tifffile
 
-from smlm_tfdiff.simulation.config import SimulationConfig, typical_photons
+from smlm_tfdiff.simulation.config import SimulationConfig, typical_photons, typical_spread
 from smlm_tfdiff.simulation.simulate import ELEMENT_KEYS
 
 
@@ -43,6 +43,8 @@ def save_dataset(path, data, config, write_tiff=True):
     arrays["frame_background"] = np.asarray(data.get("frame_background", np.zeros(n, np.float32)))
     arrays["frame_photons"] = np.asarray(data.get(
         "frame_photons", np.full(n, typical_photons(config), np.float32)))
+    arrays["frame_spread"] = np.asarray(data.get(
+        "frame_spread", np.full(n, typical_spread(config), np.float32)))
     bad = [k for k, v in arrays.items() if v.shape[0] != n]
     if bad:
         raise ValueError(f"arrays {bad} do not have {n} frames like 'frames'")
@@ -78,4 +80,8 @@ def load_dataset(path):
         data["frame_photons"] = (f["frame_photons"] if "frame_photons" in f
                                  else np.full(len(data["frames"]), typical_photons(config),
                                               np.float32))
+        # Files written before per-frame spreads existed: the scene's typical spread.
+        data["frame_spread"] = (f["frame_spread"] if "frame_spread" in f
+                                else np.full(len(data["frames"]), typical_spread(config),
+                                             np.float32))
     return data, config

@@ -5,7 +5,9 @@ float32 LR pixels (x, y) padded with zeros, mask [B, K] bool, photons [B, K] flo
 frame_background [B] float32, the per-frame background (config.background_range) on top of
 config.background, photons per pixel (0 without a range), and frame_photons [B] float32, the
 frame's typical N0 (config.photons_frame_spread: the frame's draw; a fixed N0: that; N0 drawn per
-emitter: the middle of the range, geometric for log-uniform draws).
+emitter: the middle of the range, geometric for log-uniform draws), and frame_spread [B] float32,
+the log-sd of the frame's emitters' N0 about it (config.photons_frame_spread_range: the frame's
+draw; otherwise config.typical_spread).
 """
 
 import math
@@ -17,18 +19,18 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.simulation.physics.camera import sample_frames
 from smlm_tfdiff.simulation.physics.kde import render_kde_batch
 from smlm_tfdiff.simulation.physics.psf import expected_counts_batch
-from smlm_tfdiff.simulation.config import check_config, typical_photons
+from smlm_tfdiff.simulation.config import check_config, typical_photons, typical_spread
 from smlm_tfdiff.validation import as_positions
 
 ELEMENT_KEYS = ("frames", "kde", "positions", "mask", "photons")  # Those a dataset file holds.
-_OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background", "frame_photons")
+_OUTPUT_KEYS = ELEMENT_KEYS + ("frame_background", "frame_photons", "frame_spread")
 _CHUNK = 1024  # frames per call in simulate(); fixed so the output does not depend on memory.
 _RENDER_ELEMENTS = 2 ** 28  # Frames x emitters x HR pixels per fused rendering (1 GiB float32).
 
 
 def sample_scene(config, batch_size, seed):
-    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool, and the frames'
-    typical N0 [B]."""
+    """Random emitters: positions [B, K, 2], photons [B, K], mask [B, K] bool, the frames'
+    typical N0 [B] and the log-sd of their emitters' N0 about it [B]."""
     k = config.padded_emitters
     count_seed, r_seed, a_seed, n_seed = seeds_lib.split(seed, 4)
     if config.emitter_count == "fixed":
@@ -61,16 +63,21 @@ def sample_scene(config, batch_size, seed):
                             cluster["radius"][:, None], u, v)
             xy = tf.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = typical_photons(config) * tf.ones([batch_size], tf.float32)
+    frame_spread = typical_spread(config) * tf.ones([batch_size], tf.float32)
     if config.photons_range is None:
         photons = tf.fill([batch_size, k], tf.constant(config.photons, tf.float32))
-    elif config.photons_frame_spread is not None:
+    elif (config.photons_frame_spread is not None
+          or config.photons_frame_spread_range is not None):
         frame_photons = _draw_photons(config, [batch_size], n_seed)
         z = tf.random.stateless_normal([batch_size, k], seeds_lib.fold_in(n_seed, 1))
-        photons = frame_photons[:, None] * tf.exp(config.photons_frame_spread * z)
+        if config.photons_frame_spread_range is not None:  # Its own stream.
+            frame_spread = tf.random.stateless_uniform(
+                [batch_size], seeds_lib.fold_in(n_seed, 2), *config.photons_frame_spread_range)
+        photons = frame_photons[:, None] * tf.exp(frame_spread[:, None] * z)
     else:
         photons = _draw_photons(config, [batch_size, k], n_seed)
     maskf = tf.cast(mask, tf.float32)
-    return xy * maskf[..., None], photons * maskf, mask, frame_photons
+    return xy * maskf[..., None], photons * maskf, mask, frame_photons, frame_spread
 
 
 def _on_disc(cx, cy, radius, u, v):
@@ -134,11 +141,12 @@ def sample_background(config, batch_size, seed):
 
 
 def simulate_scene(positions, photons, mask, config, seed, frame_background=None,
-                   frame_photons=None):
+                   frame_photons=None, frame_spread=None):
     """Frames and KDE for given emitters: a dict of element tensors ([B, ...]).
 
     frame_background: [B] photons per pixel added to config.background (None: none).
-    frame_photons: [B] the frames' typical N0, photons, passed through (None: typical_photons)."""
+    frame_photons: [B] the frames' typical N0, photons, passed through (None: typical_photons).
+    frame_spread: [B] the log-sd of their emitters' N0, passed through (None: typical_spread)."""
     positions = tf.cast(positions, tf.float32)
     photons, mask = tf.cast(photons, tf.float32), tf.cast(mask, tf.bool)
     render = _renderer(config)
@@ -160,6 +168,8 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
     frames = sample_frames(rate, config, seed)
     if frame_photons is None:
         frame_photons = typical_photons(config) * tf.ones(tf.shape(rate)[:1], tf.float32)
+    if frame_spread is None:
+        frame_spread = typical_spread(config) * tf.ones(tf.shape(rate)[:1], tf.float32)
     return {
         "frames": frames[..., None],
         "kde": kde[..., None],
@@ -168,17 +178,19 @@ def simulate_scene(positions, photons, mask, config, seed, frame_background=None
         "photons": tf.cast(photons, tf.float32),
         "frame_background": frame_background,
         "frame_photons": tf.cast(frame_photons, tf.float32),
+        "frame_spread": tf.cast(frame_spread, tf.float32),
     }
 
 
 def simulate_batch(config, batch_size, seed):
     """One vectorised batch of simulated frames and targets (tensors)."""
     scene_seed, camera_seed = seeds_lib.split(seed)
-    positions, photons, mask, frame_photons = sample_scene(config, batch_size, scene_seed)
+    positions, photons, mask, frame_photons, frame_spread = sample_scene(config, batch_size,
+                                                                         scene_seed)
     # Its own stream, so the scenes and frames of configs without a range are unchanged.
     background = sample_background(config, batch_size, seeds_lib.fold_in(scene_seed, 2))
     return simulate_scene(positions, photons, mask, config, camera_seed, background,
-                          frame_photons)
+                          frame_photons, frame_spread)
 
 
 def make_dataset(config, batch_size, seed, prefetch=tf.data.AUTOTUNE):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smlm_tfdiff.simulation.config import typical_photons
+from smlm_tfdiff.simulation.config import typical_photons, typical_spread
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -90,7 +90,7 @@ def _sample_clusters(key, config, batch_size):
 
 def sample_scene(key, config, batch_size):
     """Random emitters as `simulate.sample_scene` draws them: (positions, photons, mask,
-    frame_photons [B], the frames' typical N0)."""
+    frame_photons [B], the frames' typical N0, frame_spread [B], the log-sd about it)."""
     k = config.padded_emitters
     count_key, u_key, v_key, n_key = jax.random.split(key, 4)
     if config.emitter_count == "fixed":
@@ -123,16 +123,22 @@ def sample_scene(key, config, batch_size):
                             cluster["radius"][:, None], u, v)
             xy = jnp.where(cluster["is_cluster"][:, None, None], disc, xy)
     frame_photons = jnp.full([batch_size], typical_photons(config), jnp.float32)
+    frame_spread = jnp.full([batch_size], typical_spread(config), jnp.float32)
     if config.photons_range is None:
         photons = jnp.full([batch_size, k], config.photons, jnp.float32)
-    elif config.photons_frame_spread is not None:  # One N0 per frame, a spread around it.
+    elif (config.photons_frame_spread is not None
+          or config.photons_frame_spread_range is not None):  # One N0 per frame, a spread.
         frame_photons = _draw_photons(n_key, config, [batch_size])
         z = jax.random.normal(jax.random.fold_in(n_key, 1), [batch_size, k])
-        photons = frame_photons[:, None] * jnp.exp(config.photons_frame_spread * z)
+        if config.photons_frame_spread_range is not None:  # Its own stream.
+            lo, hi = config.photons_frame_spread_range
+            frame_spread = jax.random.uniform(jax.random.fold_in(n_key, 2), [batch_size],
+                                              minval=lo, maxval=hi)
+        photons = frame_photons[:, None] * jnp.exp(frame_spread[:, None] * z)
     else:
         photons = _draw_photons(n_key, config, [batch_size, k])
     maskf = mask.astype(jnp.float32)
-    return xy * maskf[..., None], photons * maskf, mask, frame_photons
+    return xy * maskf[..., None], photons * maskf, mask, frame_photons, frame_spread
 
 
 def sample_frames(key, rate, config):
@@ -145,9 +151,10 @@ def sample_frames(key, rate, config):
 
 def simulate_batch(key, config, batch_size):
     """One batch {frames [B, H, W, 1], kde [B, 4H, 4W, 1], positions, photons, mask,
-    frame_background [B], frame_photons [B]} (see `simulate`)."""
+    frame_background [B], frame_photons [B], frame_spread [B]} (see `simulate`)."""
     scene_key, camera_key = jax.random.split(key)
-    positions, photons, mask, frame_photons = sample_scene(scene_key, config, batch_size)
+    positions, photons, mask, frame_photons, frame_spread = sample_scene(scene_key, config,
+                                                                         batch_size)
     if config.background_range is None:
         background = jnp.zeros([batch_size], jnp.float32)
     else:
@@ -158,4 +165,5 @@ def simulate_batch(key, config, batch_size):
     frames = sample_frames(camera_key, rate, config)
     return {"frames": frames[..., None], "kde": render_kde(positions, mask, config)[..., None],
             "positions": positions, "photons": photons, "mask": mask,
-            "frame_background": background, "frame_photons": frame_photons}
+            "frame_background": background, "frame_photons": frame_photons,
+            "frame_spread": frame_spread}
