@@ -110,12 +110,12 @@ reproduce-wholefield: $(STAMP)
 		--scores_cache $(REPRO)/wf_scale_bg0.npz,$(REPRO)/wf_scale_bg.npz
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/phi_wholefield.py --models $(REPRO)/wholefield,wholefield
 
-# Retrain the bundled `wholefield_fast` psi (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
+# Retrain the bundled `wholefield_fast` (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
 # the camera grid, from scratch on windows after the variance-stabilised wholefield phi (the
 # bundled one before it read frames scaled to N0; `make reproduce-wholefield` first), then with
-# its output head (about 2.4 hours on a 2-core CPU); paired with the bundled-to-be phi of
-# reproduce-wholefield, its sampling defaults (8 samples x 5 steps, refits in the samples) and
-# calibration scale (~13 min).
+# its output head (about 2.4 hours on a 2-core CPU); its phi, reproduce-wholefield's last one
+# fine-tuned to be told the spread of the emitters' photons (~25 min); paired with its sampling
+# defaults (8 samples x 5 steps, refits in the samples) and calibration scale (~13 min).
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
 		--phi $(REPRO)/phi_wf_anscombe --preset wholefield --crop_size 20 --space_to_depth 4 \
@@ -128,10 +128,15 @@ reproduce-wholefield-fast: $(STAMP)
 		--init_psi $(REPRO)/psi_wf_s2d4 --steps 3000 --batch_size 32 --learning_rate 5e-4 \
 		--ema_decay 0.999 --jit_compile --eval_every 1500 --checkpoint_every 250 --val_frames 8 \
 		--noprogress
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_spread --preset wholefield_clusters \
+		--set cluster_fraction=0.5 --set photons_frame_spread=null \
+		--set 'photons_frame_spread_range=[0,0.6]' --input_transform anscombe \
+		--brightness_reference 700 --spread_input --dilations 1,2,4,2,2,1 \
+		--init_phi $(REPRO)/phi_wf_rf12 --steps 4000 --learning_rate 1e-3 --eval_every 4000
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
 	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
-		$(REPRO)/phi_wf_rf12/phi.weights.h5 $(REPRO)/phi_wf_rf12/phi_config.json \
-		$(REPRO)/phi_wf_rf12/sim_config.json \
+		$(REPRO)/phi_wf_spread/phi.weights.h5 $(REPRO)/phi_wf_spread/phi_config.json \
+		$(REPRO)/phi_wf_spread/sim_config.json \
 		smlm_tfdiff/weights/wholefield_fast/diffusion.json \
 		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
 	rm -f $(REPRO)/wff_scale.npz

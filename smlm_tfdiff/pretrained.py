@@ -76,7 +76,8 @@ class Pretrained:
 # What a preset's data is, beyond the camera, optics and KDE grid of the model: the frame size,
 # the emitters, their brightness and the background, with the per-frame distributions of each.
 SCENE_FIELDS = ("frame_height", "frame_width", "photons", "photons_range",
-                "photons_distribution", "photons_frame_spread", "num_emitters", "emitter_count",
+                "photons_distribution", "photons_frame_spread", "photons_frame_spread_range",
+                "num_emitters", "emitter_count",
                 "max_emitters", "density_range", "region", "disc_radius", "disc_center", "margin",
                 "cluster_fraction", "cluster_radius_range", "cluster_density_range",
                 "background", "background_range")

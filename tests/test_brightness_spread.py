@@ -225,3 +225,16 @@ def test_export_fixes_the_spread(tmp_path):
     with pytest.raises(ValueError, match="spread_input\\) only"):
         SamplerModule(load_models(os.path.join(WEIGHTS_DIR, "wholefield")), photons=1500.0,
                       spread=0.2)
+
+
+def test_a_model_told_the_spread_gives_other_scenes():
+    """scene_config of a model trained on spreads drawn per frame: the preset's scene, its
+    spread (none drawn, the preset's own) included."""
+    from smlm_tfdiff.pretrained import pretrained
+
+    models = pretrained("wholefield_fast")
+    assert models.config.photons_frame_spread_range is not None
+    paper = models.scene_config("paper")
+    assert paper.photons_frame_spread_range is None and paper.photons_range is None
+    assert typical_spread(paper) == 0.0
+    assert models.scene_config("wholefield_dye").photons_frame_spread == 0.4

@@ -103,14 +103,14 @@ def test_bundled_wide_psi_denoises_better_than_the_paper_psi():
 
 
 def _phi_at_n0(models, data, config):
-    """phi's estimate of simulated frames, each scaled by its true photons per emitter (the
-    whole-field phi reads frames scaled to N0; analyze measures N0 instead)."""
-    from smlm_tfdiff.models.phi import normalize_brightness
+    """phi's estimate of simulated frames, each scaled by its true photons per emitter, and told
+    their true spread where its phi is (the whole-field phis read frames scaled to N0; analyze
+    measures N0 and the spread instead)."""
+    from smlm_tfdiff.models.phi import phi_input
 
-    reference = models.phi_config.brightness_reference
-    assert reference is not None
-    frames = normalize_brightness(data["frames"], float(config.offset), reference,
-                                  data["frame_photons"])
+    assert models.phi_config.brightness_reference is not None
+    frames = phi_input(data["frames"], float(config.offset), models.phi_config,
+                       data["frame_photons"], data["frame_spread"])
     return models.phi(frames.astype(np.float32), training=False).numpy()
 
 
@@ -148,17 +148,23 @@ def test_bundled_wholefield_model_finds_emitters_at_the_edge_and_samples_windows
 
 
 def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
-    """wholefield_fast (MODEL.md there): the wholefield phi with a psi on the camera grid
-    (space-to-depth 4, an output head on the KDE grid), sampled 8 x 5 steps by default and
-    refitted in the samples. Its windows of phi's estimate put the spread where the emitters are
-    (measured on these frames: mean per-pixel variance 0.0050 where the true KDE exceeds 0.2,
-    5.3e-5 where it is below 1e-3, 94x, 91x on another seed; without the head 4.2x, the floor
-    MODEL.md describes), and analyze's defaults are the model's."""
+    """wholefield_fast (MODEL.md there): the wholefield phi told the spread of the emitters'
+    photons, with a psi on the camera grid (space-to-depth 4, an output head on the KDE grid),
+    sampled 8 x 5 steps by default and refitted in the samples. Its windows of phi's estimate
+    put the spread where the emitters are (measured on these frames: mean per-pixel variance
+    0.0049 where the true KDE exceeds 0.2, 5.1e-5 where it is below 1e-3, 96x, 92x on another
+    seed; without the head 4.2x, the floor MODEL.md describes), and analyze's defaults are the
+    model's."""
     from smlm_tfdiff.analyze import Camera, StackAnalyzer, load_backend
     from smlm_tfdiff.io.tiling import TileGrid
 
     models = st.pretrained("wholefield_fast")
-    assert models.config == st.pretrained("wholefield").config
+    # The wholefield scene, with the spread of the emitters' photons drawn per frame, which its
+    # phi is told (MODEL.md there, "phi told the spread").
+    assert models.phi_config.spread_input
+    assert models.config.photons_frame_spread_range == (0.0, 0.6)
+    assert models.config.replace(photons_frame_spread_range=None, photons_frame_spread=0.4) \
+        == st.pretrained("wholefield").config
     assert models.psi_config.space_to_depth == 4 and models.psi_config.downsample_factor == 8
     assert models.psi_config.output_head == 8
     assert (models.recipe.num_samples, models.recipe.num_steps) == (8, 5)
