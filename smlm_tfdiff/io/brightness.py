@@ -67,7 +67,9 @@ def photometry_variance(xy, intensity, background, psf_sigma, readout_var=0.0, r
     """[S] variance (photons^2) of io.photometry's intensity of isolated spots: the least-squares
     fit of N PSF + b on the (2 radius + 1)^2 window, var = ((A^T A)^-1 A^T V A (A^T A)^-1)[0, 0]
     with V the pixels' variance N PSF + b + readout_var (Poisson and readout noise, photons^2),
-    at each spot's own sub-pixel position (xy [S, 2] LR px; intensity, background [S])."""
+    at each spot's own sub-pixel position (xy [S, 2] LR px; intensity, background [S]). The
+    whole window is assumed: a spot within radius of a frame edge, whose window photometry clips,
+    has a somewhat larger variance than this."""
     xy = np.asarray(xy, np.float64).reshape(-1, 2)
     side = 2 * radius + 1
     out = np.full(len(xy), np.nan)
