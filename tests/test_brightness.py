@@ -56,6 +56,20 @@ def test_estimate_falls_back_without_spots():
     assert "isolated spots" in info["reason"]
 
 
+def test_estimate_falls_back_with_too_few_spots_anywhere():
+    """Local maxima with fewer than MIN_SPOTS isolated spots (2 here) and phi with none: the
+    fallback, said so (the first step's median of 2 spots is recorded, not used)."""
+    data, config = _sparse(1000.0, frames=1, seed=5)
+    photons = (data["frames"][..., 0] - config.offset) / config.gain
+    assert 1 <= len(brightness.isolated_intensities(
+        photons, brightness.local_maxima(photons, config.psf_sigma), config.psf_sigma)) \
+        < brightness.MIN_SPOTS
+    est, info = brightness.estimate_emitter_photons(photons, lambda n0: [np.zeros((0, 2))],
+                                                    config.psf_sigma, 700.0)
+    assert est == 700.0 and info["source"] == "fallback"
+    assert info["steps"][0]["spots"] >= 1
+
+
 def test_phi_dataset_scales_frames_by_reference_over_n0():
     """Training frames of a brightness-normalised phi: photons x reference / (N0 e^(j z)), z
     standard normal, j = BRIGHTNESS_JITTER; the KDE untouched."""

@@ -132,10 +132,10 @@ def estimate_emitter_photons(photon_frames, localize, psf_sigma, fallback):
     spots = isolated_intensities(frames, local_maxima(frames, psf_sigma), psf_sigma)
     steps = [{"from": "local maxima", "spots": int(len(spots)),
               "n0": float(np.median(spots)) if len(spots) else None}]
-    if len(spots) < MIN_SPOTS:
-        n0 = float(fallback)
-    else:
-        n0 = float(np.median(spots))
+    # Measured: N0 is a median of at least MIN_SPOTS spots (the first step records its median
+    # whatever the count; fewer spots leave the fallback).
+    measured = len(spots) >= MIN_SPOTS
+    n0 = float(np.median(spots)) if measured else float(fallback)
     for _ in range(MAX_ITERATIONS):
         spots = isolated_intensities(frames, localize(n0), psf_sigma)
         if len(spots) < MIN_SPOTS:
@@ -144,10 +144,9 @@ def estimate_emitter_photons(photon_frames, localize, psf_sigma, fallback):
         new = float(np.median(spots))
         steps.append({"from": "phi", "spots": int(len(spots)), "n0": new})
         settled = abs(math.log(new / n0)) < TOLERANCE
-        n0 = new
+        n0, measured = new, True
         if settled:
             break
-    measured = [s for s in steps if s["n0"] is not None]
     if not measured:
         return float(fallback), {"source": "fallback", "steps": steps,
                                  "reason": f"fewer than {MIN_SPOTS} isolated spots in "
