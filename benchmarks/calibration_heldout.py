@@ -103,29 +103,20 @@ def scene_scores(backend, models, name, num_frames, seed, work_dir):
     return out, data, config
 
 
-def _spread(info):
-    """The spread a phi told it reads, as analyze takes it from measure_emitter_photons' info
-    (None for other phis; analyze's fallback where too few spots measured it)."""
-    from smlm_tfdiff.analyze import MEASURE_SPREAD
-
-    spread = info.get("spread")
-    return None if spread is None else (spread if np.isfinite(spread) else MEASURE_SPREAD)
-
-
 def coverage_scores(models, backend, data, config, num_frames, num_samples, seed):
     """Per-pixel coverage of the first num_frames frames: psi's raw samples as analyze's std maps
     are scaled (the map scale), and psi's own."""
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty import evaluation as ev
 
-    from smlm_tfdiff.analyze import measure_emitter_photons
+    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
 
     frames = data["frames"][:num_frames]
     truth = data["kde"][:num_frames, ..., 0]
     y_hat = None
     if backend.brightness_reference is not None:  # phi at N0 measured as analyze does.
         n0, info = measure_emitter_photons(backend, frames[..., 0], config)
-        y_hat = backend.estimate(frames, n0, _spread(info))
+        y_hat = backend.estimate(frames, n0, spread_read(info))
     post = backend.sampler(frames, num_samples, seed=seed, return_samples=True,
                            num_steps=backend.num_steps, method=backend.method, project=False,
                            y_hat=y_hat)

@@ -70,16 +70,14 @@ def scene(name, num_frames, size):
 
 
 def evaluate(backend, data, config):
-    from smlm_tfdiff.analyze import MEASURE_SPREAD, measure_emitter_photons
+    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
     from smlm_tfdiff.localization.batched import detect_batch
     from smlm_tfdiff.localization.metrics import edge_centre_recall, localization_metrics
 
     n0 = spread = None
     if backend.brightness_reference is not None:  # Measured on these frames, as analyze does.
         n0, info = measure_emitter_photons(backend, data["frames"][..., 0], config)
-        spread = info.get("spread")
-        if spread is not None and not np.isfinite(spread):
-            spread = MEASURE_SPREAD  # analyze's fallback.
+        spread = spread_read(info)
     start = time.perf_counter()
     kde = backend.estimate(data["frames"], n0, spread)[..., 0]
     phi_s = time.perf_counter() - start

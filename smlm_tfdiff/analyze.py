@@ -392,6 +392,15 @@ BRIGHTNESS_FRAMES = 16  # Frames, spread over a stack, its photons per emitter a
 MEASURE_SPREAD = 0.4
 
 
+def spread_read(info):
+    """The spread a phi told it reads after measure_emitter_photons: info's "spread", or
+    MEASURE_SPREAD where too few isolated spots measured it (NaN); None for other phis."""
+    spread = info.get("spread")
+    if spread is None:
+        return None
+    return float(spread) if np.isfinite(spread) else MEASURE_SPREAD
+
+
 def measure_emitter_photons(backend, model_frames, config, n0=None):
     """The photons per emitter (N0) of frames for the backend's brightness-normalised phi
     (io.brightness): phi on each frame, normalised by the current estimate, and the
@@ -797,12 +806,12 @@ class StackAnalyzer:
             if self.photon_spread is not None:
                 self._spread = self.photon_spread
                 info.update(spread=self.photon_spread, spread_source="given")
-            elif np.isfinite(info["spread"]):
-                self._spread = info["spread"]
-                info["spread_source"] = "estimated"
             else:
-                self._spread = MEASURE_SPREAD
-                info.update(spread=MEASURE_SPREAD, spread_source="fallback")
+                measured = np.isfinite(info["spread"])
+                self._spread = spread_read(info)
+                info.update(spread=self._spread,
+                            spread_source="estimated" if measured else "fallback")
+            if info["spread_source"] == "fallback":
                 warnings.warn(f"{stack.path}: fewer than {MIN_SPOTS} isolated spots in "
                               f"{len(index)} frames, so the spread of the emitters' photons was "
                               f"not measured; phi reads it as {MEASURE_SPREAD:g} (a log-sd). "

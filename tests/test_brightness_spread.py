@@ -203,6 +203,15 @@ def test_analyze_measures_or_takes_the_spread(tmp_path):
                          photons=1500.0).analyze(path, tmp_path / "out3")["emitter_photons"]
     assert half["n0"] == 1500.0 and half["source"] == "given"
     assert half["spread_source"] == "estimated"
+    # Too few isolated spots (a 2-frame crop of 8x8 px): the fallback spread, said so.
+    tiny = tmp_path / "tiny.tif"
+    tifffile.imwrite(tiny, np.round(data["frames"][:2, 4:12, 4:12, 0]).astype(np.uint16),
+                     imagej=True)
+    with pytest.warns(UserWarning, match="spread of the emitters' photons was not measured"):
+        fallback = StackAnalyzer(backend, camera, num_samples=0, progress=False,
+                                 photons=1500.0).analyze(tiny, tmp_path / "out4")
+    assert fallback["emitter_photons"]["spread"] == 0.4
+    assert fallback["emitter_photons"]["spread_source"] == "fallback"
     with pytest.raises(ValueError, match="photon_spread .* must be >= 0"):
         StackAnalyzer(backend, camera, num_samples=0, progress=False, photon_spread=-0.1)
 
