@@ -77,6 +77,7 @@ class Pretrained:
 # the emitters, their brightness and the background, with the per-frame distributions of each.
 SCENE_FIELDS = ("frame_height", "frame_width", "photons", "photons_range",
                 "photons_distribution", "photons_frame_spread", "photons_frame_spread_range",
+                "photons_frame_spread_zero_fraction",
                 "num_emitters", "emitter_count",
                 "max_emitters", "density_range", "region", "disc_radius", "disc_center", "margin",
                 "cluster_fraction", "cluster_radius_range", "cluster_density_range",

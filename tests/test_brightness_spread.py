@@ -55,6 +55,26 @@ def test_frames_draw_their_spread_from_the_range():
                                   np.zeros(2, np.float32))
 
 
+def test_a_fraction_of_frames_has_spread_zero():
+    """photons_frame_spread_zero_fraction: that fraction of frames (binomial, 4 sds) has spread 0,
+    their emitters all at the frame's N0; the others' spreads stay uniform in the range. Unset,
+    the frames are the same bytes as before the setting existed (no extra draw)."""
+    base = SimulationConfig.preset("wholefield", photons_frame_spread_range=(0.1, 0.6),
+                                   frame_height=16, frame_width=16, density_range=(0.05, 0.05))
+    n, fraction = 600, 0.3
+    data = simulate(base.replace(photons_frame_spread_zero_fraction=fraction), n, seed=11)
+    spread, mask = data["frame_spread"], data["mask"]
+    zero = spread == 0
+    assert abs(zero.sum() - n * fraction) < 4 * np.sqrt(n * fraction * (1 - fraction))
+    alike = data["photons"][zero] / data["frame_photons"][zero][:, None]
+    np.testing.assert_allclose(alike[mask[zero]], 1.0, rtol=1e-6)
+    assert stats.kstest((spread[~zero] - 0.1) / 0.5, "uniform").pvalue > 1e-3
+    for key in ("frames", "photons", "frame_spread"):
+        np.testing.assert_array_equal(
+            simulate(base, 3, seed=2)[key],
+            simulate(base.replace(photons_frame_spread_zero_fraction=0.0), 3, seed=2)[key])
+
+
 def test_spread_range_settings_are_checked():
     with pytest.raises(ValueError, match="photons_frame_spread_range: draws one N0 per frame"):
         SimulationConfig.preset("paper", photons_frame_spread_range=(0.0, 0.5))
@@ -62,6 +82,11 @@ def test_spread_range_settings_are_checked():
         SimulationConfig.preset("wholefield_dye", photons_frame_spread_range=(0.0, 0.5))
     with pytest.raises(ValueError, match="0 <= low <= high"):
         SimulationConfig.preset("wholefield", photons_frame_spread_range=(0.5, 0.1))
+    with pytest.raises(ValueError, match="zero_fraction: sets spread 0 .* set the range too"):
+        SimulationConfig.preset("wholefield", photons_frame_spread_zero_fraction=0.5)
+    with pytest.raises(ValueError, match=r"fraction of frames in \[0, 1\]"):
+        SimulationConfig.preset("wholefield", photons_frame_spread_range=(0.0, 0.5),
+                                photons_frame_spread_zero_fraction=1.5)
 
 
 @pytest.mark.parametrize("spread", [0.0, 0.4])

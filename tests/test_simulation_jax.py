@@ -153,6 +153,19 @@ def test_batch_shapes_and_keys():
     np.testing.assert_allclose(counts, 10.0, rtol=1e-3)
 
 
+def test_spread_zero_fraction_as_in_tf():
+    """photons_frame_spread_zero_fraction in the JAX draw: that fraction of frames (binomial,
+    4 sds) at spread 0, the rest uniform in the range."""
+    config = st.SimulationConfig.preset(
+        "wholefield", photons_frame_spread_range=(0.1, 0.6), frame_height=8, frame_width=8,
+        photons_frame_spread_zero_fraction=0.3)
+    n = 600
+    spread = np.asarray(simulation_jax.sample_scene(jax.random.PRNGKey(3), config, n)[4])
+    zero = spread == 0
+    assert abs(zero.sum() - 0.3 * n) < 4 * np.sqrt(n * 0.3 * 0.7)
+    assert spread[~zero].min() >= 0.1 and spread[~zero].max() <= 0.6
+
+
 def test_noise_level_draw_matches_the_tf_draw():
     from smlm_tfdiff.models.psi_training_jax import noise_level_draw
     schedule = NoiseSchedule.named("paper")

@@ -70,6 +70,9 @@ class SimulationConfig:
     # and of a dye whose brightness varies from frame to frame (~0.4) are both seen; each frame's
     # spread is in simulate()'s frame_spread (a phi told it: PhiConfig.spread_input).
     photons_frame_spread_range: Optional[Tuple[float, float]] = None
+    # With photons_frame_spread_range: this fraction of frames has spread 0 (emitters all alike,
+    # where a phi splits close pairs best) instead of a draw from the range.
+    photons_frame_spread_zero_fraction: Optional[float] = None
     num_emitters: int = 10  # Fixed count, or the Poisson mean when emitter_count == "poisson".
     emitter_count: str = "fixed"  # "fixed" or "poisson" (truncated at max_emitters).
     max_emitters: Optional[int] = None  # Padding size K; default num_emitters (fixed) or mean + 6 sd.
@@ -135,7 +138,8 @@ class SimulationConfig:
                                           or not hasattr(value, "__len__") or len(value) != 2
                                           or not all(_is_number(v) for v in value)):
                     fail(name, f"must be a pair of numbers {pair}, or null (got {value!r})")
-            elif name in ("photons_frame_spread", "cluster_fraction"):
+            elif name in ("photons_frame_spread", "cluster_fraction",
+                          "photons_frame_spread_zero_fraction"):
                 if value is not None and not _is_number(value):
                     what = "a log-sd" if name == "photons_frame_spread" else "a fraction of frames"
                     fail(name, f"must be a number ({what}) or null (got {value!r})")
@@ -212,6 +216,14 @@ class SimulationConfig:
             if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= hi):
                 fail("photons_frame_spread_range", f"needs 0 <= low <= high, log-sds "
                      f"(got {self.photons_frame_spread_range!r})")
+        zero = self.photons_frame_spread_zero_fraction
+        if zero is not None:
+            if self.photons_frame_spread_range is None:
+                fail("photons_frame_spread_zero_fraction", "sets spread 0 in some frames of "
+                     "photons_frame_spread_range's draw: set the range too (or drop this)")
+            if not (np.isfinite(zero) and 0 <= zero <= 1):
+                fail("photons_frame_spread_zero_fraction", f"must be a fraction of frames in "
+                     f"[0, 1] (got {zero!r})")
         if self.photons_distribution not in _PHOTON_DISTRIBUTIONS:
             fail("photons_distribution", f"must be one of {_PHOTON_DISTRIBUTIONS} "
                  f"(got {self.photons_distribution!r})")

@@ -73,6 +73,10 @@ def sample_scene(config, batch_size, seed):
         if config.photons_frame_spread_range is not None:  # Its own stream.
             frame_spread = tf.random.stateless_uniform(
                 [batch_size], seeds_lib.fold_in(n_seed, 2), *config.photons_frame_spread_range)
+            if config.photons_frame_spread_zero_fraction:
+                zero = tf.random.stateless_uniform([batch_size], seeds_lib.fold_in(n_seed, 3))
+                frame_spread = tf.where(zero < config.photons_frame_spread_zero_fraction,
+                                        0.0, frame_spread)
         photons = frame_photons[:, None] * tf.exp(frame_spread[:, None] * z)
     else:
         photons = _draw_photons(config, [batch_size, k], n_seed)

@@ -134,6 +134,10 @@ def sample_scene(key, config, batch_size):
             lo, hi = config.photons_frame_spread_range
             frame_spread = jax.random.uniform(jax.random.fold_in(n_key, 2), [batch_size],
                                               minval=lo, maxval=hi)
+            if config.photons_frame_spread_zero_fraction:
+                zero = jax.random.uniform(jax.random.fold_in(n_key, 3), [batch_size])
+                frame_spread = jnp.where(zero < config.photons_frame_spread_zero_fraction,
+                                         0.0, frame_spread)
         photons = frame_photons[:, None] * jnp.exp(frame_spread[:, None] * z)
     else:
         photons = _draw_photons(n_key, config, [batch_size, k])
