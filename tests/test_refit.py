@@ -115,3 +115,24 @@ def test_detection_config_in_samples():
     assert DetectionConfig.from_json('{"in_samples": "refit"}').in_samples == "refit"
     with pytest.raises(ValueError, match="in_samples: must be one of"):
         DetectionConfig(in_samples="fit")
+
+
+def test_a_localization_beyond_the_edge_has_no_spread_and_no_uncertainty():
+    """A reference whose refit window lies wholly outside the image (here 1.4 LR px beyond its
+    left edge, next to an emitter at the edge) keeps its start in every sample: a spread of
+    exactly 0, which analyze reports as NaN (no posterior), not as a certainty."""
+    from smlm_tfdiff.analyze import without_empty_spreads
+
+    u = CONFIG.upsample
+    rng = np.random.default_rng(4)
+    xy = np.array([[0.3, 6.0]]) * u + rng.normal(0, 0.3, (6, 1, 2))
+    samples = render(xy, np.ones((6, 1)))
+    ref = np.array([[0.3, 6.0], [-1.4, 6.0]])
+    out = localization_uncertainty_refit(samples, ref, CONFIG, DETECTION)
+    assert np.all(out["std_nm"][0] > 0)
+    np.testing.assert_array_equal(out["std_nm"][1], [0.0, 0.0])
+    reported = without_empty_spreads(out["std_nm"])
+    np.testing.assert_array_equal(reported[0], out["std_nm"][0])
+    assert np.all(np.isnan(reported[1]))
+    np.testing.assert_array_equal(without_empty_spreads([[0.0, 1.5], [2.0, 0.0]]),
+                                  [[0.0, 1.5], [2.0, 0.0]])  # One axis 0 is a spread.
