@@ -114,7 +114,8 @@ reproduce-wholefield: $(STAMP)
 # the camera grid, from scratch on windows after the variance-stabilised wholefield phi (the
 # bundled one before it read frames scaled to N0; `make reproduce-wholefield` first), then with
 # its output head (about 2.4 hours on a 2-core CPU); its phi, reproduce-wholefield's last one
-# fine-tuned to be told the spread of the emitters' photons (~25 min); paired with its sampling
+# fine-tuned to be told the spread of the emitters' photons, then with half the frames' emitters
+# all alike (~25 min each); paired with its sampling
 # defaults (8 samples x 5 steps, refits in the samples) and calibration scale (~13 min).
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
@@ -133,10 +134,16 @@ reproduce-wholefield-fast: $(STAMP)
 		--set 'photons_frame_spread_range=[0,0.6]' --input_transform anscombe \
 		--brightness_reference 700 --spread_input --dilations 1,2,4,2,2,1 \
 		--init_phi $(REPRO)/phi_wf_rf12 --steps 4000 --learning_rate 1e-3 --eval_every 4000
+	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_spread_z50 --preset wholefield_clusters \
+		--set cluster_fraction=0.5 --set photons_frame_spread=null \
+		--set 'photons_frame_spread_range=[0,0.6]' --set photons_frame_spread_zero_fraction=0.5 \
+		--input_transform anscombe --brightness_reference 700 --spread_input \
+		--dilations 1,2,4,2,2,1 --init_phi $(REPRO)/phi_wf_spread --steps 4000 \
+		--learning_rate 1e-3 --eval_every 4000
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
 	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
-		$(REPRO)/phi_wf_spread/phi.weights.h5 $(REPRO)/phi_wf_spread/phi_config.json \
-		$(REPRO)/phi_wf_spread/sim_config.json \
+		$(REPRO)/phi_wf_spread_z50/phi.weights.h5 $(REPRO)/phi_wf_spread_z50/phi_config.json \
+		$(REPRO)/phi_wf_spread_z50/sim_config.json \
 		smlm_tfdiff/weights/wholefield_fast/diffusion.json \
 		smlm_tfdiff/weights/wholefield_fast/detection.json $(REPRO)/wholefield_fast/
 	rm -f $(REPRO)/wff_scale.npz

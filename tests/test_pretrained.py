@@ -159,11 +159,13 @@ def test_bundled_fast_wholefield_model_samples_on_the_camera_grid():
     from smlm_tfdiff.io.tiling import TileGrid
 
     models = st.pretrained("wholefield_fast")
-    # The wholefield scene, with the spread of the emitters' photons drawn per frame, which its
-    # phi is told (MODEL.md there, "phi told the spread").
+    # The wholefield scene, with the spread of the emitters' photons drawn per frame (half the
+    # frames at 0), which its phi is told (MODEL.md there, "phi told the spread").
     assert models.phi_config.spread_input
     assert models.config.photons_frame_spread_range == (0.0, 0.6)
-    assert models.config.replace(photons_frame_spread_range=None, photons_frame_spread=0.4) \
+    assert models.config.photons_frame_spread_zero_fraction == 0.5
+    assert models.config.replace(photons_frame_spread_range=None, photons_frame_spread=0.4,
+                                 photons_frame_spread_zero_fraction=None) \
         == st.pretrained("wholefield").config
     assert models.psi_config.space_to_depth == 4 and models.psi_config.downsample_factor == 8
     assert models.psi_config.output_head == 8
