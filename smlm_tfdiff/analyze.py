@@ -333,15 +333,6 @@ def _crlb_nm(xy, intensity, background, config):
     return out
 
 
-def without_empty_spreads(std):
-    """[M, 2] posterior std per axis (nm) with NaN where it is exactly 0 on both axes: no spread
-    at all is no posterior, every sample's refit kept its start because its window held none of
-    the frame (a localization beyond the frame's edge); NaN as where fewer than 2 samples held
-    the localization."""
-    std = np.asarray(std, np.float64)
-    return np.where(np.all(std == 0, axis=1, keepdims=True), np.nan, std)
-
-
 def _xy_average(std):
     """[M, 2] per-axis std -> [M], sqrt of the mean variance (uncertainty_xy, crlb_xy)."""
     return np.sqrt(np.mean(np.asarray(std) ** 2, axis=1))
@@ -1208,8 +1199,6 @@ class StackAnalyzer:
         table["crlb_xy [nm]"] = _xy_average(bound)
         # Without psi (num_samples 0) the uncertainty columns hold the CRLB, and say so.
         std = bound if samples is None else (np.concatenate(stds) if stds else np.zeros((0, 2)))
-        if samples is not None:
-            std = without_empty_spreads(std)
         table["uncertainty_raw_xy [nm]"] = _xy_average(std)
         if samples is not None and self.uncertainty_scale is not None and scale_in:
             scale = self.uncertainty_scale

@@ -117,22 +117,22 @@ def test_detection_config_in_samples():
         DetectionConfig(in_samples="fit")
 
 
-def test_a_localization_beyond_the_edge_has_no_spread_and_no_uncertainty():
+def test_a_localization_beyond_the_edge_is_held_by_no_sample():
     """A reference whose refit window lies wholly outside the image (here 1.4 LR px beyond its
-    left edge, next to an emitter at the edge) keeps its start in every sample: a spread of
-    exactly 0, which analyze reports as NaN (no posterior), not as a certainty."""
-    from smlm_tfdiff.analyze import without_empty_spreads
-
+    left edge, next to an emitter at the edge) has nothing to fit: amplitude 0 and its start in
+    every sample, so it counts in none (fraction 0, std NaN: analyze's NaN uncertainty), not as
+    a spread of 0 (a certainty); the emitter beside it is refitted as alone."""
     u = CONFIG.upsample
     rng = np.random.default_rng(4)
     xy = np.array([[0.3, 6.0]]) * u + rng.normal(0, 0.3, (6, 1, 2))
     samples = render(xy, np.ones((6, 1)))
     ref = np.array([[0.3, 6.0], [-1.4, 6.0]])
+    fxy, amp = refit_positions(samples, np.repeat(ref[None] * u, 6, 0), np.ones((6, 2), bool),
+                               CONFIG, DETECTION)
+    np.testing.assert_array_equal(amp[:, 1], 0.0)
+    np.testing.assert_array_equal(fxy[:, 1], np.repeat(ref[1:] * u, 6, 0))
     out = localization_uncertainty_refit(samples, ref, CONFIG, DETECTION)
-    assert np.all(out["std_nm"][0] > 0)
-    np.testing.assert_array_equal(out["std_nm"][1], [0.0, 0.0])
-    reported = without_empty_spreads(out["std_nm"])
-    np.testing.assert_array_equal(reported[0], out["std_nm"][0])
-    assert np.all(np.isnan(reported[1]))
-    np.testing.assert_array_equal(without_empty_spreads([[0.0, 1.5], [2.0, 0.0]]),
-                                  [[0.0, 1.5], [2.0, 0.0]])  # One axis 0 is a spread.
+    alone = localization_uncertainty_refit(samples, ref[:1], CONFIG, DETECTION)
+    np.testing.assert_array_equal(out["fraction"], [1.0, 0.0])
+    assert np.all(out["std_nm"][0] > 0) and np.all(np.isnan(out["std_nm"][1]))
+    np.testing.assert_allclose(out["std_nm"][0], alone["std_nm"][0])

@@ -73,8 +73,10 @@ def refit_positions(images, xy0, valid, config, detection=None, iterations=ITERA
     images: [N, H, W] or [N, H, W, 1] KDE (KDE units, the HR grid of `config`).
     xy0: [N, M, 2] start positions (x, y), HR px; valid: [N, M] bool (padding False).
     detection: a DetectionConfig (its refine_radius sets the window); iterations: sweeps.
-    Returns (xy [N, M, 2] HR px, amplitude [N, M] in emitters); padding keeps its start and 0.
-    Positions stay within refine_radius + 1/2 HR px of their start (detection's bound).
+    Returns (xy [N, M, 2] HR px, amplitude [N, M] in emitters); padding keeps its start and 0,
+    as does a localization whose window holds no pixel of the image (one beyond its edge: there
+    is nothing to fit, so no sample holds it). Positions stay within refine_radius + 1/2 HR px
+    of their start (detection's bound).
     """
     check_config(config)
     ims = _stack(images)
@@ -100,6 +102,7 @@ def refit_positions(images, xy0, valid, config, detection=None, iterations=ITERA
     # in rows and columns, so are these masks, and zero Jacobian rows drop those pixels.
     col_in = ((cols >= 0) & (cols < w) & valid[..., None]).astype(np.float64)
     row_in = ((rows >= 0) & (rows < h) & valid[..., None]).astype(np.float64)
+    valid = valid & col_in.any(-1) & row_in.any(-1)
     cols, rows = np.clip(cols, 0, w - 1), np.clip(rows, 0, h - 1)
     image_of = np.arange(n)[:, None, None, None]
     pixel_rows, pixel_cols = rows[..., :, None], cols[..., None, :]
