@@ -117,6 +117,11 @@ reproduce-wholefield: $(STAMP)
 # fine-tuned to be told the spread of the emitters' photons, then with half the frames' emitters
 # all alike (~25 min each); paired with its sampling
 # defaults (8 samples x 5 steps, refits in the samples) and calibration scale (~13 min).
+# The settings both stages of its phi told the spread share.
+TRAIN_SPREAD_PHI := $(TRAIN_WF_PHI) --preset wholefield_clusters --set cluster_fraction=0.5 \
+	--set photons_frame_spread=null --set 'photons_frame_spread_range=[0,0.6]' \
+	--input_transform anscombe --brightness_reference 700 --spread_input \
+	--dilations 1,2,4,2,2,1 --steps 4000 --learning_rate 1e-3 --eval_every 4000
 reproduce-wholefield-fast: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
 		--phi $(REPRO)/phi_wf_anscombe --preset wholefield --crop_size 20 --space_to_depth 4 \
@@ -129,17 +134,9 @@ reproduce-wholefield-fast: $(STAMP)
 		--init_psi $(REPRO)/psi_wf_s2d4 --steps 3000 --batch_size 32 --learning_rate 5e-4 \
 		--ema_decay 0.999 --jit_compile --eval_every 1500 --checkpoint_every 250 --val_frames 8 \
 		--noprogress
-	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_spread --preset wholefield_clusters \
-		--set cluster_fraction=0.5 --set photons_frame_spread=null \
-		--set 'photons_frame_spread_range=[0,0.6]' --input_transform anscombe \
-		--brightness_reference 700 --spread_input --dilations 1,2,4,2,2,1 \
-		--init_phi $(REPRO)/phi_wf_rf12 --steps 4000 --learning_rate 1e-3 --eval_every 4000
-	$(TRAIN_WF_PHI) --out_dir $(REPRO)/phi_wf_spread_z50 --preset wholefield_clusters \
-		--set cluster_fraction=0.5 --set photons_frame_spread=null \
-		--set 'photons_frame_spread_range=[0,0.6]' --set photons_frame_spread_zero_fraction=0.5 \
-		--input_transform anscombe --brightness_reference 700 --spread_input \
-		--dilations 1,2,4,2,2,1 --init_phi $(REPRO)/phi_wf_spread --steps 4000 \
-		--learning_rate 1e-3 --eval_every 4000
+	$(TRAIN_SPREAD_PHI) --out_dir $(REPRO)/phi_wf_spread --init_phi $(REPRO)/phi_wf_rf12
+	$(TRAIN_SPREAD_PHI) --out_dir $(REPRO)/phi_wf_spread_z50 --init_phi $(REPRO)/phi_wf_spread \
+		--set photons_frame_spread_zero_fraction=0.5
 	rm -rf $(REPRO)/wholefield_fast && mkdir -p $(REPRO)/wholefield_fast
 	cp $(REPRO)/psi_wf_s2d4_head/psi.weights.h5 $(REPRO)/psi_wf_s2d4_head/psi_config.json \
 		$(REPRO)/phi_wf_spread_z50/phi.weights.h5 $(REPRO)/phi_wf_spread_z50/phi_config.json \
