@@ -13,6 +13,7 @@ from scipy import ndimage
 import smlm_tfdiff as st
 from smlm_tfdiff.localization import detection
 from smlm_tfdiff.localization.config import DetectionConfig
+from smlm_tfdiff.localization.batched import detect_batch
 
 NM = 108.3  # LR pixel size of the paper preset.
 
@@ -89,6 +90,20 @@ def test_merged_pair_is_deblended(paper):
     np.testing.assert_allclose(pred, truth, atol=1e-4)
     np.testing.assert_allclose(amp, 1.0, atol=1e-3)
 
+
+def test_a_crowded_field_linked_into_one_group_splits_every_merged_pair():
+    """The split budget grows with the group: 48 merged pairs 4 LR px apart link into one group
+    (the link is 4.75 LR px), which a fixed budget per group (32 tries) could not all split."""
+    config = st.SimulationConfig.preset("paper", frame_height=28, frame_width=36, region="frame",
+                                        margin=0.0)
+    centres = np.stack(np.meshgrid(np.arange(4.0, 33.0, 4.0), np.arange(4.0, 25.0, 4.0)),
+                       -1).reshape(-1, 2)
+    truth = np.concatenate([centres - [0.5, 0.15], centres + [0.5, 0.15]])  # 4.2 HR px apart.
+    kde = st.render_kde(truth, config)
+    assert len(st.detect(kde, config, deblend=False)) == len(centres) == 48
+    for pred in (st.detect(kde, config), detect_batch(kde[None], config)[0]):
+        m = st.localization_metrics(pred, truth, config)
+        assert (m["TP"], m["FP"], m["FN"]) == (96, 0, 0)
 
 def test_emitter_without_its_own_log_maximum_is_found_in_the_residual(paper):
     # Three emitters in a row 2 LR px apart and one 2 px below the middle, smeared as phi smears

@@ -37,8 +37,8 @@ from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, DEBLEND_DEFAULTS,
-                                                FULL_REFIT_PEAKS, SPLIT_OFFSET, add_separation,
-                                                block_tiles, detect, group_link, tile_box)
+                                                SPLIT_OFFSET, add_separation, block_tiles, detect,
+                                                group_link, tile_box)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
@@ -497,8 +497,7 @@ def _grow(arrays, need):
 def _refit_split_batch(images, img, xy, amp, valid, center, sigma, norm, radius, link):
     """detection._refit_split for groups [G, P] at once (center [G, 2]: the split peak's HR
     position before the split)."""
-    local = valid & ((np.abs(xy - center[:, None, :]).max(-1) < link)
-                     | (valid.sum(1) <= FULL_REFIT_PEAKS)[:, None])
+    local = valid & (np.abs(xy - center[:, None, :]).max(-1) < link)
     order = np.argsort(~local, axis=1, kind="stable")[:, :int(local.sum(1).max())]
     lval = np.take_along_axis(local, order, 1)
     rest = valid & ~local
@@ -519,10 +518,11 @@ def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split, link
     g = len(img)
     tried = np.zeros(valid.shape, bool)
     tries = np.zeros(g, np.int64)
+    budget = split["max_splits"] * valid.sum(1)
     h, w = images.shape[1:]
     while True:
         cand = valid & ~tried & (amp >= split["trigger"])
-        act = np.nonzero(cand.any(1) & (tries < split["max_splits"]))[0]
+        act = np.nonzero(cand.any(1) & (tries < budget))[0]
         if len(act) == 0:
             break
         count = valid.sum(1)

@@ -53,16 +53,14 @@ from smlm_tfdiff.validation import as_numpy
 REFINE_MODES = ("gaussian", "centroid", "none")
 _SQRT2 = math.sqrt(2.0)
 # Multi-emitter handling of the "gaussian" refinement, amplitudes in emitters (the KDE scale is fixed):
-# peaks with a fitted amplitude >= trigger are tried as two (_deblend, max_splits tries per group);
-# residual bumps the LoG missed are tried as new emitters (_add_from_residual, max_adds tries per
-# image); fits below keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the
-# evaluation seeds): docs/method.md, "Localization results of phi".
-# Groups of more than FULL_REFIT_PEAKS peaks (crowded whole fields, where every peak is linked to
-# the next) refit after a split try only the peaks within `link` of the split one, the others'
-# model subtracted: the cost of a try stays local instead of growing with the group. 16 keeps every
-# paper frame's groups (10 emitters, <= ~12 peaks) refitted whole, as before, and makes crowded
-# whole-field windows (groups of 17-24 peaks were ~80% of their detection time) local.
-FULL_REFIT_PEAKS = 16
+# peaks with a fitted amplitude >= trigger are tried as two (_deblend, at most max_splits tries per
+# fitted peak of a group: a budget that grows with the group, so a crowded whole field, linked into
+# one group, does not run out of tries a paper frame's group never used up); residual bumps the LoG
+# missed are tried as new emitters (_add_from_residual, max_adds tries per image); fits below
+# keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the evaluation seeds):
+# docs/method.md, "Localization results of phi".
+# A split try refits the peaks within `link` of the split one, the others' model subtracted: the
+# cost of a try stays local instead of growing with the group, and farther peaks cannot feel it.
 # Groups of more than BLOCK_PEAKS peaks (a crowded whole field links into components of hundreds)
 # are fitted by block sweeps (_fit_blocks) instead of one joint fit, whose normal equations grow
 # with the square of the group and its pixels with the group: a 64x64 frame at 1 emitter per
@@ -70,7 +68,7 @@ FULL_REFIT_PEAKS = 16
 # moderately crowded window's groups fitted jointly, as before.
 BLOCK_PEAKS = 32
 BLOCK_SWEEPS = 3
-DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=32,
+DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=8,
                         max_adds=16, add_min_amplitude=0.6, keep_amplitude=0.5)
 # Not a deblend option: DetectionConfig.split_offset, the split parts' start (KDE sigmas).
 SPLIT_OFFSET = "offset"
@@ -406,11 +404,8 @@ def _add_from_residual(image, xy, amp, sigma, norm, radius, split, find_peaks, l
 
 
 def _refit_split(image, xy, amp, center, sigma, norm, radius, link):
-    """The refit after a split try: the whole group, or in a group of more than FULL_REFIT_PEAKS
-    the peaks within `link` (Chebyshev, HR px) of `center`, the others fixed (their model
-    subtracted from the image)."""
-    if len(xy) <= FULL_REFIT_PEAKS:
-        return _fit_group(image, xy, amp, sigma, norm, radius)
+    """The refit after a split try: the peaks within `link` (Chebyshev, HR px) of `center`, the
+    others fixed (their model subtracted from the image)."""
     local = np.max(np.abs(xy - center), axis=1) < link
     rest = image - _model_image(image.shape, xy[~local], amp[~local], sigma, norm)
     lxy, lamp = _fit_group(rest, xy[local], amp[local], sigma, norm, radius)
@@ -425,9 +420,9 @@ def _deblend(image, xy, amp, sigma, norm, radius, split, link):
     its major axis and the group refitted (_refit_split); the split is kept when both parts have
     amplitude >= split["min_amplitude"], are >= 1 HR px apart and the residual sum of squares in
     the peak's window drops below split["rss_ratio"] times the unsplit one. Split parts are tried
-    again (triplets); at most split["max_splits"] tries per group."""
+    again (triplets); at most split["max_splits"] tries per peak the group came with."""
     tried = np.zeros(len(xy), dtype=bool)
-    for _ in range(split["max_splits"]):
+    for _ in range(split["max_splits"] * len(xy)):
         candidates = np.nonzero(~tried & (amp >= split["trigger"]))[0]
         if len(candidates) == 0:
             break
