@@ -37,8 +37,9 @@ from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
 from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, DEBLEND_DEFAULTS,
-                                                SPLIT_OFFSET, add_separation, block_tiles, detect,
-                                                group_link, tile_box)
+                                                LM_GAIN_TOL, LM_STEP_TOL, SPLIT_OFFSET,
+                                                add_separation, block_tiles, detect, group_link,
+                                                split_link, tile_box)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
 from smlm_tfdiff.validation import as_numpy, as_positions
@@ -347,7 +348,8 @@ def _fit_bucket(images, img, xy0, amp0, valid, sigma, norm, radius, background=N
         lam[acc] = np.maximum(lam[acc] / 10.0, 1e-12)
         its[acc] += 1
         stop = ((moved < 1e-9) | (cost[acc] < 1e-26)
-                | ((moved < 1e-5) & (gain <= 1e-10 * cost[acc])) | (its[acc] >= _LM_MAX_ITER))
+                | ((moved < LM_STEP_TOL) & (gain <= LM_GAIN_TOL * cost[acc]))
+                | (its[acc] >= _LM_MAX_ITER))
         done[acc] = stop
         go_on = np.nonzero(ok)[0][~stop]
         if len(go_on):
@@ -512,13 +514,14 @@ def _refit_split_batch(images, img, xy, amp, valid, center, sigma, norm, radius,
     return fxy, famp
 
 
-def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split, link):
+def _deblend_batch(images, img, xy, amp, valid, sigma, norm, radius, split):
     """detection._deblend for every group at once: per round, each group with a candidate tries
     one split (its largest untried amplitude >= trigger)."""
     g = len(img)
     tried = np.zeros(valid.shape, bool)
     tries = np.zeros(g, np.int64)
     budget = split["max_splits"] * valid.sum(1)
+    link = split_link(radius, sigma, split[SPLIT_OFFSET])
     h, w = images.shape[1:]
     while True:
         cand = valid & ~tried & (amp >= split["trigger"])
@@ -765,7 +768,7 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
         gval = mvalid
         if split is not None:
             gxy, gamp, gval = _deblend_batch(stack, gimg, gxy, gamp, gval, sigma, norm, radius,
-                                             split, link)
+                                             split)
         gval = gval & (gamp > 0)
         # Groups back to images, in group order.
         gi = np.repeat(gimg[:, None], gval.shape[1], 1)[gval]
