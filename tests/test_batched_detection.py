@@ -75,6 +75,27 @@ def test_split_offset_is_a_detection_setting(paper, scenes):
     assert "detect_split_offset" not in DetectionConfig().to_legacy()
 
 
+def test_split_trigger_is_a_detection_setting(paper, scenes):
+    """DetectionConfig.split_trigger is deblending's trigger: the merged pair (amplitude ~1.8)
+    is split under it, kept whole above it, in detect and detect_batch alike; an explicit
+    deblend trigger wins; it round-trips through an export's keys; a bad value is refused."""
+    assert DetectionConfig().split_trigger == detection.DEBLEND_DEFAULTS["trigger"]
+    high = DetectionConfig(split_trigger=2.5)
+    for found in (st.detect(scenes[1], paper, detection=high),
+                  detect_batch(scenes[1:2], paper, high)[0]):
+        assert len(found) == 1
+    assert len(detect_batch(scenes[1:2], paper, high, deblend={"trigger": 1.25})[0]) == 2
+    reference = [st.detect(im, paper, detection=high) for im in scenes]
+    _assert_same(detect_batch(scenes, paper, high), reference)
+    legacy = high.to_legacy()
+    assert legacy["detect_split_trigger"] == 2.5
+    assert DetectionConfig.from_legacy(legacy) == high
+    assert "detect_split_trigger" not in DetectionConfig().to_legacy()
+    for bad in (0.0, float("nan"), True):
+        with pytest.raises(ValueError, match="split_trigger"):
+            DetectionConfig(split_trigger=bad)
+
+
 def test_block_sweeps_approach_the_joint_fit():
     """A crowded field's one big group (emitters >= 6 HR px apart, blobs overlapping, noise):
     the block sweeps detection uses for groups of more than BLOCK_PEAKS end close to the joint

@@ -745,6 +745,8 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
     split = _split_options(deblend)
     if split is not None:
         split[SPLIT_OFFSET] = float(detection.split_offset)
+        if not (isinstance(deblend, dict) and "trigger" in deblend):
+            split["trigger"] = float(detection.split_trigger)
     if detection.num_sigma > 1:
         return detect(stack, config, detection=detection, deblend=deblend if split else False,
                       merge_distance=merge_distance, return_amplitude=return_amplitude)

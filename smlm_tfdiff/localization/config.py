@@ -22,6 +22,7 @@ LEGACY_KEYS = {"detect_threshold": "threshold", "detect_min_sigma": "min_sigma",
 IN_SAMPLES = ("detect", "refit")  # DetectionConfig.in_samples
 IN_SAMPLES_KEY = "detect_in_samples"  # Its key in a SavedModel's sim_config.json (to_legacy).
 SPLIT_OFFSET_KEY = "detect_split_offset"  # Likewise for split_offset.
+SPLIT_TRIGGER_KEY = "detect_split_trigger"  # And split_trigger.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,10 @@ class DetectionConfig:
         tuned with it); 0.75 for a phi whose KDE holds close pairs' full mass (the whole-field
         models': the same P / R on validation scenes and 1.5-2x faster, the fits start nearer
         their end).
+    split_trigger: the fitted amplitude (emitters) from which a peak is tried as two; 1.25
+        (detection.DEBLEND_DEFAULTS, tuned with the `paper` model). A higher one trades recall
+        of close pairs for precision where the KDE swells single emitters in crowds. A
+        ``deblend={"trigger": ...}`` given to detect wins over it.
     in_samples: how analyze finds its localizations in each posterior sample for their
         per-localization uncertainty: "detect" (this detection afresh in every sample, then a
         one-to-one matching; localization.batched) or "refit" (the localizations refitted in
@@ -52,12 +57,13 @@ class DetectionConfig:
     refine_radius: int = 3
     in_samples: str = "detect"
     split_offset: float = 0.25
+    split_trigger: float = 1.25
 
     def __post_init__(self):
         def fail(field, message):
             raise ValueError(f"DetectionConfig.{field}: {message}")
 
-        for field in ("threshold", "min_sigma", "max_sigma", "split_offset"):
+        for field in ("threshold", "min_sigma", "max_sigma", "split_offset", "split_trigger"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
                                                                  np.floating)):
@@ -75,6 +81,9 @@ class DetectionConfig:
         if not (np.isfinite(self.split_offset) and self.split_offset > 0):
             fail("split_offset", f"must be a finite number > 0 KDE sigmas "
                                  f"(got {self.split_offset!r})")
+        if not (np.isfinite(self.split_trigger) and self.split_trigger > 0):
+            fail("split_trigger", f"must be a finite number > 0 emitters "
+                                  f"(got {self.split_trigger!r})")
         if not (np.isfinite(self.min_sigma) and self.min_sigma > 0):
             fail("min_sigma", f"must be a finite number > 0 HR pixels (got {self.min_sigma!r})")
         if not (np.isfinite(self.max_sigma) and self.max_sigma >= self.min_sigma):
@@ -116,10 +125,13 @@ class DetectionConfig:
             out[IN_SAMPLES_KEY] = self.in_samples
         if self.split_offset != DetectionConfig.split_offset:
             out[SPLIT_OFFSET_KEY] = self.split_offset
+        if self.split_trigger != DetectionConfig.split_trigger:
+            out[SPLIT_TRIGGER_KEY] = self.split_trigger
         return out
 
     @classmethod
     def from_legacy(cls, sim_config: Mapping[str, Any]) -> "DetectionConfig":
         """The detection settings of a pre-split sim_config.json dict (defaults where absent)."""
-        keys = {**LEGACY_KEYS, IN_SAMPLES_KEY: "in_samples", SPLIT_OFFSET_KEY: "split_offset"}
+        keys = {**LEGACY_KEYS, IN_SAMPLES_KEY: "in_samples", SPLIT_OFFSET_KEY: "split_offset",
+                SPLIT_TRIGGER_KEY: "split_trigger"}
         return cls(**{new: sim_config[old] for old, new in keys.items() if old in sim_config})

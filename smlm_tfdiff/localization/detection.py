@@ -536,6 +536,8 @@ def detect(kde, config, threshold=None, refine="gaussian", *, detection=None, mi
         raise ValueError(f"deblend must be True, False or a dict of options (got {deblend!r})")
     if split is not None:
         split[SPLIT_OFFSET] = float(detection.split_offset)
+        if not (isinstance(deblend, dict) and "trigger" in deblend):
+            split["trigger"] = float(detection.split_trigger)
 
     positions, amplitudes = [], []
     for image in images:
