@@ -58,7 +58,8 @@ _SQRT2 = math.sqrt(2.0)
 # one group, does not run out of tries a paper frame's group never used up); residual bumps the LoG
 # missed are tried as new emitters (_add_from_residual, max_adds tries per image); fits below
 # keep_amplitude are dropped at the end. Tuned on validation seed 777 (never the evaluation seeds):
-# docs/method.md, "Localization results of phi".
+# docs/method.md, "Localization results of phi"; max_splits per peak since (32 per group before).
+# DetectionConfig.split_trigger sets the trigger per model (wholefield_fast: 1.3).
 # A split try refits the peaks whose windows can share pixels with the split parts' (split_link),
 # the others' model subtracted: the cost of a try stays local instead of growing with the group.
 # Groups of more than BLOCK_PEAKS peaks (a crowded whole field links into components of hundreds)
@@ -70,9 +71,9 @@ BLOCK_PEAKS = 32
 BLOCK_SWEEPS = 3
 # The peak fits (_lm) stop once a step moves no parameter by LM_STEP_TOL (HR px for positions, 1e-2
 # is 0.3 nm at the seeds' pixel; emitters for amplitudes) and lowers the residual sum of squares by
-# at most LM_GAIN_TOL of it. Tighter
-# (1e-5, 1e-10) gave the same localizations on validation movies in 1.5x the time: fits of
-# unresolvable split tries crawl along a flat valley until their iteration cap.
+# at most LM_GAIN_TOL of it. Tighter (1e-5, 1e-10) gave the same localizations on validation
+# movies in 1.5x the time: fits of unresolvable split tries crawl along a flat valley until their
+# iteration cap.
 LM_STEP_TOL = 1e-2
 LM_GAIN_TOL = 1e-4
 DEBLEND_DEFAULTS = dict(trigger=1.25, min_amplitude=0.5, rss_ratio=0.5, max_splits=8,
@@ -431,7 +432,7 @@ def _refit_split(image, xy, amp, center, sigma, norm, radius, link):
 def _deblend(image, xy, amp, sigma, norm, radius, split):
     """Split fitted peaks whose amplitude says they hold several emitters (the KDE scale is fixed:
     one emitter has amplitude 1). A peak with amplitude >= split["trigger"] is replaced by two along
-    its major axis and the group refitted (_refit_split); the split is kept when both parts have
+    its major axis and the peaks around it refitted (_refit_split); the split is kept when both parts have
     amplitude >= split["min_amplitude"], are >= 1 HR px apart and the residual sum of squares in
     the peak's window drops below split["rss_ratio"] times the unsplit one. Split parts are tried
     again (triplets); at most split["max_splits"] tries per peak the group came with."""
@@ -495,7 +496,8 @@ def detect(kde, config, threshold=None, refine="gaussian", *, detection=None, mi
     refine: "gaussian" (joint pixel-integrated Gaussian fit), "centroid" or "none" (module doc).
     deblend: "gaussian" only: True splits peaks whose fitted amplitude says they hold several
         emitters, adds emitters found in the fit residual and drops fits below half an emitter
-        (DEBLEND_DEFAULTS); False does none of this; a dict overrides DEBLEND_DEFAULTS entries.
+        (DEBLEND_DEFAULTS, the trigger from detection.split_trigger); False does none of this; a
+        dict overrides DEBLEND_DEFAULTS entries (and the trigger).
     overlap: blob_log's overlap pruning; merge_distance: HR px below which two refined gaussian
         positions are merged into one.
     Returns [M, 2] float64 (x, y) in LR pixels, sorted by y then x, for one image, a list of them
