@@ -80,3 +80,16 @@ def test_quick_demo_writes_report_figures_and_summary(tmp_path, cli):
         assert sum(1 for _ in csv.DictReader(f)) == int(data["mask"].sum())
     for name in ("paper_stack.tif", "analysis/paper_stack/paper_stack_posterior_std.tif"):
         assert (out / name).exists(), name
+
+
+def test_demo_precision_target_is_a_binomial_test():
+    """The report's precision target judges the false localizations' count against a 1% false
+    rate at the sample's size (scipy's binomial tail): on ~80 localizations one or two false
+    ones are consistent with precision 0.99, three are not; on 1000, 20 are not."""
+    from scipy.stats import binom
+
+    for tp, fp in ((79, 0), (78, 1), (78, 2), (78, 3), (990, 10), (980, 20), (9950, 50)):
+        expected = fp == 0 or binom.sf(fp - 1, tp + fp, 0.01) >= 0.05
+        assert report.precision_consistent(tp, fp) == expected
+    assert [report.precision_consistent(78, k) for k in (1, 2, 3)] == [True, True, False]
+    assert not report.precision_consistent(980, 20)
