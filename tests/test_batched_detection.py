@@ -85,6 +85,9 @@ def test_split_trigger_is_a_detection_setting(paper, scenes):
                   detect_batch(scenes[1:2], paper, high)[0]):
         assert len(found) == 1
     assert len(detect_batch(scenes[1:2], paper, high, deblend={"trigger": 1.25})[0]) == 2
+    # An empty dict means the defaults in both (detect once read it as "no deblending").
+    assert len(st.detect(scenes[1], paper, deblend={})) == 2
+    assert len(detect_batch(scenes[1:2], paper, deblend={})[0]) == 2
     reference = [st.detect(im, paper, detection=high) for im in scenes]
     _assert_same(detect_batch(scenes, paper, high), reference)
     legacy = high.to_legacy()

@@ -36,9 +36,9 @@ from scipy.special import erf
 from skimage.feature.blob import _prune_blobs
 
 from smlm_tfdiff.localization.config import DetectionConfig
-from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, DEBLEND_DEFAULTS,
-                                                LM_GAIN_TOL, LM_STEP_TOL, SPLIT_OFFSET,
-                                                add_separation, block_tiles, detect, group_link,
+from smlm_tfdiff.localization.detection import (BLOCK_PEAKS, BLOCK_SWEEPS, LM_GAIN_TOL,
+                                                LM_STEP_TOL, SPLIT_OFFSET, add_separation,
+                                                block_tiles, deblend_options, detect, group_link,
                                                 split_link, tile_box)
 from smlm_tfdiff.localization.metrics import match
 from smlm_tfdiff.simulation.config import check_config
@@ -74,21 +74,6 @@ def _ranks(labels, minlength=0):
     return counts, np.arange(len(labels)) - start[labels]
 
 
-def _split_options(deblend):
-    if deblend is True:
-        return dict(DEBLEND_DEFAULTS)
-    if deblend is False or deblend is None:
-        return None
-    if isinstance(deblend, dict):
-        unknown = set(deblend) - set(DEBLEND_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown deblend options {sorted(unknown)}; "
-                             f"choose from {sorted(DEBLEND_DEFAULTS)}")
-        return {**DEBLEND_DEFAULTS, **deblend}
-    raise ValueError(f"deblend must be True, False or a dict of options (got {deblend!r})")
-
-
-# -------------------------------------------------------------------------------- detection
 def _overlap_equal(dist, sigma):
     """blob_log's area-overlap fraction of two blobs of the same sigma, `dist` apart (HR px)."""
     d = np.asarray(dist, np.float64) / (sigma * _SQRT2)
@@ -742,11 +727,7 @@ def detect_batch(images, config, detection=None, *, deblend=True, merge_distance
         detection = DetectionConfig()
     elif not isinstance(detection, DetectionConfig):
         raise TypeError(f"detection must be a DetectionConfig (got {type(detection).__name__})")
-    split = _split_options(deblend)
-    if split is not None:
-        split[SPLIT_OFFSET] = float(detection.split_offset)
-        if not (isinstance(deblend, dict) and "trigger" in deblend):
-            split["trigger"] = float(detection.split_trigger)
+    split = deblend_options(deblend, detection)
     if detection.num_sigma > 1:
         return detect(stack, config, detection=detection, deblend=deblend if split else False,
                       merge_distance=merge_distance, return_amplitude=return_amplitude)

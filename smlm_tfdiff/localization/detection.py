@@ -463,6 +463,28 @@ def _deblend(image, xy, amp, sigma, norm, radius, split):
     return xy, amp
 
 
+def deblend_options(deblend, detection):
+    """The deblending settings of detect / detect_batch: None for deblend False (or None), else
+    DEBLEND_DEFAULTS with a dict's entries over them, the split parts' start (SPLIT_OFFSET) and,
+    unless the dict names a trigger, the trigger from the DetectionConfig."""
+    if deblend is False or deblend is None:
+        return None
+    if deblend is True:
+        split = dict(DEBLEND_DEFAULTS)
+    elif isinstance(deblend, dict):
+        unknown = set(deblend) - set(DEBLEND_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown deblend options {sorted(unknown)}; "
+                             f"choose from {sorted(DEBLEND_DEFAULTS)}")
+        split = {**DEBLEND_DEFAULTS, **deblend}
+    else:
+        raise ValueError(f"deblend must be True, False or a dict of options (got {deblend!r})")
+    split[SPLIT_OFFSET] = float(detection.split_offset)
+    if not (isinstance(deblend, dict) and "trigger" in deblend):
+        split["trigger"] = float(detection.split_trigger)
+    return split
+
+
 def _merge_close(xy, amp, merge_distance):
     """Two refined peaks closer than merge_distance (HR px) are one: amplitude-weighted mean."""
     if len(xy) < 2 or merge_distance <= 0:
@@ -524,22 +546,7 @@ def detect(kde, config, threshold=None, refine="gaussian", *, detection=None, mi
     if num_sigma < 1 or radius < 1:
         raise ValueError(f"num_sigma and refine_radius must be >= 1 (got {num_sigma}, {radius})")
 
-    if deblend is True:
-        split = dict(DEBLEND_DEFAULTS)
-    elif not deblend:
-        split = None
-    elif isinstance(deblend, dict):
-        unknown = set(deblend) - set(DEBLEND_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown deblend options {sorted(unknown)}; "
-                             f"choose from {sorted(DEBLEND_DEFAULTS)}")
-        split = {**DEBLEND_DEFAULTS, **deblend}
-    else:
-        raise ValueError(f"deblend must be True, False or a dict of options (got {deblend!r})")
-    if split is not None:
-        split[SPLIT_OFFSET] = float(detection.split_offset)
-        if not (isinstance(deblend, dict) and "trigger" in deblend):
-            split["trigger"] = float(detection.split_trigger)
+    split = deblend_options(deblend, detection)
 
     positions, amplitudes = [], []
     for image in images:
