@@ -38,7 +38,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from _validation import ISO_SEED, DENSE_SEED, check_grid, define_check_grid_flags
-from smlm_tfdiff.diffusion.sampler import PosteriorSampler
+from smlm_tfdiff.analyze import KerasBackend
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.localization.detection import detect
 from smlm_tfdiff.pretrained import load_phi_source
@@ -77,13 +77,27 @@ LEVELS = (0.5, 0.9)
 FIT_SEED = 8400
 
 
-def pixel_cell(sampler, models, cfg, data, num_samples, radius):
+def phi_estimate(backend, frames, cfg):
+    """phi's estimate of frames [B, H, W, 1] as analyze makes it: for a phi that reads frames
+    scaled by the photons per emitter (and told their spread), at the N0 and spread measured on
+    the frames as on a movie (analyze.measure_emitter_photons); None for other phis (the
+    sampler runs phi itself)."""
+    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
+
+    if backend.brightness_reference is None:
+        return None
+    n0, info = measure_emitter_photons(backend, frames[..., 0], cfg)
+    return backend.estimate(frames, n0, spread_read(info))
+
+
+def pixel_cell(backend, models, cfg, data, num_samples, radius):
     """psi's raw posterior of the frames, scored per coverage pixel. Returns a dict of arrays
     over the coverage pixels: need [n, 2] the smallest scale of the samples' deviations whose
     50% / 90% quantile interval covers the truth (inf: none), x [n, 3] the features (1, k,
     log(N / 200)) of the pixel's nearest localization, std [n] psi's per-pixel std, err [n]
     |truth - mean|."""
-    post = sampler(data["frames"], num_samples, seed=2, return_samples=True)
+    post = backend.sampler(data["frames"], num_samples, seed=2, return_samples=True,
+                           y_hat=phi_estimate(backend, data["frames"], cfg))
     samples = post["samples"][..., 0].astype(np.float64)
     mean = samples.mean(axis=1)
     truth = data["kde"][..., 0]
@@ -197,7 +211,7 @@ def row(name, cell, beta):
 def main(argv):
     del argv
     models = load_phi_source(FLAGS.model)
-    sampler = PosteriorSampler(models)
+    backend = KerasBackend(models, jit_compile=True)
     base = models.scene_config("paper")
     s = FLAGS.map_samples
     cache = None
@@ -215,7 +229,7 @@ def main(argv):
         frames = FLAGS.fit_frames * (2 if n == 1 else 1)
         fit_names.append(f"fit {n} emitters N0 {photons:g}")
         fit_cells.append(with_term(scored(cache, f"{fit_names[-1]} seed {FIT_SEED + index} frames {frames}",
-                                lambda: pixel_cell(sampler, models, cfg, simulate(
+                                lambda: pixel_cell(backend, models, cfg, simulate(
                                     cfg, frames, FIT_SEED + index), s, FLAGS.radius))))
         print(f"{fit_names[-1]}: {frames} frames, {len(fit_cells[-1]['need'])} pixels",
               flush=True)
@@ -231,12 +245,12 @@ def main(argv):
                              ("validation isolated (seed 778)", icfg, ISO_SEED))
                             if FLAGS.check else ()):
         checks.append((name, with_term(scored(cache, name, lambda: pixel_cell(
-            sampler, models, cfg, simulate(cfg, 12, seed), s, FLAGS.radius)))))
+            backend, models, cfg, simulate(cfg, 12, seed), s, FLAGS.radius)))))
     for n, photons, seed, cfg, data in (check_grid(base) if FLAGS.check else ()):
         name = f"check {n} emitters N0 {photons:g} (seed {seed})"
         checks.append((name, with_term(scored(
             cache, f"{name} frames {FLAGS.grid_frames}",
-            lambda: pixel_cell(sampler, models, cfg, data, s, FLAGS.radius)))))
+            lambda: pixel_cell(backend, models, cfg, data, s, FLAGS.radius)))))
         print(f"{name} done", flush=True)
     rows += [row(nm, c, beta) for nm, c in checks]
     print(f"\nexpected coverage of calibrated quantile intervals ({s} samples): {expected}")
@@ -247,7 +261,13 @@ def main(argv):
               f"{r['coverage_raw'][1]:.3f} {r['coverage_scaled'][0]:6.3f}/"
               f"{r['coverage_scaled'][1]:.3f} {r['mean_std_raw']:7.4f}/{r['mean_std_scaled']:.4f}"
               f" {r['spearman_raw']:7.3f}/{r['spearman_scaled']:.3f}")
-    fitted_on = (f"python benchmarks/calibration_pixel_scale.py --model {FLAGS.model}: coverage "
+    options = "".join([" --intercept" if FLAGS.intercept else "",
+                       " --photons_term" if FLAGS.photons_term else "",
+                       "" if FLAGS.neighbour_term == "linear" else
+                       f" --neighbour_term {FLAGS.neighbour_term}"])
+    fitted_on = (f"python benchmarks/calibration_pixel_scale.py --model {FLAGS.model}{options}"
+                 f" --fit_emitters {','.join(FLAGS.fit_emitters)} --fit_photons "
+                 f"{','.join(FLAGS.fit_photons)}: coverage "
                  f"of 50% / 90% per-pixel intervals of {s} raw samples on validation scenes "
                  f"(seeds {FIT_SEED}-{FIT_SEED + len(cells) - 1}: "
                  f"{', '.join(FLAGS.fit_emitters)} emitters in the paper disc x N0 "
