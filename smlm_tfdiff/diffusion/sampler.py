@@ -33,6 +33,7 @@ from smlm_tfdiff import seeds as seeds_lib
 from smlm_tfdiff.diffusion.projection import project_samples
 from smlm_tfdiff.diffusion.recipe import METHODS, Recipe
 from smlm_tfdiff.diffusion.schedule import NoiseSchedule, from_diffusion_space, to_diffusion_space
+from smlm_tfdiff.models.shape_free import shape_free
 
 if TYPE_CHECKING:
     from smlm_tfdiff.pretrained import Pretrained
@@ -121,7 +122,8 @@ def make_sample_loop(psi, jit_compile=True, clip="final", dc_free=True):
         _, z = tf.while_loop(lambda i, z: i < num, body, (tf.constant(0), z))
         return tf.maximum(z, -1.0) if clip == "final" else z
 
-    return loop
+    # Without XLA: one graph for all shapes, so the samples do not depend on earlier calls.
+    return loop if jit_compile else shape_free(loop)
 
 
 class PosteriorSampler:
@@ -131,7 +133,8 @@ class PosteriorSampler:
       (diffusion.Recipe, the model's diffusion.json) gives every default of a call.
     recipe: another Recipe for these models (e.g. models.recipe.replace(method="ddim")).
     jit_compile: phi and psi's reverse loop compiled with XLA, once per input shape (default);
-      False traces them once for all shapes (float32 round-off apart, the same samples).
+      False runs one graph for all shapes (models.shape_free; float32 round-off apart, the same
+      samples, and the same bytes whatever was sampled before).
     clip: where KDEs are clipped at 0 (make_sample_loop): "final" (default), "each" step, or
       "none" (only for targets that may be negative: the exact Gaussian denoisers of the tests).
     dc_free: frame-mean-free noise (default; module docstring).
@@ -150,8 +153,9 @@ class PosteriorSampler:
         self.max_images = int(max_images)
         self.jit_compile = bool(jit_compile)
         self._loop = make_sample_loop(models.psi, jit_compile, clip, dc_free)
-        self._phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
-                                reduce_retracing=True)
+        phi = tf.function(lambda x: models.phi(x, training=False), jit_compile=jit_compile,
+                          reduce_retracing=True)
+        self._phi = phi if jit_compile else shape_free(phi)
 
     def __call__(self, frames, num_samples=100, num_steps=None, seed=0, method=None,
                  start="guided", t_start=None, return_samples=False, y_hat=None, restart_t=None,
