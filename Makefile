@@ -149,6 +149,11 @@ reproduce-wholefield-fast: $(STAMP)
 		--background 0,8,25 --background_term --photons_squared_term --interaction_term \
 		--scores_cache $(REPRO)/wff_scale.npz \
 		--scale_out $(REPRO)/wholefield_fast --out $(REPRO)/calibration_wholefield_fast_scale.json
+	rm -f $(REPRO)/wff_pixel_scale.npz
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/calibration_pixel_scale.py \
+		--model $(REPRO)/wholefield_fast --intercept --photons_term --fit_photons 200,1000,3000 \
+		--cache $(REPRO)/wff_pixel_scale.npz --scale_out $(REPRO)/wholefield_fast \
+		--out $(REPRO)/calibration_pixel_scale_wholefield_fast.json
 
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/simulate.py

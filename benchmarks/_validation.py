@@ -12,8 +12,9 @@ from smlm_tfdiff.simulation.simulate import simulate
 from smlm_tfdiff.uncertainty import evaluation
 from smlm_tfdiff.uncertainty.per_localization import localization_uncertainty
 from smlm_tfdiff.uncertainty.scale import (SCALE_FILE, UncertaintyScale,
-                                          count_neighbours, neighbour_feature,
-                                          photons_feature, widening_feature)
+                                          count_neighbours, nearest_feature,
+                                          neighbour_feature, photons_feature,
+                                          widening_feature)
 
 ISO_SEED, DENSE_SEED = 778, 777
 GRID_SEED = 9000  # Cell k of the calibration check grid: seed GRID_SEED + k.
@@ -101,14 +102,16 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
 
 
 def features(scores, neighbour_term="linear", widening=False, interaction=False,
-             photons_squared=False):
+             photons_squared=False, nearest=False):
     """[n, 3] design matrix (1, g(k), log(N / 200)) of scored localizations (their "neighbours"
     k and "photons" N) for the scale of uncertainty.scale, g its neighbour_term; a failed
     photometry (NaN) counts as 200 photons, its brightness term 0, and N is clipped to
     PHOTON_RANGE, as analyze does. widening: a further column log w of their "widening" (the
     background's widening of the CRLB, analyze.background_widening); photons_squared: a further
-    column log(N / 200)^2; interaction: a last column g(k) log(N / 200).
-    [n, 3 + widening + photons_squared + interaction]."""
+    column log(N / 200)^2; nearest: a further column log(1 + (2 px / r)^2) of their "nearest"
+    (distance r to the frame's nearest other localization, camera px; uncertainty.scale's
+    nearest_feature); interaction: a last column g(k) log(N / 200).
+    [n, 3 + widening + photons_squared + nearest + interaction]."""
     columns = [np.ones(len(scores["photons"])),
                neighbour_feature(scores["neighbours"], neighbour_term),
                photons_feature(scores["photons"], 200.0)]
@@ -116,6 +119,8 @@ def features(scores, neighbour_term="linear", widening=False, interaction=False,
         columns.append(widening_feature(scores["widening"]))
     if photons_squared:
         columns.append(columns[2] ** 2)
+    if nearest:
+        columns.append(nearest_feature(scores["nearest"]))
     if interaction:
         columns.append(columns[1] * columns[2])
     return np.stack(columns, axis=1)
@@ -162,13 +167,14 @@ def fit_log_scale(x, z, offset=None):
 
 
 def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear", interaction=False,
-                photons_squared=False):
+                photons_squared=False, nearest=False):
     """Write the fitted scale (coefficients beta of features(): 3, a 4th with the widening, then
-    log(N / 200)^2 when photons_squared, and the interaction last when interaction; rounded to 4
-    digits) into the model folder as SCALE_FILE, where analyze applies it; returns the path."""
+    log(N / 200)^2 when photons_squared, the nearest-neighbour term when nearest, and the
+    interaction last when interaction; rounded to 4 digits) into the model folder as SCALE_FILE,
+    where analyze applies it; returns the path."""
     import os
 
-    widening = len(beta) - interaction - photons_squared > 3
+    widening = len(beta) - interaction - photons_squared - nearest > 3
     scale = UncertaintyScale(
         intercept=round(float(beta[0]), 4), per_neighbour=round(float(beta[1]), 4),
         per_log_photons=round(float(beta[2]), 4), radius_px=radius, reference_photons=200.0,
@@ -177,6 +183,8 @@ def write_scale(folder, beta, radius, fitted_on, neighbour_term="linear", intera
         per_neighbour_log_photons=round(float(beta[-1]), 4) if interaction else 0.0,
         per_log_photons_squared=(round(float(beta[3 + widening]), 4) if photons_squared
                                  else 0.0),
+        per_log_nearest=(round(float(beta[3 + widening + photons_squared]), 4) if nearest
+                         else 0.0),
         fitted_on=fitted_on)
     path = os.path.join(folder, SCALE_FILE)
     with open(path, "w") as f:

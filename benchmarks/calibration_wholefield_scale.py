@@ -8,7 +8,8 @@ The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 
 --neighbour_term linear; k: the frame's other localizations within --radius camera px, N: their
 photometry, both from analyze's own table; with --background_term or --base_scale + d log w, w the
 factor by which the fitted background widens the CRLB; with --photons_squared_term
-+ f log(N / 200)^2; with --interaction_term + e log(1 + k) log(N / 200)), fitted by maximum likelihood of
++ f log(N / 200)^2; with --nearest_term + h log(1 + (2 px / r)^2), r the distance to the frame's
+nearest other localization; with --interaction_term + e log(1 + k) log(N / 200)), fitted by maximum likelihood of
 z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
@@ -42,7 +43,7 @@ import numpy as np
 
 from _validation import (check_row, describe_scaled, features, fit_log_scale, std_z,
                          write_scale)
-from smlm_tfdiff.uncertainty.scale import count_neighbours
+from smlm_tfdiff.uncertainty.scale import count_neighbours, nearest_distance
 
 flags.DEFINE_string("model", "wholefield", "A whole-field model (bundled name or folder).")
 flags.DEFINE_list("densities", ["400", "100", "40", "20", "15"],
@@ -69,6 +70,9 @@ flags.DEFINE_bool("interaction_term", False, "Fit a further term e g(k) log(N / 
                   "brightness slope changing with crowding (uncertainty.scale).")
 flags.DEFINE_bool("photons_squared_term", False, "Fit a further term f log(N / 200)^2, the "
                   "brightness slope changing with brightness (uncertainty.scale).")
+flags.DEFINE_bool("nearest_term", False, "Fit a further term h log(1 + (2 px / r)^2), r the "
+                  "distance to the frame's nearest other localization (a close pair's errors; "
+                  "uncertainty.scale).")
 flags.DEFINE_string("base_scale", None, "An uncertainty_scale.json whose a, b, c (fitted on "
                     "cells without background) are kept: fit only the background term d, on "
                     "these cells (with --background).")
@@ -83,7 +87,9 @@ FLAGS = flags.FLAGS
 FIT_SEED, CHECK_SEED = 8300, 9300
 INTERACTION_TERM = "neighbour term x log(photons / 200)"  # The report's names of them.
 SQUARED_TERM = "log(photons / 200)^2"
-KEYS = ("z", "neighbours", "photons", "background", "widening", "uncertainty_nm", "error_nm")
+NEAREST_TERM = "log(1 + (2 px / nearest distance)^2)"
+KEYS = ("z", "neighbours", "photons", "background", "widening", "uncertainty_nm", "error_nm",
+        "nearest")
 
 
 def _photons(spec):
@@ -147,8 +153,10 @@ def score_cell(backend, density, photons, background, seed):
     widening = background_widening(xy, photometry, fitted_background, config,
                                    col("crlb_xy [nm]"))  # analyze's own CRLB at the background.
     neighbours = np.zeros(len(rows), np.int64)
+    nearest = np.zeros(len(rows))
     for k in range(len(frames)):  # As analyze counts them: the frame's other localizations.
         neighbours[frame_of == k] = count_neighbours(xy[frame_of == k], FLAGS.radius)
+        nearest[frame_of == k] = nearest_distance(xy[frame_of == k])
     pred = [xy[frame_of == k] for k in range(len(frames))]
     metrics = localization_metrics(pred, data, config)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in pred])])
@@ -157,7 +165,7 @@ def score_cell(backend, density, photons, background, seed):
     scores = {"z": err / std[row], "neighbours": neighbours[row], "photons": photometry[row],
               "background": fitted_background[row], "widening": widening[row],
               "uncertainty_nm": np.sqrt(np.mean(std[row] ** 2, axis=1)),
-              "error_nm": np.sqrt(np.mean(err ** 2, axis=1))}
+              "error_nm": np.sqrt(np.mean(err ** 2, axis=1)), "nearest": nearest[row]}
     ok = np.all(np.isfinite(scores["z"]), axis=1)
     return ({k: v[ok] for k, v in scores.items()},
             {"frames": len(frames), "precision": metrics["precision"],
@@ -287,14 +295,20 @@ def main(argv):
     if caches and FLAGS.check and not result.get("check"):
         raise app.UsageError(f"{', '.join(caches)} hold no check cells: pass --nocheck, or add "
                              "a cache with check cells (a run with --fit_from scores only those)")
+    if FLAGS.nearest_term and any(np.all(np.isnan(scores["nearest"]))
+                                  for rows in result.values() for *_, scores, _ in rows):
+        raise app.UsageError(f"{', '.join(caches)} holds cells scored before the nearest "
+                             "distance was kept: score them again (another --scores_cache) "
+                             "for --nearest_term")
     if not FLAGS.fit_from and not result.get("fit"):
         raise app.UsageError(f"{', '.join(caches)} hold no fit cells: pass --fit_from, or add "
                              "a cache with fit cells")
     widening = FLAGS.background_term or FLAGS.base_scale is not None
     interaction, squared = FLAGS.interaction_term, FLAGS.photons_squared_term
-    if (interaction or squared) and FLAGS.base_scale:
-        raise app.UsageError("--interaction_term and --photons_squared_term fit every term "
-                             "jointly; they do not combine with --base_scale")
+    nearest = FLAGS.nearest_term
+    if (interaction or squared or nearest) and FLAGS.base_scale:
+        raise app.UsageError("--interaction_term, --photons_squared_term and --nearest_term fit "
+                             "every term jointly; they do not combine with --base_scale")
     fitted_on = ""
     if FLAGS.fit_from:
         with open(FLAGS.fit_from) as f:
@@ -305,13 +319,13 @@ def main(argv):
         beta, beta_se = np.array(fitted["log_scale"]), np.array(fitted["se"])
         terms = fitted.get("terms", [])
         widening, interaction = "log(widening)" in terms, INTERACTION_TERM in terms
-        squared = SQUARED_TERM in terms
+        squared, nearest = SQUARED_TERM in terms, NEAREST_TERM in terms
         constant, z = fitted["constant_scale"], np.zeros((fitted["localizations"], 2))
         print(f"the scale fitted in {FLAGS.fit_from}:", end=" ")
     else:
         fit = [scores for _, _, _, scores, _ in result["fit"]]
-        x = np.concatenate([features(s, FLAGS.neighbour_term, widening, interaction, squared)
-                            for s in fit])
+        x = np.concatenate([features(s, FLAGS.neighbour_term, widening, interaction, squared,
+                                     nearest) for s in fit])
         z = np.concatenate([s["z"] for s in fit])
         if FLAGS.base_scale:  # a, b, c kept: log s = (a, b, c) . x[:, :3] + d log w.
             base = _base_scale()
@@ -325,6 +339,7 @@ def main(argv):
     g = "k" if FLAGS.neighbour_term == "linear" else "log(1 + k)"
     term_d = ((f" + {beta[3]:.4f} log w" if widening else "")
               + (f" + {beta[3 + widening]:.4f} log(N/200)^2" if squared else "")
+              + (f" + {beta[3 + widening + squared]:.4f} log(1 + (2/r)^2)" if nearest else "")
               + (f" + {beta[-1]:.4f} {g} log(N/200)" if interaction else ""))
     print(f"fit ({len(z)} localizations, radius {FLAGS.radius:g} px): log s = "
           f"{beta[0]:.3f} + {beta[1]:.4f} {g} + {beta[2]:.3f} log(N/200){term_d}  (se "
@@ -335,15 +350,18 @@ def main(argv):
                     fitted_on + f"python benchmarks/calibration_wholefield_scale.py --model "
                     f"{FLAGS.model}{' --background_term' if widening else ''}"
                     f"{' --photons_squared_term' if squared else ''}"
+                    f"{' --nearest_term' if nearest else ''}"
                     f"{' --interaction_term' if interaction else ''}: "
                     f"{len(z)} localizations of analyze's table on validation movies "
                     f"({_describe(result['fit'])}), default recipe, {num_samples()} samples; "
-                    f"docs/calibration.md", FLAGS.neighbour_term, interaction, squared)
+                    f"docs/calibration.md", FLAGS.neighbour_term, interaction, squared,
+                    nearest)
     rows = []
     for density, photons, seed, s, metrics in result.get("check", []):
         r = {"px2_per_emitter": density, "photons": photons, "seed": seed, **metrics,
              **check_row(s, constant, np.exp(
-                 features(s, FLAGS.neighbour_term, widening, interaction, squared) @ beta))}
+                 features(s, FLAGS.neighbour_term, widening, interaction, squared, nearest)
+                 @ beta))}
         rows.append(r)
         bg = metrics.get("background")
         print(f"1/{density:3g} px^2 N0 {photons:>9}{'' if bg is None else f' bg {bg:g}'}  locs "
@@ -364,6 +382,7 @@ def main(argv):
                                 else "log(1 + neighbours)", "log(photons / 200)"]
                       + (["log(widening)"] if widening else [])
                       + ([SQUARED_TERM] if squared else [])
+                      + ([NEAREST_TERM] if nearest else [])
                       + ([INTERACTION_TERM] if interaction else []),
                       "kept_from": FLAGS.base_scale,
                       "neighbour_term": FLAGS.neighbour_term,

@@ -14,8 +14,9 @@ which replaces the folder whole; a killed run resumes from its last checkpoint, 
   <name>_uncertainty.png        std of that sum (sqrt of the summed per-pixel posterior variances)
   <name>_summary.json           settings, counts, timing
 
-Frames are converted to photons with the camera settings given here, then to the ADU of the camera
-the model was trained for. For a model trained on a central region (the paper preset's disc),
+The model is the bundled whole-field `wholefield_fast` (DEFAULT_MODEL) unless --model names another
+(`paper`: the seeds' models, for their reproduction). Frames are converted to photons with the
+camera settings given here, then to the ADU of the camera the model was trained for. For a model trained on a central region (the paper preset's disc),
 frames of any size are padded with background and cut into training-size tiles that overlap so
 that every pixel lies in the region the model was trained on (for the paper preset: within 7 px of
 a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
@@ -51,6 +52,10 @@ from smlm_tfdiff.localization.batched import detect_batch, localization_uncertai
 from smlm_tfdiff.localization.config import IN_SAMPLES
 from smlm_tfdiff.localization.refit import localization_uncertainty_refit
 from smlm_tfdiff.uncertainty.scale import pixel_factor_map
+
+# The model `smlm-tfdiff` analyzes with unless --model names another: whole-field phi and psi,
+# any frame size in one pass, psi only around the localizations (docs/analyze.md, "Models").
+DEFAULT_MODEL = "wholefield_fast"
 
 
 @dataclasses.dataclass
@@ -178,8 +183,11 @@ class KerasBackend:
             frames = phi_input(np.asarray(frames, np.float32), offset, self._phi_config,
                                float(photons), None if spread is None else float(spread))
         if self._estimate is None:
-            self._estimate = tf.function(lambda x: self._phi(x, training=False),
-                                         reduce_retracing=True)
+            # One graph for all frame sizes: phi's estimate of a frame does not depend on the
+            # sizes analyzed before it in the same process (models.shape_free).
+            from smlm_tfdiff.models.shape_free import shape_free
+
+            self._estimate = shape_free(tf.function(lambda x: self._phi(x, training=False)))
         frames = np.asarray(frames, np.float32)
         # Bounded memory: phi's HR activations of a call hold ~ESTIMATE_PIXELS pixels per channel.
         u = self.config.upsample
@@ -257,9 +265,9 @@ def _fold(seed, data):
     return seeds.fold_in(seed, data).numpy()
 
 
-def load_backend(model="paper", method=None, restart_t=None, restarts=None, need_psi=True,
+def load_backend(model=DEFAULT_MODEL, method=None, restart_t=None, restarts=None, need_psi=True,
                  jit_compile=True):
-    """'paper' (bundled weights), a SavedModel folder (or its base folder of versions), or a
+    """A bundled model's name (default DEFAULT_MODEL), a SavedModel folder (or its base folder of versions), or a
     model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
     recipe (None: keep it; restarts default 1 with restart_t) for the in-package sampler (not for
     a SavedModel, whose recipe is fixed at export). need_psi=False also accepts a folder with phi
@@ -272,7 +280,8 @@ def load_backend(model="paper", method=None, restart_t=None, restarts=None, need
         if not os.path.isdir(model):
             raise FileNotFoundError(
                 f"model {model!r} is neither a bundled model ({available()}) nor a "
-                "folder; pass --model paper, a SavedModel folder or a training-run folder")
+                "folder; pass a bundled model's name (e.g. --model wholefield_fast), a SavedModel "
+                "folder or a training-run folder")
         versions = sorted((d for d in os.listdir(model) if d.isdigit()
                            and os.path.exists(os.path.join(model, d, "saved_model.pb"))), key=int)
         saved = (model if os.path.exists(os.path.join(model, "saved_model.pb"))
@@ -1262,7 +1271,7 @@ def define_flags():
 
     flags.DEFINE_multi_string("input", None, "TIFF stack(s) or folder(s) of them (repeatable).")
     flags.DEFINE_string("out", "smlm_results", "Output folder; one subfolder per stack.")
-    shared_flags.define_model_flag(savedmodel=True)
+    shared_flags.define_model_flag(DEFAULT_MODEL, savedmodel=True)
     flags.DEFINE_float("offset_adu", None, "Camera baseline (offset), ADU.")
     flags.DEFINE_float("gain_adu_per_photon", None, "ADU per detected photon (or give "
                        "--electrons_per_adu).")

@@ -482,11 +482,15 @@ def _scale_text(scale):
     n = f"log(N / {scale['reference_photons']:g})"
     f = scale.get("per_log_photons_squared", 0.0)
     w += f" {'-' if f < 0 else '+'} {abs(f):g} {n}^2" if f else ""
+    h = scale.get("per_log_nearest", 0.0)
+    r0 = scale.get("nearest_px", 2.0)
+    w += f" {'-' if h < 0 else '+'} {abs(h):g} log(1 + ({r0:g} / r)^2)" if h else ""
     w += f" {'-' if e < 0 else '+'} {abs(e):g} {g} {n}" if e else ""
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "
             f"{scale['per_neighbour']:g} {g} {'-' if c < 0 else '+'} {abs(c):g} {n}{w}), k "
             f"the other localizations within "
             f"{scale['radius_px']:g} px and N the photometry (photons)"
+            + (", r the distance (px) to the nearest other localization" if h else "")
             + (", w the factor by which the fitted background widens the CRLB." if d else "."))
 
 

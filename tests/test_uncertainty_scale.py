@@ -137,6 +137,56 @@ def test_photons_squared_term_follows_the_formula(tmp_path):
         assert written.per_neighbour_log_photons == (0.1 if inter else 0.0)
 
 
+def test_nearest_neighbour_term_follows_the_formula(tmp_path):
+    """per_log_nearest h: + h log(1 + (r0 / r)^2), r the distance to the frame's nearest other
+    localization (a frame's only one: the term 0; two on one spot: r = MIN_NEAREST_PX, finite);
+    absent from older files (0, r0 = 2 px); the benchmarks' design matrix puts it after
+    log(N / 200)^2 and before the interaction, and write_scale reads it from there."""
+    import sys
+
+    from smlm_tfdiff.uncertainty.scale import MIN_NEAREST_PX, NEAREST_PX
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    from _validation import features, write_scale
+
+    scale = UncertaintyScale(intercept=0.1, per_neighbour=0.3, per_log_photons=-0.6,
+                             neighbour_term="log1p", per_neighbour_log_photons=0.1,
+                             per_log_photons_squared=0.05, per_log_nearest=0.4)
+    assert scale.nearest_px == NEAREST_PX == 2.0
+    # A pair 1 px apart, two localizations on one spot, a lone one 44.7 px from them.
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [20.0, 0.0], [20.0, 0.0], [40.0, 40.0]])
+    photons = np.array([800.0, 50.0, 300.0, 300.0, 3000.0])
+    r = np.array([1.0, 1.0, MIN_NEAREST_PX, MIN_NEAREST_PX, math.hypot(20.0, 40.0)])
+    g = np.log([2.0, 2.0, 2.0, 2.0, 1.0])
+    p = np.log(photons / 200.0)
+    h = np.log1p((2.0 / r) ** 2)
+    expected = np.exp(0.1 + 0.3 * g - 0.6 * p + 0.1 * g * p + 0.05 * p ** 2 + 0.4 * h)
+    np.testing.assert_allclose(scale.factor(xy, photons), expected, rtol=1e-12)
+    # The pair 1 px apart is reported 5^0.4 = 1.9x wider than without the term.
+    without = dataclasses.replace(scale, per_log_nearest=0.0)
+    np.testing.assert_allclose(scale.factor(xy, photons)[:2] / without.factor(xy, photons)[:2],
+                               5.0 ** 0.4, rtol=1e-12)
+    np.testing.assert_allclose(scale.factor(xy[:1], [200.0]), np.exp(0.1), rtol=1e-12)
+    old = json.loads(scale.to_json())
+    del old["per_log_nearest"], old["nearest_px"]
+    restored = UncertaintyScale.from_json(json.dumps(old))
+    assert restored.per_log_nearest == 0.0 and restored.nearest_px == 2.0
+    with pytest.raises(ValueError, match="nearest_px must be > 0"):
+        dataclasses.replace(scale, nearest_px=0.0)
+    scores = {"neighbours": np.array([1, 1, 1, 1, 0]), "photons": photons, "nearest": r}
+    x = features(scores, "log1p", interaction=True, photons_squared=True, nearest=True)
+    beta = np.array([0.1, 0.3, -0.6, 0.05, 0.4, 0.1])
+    np.testing.assert_allclose(np.exp(x @ beta), expected, rtol=1e-12)
+    for terms, squared, inter in ((beta, True, True), (beta[[0, 1, 2, 4, 5]], False, True),
+                                  (beta[[0, 1, 2, 4]], False, False)):
+        write_scale(str(tmp_path), terms, 8.0, "test", "log1p", interaction=inter,
+                    photons_squared=squared, nearest=True)
+        written = UncertaintyScale.from_json((tmp_path / SCALE_FILE).read_text())
+        assert written.per_log_nearest == 0.4 and written.per_log_widening == 0.0
+        assert written.per_log_photons_squared == (0.05 if squared else 0.0)
+        assert written.per_neighbour_log_photons == (0.1 if inter else 0.0)
+
+
 def test_background_widening_is_the_crlb_ratio():
     from smlm_tfdiff import SimulationConfig
     from smlm_tfdiff.analyze import background_widening
@@ -210,16 +260,18 @@ def test_bundled_wholefield_model_has_a_scale_fitted_through_analyze():
 
 def test_bundled_fast_wholefield_model_has_its_own_scale():
     """wholefield_fast's scale (MODEL.md there): fitted through analyze with the model's own
-    sampling (8 samples x 5 steps, refits), with the crowding x brightness interaction and the
-    brightness slope's curvature."""
+    sampling (8 samples x 5 steps, refits), with the crowding x brightness interaction, the
+    brightness slope's curvature and the nearest neighbour's distance."""
     scale = load_models(os.path.join(WEIGHTS_DIR, "wholefield_fast")).uncertainty_scale
-    assert ("--model wholefield_fast --background_term --photons_squared_term "
+    assert ("--model wholefield_fast --background_term --photons_squared_term --nearest_term "
             "--interaction_term" in scale.fitted_on)
     assert "8 samples" in scale.fitted_on
     assert scale.per_neighbour > 0 and scale.per_log_photons < 0 and scale.uses_background
     # A lone emitter's reported std falls with brightness faster than a crowded one's, and
     # more slowly among bright emitters than dim ones.
     assert scale.per_neighbour_log_photons > 0 and scale.per_log_photons_squared > 0
+    # A close pair is reported wider than a count within 8 px says (docs/calibration.md).
+    assert scale.per_log_nearest > 0 and scale.nearest_px == 2.0
 
 
 def test_report_names_the_scales_neighbour_term():
@@ -239,6 +291,10 @@ def test_report_names_the_scales_neighbour_term():
     curved = dict(both, per_log_photons_squared=0.05)
     assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w + 0.05 log(N / 200)^2 "
             "+ 0.1 log(1 + k) log(N / 200))" in _scale_text(curved))
+    close = dict(curved, per_log_nearest=0.4)
+    assert ("exp(0.1 + 0.28 log(1 + k) - 0.36 log(N / 200) + 0.9 log w + 0.05 log(N / 200)^2 "
+            "+ 0.4 log(1 + (2 / r)^2) + 0.1 log(1 + k) log(N / 200))" in _scale_text(close))
+    assert "r the distance" in _scale_text(close) and "r the distance" not in _scale_text(curved)
 
 
 def _whole_field_movie(tmp_path, backend, per_px2, photons, background, seed):

@@ -9,7 +9,10 @@ follow the number of emitters nearby and the brightness. The scale
 
 and optionally + e g(k) log(N / N_ref), g(k) the neighbour term (the brightness slope changing
 with crowding: on whole-field scenes a lone emitter's error falls with N faster than a crowded
-one's), and + f log(N / N_ref)^2 (the brightness slope changing with brightness itself),
+one's), and + f log(N / N_ref)^2 (the brightness slope changing with brightness itself), and
++ h log(1 + (r0 / r)^2), r the distance to the frame's nearest other localization and r0
+`nearest_px` (a close pair: one of two emitters ~1 px apart is placed far less surely than a lone
+one, which a count within 8 px does not tell),
 
 with k the other localizations of the frame within `radius_px` camera px, N the localization's
 photometry (photons; io.photometry as analyze fits it) and w >= 1 the factor by which its fitted
@@ -40,14 +43,21 @@ WIDENING_RANGE = (1.0, 10.0)
 # How the neighbour count k enters log s: "linear" (b k) or "log1p" (b log(1 + k): the first
 # neighbours count most, as on whole-field scenes).
 NEIGHBOUR_TERMS = ("linear", "log1p")
+# The nearest-neighbour term's distance r0 (camera px): log(1 + (r0 / r)^2) is ~0 beyond a few r0
+# and grows as 2 log(r0 / r) for a close pair. Distances below MIN_NEAREST_PX (two localizations
+# on one spot) count as that, so that the term stays finite.
+NEAREST_PX = 2.0
+MIN_NEAREST_PX = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
 class UncertaintyScale:
     """log s = intercept + per_neighbour g(k) + per_log_photons log(N / reference_photons)
     + per_log_widening log(w) + per_neighbour_log_photons g(k) log(N / reference_photons)
-    + per_log_photons_squared log(N / reference_photons)^2, g(k) = k (neighbour_term "linear")
-    or log(1 + k) ("log1p"), w the background's widening of the CRLB (1 without background).
+    + per_log_photons_squared log(N / reference_photons)^2
+    + per_log_nearest log(1 + (nearest_px / r)^2), g(k) = k (neighbour_term "linear")
+    or log(1 + k) ("log1p"), w the background's widening of the CRLB (1 without background),
+    r the distance to the frame's nearest other localization (camera px; none: the term is 0).
 
     radius_px: the neighbourhood of k, camera px. fitted_on: where the coefficients come from
     (the command and the scenes), kept with them."""
@@ -61,12 +71,14 @@ class UncertaintyScale:
     per_log_widening: float = 0.0
     per_neighbour_log_photons: float = 0.0
     per_log_photons_squared: float = 0.0
+    per_log_nearest: float = 0.0
+    nearest_px: float = NEAREST_PX
     fitted_on: str = ""
 
     def __post_init__(self):
         for name in ("intercept", "per_neighbour", "per_log_photons", "radius_px",
                      "reference_photons", "per_log_widening", "per_neighbour_log_photons",
-                     "per_log_photons_squared"):
+                     "per_log_photons_squared", "per_log_nearest", "nearest_px"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"UncertaintyScale.{name} must be a finite number (got "
@@ -74,9 +86,10 @@ class UncertaintyScale:
         if self.neighbour_term not in NEIGHBOUR_TERMS:
             raise ValueError(f"UncertaintyScale.neighbour_term must be one of {NEIGHBOUR_TERMS} "
                              f"(got {self.neighbour_term!r})")
-        if self.radius_px <= 0 or self.reference_photons <= 0:
-            raise ValueError(f"UncertaintyScale radius_px and reference_photons must be > 0 (got "
-                             f"{self.radius_px}, {self.reference_photons})")
+        if self.radius_px <= 0 or self.reference_photons <= 0 or self.nearest_px <= 0:
+            raise ValueError(f"UncertaintyScale radius_px, reference_photons and nearest_px must "
+                             f"be > 0 (got {self.radius_px}, {self.reference_photons}, "
+                             f"{self.nearest_px})")
 
     @classmethod
     def from_json(cls, text: str) -> "UncertaintyScale":
@@ -121,6 +134,9 @@ class UncertaintyScale:
         p = photons_feature(photons, self.reference_photons)
         log_s = (self.intercept + self.per_neighbour * g + self.per_log_photons * p
                  + self.per_neighbour_log_photons * g * p + self.per_log_photons_squared * p * p)
+        if self.per_log_nearest != 0.0:
+            log_s = log_s + self.per_log_nearest * nearest_feature(nearest_distance(xy),
+                                                                   self.nearest_px)
         if widening is not None:
             w = np.asarray(widening, np.float64).reshape(-1)
             if len(w) != len(k):
@@ -137,6 +153,23 @@ def count_neighbours(xy, radius_px):
     if len(xy) == 0:
         return np.zeros(0, np.int64)
     return cKDTree(xy).query_ball_point(xy, radius_px, return_length=True) - 1
+
+
+def nearest_distance(xy):
+    """[M] float64: for each of one frame's localizations xy [M, 2] (camera px), the distance to
+    the nearest other one (inf for a frame's only localization)."""
+    xy = np.asarray(xy, np.float64).reshape((-1, 2))
+    if len(xy) < 2:
+        return np.full(len(xy), np.inf)
+    return cKDTree(xy).query(xy, k=2)[0][:, 1]
+
+
+def nearest_feature(distance, nearest_px=NEAREST_PX):
+    """log(1 + (nearest_px / r)^2) of the scale for distances r (camera px; inf or NaN: 0; r
+    below MIN_NEAREST_PX counts as MIN_NEAREST_PX), float64."""
+    r = np.asarray(distance, np.float64)
+    r = np.maximum(np.nan_to_num(r, nan=np.inf), MIN_NEAREST_PX)
+    return np.log1p((nearest_px / r) ** 2)
 
 
 def neighbour_feature(k, term="linear"):
