@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean reproduce reproduce-wholefield reproduce-wholefield-fast
+.PHONY: demo test bench clean reproduce reproduce-paper reproduce-wholefield \
+	reproduce-wholefield-fast
 
 $(STAMP): setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +28,12 @@ REPRO ?= runs/reproduce
 PHI_STEPS ?= 4000
 PSI_STEPS ?= 4000
 PSI_MIX_STEPS ?= 3000
-reproduce: $(STAMP)
+# `make reproduce` retrains every bundled model the commands use: the paper pair
+# (reproduce-paper), then the whole-field pairs (reproduce-wholefield, then
+# reproduce-wholefield-fast, analyze's default, which starts from the former's phi). Each target
+# runs alone too. About 12 hours on a 2-core CPU.
+reproduce: reproduce-paper reproduce-wholefield-fast
+reproduce-paper: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_phi.py --out_dir $(REPRO)/phi_paper --preset paper \
 		--steps $(PHI_STEPS) --batch_size 64 --learning_rate 2e-3 --eval_every 500 \
 		--checkpoint_every 250 --val_frames 256 --noprogress
@@ -112,17 +118,18 @@ reproduce-wholefield: $(STAMP)
 
 # Retrain the bundled `wholefield_fast` (smlm_tfdiff/weights/wholefield_fast/MODEL.md): psi on
 # the camera grid, from scratch on windows after the variance-stabilised wholefield phi (the
-# bundled one before it read frames scaled to N0; `make reproduce-wholefield` first), then with
+# bundled one before it read frames scaled to N0; reproduce-wholefield runs first), then with
 # its output head (about 2.4 hours on a 2-core CPU); its phi, reproduce-wholefield's last one
 # fine-tuned to be told the spread of the emitters' photons, then with half the frames' emitters
 # all alike (~25 min each); paired with its sampling
-# defaults (8 samples x 5 steps, refits in the samples) and calibration scale (~13 min).
+# defaults (8 samples x 5 steps, refits in the samples), calibration scale (~13 min) and map
+# scale (~3 min).
 # The settings both stages of its phi told the spread share.
 TRAIN_SPREAD_PHI := $(TRAIN_WF_PHI) --preset wholefield_clusters --set cluster_fraction=0.5 \
 	--set photons_frame_spread=null --set 'photons_frame_spread_range=[0,0.6]' \
 	--input_transform anscombe --brightness_reference 700 --spread_input \
 	--dilations 1,2,4,2,2,1 --steps 4000 --learning_rate 1e-3 --eval_every 4000
-reproduce-wholefield-fast: $(STAMP)
+reproduce-wholefield-fast: reproduce-wholefield
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) trainers/train_psi.py --out_dir $(REPRO)/psi_wf_s2d4 \
 		--phi $(REPRO)/phi_wf_anscombe --preset wholefield --crop_size 20 --space_to_depth 4 \
 		--base_channels 32 --channel_multipliers 1,2 --attention_resolutions "" --steps 9000 \

@@ -14,10 +14,11 @@ which replaces the folder whole; a killed run resumes from its last checkpoint, 
   <name>_uncertainty.png        std of that sum (sqrt of the summed per-pixel posterior variances)
   <name>_summary.json           settings, counts, timing
 
-The model is the bundled whole-field `wholefield_fast` (DEFAULT_MODEL) unless --model names another
-(`paper`: the seeds' models, for their reproduction). Frames are converted to photons with the
-camera settings given here, then to the ADU of the camera the model was trained for. For a model trained on a central region (the paper preset's disc),
-frames of any size are padded with background and cut into training-size tiles that overlap so
+The model is the bundled whole-field `wholefield_fast` (DEFAULT_MODEL) unless --model names
+another (`paper`: the seeds' models, for their reproduction). Frames are converted to photons with
+the camera settings given here, then to the ADU of the camera the model was trained for. For a
+model trained on a central region (the paper preset's disc), frames of any size are padded with
+background and cut into training-size tiles that overlap so
 that every pixel lies in the region the model was trained on (for the paper preset: within 7 px of
 a tile centre in x and y; 4 tiles for a 20x20 frame), and stitched without seams
 (smlm_tfdiff.io.tiling). A whole-field model (trained on emitters anywhere in its frame) gets
@@ -54,7 +55,7 @@ from smlm_tfdiff.localization.refit import localization_uncertainty_refit
 from smlm_tfdiff.uncertainty.scale import pixel_factor_map
 
 # The model `smlm-tfdiff` analyzes with unless --model names another: whole-field phi and psi,
-# any frame size in one pass, psi only around the localizations (docs/analyze.md, "Models").
+# any frame size in one pass, psi only around the localizations (docs/analyze.md; its MODEL.md).
 DEFAULT_MODEL = "wholefield_fast"
 
 
@@ -267,8 +268,8 @@ def _fold(seed, data):
 
 def load_backend(model=DEFAULT_MODEL, method=None, restart_t=None, restarts=None, need_psi=True,
                  jit_compile=True):
-    """A bundled model's name (default DEFAULT_MODEL), a SavedModel folder (or its base folder of versions), or a
-    model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
+    """A bundled model's name (default DEFAULT_MODEL), a SavedModel folder (or its base folder of
+    versions), or a model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
     recipe (None: keep it; restarts default 1 with restart_t) for the in-package sampler (not for
     a SavedModel, whose recipe is fixed at export). need_psi=False also accepts a folder with phi
     only (for the phi-only analysis, num_samples 0). jit_compile: KerasBackend's."""
