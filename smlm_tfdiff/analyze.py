@@ -858,10 +858,12 @@ class StackAnalyzer:
 
     def _check_frame_size(self, stack):
         if stack.height < MIN_FRAME or stack.width < MIN_FRAME:
+            how = ("the whole-field model reads whole frames of any size from that up"
+                   if self.whole_field else
+                   f"the model works on {self.model_config.frame_height}x"
+                   f"{self.model_config.frame_width} tiles, padded with background")
             raise StackError(f"{stack.path}: frames are {stack.height}x{stack.width} camera "
-                             f"pixels; analyze needs at least {MIN_FRAME}x{MIN_FRAME} (the model "
-                             f"works on {self.model_config.frame_height}x"
-                             f"{self.model_config.frame_width} tiles, padded with background): "
+                             f"pixels; analyze needs at least {MIN_FRAME}x{MIN_FRAME} ({how}): "
                              "analyze the full camera frames rather than a crop this small")
 
     def _padded_count(self, n):

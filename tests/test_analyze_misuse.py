@@ -155,7 +155,7 @@ def test_results_do_not_depend_on_batch_frames(tmp_path, backend):
     assert len(texts[0].splitlines()) > 1
 
 
-def test_small_frames_are_analyzed_or_named_clearly(tmp_path, backend):
+def test_small_frames_are_analyzed_or_named_clearly(tmp_path, backend, cli):
     analyzer = StackAnalyzer(backend, Camera(100.0, 1.0), num_samples=2, num_steps=1,
                              progress=False, maps=False)
     frames = np.full((2, 10, 12), 102, np.uint16)
@@ -167,6 +167,10 @@ def test_small_frames_are_analyzed_or_named_clearly(tmp_path, backend):
     with pytest.raises(StackError, match=r"frames are 3x3 camera pixels; analyze needs at least "):
         analyzer.analyze(tmp_path / "tiny.tif", tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
+    # The command's default, a whole-field model, says so.
+    res = _cli(cli, "--input", tmp_path / "tiny.tif", "--out", tmp_path / "o3")
+    assert res.returncode == 2 and "whole-field model reads whole frames" in res.stderr, res
+    assert not (tmp_path / "o3" / "tiny").exists()
 
 
 def _cli(cli, *args):
