@@ -101,6 +101,19 @@ def crowding_scores(sampler, data, cfg, radius, num_samples=32):
     return {k: v[ok] for k, v in out.items()}
 
 
+def phi_estimate(backend, frames, cfg):
+    """phi's estimate of frames [B, H, W, 1] as analyze makes it: for a phi that reads frames
+    scaled by the photons per emitter (and told their spread), at the N0 and spread measured on
+    the frames as on a movie (analyze.measure_emitter_photons); None for other phis (the
+    sampler runs phi itself)."""
+    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
+
+    if backend.brightness_reference is None:
+        return None
+    n0, info = measure_emitter_photons(backend, frames[..., 0], cfg)
+    return backend.estimate(frames, n0, spread_read(info))
+
+
 def features(scores, neighbour_term="linear", widening=False, interaction=False,
              photons_squared=False, nearest=False):
     """[n, 3] design matrix (1, g(k), log(N / 200)) of scored localizations (their "neighbours"

@@ -109,14 +109,11 @@ def coverage_scores(models, backend, data, config, num_frames, num_samples, seed
     from smlm_tfdiff.uncertainty import calibration as cal
     from smlm_tfdiff.uncertainty import evaluation as ev
 
-    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
+    from _validation import phi_estimate
 
     frames = data["frames"][:num_frames]
     truth = data["kde"][:num_frames, ..., 0]
-    y_hat = None
-    if backend.brightness_reference is not None:  # phi at N0 measured as analyze does.
-        n0, info = measure_emitter_photons(backend, frames[..., 0], config)
-        y_hat = backend.estimate(frames, n0, spread_read(info))
+    y_hat = phi_estimate(backend, frames, config)  # At N0 measured as analyze does.
     post = backend.sampler(frames, num_samples, seed=seed, return_samples=True,
                            num_steps=backend.num_steps, method=backend.method, project=False,
                            y_hat=y_hat)

@@ -37,7 +37,8 @@ from absl import app, flags
 import numpy as np
 from scipy.optimize import minimize
 
-from _validation import ISO_SEED, DENSE_SEED, check_grid, define_check_grid_flags
+from _validation import (ISO_SEED, DENSE_SEED, check_grid, define_check_grid_flags,
+                         phi_estimate)
 from smlm_tfdiff.analyze import KerasBackend
 from smlm_tfdiff.io.photometry import photometry
 from smlm_tfdiff.localization.detection import detect
@@ -75,19 +76,6 @@ FLAGS = flags.FLAGS
 
 LEVELS = (0.5, 0.9)
 FIT_SEED = 8400
-
-
-def phi_estimate(backend, frames, cfg):
-    """phi's estimate of frames [B, H, W, 1] as analyze makes it: for a phi that reads frames
-    scaled by the photons per emitter (and told their spread), at the N0 and spread measured on
-    the frames as on a movie (analyze.measure_emitter_photons); None for other phis (the
-    sampler runs phi itself)."""
-    from smlm_tfdiff.analyze import measure_emitter_photons, spread_read
-
-    if backend.brightness_reference is None:
-        return None
-    n0, info = measure_emitter_photons(backend, frames[..., 0], cfg)
-    return backend.estimate(frames, n0, spread_read(info))
 
 
 def pixel_cell(backend, models, cfg, data, num_samples, radius):

@@ -9,8 +9,8 @@ The scale is the one of uncertainty.scale (log s = a + b log(1 + k) + c log(N / 
 photometry, both from analyze's own table; with --background_term or --base_scale + d log w, w the
 factor by which the fitted background widens the CRLB; with --photons_squared_term
 + f log(N / 200)^2; with --nearest_term + h log(1 + (2 px / r)^2), r the distance to the frame's
-nearest other localization; with --interaction_term + e log(1 + k) log(N / 200)), fitted by maximum likelihood of
-z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
+nearest other localization; with --interaction_term + e log(1 + k) log(N / 200)), fitted by
+maximum likelihood of z = (localization - truth) / (s x psi's std) ~ N(0, 1) per axis, beside one constant scale. Each cell is a movie of --size x --size px frames simulated with the
 seeds' camera and optics (the paper preset, emitters uniform over the frame, edges included) at
 1 emitter per D px^2 (D in --densities) and N0 in --photons (a number, or lo-hi for a uniform
 range per emitter), with enough frames for --localizations emitters, analyzed by StackAnalyzer

@@ -269,9 +269,9 @@ def _fold(seed, data):
 def load_backend(model=DEFAULT_MODEL, method=None, restart_t=None, restarts=None, need_psi=True,
                  jit_compile=True):
     """A bundled model's name (default DEFAULT_MODEL), a SavedModel folder (or its base folder of
-    versions), or a model / training-run folder with phi and psi. method, restart_t, restarts: change the models'
-    recipe (None: keep it; restarts default 1 with restart_t) for the in-package sampler (not for
-    a SavedModel, whose recipe is fixed at export). need_psi=False also accepts a folder with phi
+    versions), or a model / training-run folder with phi and psi. method, restart_t, restarts:
+    change the models' recipe (None: keep it; restarts default 1 with restart_t) for the
+    in-package sampler (not for a SavedModel, whose recipe is fixed at export). need_psi=False also accepts a folder with phi
     only (for the phi-only analysis, num_samples 0). jit_compile: KerasBackend's."""
     from smlm_tfdiff.pretrained import available, load_models, pretrained
 

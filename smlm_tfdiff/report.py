@@ -18,6 +18,7 @@ import numpy as np
 # The targets of the uncertainty, shared with trainers/evaluate_uncertainty.py.
 from smlm_tfdiff.uncertainty.evaluation import (COV_POINTS, R_MIN, R_TEXT, RATIO, RATIO_TEXT,
                                                 Z_RANGE, Z_TEXT, coverage_text, within as _within)
+from smlm_tfdiff.uncertainty.scale import NEAREST_PX
 
 FIGURES = {
     "fig1_kde.png": "Frames, phi's KDE estimate and the true KDE (seeds' Figure 1)",
@@ -483,7 +484,7 @@ def _scale_text(scale):
     f = scale.get("per_log_photons_squared", 0.0)
     w += f" {'-' if f < 0 else '+'} {abs(f):g} {n}^2" if f else ""
     h = scale.get("per_log_nearest", 0.0)
-    r0 = scale.get("nearest_px", 2.0)
+    r0 = scale.get("nearest_px", NEAREST_PX)
     w += f" {'-' if h < 0 else '+'} {abs(h):g} log(1 + ({r0:g} / r)^2)" if h else ""
     w += f" {'-' if e < 0 else '+'} {abs(e):g} {g} {n}" if e else ""
     return (f"analyze applied the model's calibration scale s = exp({scale['intercept']:g} + "

@@ -432,9 +432,9 @@ def _refit_split(image, xy, amp, center, sigma, norm, radius, link):
 def _deblend(image, xy, amp, sigma, norm, radius, split):
     """Split fitted peaks whose amplitude says they hold several emitters (the KDE scale is fixed:
     one emitter has amplitude 1). A peak with amplitude >= split["trigger"] is replaced by two along
-    its major axis and the peaks around it refitted (_refit_split); the split is kept when both parts have
-    amplitude >= split["min_amplitude"], are >= 1 HR px apart and the residual sum of squares in
-    the peak's window drops below split["rss_ratio"] times the unsplit one. Split parts are tried
+    its major axis and the peaks around it refitted (_refit_split); the split is kept when both
+    parts have amplitude >= split["min_amplitude"], are >= 1 HR px apart and the residual sum of
+    squares in the peak's window drops below split["rss_ratio"] times the unsplit one. Split parts are tried
     again (triplets); at most split["max_splits"] tries per peak the group came with."""
     link = split_link(radius, sigma, split[SPLIT_OFFSET])
     tried = np.zeros(len(xy), dtype=bool)
